@@ -1,0 +1,33 @@
+# Quick start: `make run` (set up, then the main job) and `make test` (set up, then the tests).
+# Setup is a virtual environment in .venv with the CPU build of torch where no NVIDIA driver is
+# present, and kpg installed in editable mode (the extension rebuilds when csrc/ changes).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+TORCH_GPU ?= torch==2.13.0
+TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),$(TORCH_GPU),$(TORCH_CPU))
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup test run bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+run: setup
+	$(PY) bench/optimizer.py
+
+bench: setup
+	$(PY) bench/optimizer.py --json bench/results/optimizer.json
+
+clean:
+	rm -rf $(VENV) build

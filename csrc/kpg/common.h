@@ -1,0 +1,51 @@
+// Definitions every kpg translation unit shares: the host/device qualifier, the dtype codes that
+// cross the Python boundary, and the one dtype-dispatch helper (NOTE [Torch-free boundary]).
+//
+// NOTE [Torch-free boundary]: the extension never links libtorch. Tensors arrive as raw addresses,
+// element counts, a dtype code and (on CUDA) the caller's stream handle, so one binary works with
+// every torch version. kpg/_ops.py is the only place that turns tensors into these arguments.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define KPG_HD __host__ __device__ __forceinline__
+#else
+#define KPG_HD inline
+#endif
+
+namespace kpg {
+
+// Codes shared with kpg/_ops.py (_DTYPE_CODES); the order is part of the boundary.
+enum class DType : int { Float32 = 0, Float64 = 1 };
+
+inline const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+  }
+  return "unknown";
+}
+
+// Calls fn(T{}) with T the C++ type of `dtype`; the error lists what is supported.
+template <typename Fn>
+decltype(auto) dispatch_dtype(int code, const char* op, Fn&& fn) {
+  switch (static_cast<DType>(code)) {
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+  }
+  throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(code) +
+                              "; supported parameter dtypes are float32 and float64");
+}
+
+// Calls fn(std::integral_constant<bool, flag>{}) so loops can be specialised on a runtime flag.
+template <typename Fn>
+decltype(auto) dispatch_bool(bool flag, Fn&& fn) {
+  if (flag) return fn(std::true_type{});
+  return fn(std::false_type{});
+}
+
+}  // namespace kpg

@@ -1,0 +1,167 @@
+// The per-element arithmetic of SGD, Adam/AdamW and RMSprop: one function per optimizer, called by
+// the CPU loops (update_cpu.cpp) and the CUDA kernels (update_cuda.cu). Each mirrors the
+// single-tensor path of torch.optim (foreach=False, fused=False, capturable=False) operation by
+// operation: per-agent scalars are computed in double, as torch does with Python floats, then cast
+// to the parameter type, as torch casts a Scalar argument.
+#pragma once
+
+#include <cmath>
+
+#include "kpg/common.h"
+
+namespace kpg {
+
+// Hyperparameters every agent shares; per-agent values (lr, step count, gradient scale) arrive
+// through UpdateBuffers and become the per-agent coefficients below.
+struct SGDHyper {
+  double momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+struct AdamHyper {
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled_weight_decay;  // decoupled_weight_decay: AdamW
+};
+struct RMSpropHyper {
+  double alpha, eps, weight_decay, momentum;
+  bool centered, maximize;
+};
+
+template <typename T>
+KPG_HD T math_sqrt(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// torch.maximum: NaN in either operand wins.
+template <typename T>
+KPG_HD T nan_propagating_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// at::lerp (ATen/native/Lerp.h): the formula flips at |weight| = 0.5 to stay exact at both ends.
+template <typename T>
+KPG_HD T lerp(T self, T end, T weight, bool weight_is_small) {
+  return weight_is_small ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+}
+
+// ---- SGD: torch.optim.sgd._single_tensor_sgd ------------------------------------------------
+template <typename T>
+struct SGDCoefficients {
+  T grad_scale, weight_decay, momentum, one_minus_dampening, neg_lr;
+};
+
+template <typename T>
+KPG_HD SGDCoefficients<T> sgd_coefficients(const SGDHyper& h, double lr, double grad_scale) {
+  return {T(grad_scale), T(h.weight_decay), T(h.momentum), T(1.0 - h.dampening), T(-lr)};
+}
+
+// first_step: the momentum buffer does not exist yet in torch (it is cloned from the gradient).
+template <typename T>
+KPG_HD void sgd_element(T& param, T grad, T& momentum_buffer, const SGDCoefficients<T>& c,
+                        bool maximize, bool has_weight_decay, bool has_momentum, bool first_step,
+                        bool nesterov) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) grad = grad + c.weight_decay * param;
+  if (has_momentum) {
+    momentum_buffer = first_step ? grad : momentum_buffer * c.momentum + c.one_minus_dampening * grad;
+    grad = nesterov ? grad + c.momentum * momentum_buffer : momentum_buffer;
+  }
+  param = param + c.neg_lr * grad;
+}
+
+// ---- Adam / AdamW: torch.optim.adam._single_tensor_adam ---------------------------------------
+template <typename T>
+struct AdamCoefficients {
+  T grad_scale, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2,
+      bias_correction2_sqrt, eps, neg_step_size;
+  bool beta1_weight_is_small;
+};
+
+// step: the step being taken, counted from 1, as torch's state["step"] after its increment.
+template <typename T>
+KPG_HD AdamCoefficients<T> adam_coefficients(const AdamHyper& h, double lr, double step,
+                                             double grad_scale) {
+  const double bias_correction1 = 1.0 - ::pow(h.beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(h.beta2, step);
+  const T one_minus_beta1 = T(1.0 - h.beta1);
+  return {T(grad_scale),
+          T(h.weight_decay),
+          T(1.0 - lr * h.weight_decay),
+          one_minus_beta1,
+          T(h.beta2),
+          T(1.0 - h.beta2),
+          T(::sqrt(bias_correction2)),
+          T(h.eps),
+          T(-(lr / bias_correction1)),
+          (one_minus_beta1 < T(0) ? -one_minus_beta1 : one_minus_beta1) < T(0.5)};
+}
+
+template <typename T>
+KPG_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                         const AdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
+                         bool decoupled_weight_decay, bool amsgrad) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) {
+    if (decoupled_weight_decay) {
+      param = param * c.decay_factor;
+    } else {
+      grad = grad + c.weight_decay * param;
+    }
+  }
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  T second_moment = exp_avg_sq;
+  if (amsgrad) {
+    max_exp_avg_sq = nan_propagating_max(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const T denom = math_sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+  param = param + c.neg_step_size * exp_avg / denom;
+}
+
+// ---- RMSprop: torch.optim.rmsprop._single_tensor_rmsprop ---------------------------------------
+template <typename T>
+struct RMSpropCoefficients {
+  T grad_scale, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
+  bool one_minus_alpha_is_small;
+};
+
+template <typename T>
+KPG_HD RMSpropCoefficients<T> rmsprop_coefficients(const RMSpropHyper& h, double lr,
+                                                   double grad_scale) {
+  const T one_minus_alpha = T(1.0 - h.alpha);
+  return {T(grad_scale), T(h.weight_decay), T(h.alpha), one_minus_alpha, T(h.eps),
+          T(h.momentum),  T(-lr),
+          (one_minus_alpha < T(0) ? -one_minus_alpha : one_minus_alpha) < T(0.5)};
+}
+
+template <typename T>
+KPG_HD void rmsprop_element(T& param, T grad, T& square_avg, T& momentum_buffer, T& grad_avg,
+                            const RMSpropCoefficients<T>& c, bool maximize, bool has_weight_decay,
+                            bool centered, bool has_momentum) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) grad = grad + c.weight_decay * param;
+  square_avg = square_avg * c.alpha + c.one_minus_alpha * grad * grad;
+  T avg;
+  if (centered) {
+    grad_avg = lerp(grad_avg, grad, c.one_minus_alpha, c.one_minus_alpha_is_small);
+    avg = math_sqrt(square_avg + T(-1) * grad_avg * grad_avg);
+  } else {
+    avg = math_sqrt(square_avg);
+  }
+  avg = avg + c.eps;
+  if (has_momentum) {
+    momentum_buffer = momentum_buffer * c.momentum + grad / avg;
+    param = param + c.neg_lr * momentum_buffer;
+  } else {
+    param = param + c.neg_lr * grad / avg;
+  }
+}
+
+}  // namespace kpg

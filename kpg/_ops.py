@@ -1,0 +1,301 @@
+"""The fused kernels as ``torch.library`` custom ops: ``torch.ops.kpg.<name>``.
+
+One op per optimizer family and mode, plus the per-agent gradient norms. Every op works on flat
+arena buffers laid out agent by agent (see :class:`kpg.arena.ParameterArena`) and a chunk table
+from :func:`chunk_table`. Mode ``anticipate`` writes one KPG level's parameters to
+``anticipated`` and changes nothing else; mode ``commit`` updates parameters, optimizer state and
+step counts in place. Ops validate their arguments, then hand raw addresses to ``kpg._C``
+(NOTE [Torch-free boundary] in csrc/kpg/common.h). ``kpg.reference`` holds the same ops in plain
+PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kpg import _C
+
+# Codes of csrc/kpg/common.h (enum class DType); the order is part of the boundary.
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+_CPU_DEVICE = -1
+
+
+@dataclass(frozen=True)
+class OptimizerKernel:
+    """What distinguishes one optimizer family's ops: its state buffers and hyperparameters."""
+
+    name: str
+    state_names: tuple[str, ...]
+    hyper_schema: str  # the hyperparameters as they appear in the op schema, in binding order
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return tuple(arg.split()[-1] for arg in self.hyper_schema.split(", "))
+
+    def required_states(self, hyper: dict) -> tuple[str, ...]:
+        """The state buffers these hyperparameters read and write; the others may be None."""
+        if self.name == "sgd":
+            return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
+        if self.name == "adam":
+            return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyper["amsgrad"] else ())
+        return (
+            ("square_avg",)
+            + (("momentum_buffer",) if hyper["momentum"] > 0 else ())
+            + (("grad_avg",) if hyper["centered"] else ())
+        )
+
+
+KERNELS = {
+    "sgd": OptimizerKernel(
+        "sgd",
+        ("momentum_buffer",),
+        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize",
+    ),
+    "adam": OptimizerKernel(
+        "adam",
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
+        "bool decoupled_weight_decay",
+    ),
+    "rmsprop": OptimizerKernel(
+        "rmsprop",
+        ("square_avg", "momentum_buffer", "grad_avg"),
+        "float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize",
+    ),
+}
+
+_BINDINGS = {"sgd": _C.sgd_update, "adam": _C.adam_update, "rmsprop": _C.rmsprop_update}
+
+
+def chunk_table(
+    offsets: Sequence[int] | Tensor, device: torch.device | str = "cpu", chunk_elems: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Split agent segments ``[offsets[a], offsets[a+1])`` into chunks for the kernels.
+
+    Returns ``chunks`` (int64 ``[num_chunks, 3]`` rows of agent, begin, end) and ``agent_chunks``
+    (int64 ``[num_agents + 1]``: agent ``a`` owns rows ``agent_chunks[a]:agent_chunks[a+1]``), both
+    on ``device``. ``chunk_elems`` defaults to the device's kernel chunk size.
+    """
+    device = torch.device(device)
+    if chunk_elems is None:
+        chunk_elems = _C.CUDA_CHUNK_ELEMS if device.type == "cuda" else _C.CPU_CHUNK_ELEMS
+    offsets_np = np.asarray(offsets.cpu() if isinstance(offsets, Tensor) else offsets, dtype=np.int64)
+    chunks, agent_chunks = _C.chunk_table(offsets_np, chunk_elems)
+    return torch.from_numpy(chunks).to(device), torch.from_numpy(agent_chunks).to(device)
+
+
+def _device_and_stream(tensor: Tensor) -> tuple[int, int]:
+    if tensor.device.type == "cpu":
+        threads = torch.get_num_threads()
+        if threads != _C.get_num_threads():
+            _C.set_num_threads(threads)
+        return _CPU_DEVICE, 0
+    if tensor.device.type == "cuda":
+        return tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream
+    raise ValueError(f"kpg kernels run on CPU and CUDA tensors, got a tensor on {tensor.device}")
+
+
+def _address(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    a_begin, b_begin = a.data_ptr(), b.data_ptr()
+    return a.numel() > 0 and b.numel() > 0 and a_begin < b_begin + b.nbytes and b_begin < a_begin + a.nbytes
+
+
+def _check_arena_tensors(op: str, param: Tensor, named: dict[str, Tensor | None], written: Sequence[str]):
+    if param.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{op}: parameters of dtype {param.dtype} are not supported; use float32 or float64")
+    if not param.is_contiguous():
+        raise ValueError(f"{op}: param must be a contiguous flat buffer; pass the arena's buffer")
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != param.dtype or tensor.device != param.device or tensor.numel() != param.numel():
+            raise ValueError(
+                f"{op}: {name} must be a {param.dtype} tensor of {param.numel()} elements on {param.device} "
+                f"like param, got {tensor.dtype} with {tensor.numel()} elements on {tensor.device}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous; pass a buffer laid out like the arena")
+    tensors = {"param": param, **{k: v for k, v in named.items() if v is not None}}
+    for out_name in written:
+        out = tensors.get(out_name)
+        if out is None:
+            continue
+        for name, tensor in tensors.items():
+            if name != out_name and _overlaps(out, tensor):
+                raise ValueError(f"{op}: {out_name} overlaps {name} in memory; every buffer needs storage of its own")
+
+
+def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: dict[str, tuple[Tensor | None, torch.dtype]]):
+    for name, (tensor, dtype) in named.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != dtype or tensor.device != device or tensor.numel() != num_agents or not tensor.is_contiguous():
+            raise ValueError(
+                f"{op}: {name} must be a contiguous {dtype} tensor with one entry per agent ({num_agents}) on "
+                f"{device}, got {tensor.dtype} with {tensor.numel()} entries on {tensor.device}"
+            )
+
+
+def _check_chunks(op: str, device: torch.device, chunks: Tensor, name: str = "chunks"):
+    if chunks.dtype != torch.int64 or chunks.device != device or chunks.dim() != 2 or chunks.shape[1] != 3:
+        raise ValueError(
+            f"{op}: {name} must be an int64 [num_chunks, 3] table on {device} from kpg.ops.chunk_table, "
+            f"got {chunks.dtype} {tuple(chunks.shape)} on {chunks.device}"
+        )
+    if not chunks.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _define_update_op(kernel: OptimizerKernel, commit: bool):
+    mode = "commit" if commit else "anticipate"
+    op = f"{kernel.name}_{mode}"
+    if commit:
+        written = ("param", *kernel.state_names, "step")
+        states = ", ".join(f"Tensor({chr(98 + i)}!)? {s}" for i, s in enumerate(kernel.state_names))
+        buffers = f"Tensor(a!) param, Tensor grad, {states}, Tensor(z!) step"
+    else:
+        written = ("anticipated",)
+        states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
+        buffers = f"Tensor param, Tensor grad, Tensor(a!) anticipated, {states}, Tensor step"
+    schema = f"({buffers}, Tensor lr, Tensor? grad_scale, Tensor? skip, Tensor chunks, {kernel.hyper_schema}) -> ()"
+    arg_names = [arg.split()[-1] for arg in schema[1 : schema.index(") ->")].split(", ")]
+    binding = _BINDINGS[kernel.name]
+
+    def impl(*args):
+        a = dict(zip(arg_names, args))
+        hyper = {name: a[name] for name in kernel.hyper_names}
+        for state in kernel.required_states(hyper):
+            if a[state] is None:
+                raise ValueError(f"{op}: these hyperparameters need the state buffer {state}; pass it")
+        param = a["param"]
+        arena = {"grad": a["grad"], **{s: a[s] for s in kernel.state_names}}
+        if not commit:
+            arena["anticipated"] = a["anticipated"]
+        _check_arena_tensors(op, param, arena, written)
+        num_agents = a["step"].numel()
+        _check_agent_tensors(
+            op,
+            param.device,
+            num_agents,
+            {
+                "step": (a["step"], torch.float64),
+                "lr": (a["lr"], torch.float64),
+                "grad_scale": (a["grad_scale"], torch.float64),
+                "skip": (a["skip"], torch.uint8),
+            },
+        )
+        _check_chunks(op, param.device, a["chunks"])
+        device, stream = _device_and_stream(param)
+        binding(
+            device,
+            stream,
+            _DTYPE_CODES[param.dtype],
+            commit,
+            param.data_ptr(),
+            a["grad"].data_ptr(),
+            _address(a.get("anticipated")),
+            *(_address(a[s]) for s in kernel.state_names),
+            a["step"].data_ptr(),
+            a["lr"].data_ptr(),
+            _address(a["grad_scale"]),
+            _address(a["skip"]),
+            a["chunks"].data_ptr(),
+            a["chunks"].shape[0],
+            num_agents,
+            *hyper.values(),
+        )
+
+    qualname = f"kpg::{op}"
+    torch.library.define(qualname, schema)
+    torch.library.impl(qualname, ("cpu", "cuda"))(impl)
+    torch.library.register_fake(qualname)(lambda *args: None)
+    return getattr(torch.ops.kpg, op)
+
+
+sgd_anticipate = _define_update_op(KERNELS["sgd"], commit=False)
+sgd_commit = _define_update_op(KERNELS["sgd"], commit=True)
+adam_anticipate = _define_update_op(KERNELS["adam"], commit=False)
+adam_commit = _define_update_op(KERNELS["adam"], commit=True)
+rmsprop_anticipate = _define_update_op(KERNELS["rmsprop"], commit=False)
+rmsprop_commit = _define_update_op(KERNELS["rmsprop"], commit=True)
+
+
+@torch.library.custom_op("kpg::agent_grad_norms", mutates_args=("chunk_sq", "norm", "grad_scale", "nonfinite"))
+def agent_grad_norms(
+    grad: Tensor,
+    chunks: Tensor,
+    agent_chunks: Tensor,
+    chunk_sq: Tensor,
+    max_norm: Tensor | None,
+    norm: Tensor,
+    grad_scale: Tensor,
+    nonfinite: Tensor,
+) -> None:
+    """Per-agent gradient 2-norms, clipping scales and non-finite flags in one pass over ``grad``.
+
+    ``grad_scale[a] = min(1, max_norm[a] / (norm[a] + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_``
+    computes it (1 where ``max_norm`` is None); ``nonfinite[a]`` is 1 where the norm is inf or NaN.
+    ``chunk_sq`` is a float64 workspace with one entry per chunk.
+    """
+    op = "agent_grad_norms"
+    if grad.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{op}: gradients of dtype {grad.dtype} are not supported; use float32 or float64")
+    if not grad.is_contiguous():
+        raise ValueError(f"{op}: grad must be a contiguous flat buffer")
+    _check_chunks(op, grad.device, chunks)
+    num_agents = norm.numel()
+    if agent_chunks.dtype != torch.int64 or agent_chunks.device != grad.device or agent_chunks.numel() != num_agents + 1:
+        raise ValueError(f"{op}: agent_chunks must be the int64 table of num_agents + 1 entries from chunk_table")
+    _check_agent_tensors(
+        op,
+        grad.device,
+        num_agents,
+        {
+            "max_norm": (max_norm, torch.float64),
+            "norm": (norm, torch.float64),
+            "grad_scale": (grad_scale, torch.float64),
+            "nonfinite": (nonfinite, torch.uint8),
+        },
+    )
+    _check_agent_tensors(op, grad.device, chunks.shape[0], {"chunk_sq": (chunk_sq, torch.float64)})
+    device, stream = _device_and_stream(grad)
+    _C.agent_grad_norms(
+        device,
+        stream,
+        _DTYPE_CODES[grad.dtype],
+        grad.data_ptr(),
+        chunks.data_ptr(),
+        agent_chunks.data_ptr(),
+        chunks.shape[0],
+        num_agents,
+        chunk_sq.data_ptr(),
+        _address(max_norm),
+        norm.data_ptr(),
+        grad_scale.data_ptr(),
+        nonfinite.data_ptr(),
+    )
+
+
+@agent_grad_norms.register_fake
+def _(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite) -> None:
+    return None
+
+
+UPDATE_OPS = {
+    ("sgd", False): sgd_anticipate,
+    ("sgd", True): sgd_commit,
+    ("adam", False): adam_anticipate,
+    ("adam", True): adam_commit,
+    ("rmsprop", False): rmsprop_anticipate,
+    ("rmsprop", True): rmsprop_commit,
+}

@@ -1,0 +1,630 @@
+"""KPGOptimizer: K-level policy-gradient steps over the user's Torch models.
+
+The algorithm (../shared/KPG.md): at every level l = 1..k each agent takes the gradient of its loss
+at its own *base* parameters while the other agents sit at their level l-1 (*anticipated*)
+parameters, and applies the optimizer from the base parameters and the base optimizer state.
+Levels 1..k-1 only produce anticipated parameters (fused ``anticipate`` kernels, which never touch
+the optimizer state); level k is committed (fused ``commit`` kernel). This module holds no
+arithmetic: the updates are the ops of :mod:`kpg._ops` over a :class:`kpg.arena.ParameterArena`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kpg import _ops as ops
+from kpg.arena import ParameterArena
+
+__all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
+
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
+
+# name -> (kernel family, torch.optim defaults other than lr, torch's default lr)
+_OPTIMIZERS: dict[str, tuple[str, dict[str, Any], float]] = {
+    "sgd": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False), 1e-3),
+    "adam": (
+        "adam",
+        dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+             decoupled_weight_decay=False),
+        1e-3,
+    ),
+    "adamw": (
+        "adam",
+        dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
+             decoupled_weight_decay=True),
+        1e-3,
+    ),
+    "rmsprop": (
+        "rmsprop",
+        dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
+        1e-2,
+    ),
+}
+
+
+@dataclass
+class KPGStats:
+    """Where the time of the steps went, accumulated since construction (or :meth:`reset`).
+
+    ``seconds[phase][level - 1]`` is the host wall-clock of a phase at a level: ``closure`` (the
+    whole loss computation), ``anticipated_forward`` (the part of it inside
+    ``ctx.anticipated()``), ``backward`` and ``update`` (norms and fused kernel). On CUDA the host
+    does not wait for the device, so these are launch times; use ``torch.profiler`` (every phase is
+    a ``record_function`` range named ``kpg/level<l>/<phase>``) for device time.
+    """
+
+    steps: int = 0
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    # Agents left unchanged by committed steps (nonfinite="skip"), counted on the device.
+    skipped_agent_steps_tensor: Tensor | None = None
+
+    @property
+    def skipped_agent_steps(self) -> int:
+        """Agents left unchanged by committed steps; reading it synchronizes with the device."""
+        return 0 if self.skipped_agent_steps_tensor is None else int(self.skipped_agent_steps_tensor)
+
+    def add(self, phase: str, level: int, seconds: float) -> None:
+        per_level = self.seconds.setdefault(phase, [])
+        per_level.extend([0.0] * (level - len(per_level)))
+        per_level[level - 1] += seconds
+
+    def reset(self) -> None:
+        self.steps, self.seconds = 0, {}
+        if self.skipped_agent_steps_tensor is not None:
+            self.skipped_agent_steps_tensor.zero_()
+
+    def summary(self) -> str:
+        """A table of seconds per phase and level, and each phase's share of the total."""
+        total = sum(sum(v) for v in self.seconds.values()) or 1.0
+        levels = max((len(v) for v in self.seconds.values()), default=0)
+        lines = [f"{'phase':<22}" + "".join(f"{'level ' + str(l + 1):>12}" for l in range(levels)) + f"{'share':>8}"]
+        for phase, per_level in self.seconds.items():
+            cells = "".join(f"{s:>12.4f}" for s in per_level + [0.0] * (levels - len(per_level)))
+            lines.append(f"{phase:<22}{cells}{100 * sum(per_level) / total:>7.1f}%")
+        lines.append(f"steps: {self.steps}, skipped agent steps: {self.skipped_agent_steps}")
+        return "\n".join(lines)
+
+
+class KPGContext:
+    """What the closure sees during a KPG step: the level, ``k`` and the anticipated parameters.
+
+    Code inside ``with ctx.anticipated():`` runs with every agent's parameters at their level
+    l-1 values and gradients off; code outside sees the base parameters with gradients on. At
+    level 1 the anticipated parameters are the base parameters.
+    """
+
+    def __init__(self, optimizer: KPGOptimizer, level: int):
+        self._optimizer = optimizer
+        self.level = level
+        self.k = optimizer.k
+        self.num_agents = optimizer.num_agents
+
+    @contextlib.contextmanager
+    def anticipated(self):
+        opt = self._optimizer
+        swap = self.level > 1
+        started = time.perf_counter()
+        with torch.no_grad(), opt._range("anticipated_forward", self.level):
+            if swap:
+                opt._bind_parameters(opt._anticipated_views)
+            try:
+                yield self
+            finally:
+                if swap:
+                    opt._bind_parameters(opt.arena.param_views)
+                opt.stats.add("anticipated_forward", self.level, time.perf_counter() - started)
+
+
+class KPGOptimizer(torch.optim.Optimizer):
+    """K-level policy-gradient optimizer over several agents' models.
+
+    Args:
+        agents: one entry per agent, each an ``nn.Module`` or an iterable of parameters (agents may
+            differ in shape); or a single ``nn.Module`` / iterable of parameters shared by all
+            agents (parameter sharing).
+        k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``, with ``torch.optim``'s
+            hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``, ``momentum``, ...).
+        lr: learning rate, or one per agent. Defaults to ``torch.optim``'s for the optimizer.
+        max_grad_norm: per-agent gradient-norm clipping threshold (``clip_grad_norm_`` applied to
+            each agent's gradient at every level), or one per agent, or None.
+        nonfinite: what a non-finite loss or gradient does: ``"raise"`` (the step is rolled back and
+            a ``FloatingPointError`` names the agent and level; one host synchronization per level),
+            ``"skip"`` (the affected agents keep their parameters and state for this step, counted
+            in ``stats.skipped_agent_steps``; no synchronization), or ``"propagate"`` (no check, as in
+            ``torch.optim``).
+        num_agents: with parameter sharing, the number of agents whose losses a closure returns
+            (checked against the loss length when given).
+
+    ``step(closure)`` calls ``closure(ctx)`` once per level; see :class:`KPGContext`. A closure
+    without parameters is also accepted, for objectives that cannot be split into own and
+    anticipated parts: for every level >= 2 and every agent i it is called with agent i at its
+    base parameters and every other agent at level l-1, so its cost grows with the number of
+    agents. The closure returns the loss: a scalar, or a 1-D tensor with one loss per agent. kpg
+    runs the backward pass itself, only into the agents' parameters.
+
+    Parameters become views into one flat arena (and their ``.grad`` views into its gradient
+    buffer): keep using the same modules; do not replace their ``.data`` or ``.grad``.
+    """
+
+    def __init__(
+        self,
+        agents: nn.Module | Iterable[Any],
+        k: int = 2,
+        optimizer: str = "adam",
+        lr: float | Sequence[float] | None = None,
+        max_grad_norm: float | Sequence[float] | None = None,
+        nonfinite: str = "raise",
+        num_agents: int | None = None,
+        **hyperparameters: Any,
+    ):
+        agent_params, self.shared = _agent_parameters(agents)
+        if self.shared and num_agents is not None and (not isinstance(num_agents, int) or num_agents < 1):
+            raise ValueError(f"num_agents must be a positive int, got {num_agents!r}")
+        if not self.shared and num_agents is not None and num_agents != len(agent_params):
+            raise ValueError(f"num_agents={num_agents} but {len(agent_params)} agents were given")
+        _check_k(k)
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_OPTIMIZERS)}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {nonfinite!r}")
+        family, defaults, default_lr = _OPTIMIZERS[optimizer]
+        unknown = sorted(set(hyperparameters) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"unknown hyperparameter(s) {', '.join(unknown)} for optimizer {optimizer!r}; "
+                f"it takes lr, max_grad_norm and {', '.join(defaults)}"
+            )
+        segments = len(agent_params)
+        lrs = _per_agent("lr", default_lr if lr is None else lr, segments, self.shared)
+        max_norms = _per_agent("max_grad_norm", max_grad_norm, segments, self.shared)
+        self.hyperparameters = {**defaults, **hyperparameters}
+        _validate_hyperparameters(optimizer, lrs, max_norms, self.hyperparameters)
+
+        self.arena = ParameterArena(agent_params)
+        self.k = k
+        self.optimizer_name = optimizer
+        self.nonfinite = nonfinite
+        self.num_agents = num_agents if self.shared else segments
+        self._family = family
+        self._constructing = True
+        super().__init__(
+            [{"params": params, "lr": lr_a, "max_grad_norm": norm_a} for params, lr_a, norm_a in zip(agent_params, lrs, max_norms)],
+            {"lr": lrs[0], "max_grad_norm": max_norms[0]},
+        )
+        self._constructing = False
+
+        arena, device = self.arena, self.arena.device
+        f64 = dict(dtype=torch.float64, device=device)
+        required = ops.KERNELS[family].required_states(self._kernel_hyperparameters())
+        self._state_buffers = {name: arena.new_buffer() if name in required else None for name in ops.KERNELS[family].state_names}
+        self._step = torch.zeros(segments, **f64)
+        self._lr = torch.tensor(lrs, **f64)
+        self._max_norm = torch.tensor([math.inf if m is None else m for m in max_norms], **f64)
+        self._lr_values, self._max_norm_values = list(lrs), list(max_norms)
+        self._norm = torch.zeros(segments, **f64)
+        self._grad_scale = torch.ones(segments, **f64)
+        self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
+        self._skip = torch.zeros(segments, dtype=torch.uint8, device=device)
+        self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
+        self._anticipated = arena.new_buffer()
+        self._anticipated_views = arena.views(self._anticipated)
+        self._agent_param_views = _per_agent_views(arena.param_views, arena.agent_of_parameter, segments)
+        self._agent_anticipated_views = _per_agent_views(self._anticipated_views, arena.agent_of_parameter, segments)
+        self._expose_state()
+        self.stats = KPGStats(skipped_agent_steps_tensor=torch.zeros((), dtype=torch.int64, device=device))
+
+    # ---- torch.optim.Optimizer interface --------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self._constructing:
+            raise RuntimeError("KPGOptimizer's agents are fixed at construction; build a new KPGOptimizer to add parameters")
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes every agent's gradient in place (one fill of the arena's gradient buffer).
+
+        Gradients stay views of the arena, so ``set_to_none`` is accepted for compatibility and
+        has no other effect.
+        """
+        self.arena.restore_gradient_views()
+        self.arena.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout (per-parameter ``step``, ``exp_avg``, ... and ``param_groups``),
+        with tensors copied out of the arena, plus a ``kpg`` entry (k, optimizer, hyperparameters)."""
+        state = super().state_dict()
+        state["state"] = {i: {name: t.clone() for name, t in s.items()} for i, s in state["state"].items()}
+        state["kpg"] = {
+            "k": self.k,
+            "optimizer": self.optimizer_name,
+            "nonfinite": self.nonfinite,
+            "hyperparameters": dict(self.hyperparameters),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`, or a torch.optim state dict of the same optimizer over the
+        same parameters, by copying into the arena; every check runs before anything changes."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(groups)} parameter groups, this optimizer {len(self.param_groups)} (one per agent)"
+            )
+        extra = state_dict.get("kpg", {})
+        if extra.get("optimizer", self.optimizer_name) != self.optimizer_name:
+            raise ValueError(f"the state dict is for optimizer {extra['optimizer']!r}, this one is {self.optimizer_name!r}")
+        if "k" in extra:
+            _check_k(extra["k"])
+        staged: list[tuple[Tensor, Tensor | None]] = []
+        steps = torch.zeros_like(self._step, device="cpu")
+        for agent, (group, saved_group) in enumerate(zip(self.param_groups, groups)):
+            if len(saved_group["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"agent {agent} has {len(group['params'])} parameters, the state dict {len(saved_group['params'])}"
+                )
+            agent_steps = set()
+            for p, saved_id in zip(group["params"], saved_group["params"]):
+                saved = {n: v for n, v in state_dict["state"].get(saved_id, {}).items() if v is not None}
+                buffers = {n: t for n, t in self.state[p].items() if n != "step"}
+                if any(n in saved for n in buffers):
+                    # torch.optim's SGD keeps no step count: a saved momentum buffer means "stepped".
+                    agent_steps.add(float(saved.get("step", 1.0)))
+                for name, ours in buffers.items():
+                    if not saved:
+                        staged.append((ours, None))
+                        continue
+                    if name not in saved:
+                        raise ValueError(f"the state dict lacks {name!r} for agent {agent}'s parameter of shape {tuple(p.shape)}")
+                    value = torch.as_tensor(saved[name])
+                    if value.shape != ours.shape:
+                        raise ValueError(
+                            f"{name!r} of agent {agent}'s parameter has shape {tuple(value.shape)}, expected {tuple(ours.shape)}"
+                        )
+                    staged.append((ours, value))
+            if len(agent_steps) > 1:
+                raise ValueError(f"agent {agent}'s parameters have different step counts {sorted(agent_steps)}; kpg steps an agent as a whole")
+            steps[agent] = agent_steps.pop() if agent_steps else 0.0
+        with torch.no_grad():
+            for ours, value in staged:
+                ours.zero_() if value is None else ours.copy_(value)
+            self._step.copy_(steps)
+        for group, saved_group in zip(self.param_groups, groups):
+            for key, value in saved_group.items():
+                if key != "params":
+                    group[key] = value
+        if "k" in extra:
+            self.k = extra["k"]
+        self.hyperparameters.update(extra.get("hyperparameters", {}))
+
+    # ---- the KPG step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One KPG step: k levels, each one closure evaluation, backward and fused update; only
+        the last level changes parameters and optimizer state. Returns the last level's loss."""
+        if closure is None:
+            raise ValueError(
+                "KPGOptimizer.step needs a closure: each level re-evaluates the loss at new anticipated "
+                "parameters. Pass closure(ctx) returning the loss (kpg calls backward)."
+            )
+        _check_k(self.k)
+        takes_context = _closure_takes_context(closure)
+        if not takes_context and self.shared:
+            raise ValueError(
+                "with parameter sharing the closure must take ctx: own and anticipated parts are one network at "
+                "two parameter values, which only ctx.anticipated() can tell apart"
+            )
+        self._sync_agent_values()
+        self.arena.restore_gradient_views()
+        try:
+            for level in range(1, self.k + 1):
+                loss = self._level_gradients(closure, level, takes_context)
+                self._update(level, commit=level == self.k)
+        finally:
+            self._bind_parameters(self.arena.param_views)
+        self.stats.steps += 1
+        return loss.detach()
+
+    def _level_gradients(self, closure, level: int, takes_context: bool) -> Tensor:
+        self.arena.grad.zero_()
+        if takes_context:
+            return self._context_level(closure, level)
+        return self._brute_force_level(closure, level)
+
+    def _context_level(self, closure, level: int) -> Tensor:
+        ctx = KPGContext(self, level)
+        with self._timed("closure", level), torch.enable_grad():
+            loss = closure(ctx)
+        agent_losses = self._checked_loss(loss, level)
+        with self._timed("backward", level), torch.enable_grad():
+            torch.autograd.backward(loss.sum(), inputs=self.arena.parameters)
+        self._loss_nonfinite = ~torch.isfinite(agent_losses.detach())
+        return loss
+
+    def _brute_force_level(self, closure, level: int) -> Tensor:
+        params = self.arena.parameters
+        if level == 1:
+            with self._timed("closure", level), torch.enable_grad():
+                loss = closure()
+            agent_losses = self._checked_loss(loss, level)
+            with self._timed("backward", level), torch.enable_grad():
+                if loss.dim() == 0:
+                    torch.autograd.backward(loss, inputs=params)
+                else:
+                    for agent, agent_params in enumerate(self.param_groups):
+                        torch.autograd.backward(agent_losses[agent], inputs=agent_params["params"], retain_graph=True)
+            self._loss_nonfinite = ~torch.isfinite(agent_losses.detach())
+            return loss
+        # Level >= 2: agent i at its base parameters, every other agent at level l-1.
+        flags = []
+        self._bind_parameters(self._anticipated_views)
+        try:
+            for agent, group in enumerate(self.param_groups):
+                self._bind_parameters(self._agent_param_views[agent], group["params"])
+                try:
+                    with self._timed("closure", level), torch.enable_grad():
+                        loss = closure()
+                    agent_losses = self._checked_loss(loss, level)
+                    agent_loss = agent_losses[agent] if loss.dim() == 1 else loss
+                    with self._timed("backward", level), torch.enable_grad():
+                        torch.autograd.backward(agent_loss, inputs=group["params"])
+                    flags.append(~torch.isfinite(agent_loss.detach()).reshape(1))
+                finally:
+                    self._bind_parameters(self._agent_anticipated_views[agent], group["params"])
+        finally:
+            self._bind_parameters(self.arena.param_views)
+        self._loss_nonfinite = torch.cat(flags)
+        return loss
+
+    def _checked_loss(self, loss: Any, level: int) -> Tensor:
+        """The loss per optimizer agent (arena segment), after checking type and shape."""
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure returned {type(loss).__name__} at level {level}; it must return the loss as a tensor")
+        if not loss.is_floating_point():
+            raise TypeError(f"the closure returned a {loss.dtype} loss at level {level}; return a floating-point loss")
+        if loss.dim() > 1:
+            raise ValueError(
+                f"the closure returned a loss of shape {tuple(loss.shape)} at level {level}; expected a scalar or "
+                f"one loss per agent, shape ({self.num_agents if self.num_agents is not None else 'agents'},)"
+            )
+        if loss.dim() == 1 and self.num_agents is not None and loss.shape[0] != self.num_agents:
+            raise ValueError(
+                f"the closure returned {loss.shape[0]} losses at level {level}; expected a scalar or one per agent "
+                f"({self.num_agents})"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"the closure's loss at level {level} does not depend on any agent's base parameters with gradient; "
+                "compute the agents' own terms outside ctx.anticipated()"
+            )
+        segments = self.arena.num_agents
+        if loss.dim() == 0 or self.shared:
+            return loss.reshape(1).expand(segments) if loss.dim() == 0 else loss.sum().reshape(1)
+        return loss
+
+    def _update(self, level: int, commit: bool) -> None:
+        with self._timed("update", level):
+            check = self.nonfinite != "propagate"
+            clipping = self._max_norm_values.count(None) != len(self._max_norm_values)
+            if check or clipping:
+                ops.agent_grad_norms(
+                    self.arena.grad, self.arena.chunks, self.arena.agent_chunks, self._chunk_sq,
+                    self._max_norm if clipping else None, self._norm, self._grad_scale, self._nonfinite,
+                )
+            skip = None
+            if check:
+                torch.logical_or(self._nonfinite.bool(), self._loss_nonfinite, out=self._skip.view(torch.bool))
+                if self.nonfinite == "raise":
+                    self._raise_if_nonfinite(level)
+                else:
+                    skip = self._skip
+                    if commit:
+                        self.stats.skipped_agent_steps_tensor += self._skip.sum()
+            kernel = ops.UPDATE_OPS[(self._family, commit)]
+            common = dict(
+                step=self._step, lr=self._lr, grad_scale=self._grad_scale if clipping else None, skip=skip,
+                chunks=self.arena.chunks, **self._kernel_hyperparameters(),
+            )
+            if commit:
+                kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
+            else:
+                kernel(self.arena.param, self.arena.grad, self._anticipated, **self._state_buffers, **common)
+
+    def _raise_if_nonfinite(self, level: int) -> None:
+        bad = self._skip.nonzero().flatten().tolist()
+        if not bad:
+            return
+        agent = bad[0]
+        what = "loss" if bool(self._loss_nonfinite[agent]) else "gradient"
+        who = "the shared network's" if self.shared else f"agent {agent}'s"
+        others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
+        raise FloatingPointError(
+            f"{who} {what} is not finite at level {level}{others}; the step was rolled back and nothing changed; "
+            "pass nonfinite='skip' to skip such agents instead"
+        )
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _kernel_hyperparameters(self) -> dict[str, Any]:
+        h = dict(self.hyperparameters)
+        if self._family == "adam":
+            beta1, beta2 = h.pop("betas")
+            h = dict(beta1=float(beta1), beta2=float(beta2), **h)
+        names = ops.KERNELS[self._family].hyper_names
+        return {name: h[name] for name in names}
+
+    def _sync_agent_values(self) -> None:
+        """Copies per-agent lr and max_grad_norm from param_groups (schedulers change them)."""
+        lrs = [group["lr"] for group in self.param_groups]
+        max_norms = [group["max_grad_norm"] for group in self.param_groups]
+        if lrs != self._lr_values:
+            _validate_hyperparameters(self.optimizer_name, lrs, self._max_norm_values, self.hyperparameters)
+            self._lr.copy_(torch.tensor(lrs, dtype=torch.float64))
+            self._lr_values = lrs
+        if max_norms != self._max_norm_values:
+            _validate_hyperparameters(self.optimizer_name, lrs, max_norms, self.hyperparameters)
+            self._max_norm.copy_(torch.tensor([math.inf if m is None else m for m in max_norms], dtype=torch.float64))
+            self._max_norm_values = max_norms
+
+    def _bind_parameters(self, views: Sequence[Tensor], params: Sequence[Tensor] | None = None) -> None:
+        for p, view in zip(self.arena.parameters if params is None else params, views):
+            p.data = view
+
+    def _expose_state(self) -> None:
+        """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
+        state, with ``step`` a view of the agent's step count."""
+        buffer_views = {name: self.arena.views(b) for name, b in self._state_buffers.items() if b is not None}
+        for index, (p, agent) in enumerate(zip(self.arena.parameters, self.arena.agent_of_parameter)):
+            self.state[p] = {"step": self._step[agent], **{name: views[index] for name, views in buffer_views.items()}}
+
+    def _range(self, phase: str, level: int):
+        if torch.autograd.profiler._is_profiler_enabled:
+            return torch.profiler.record_function(f"kpg/level{level}/{phase}")
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str, level: int):
+        started = time.perf_counter()
+        with self._range(phase, level):
+            try:
+                yield
+            finally:
+                self.stats.add(phase, level, time.perf_counter() - started)
+
+    def __repr__(self) -> str:
+        sharing = "one network shared by all agents" if self.shared else f"{self.num_agents} agents"
+        return (
+            f"KPGOptimizer(k={self.k}, optimizer={self.optimizer_name!r}, {sharing}, "
+            f"{self.arena.numel} {str(self.arena.dtype).removeprefix('torch.')} parameters on {self.arena.device}, "
+            f"nonfinite={self.nonfinite!r})"
+        )
+
+
+class KSchedule:
+    """The paper's suggested k schedule: ``early_k`` for the first ``switch_step`` steps, then
+    ``late_k`` (k=2 early for coordination, k=1 later to save compute). Call :meth:`step` once per
+    optimizer step, like a learning-rate scheduler."""
+
+    def __init__(self, optimizer: KPGOptimizer, switch_step: int, early_k: int = 2, late_k: int = 1):
+        _check_k(early_k)
+        _check_k(late_k)
+        if switch_step < 0:
+            raise ValueError(f"switch_step must be >= 0, got {switch_step}")
+        self.optimizer, self.switch_step, self.early_k, self.late_k = optimizer, switch_step, early_k, late_k
+        self.steps_done = 0
+        optimizer.k = self.current_k()
+
+    def current_k(self) -> int:
+        return self.early_k if self.steps_done < self.switch_step else self.late_k
+
+    def step(self) -> None:
+        self.steps_done += 1
+        self.optimizer.k = self.current_k()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps_done": self.steps_done, "switch_step": self.switch_step, "early_k": self.early_k, "late_k": self.late_k}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
+        self.early_k, self.late_k = state["early_k"], state["late_k"]
+        self.optimizer.k = self.current_k()
+
+
+def _per_agent_views(views: Sequence[Tensor], owners: Sequence[int], num_agents: int) -> list[list[Tensor]]:
+    per_agent: list[list[Tensor]] = [[] for _ in range(num_agents)]
+    for view, owner in zip(views, owners):
+        per_agent[owner].append(view)
+    return per_agent
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 (k=1 is the plain optimizer step, k=2 the practical default), got {k!r}")
+
+
+def _closure_takes_context(closure: Callable) -> bool:
+    try:
+        parameters = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+def _agent_parameters(agents: Any) -> tuple[list[list[Tensor]], bool]:
+    """(parameters of each agent, shared): a module or a flat iterable of tensors is one network
+    shared by all agents; a sequence of modules or of iterables is one entry per agent."""
+    if isinstance(agents, Tensor):
+        raise TypeError("agents must be a sequence of modules or parameter iterables, or one module; got a single tensor: wrap it in a list")
+    if isinstance(agents, nn.Module):
+        return [_trainable(agents.parameters(), "the shared model")], True
+    entries = list(agents)
+    if not entries:
+        raise ValueError("KPGOptimizer got no agents; pass one module (or parameter list) per agent")
+    if all(isinstance(e, Tensor) for e in entries):
+        return [_trainable(entries, "the shared parameters")], True
+    per_agent = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, Tensor):
+            raise TypeError(
+                f"agents[{index}] is a tensor while other entries are modules or iterables; give every agent as a module "
+                "or a list of parameters"
+            )
+        params = entry.parameters() if isinstance(entry, nn.Module) else entry
+        per_agent.append(_trainable(params, f"agent {index}"))
+    return per_agent, False
+
+
+def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
+    params = list(params)
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{who} has a {type(p).__name__} among its parameters; pass tensors or modules")
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{who} has no trainable parameters (none requires grad)")
+    return trainable
+
+
+def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
+    if value is None or isinstance(value, (int, float)):
+        return [None if value is None else float(value)] * segments
+    values = list(value)
+    if shared:
+        raise ValueError(f"{name} is per agent but the agents share one network; pass a single {name}")
+    if len(values) != segments:
+        raise ValueError(f"{name} has {len(values)} entries but there are {segments} agents; pass one per agent or a single value")
+    return [None if v is None else float(v) for v in values]
+
+
+def _validate_hyperparameters(optimizer: str, lrs, max_norms, h: dict[str, Any]) -> None:
+    for agent, lr in enumerate(lrs):
+        if not (isinstance(lr, float) and lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"Invalid learning rate {lr!r} for agent {agent}: it must be a finite number >= 0")
+    for agent, m in enumerate(max_norms):
+        if m is not None and not (m > 0.0):
+            raise ValueError(f"Invalid max_grad_norm {m!r} for agent {agent}: it must be > 0, or None for no clipping")
+    if "eps" in h and not h["eps"] >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {h['eps']}")
+    if "betas" in h:
+        for i, beta in enumerate(h["betas"]):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not h.get("weight_decay", 0.0) >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {h['weight_decay']}")
+    if not h.get("momentum", 0.0) >= 0.0:
+        raise ValueError(f"Invalid momentum value: {h['momentum']}")
+    if "alpha" in h and not h["alpha"] >= 0.0:
+        raise ValueError(f"Invalid alpha value: {h['alpha']}")
+    if optimizer == "sgd" and h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")

@@ -1,0 +1,273 @@
+"""The fused kernels (torch.ops.kpg) against the plain-PyTorch reference and torch.optim."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
+from kpg import _ops as ops
+from kpg import reference
+
+# (optimizer, hyperparameters) cases, each id naming what it exercises.
+UPDATE_CASES = {
+    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
+    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)),
+    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
+    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)),
+    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False)),
+    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False, decoupled_weight_decay=True)),
+    "adamw-amsgrad-beta1-large-weight": ("adam", dict(beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True)),
+    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
+    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
+    "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
+}
+
+# Agent segment sizes: an empty agent, a single element, vector width +-1, chunk size +-1 for
+# both paths, the sizes that leave tails in naive launches, and 257 agents.
+LAYOUTS = {
+    "single-agent": [7],
+    "mixed-with-empty": [0, 1, 3, 4, 5, 8191, 8192, 8193, 1025, 1026, 1027, 2049, 2050, 2051, 4097, 0, 16385],
+    "257-agents": [(a * 37) % 300 + (a % 5 == 0) * 4093 for a in range(257)],
+}
+
+NONFINITE = {"finite": None, "nan-inf-first-middle-last": (float("nan"), float("inf"), float("-inf"))}
+
+
+def _hyper(case):
+    return UPDATE_CASES[case]
+
+
+class Arena:
+    """Flat buffers of one test problem, created twice from one seed for the two implementations."""
+
+    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None):
+        g = torch.Generator().manual_seed(seed)
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        n, a = self.offsets[-1], len(sizes)
+        self.chunks, self.agent_chunks = ops.chunk_table(self.offsets)
+        self.param = torch.randn(n, dtype=dtype, generator=g)
+        self.grad = torch.randn(n, dtype=dtype, generator=g)
+        self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
+        self.step = torch.zeros(a, dtype=torch.float64)
+        self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
+        self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
+        self.skip = (torch.rand(a, generator=g) < 0.2).to(torch.uint8)
+        self.warm_grads = [torch.randn(n, dtype=dtype, generator=g) for _ in range(warm_steps)]
+        if nonfinite is not None and n > 0:
+            for value, index in zip(nonfinite, (0, n // 2, n - 1)):
+                self.grad[index] = value
+
+    def warm_up(self, kind, hyper):
+        """A few reference commits so the state holds realistic values (centered RMSprop needs it)."""
+        grad = self.grad
+        for warm in self.warm_grads:
+            self.grad = warm
+            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **hyper)
+        self.grad = grad
+        return self
+
+    def commit_args(self, skip=True):
+        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, lr=self.lr,
+                    grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
+
+    def anticipate_args(self, anticipated):
+        args = self.commit_args()
+        return dict(param=args.pop("param"), grad=args.pop("grad"), anticipated=anticipated, **args)
+
+    def tensors(self):
+        return {"param": self.param, **self.states, "step": self.step}
+
+    def upcast(self):
+        """A float64 copy holding exactly this arena's values: the inputs of the float64 truth."""
+        copied = copy.deepcopy(self)
+        for name in ("param", "grad"):
+            setattr(copied, name, getattr(self, name).double())
+        copied.states = {name: s.double() for name, s in self.states.items()}
+        return copied
+
+
+@pytest.mark.parametrize("nonfinite", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", UPDATE_CASES)
+@pytest.mark.parametrize("commit", [False, True], ids=["anticipate", "commit"])
+def test_update_matches_reference(commit, case, dtype, layout, nonfinite):
+    """float64: the kernel equals the reference to rounding. float32: it is as accurate as the
+    float32 reference, both measured against the float64 reference on the same inputs."""
+    kind, hyper = _hyper(case)
+    base = Arena(kind, layout, dtype, seed=1, nonfinite=nonfinite).warm_up(kind, hyper)
+    runs = {"kernel": (ops, base), "reference": (reference, copy.deepcopy(base))}
+    if dtype != torch.float64:
+        runs["truth"] = (reference, base.upcast())
+    results = {}
+    for label, (module, arena) in runs.items():
+        anticipated = torch.full_like(arena.param, 123.0)
+        if commit:
+            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
+        else:
+            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+        results[label] = {**arena.tensors(), "anticipated": anticipated}
+    for name, expected in results["reference"].items():
+        if dtype == torch.float64:
+            assert_close_to_scale(results["kernel"][name], expected, RTOL[dtype], what=name)
+        else:
+            assert_as_accurate_as(results["kernel"][name], expected, results["truth"][name], RTOL[dtype], what=name)
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_anticipate_leaves_base_and_state_bit_identical(case, dtype):
+    kind, hyper = _hyper(case)
+    arena = Arena(kind, LAYOUTS["mixed-with-empty"], dtype, seed=2).warm_up(kind, hyper)
+    before = {name: t.clone() for name, t in arena.tensors().items()}
+    grad_before = arena.grad.clone()
+    anticipated = torch.zeros_like(arena.param)
+    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+    for name, tensor in arena.tensors().items():
+        assert torch.equal(tensor, before[name]), f"anticipate changed {name}"
+    assert torch.equal(arena.grad, grad_before)
+    assert not torch.equal(anticipated, arena.param), "anticipate wrote no update"
+
+
+def _torch_optimizer(kind, hyper, params, lr):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=False, **hyper)
+    if kind == "adam":
+        h = dict(hyper)
+        h["betas"] = (h.pop("beta1"), h.pop("beta2"))
+        return torch.optim.Adam(params, lr=lr, foreach=False, fused=False, **h)
+    return torch.optim.RMSprop(params, lr=lr, foreach=False, **hyper)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "per-agent-clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", UPDATE_CASES)
+def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
+    """Our arena + commit against one torch.optim optimizer per agent on separate tensors."""
+    kind, hyper = _hyper(case)
+    sizes = [1, 7, 300, 4097, 0]
+    lrs = [0.01, 0.003, 0.02, 0.001, 0.05]
+    max_norms = [0.5, 100.0, 1.0, 2.0, 1.0]
+    g = torch.Generator().manual_seed(3)
+    initial = [torch.randn(s, dtype=dtype, generator=g) for s in sizes]
+    theirs = [torch.nn.Parameter(t.clone()) for t in initial]
+    optimizers = [_torch_optimizer(kind, hyper, [p], lr) for p, lr in zip(theirs, lrs)]
+    truth = [torch.nn.Parameter(t.double()) for t in initial]
+    truth_optimizers = [_torch_optimizer(kind, hyper, [p], lr) for p, lr in zip(truth, lrs)]
+
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    chunks, agent_chunks = ops.chunk_table(offsets)
+    param = torch.cat(initial)
+    grad = torch.zeros_like(param)
+    states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
+    a = len(sizes)
+    step = torch.zeros(a, dtype=torch.float64)
+    lr = torch.tensor(lrs, dtype=torch.float64)
+    max_norm = torch.tensor(max_norms, dtype=torch.float64)
+    norm, grad_scale = torch.zeros(a, dtype=torch.float64), torch.ones(a, dtype=torch.float64)
+    nonfinite, chunk_sq = torch.zeros(a, dtype=torch.uint8), torch.zeros(chunks.shape[0], dtype=torch.float64)
+
+    for _ in range(20):
+        grads = [torch.randn(s, dtype=dtype, generator=g) * 3 for s in sizes]
+        grad.copy_(torch.cat(grads))
+        for p, opt, gr, mn in zip(theirs + truth, optimizers + truth_optimizers, grads + grads, max_norms * 2):
+            p.grad = gr.to(p.dtype)
+            if clip:
+                torch.nn.utils.clip_grad_norm_([p], mn, foreach=False)
+            opt.step()
+        if clip:
+            ops.agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite)
+        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, lr, grad_scale if clip else None,
+                                      None, chunks, **hyper)
+    for agent, p in enumerate(theirs):
+        ours = param[offsets[agent] : offsets[agent + 1]]
+        if dtype == torch.float64:
+            assert_close_to_scale(ours, p.detach(), RTOL[dtype], what=f"agent {agent} params")
+        else:
+            assert_as_accurate_as(ours, p.detach(), truth[agent].detach(), RTOL[dtype], what=f"agent {agent} params")
+    assert step.tolist() == [20.0] * a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("nonfinite", NONFINITE.values(), ids=NONFINITE.keys())
+def test_agent_grad_norms_match_reference(dtype, layout, clip, nonfinite):
+    arena = Arena("sgd", layout, dtype, seed=4, nonfinite=nonfinite)
+    a = len(layout)
+    max_norm = torch.rand(a, dtype=torch.float64) * 40 if clip else None
+    outputs = []
+    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
+        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
+                   norm=torch.full((a,), -1.0, dtype=torch.float64),
+                   grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
+                   nonfinite=torch.full((a,), 7, dtype=torch.uint8))
+        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
+             out["nonfinite"])
+        outputs.append(out)
+    for name in outputs[0]:
+        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    if nonfinite is not None:
+        assert outputs[0]["nonfinite"].sum() >= 1
+
+
+def test_clipping_equals_clip_grad_norm_per_agent():
+    sizes = [5, 4097, 33]
+    grads = [torch.randn(s) * 10 for s in sizes]
+    offsets = [0, 5, 4102, 4135]
+    chunks, agent_chunks = ops.chunk_table(offsets)
+    max_norm = torch.tensor([1.0, 1e9, 0.1], dtype=torch.float64)
+    norm, scale = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    nonfinite, chunk_sq = torch.zeros(3, dtype=torch.uint8), torch.zeros(chunks.shape[0], dtype=torch.float64)
+    ops.agent_grad_norms(torch.cat(grads), chunks, agent_chunks, chunk_sq, max_norm, norm, scale, nonfinite)
+    for agent, g in enumerate(grads):
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        returned_norm = torch.nn.utils.clip_grad_norm_([p], max_norm[agent].item())
+        assert norm[agent].item() == pytest.approx(returned_norm.item(), rel=1e-6)
+        assert_close_to_scale((g.double() * scale[agent]).float(), p.grad, 1e-6, what=f"agent {agent}")
+
+
+def test_nonfinite_gradient_skips_only_that_agent():
+    kind, hyper = _hyper("adam")
+    arena = Arena(kind, [5, 6, 7], torch.float32, seed=5).warm_up(kind, hyper)
+    arena.skip = None
+    arena.grad[7] = float("nan")  # agent 1
+    before = {k: v.clone() for k, v in arena.tensors().items()}
+    a = 3
+    norm, scale = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64)
+    nonfinite, chunk_sq = torch.zeros(a, dtype=torch.uint8), torch.zeros(arena.chunks.shape[0], dtype=torch.float64)
+    ops.agent_grad_norms(arena.grad, arena.chunks, arena.agent_chunks, chunk_sq, None, norm, scale, nonfinite)
+    assert nonfinite.tolist() == [0, 1, 0]
+    args = arena.commit_args(skip=False)
+    args["skip"] = nonfinite
+    args["grad_scale"] = None
+    ops.adam_commit(**args, **hyper)
+    assert arena.step.tolist() == [3.0, 2.0, 3.0]
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        tensor = arena.tensors()[name]
+        assert torch.equal(tensor[5:11], before[name][5:11]), f"skipped agent's {name} changed"
+        assert not torch.equal(tensor[:5], before[name][:5]) and not torch.equal(tensor[11:], before[name][11:])
+        assert torch.isfinite(tensor).all()
+
+
+def test_one_step_changes_no_buffer_it_does_not_own():
+    kind, hyper = _hyper("rmsprop-centered-momentum-wd")
+    arena = Arena(kind, [9, 9], torch.float64, seed=6).warm_up(kind, hyper)
+    grad, lr, chunks = arena.grad.clone(), arena.lr.clone(), arena.chunks.clone()
+    ops.rmsprop_commit(**arena.commit_args(), **hyper)
+    assert torch.equal(arena.grad, grad) and torch.equal(arena.lr, lr) and torch.equal(arena.chunks, chunks)
+
+
+def test_deepcopy_of_reference_case_is_independent():
+    # Guards the test helper itself: two Arena objects from one seed must be equal and separate.
+    a1 = Arena("adam", [3, 4], torch.float32, seed=9)
+    a2 = copy.deepcopy(a1)
+    a2.param += 1
+    assert not torch.equal(a1.param, a2.param)
+    assert torch.equal(Arena("adam", [3, 4], torch.float32, seed=9).param, a1.param)
