@@ -225,6 +225,13 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
+    def __getstate__(self):
+        raise TypeError(
+            "a KPGOptimizer cannot be pickled or deep-copied: the models' parameters are views into its arena, "
+            "which a copy would silently detach; save optimizer.state_dict() and build a new KPGOptimizer over the "
+            "copied models instead"
+        )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._constructing:
             raise RuntimeError("KPGOptimizer's agents are fixed at construction; build a new KPGOptimizer to add parameters")
@@ -374,9 +381,9 @@ class KPGOptimizer(torch.optim.Optimizer):
                 try:
                     with self._timed("closure", level), torch.enable_grad():
                         loss = closure()
-                    agent_losses = self._checked_loss(loss, level)
-                    agent_loss = agent_losses[agent] if loss.dim() == 1 else loss
+                    self._checked_loss(loss, level)
                     with self._timed("backward", level), torch.enable_grad():
+                        agent_loss = loss[agent] if loss.dim() == 1 else loss
                         torch.autograd.backward(agent_loss, inputs=group["params"])
                     flags.append(~torch.isfinite(agent_loss.detach()).reshape(1))
                 finally:
