@@ -331,7 +331,7 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "with parameter sharing the closure must take ctx: own and anticipated parts are one network at "
                 "two parameter values, which only ctx.anticipated() can tell apart"
             )
-        self._sync_agent_values()
+        self.sync_hyperparameters()
         self.arena.restore_gradient_views()
         try:
             for level in range(1, self.k + 1):
@@ -341,6 +341,30 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._bind_parameters(self.arena.param_views)
         self.stats.steps += 1
         return loss.detach()
+
+    def capture_step(self, closure: Callable[..., Tensor], warmup_steps: int = 3) -> Callable[[], None]:
+        """Captures one whole KPG step (all k levels) into a CUDA graph; returns its replay.
+
+        The warm-up steps (on a side stream, as CUDA graphs require) are real steps. The closure
+        must read its inputs from tensors that keep their storage, refilled in place before each
+        replay. Each replay is a step with the captured k; after changing a learning rate, call
+        :meth:`sync_hyperparameters` before the next replay. Needs ``nonfinite="skip"`` or
+        ``"propagate"``: ``"raise"`` reads flags on the host, which a graph cannot do.
+        """
+        if self.arena.device.type != "cuda":
+            raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
+        if self.nonfinite == "raise":
+            raise ValueError("capture_step needs nonfinite='skip' or 'propagate': nonfinite='raise' synchronizes with the host")
+        side_stream = torch.cuda.Stream(self.arena.device)
+        side_stream.wait_stream(torch.cuda.current_stream(self.arena.device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(warmup_steps):
+                self.step(closure)
+        torch.cuda.current_stream(self.arena.device).wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(closure)
+        return graph.replay
 
     def _level_gradients(self, closure, level: int, takes_context: bool) -> Tensor:
         self.arena.grad.zero_()
@@ -470,8 +494,10 @@ class KPGOptimizer(torch.optim.Optimizer):
         names = ops.KERNELS[self._family].hyper_names
         return {name: h[name] for name in names}
 
-    def _sync_agent_values(self) -> None:
-        """Copies per-agent lr and max_grad_norm from param_groups (schedulers change them)."""
+    def sync_hyperparameters(self) -> None:
+        """Copies per-agent lr and max_grad_norm from param_groups (schedulers change them) to the
+        device tensors the kernels read. step() calls it; call it yourself between replays of a
+        captured step (:meth:`capture_step`)."""
         lrs = [group["lr"] for group in self.param_groups]
         max_norms = [group["max_grad_norm"] for group in self.param_groups]
         if lrs != self._lr_values:
