@@ -38,7 +38,7 @@ UpdateBuffers update_buffers(int dtype, bool commit, uintptr_t param, uintptr_t 
                              uintptr_t anticipated, uintptr_t state0, uintptr_t state1,
                              uintptr_t state2, uintptr_t step, uintptr_t lr, uintptr_t grad_scale,
                              uintptr_t skip, uintptr_t chunks, int64_t num_chunks,
-                             int64_t num_agents) {
+                             int64_t num_agents, int64_t numel) {
   return {address<void>(param),
           address<const void>(grad),
           address<void>(anticipated),
@@ -50,6 +50,7 @@ UpdateBuffers update_buffers(int dtype, bool commit, uintptr_t param, uintptr_t 
           address<const int64_t>(chunks),
           num_chunks,
           num_agents,
+          numel,
           dtype,
           commit};
 }
@@ -60,13 +61,15 @@ void run_update(int device, uintptr_t stream, const UpdateBuffers& buffers, cons
                 void (*cpu)(const UpdateBuffers&, const Hyper&),
                 std::type_identity_t<void (*)(const UpdateBuffers&, const Hyper&, int, void*)> cuda,
                 const char* op) {
+  const std::string op_name = std::string(op) + (buffers.commit ? "_commit" : "_anticipate");
   py::gil_scoped_release no_gil;
   if (device == kCpuDevice) {
+    check_chunk_table(op_name.c_str(), buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents, buffers.numel);
     cpu(buffers, hyper);
   } else if (cuda != nullptr) {
     cuda(buffers, hyper, device, stream_of(stream));
   } else {
-    no_cuda_build(op);
+    no_cuda_build(op_name.c_str());
   }
 }
 
@@ -136,35 +139,35 @@ PYBIND11_MODULE(_C, m) {
       [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
          uintptr_t anticipated, uintptr_t momentum_buffer, uintptr_t step, uintptr_t lr,
          uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks, int64_t num_chunks,
-         int64_t num_agents, double momentum, double dampening, double weight_decay, bool nesterov,
+         int64_t num_agents, int64_t numel, double momentum, double dampening, double weight_decay, bool nesterov,
          bool maximize) {
         const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, momentum_buffer,
                                             0, 0, step, lr, grad_scale, skip, chunks, num_chunks,
-                                            num_agents);
+                                            num_agents, numel);
         run_update(device, stream, buffers, SGDHyper{momentum, dampening, weight_decay, nesterov, maximize},
-                   &sgd_update_cpu, KPG_CUDA_ENTRY(sgd_update_cuda), "sgd_update");
+                   &sgd_update_cpu, KPG_CUDA_ENTRY(sgd_update_cuda), "sgd");
       },
       "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
       "momentum_buffer"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a, "chunks"_a, "num_chunks"_a,
-      "num_agents"_a, "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a, "maximize"_a);
+      "num_agents"_a, "numel"_a, "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a, "maximize"_a);
 
   m.def(
       "adam_update",
       [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
          uintptr_t anticipated, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t max_exp_avg_sq,
          uintptr_t step, uintptr_t lr, uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks,
-         int64_t num_chunks, int64_t num_agents, double beta1, double beta2, double eps,
+         int64_t num_chunks, int64_t num_agents, int64_t numel, double beta1, double beta2, double eps,
          double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
         const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, exp_avg,
                                             exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale, skip,
-                                            chunks, num_chunks, num_agents);
+                                            chunks, num_chunks, num_agents, numel);
         run_update(device, stream, buffers,
                    AdamHyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay},
-                   &adam_update_cpu, KPG_CUDA_ENTRY(adam_update_cuda), "adam_update");
+                   &adam_update_cpu, KPG_CUDA_ENTRY(adam_update_cuda), "adam");
       },
       "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
       "exp_avg"_a, "exp_avg_sq"_a, "max_exp_avg_sq"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a,
-      "chunks"_a, "num_chunks"_a, "num_agents"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
+      "chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
       "amsgrad"_a, "maximize"_a, "decoupled_weight_decay"_a);
 
   m.def(
@@ -172,32 +175,33 @@ PYBIND11_MODULE(_C, m) {
       [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
          uintptr_t anticipated, uintptr_t square_avg, uintptr_t momentum_buffer, uintptr_t grad_avg,
          uintptr_t step, uintptr_t lr, uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks,
-         int64_t num_chunks, int64_t num_agents, double alpha, double eps, double weight_decay,
+         int64_t num_chunks, int64_t num_agents, int64_t numel, double alpha, double eps, double weight_decay,
          double momentum, bool centered, bool maximize) {
         const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, square_avg,
                                             momentum_buffer, grad_avg, step, lr, grad_scale, skip,
-                                            chunks, num_chunks, num_agents);
+                                            chunks, num_chunks, num_agents, numel);
         run_update(device, stream, buffers,
                    RMSpropHyper{alpha, eps, weight_decay, momentum, centered, maximize},
-                   &rmsprop_update_cpu, KPG_CUDA_ENTRY(rmsprop_update_cuda), "rmsprop_update");
+                   &rmsprop_update_cpu, KPG_CUDA_ENTRY(rmsprop_update_cuda), "rmsprop");
       },
       "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
       "square_avg"_a, "momentum_buffer"_a, "grad_avg"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a,
-      "chunks"_a, "num_chunks"_a, "num_agents"_a, "alpha"_a, "eps"_a, "weight_decay"_a,
+      "chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a, "alpha"_a, "eps"_a, "weight_decay"_a,
       "momentum"_a, "centered"_a, "maximize"_a);
 
   m.def(
       "agent_grad_norms",
       [](int device, uintptr_t stream, int dtype, uintptr_t grad, uintptr_t chunks,
-         uintptr_t agent_chunks, int64_t num_chunks, int64_t num_agents, uintptr_t chunk_sq,
+         uintptr_t agent_chunks, int64_t num_chunks, int64_t num_agents, int64_t numel, uintptr_t chunk_sq,
          uintptr_t max_norm, uintptr_t norm, uintptr_t grad_scale, uintptr_t nonfinite) {
         const NormBuffers buffers{address<const void>(grad),    address<const int64_t>(chunks),
-                                  address<const int64_t>(agent_chunks), num_chunks, num_agents,
+                                  address<const int64_t>(agent_chunks), num_chunks, num_agents, numel,
                                   address<double>(chunk_sq),   address<const double>(max_norm),
                                   address<double>(norm),       address<double>(grad_scale),
                                   address<uint8_t>(nonfinite), dtype};
         py::gil_scoped_release no_gil;
         if (device == kCpuDevice) {
+          check_chunk_table("agent_grad_norms", buffers.chunks, num_chunks, buffers.agent_chunks, num_agents, numel);
           agent_grad_norms_cpu(buffers);
         } else {
 #if defined(KPG_WITH_CUDA)
@@ -209,5 +213,5 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "device"_a, "stream"_a, "dtype"_a, "grad"_a, "chunks"_a, "agent_chunks"_a, "num_chunks"_a,
-      "num_agents"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a, "nonfinite"_a);
+      "num_agents"_a, "numel"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a, "nonfinite"_a);
 }

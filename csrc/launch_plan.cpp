@@ -8,6 +8,28 @@
 
 namespace kpg {
 
+void check_chunk_table(const char* op, const int64_t* chunks, int64_t num_chunks,
+                       const int64_t* agent_chunks, int64_t num_agents, int64_t numel) {
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const ChunkRange r = chunk_at(chunks, c);
+    if (!chunk_in_bounds(r, num_agents, numel)) {
+      throw std::invalid_argument(
+          std::string(op) + ": chunk row " + std::to_string(c) + " (agent " + std::to_string(r.agent) +
+          ", elements " + std::to_string(r.begin) + ".." + std::to_string(r.end) +
+          ") lies outside this arena of " + std::to_string(num_agents) + " agents and " +
+          std::to_string(numel) + " elements; build the table from this arena's offsets with chunk_table");
+    }
+  }
+  if (agent_chunks == nullptr) return;
+  for (int64_t a = 0; a < num_agents; ++a) {
+    if (agent_chunks[a] < 0 || agent_chunks[a] > agent_chunks[a + 1] || agent_chunks[a + 1] > num_chunks) {
+      throw std::invalid_argument(std::string(op) + ": agent_chunks of agent " + std::to_string(a) +
+                                  " is not a range of the " + std::to_string(num_chunks) +
+                                  "-row chunk table; pass the agent_chunks that chunk_table returned with it");
+    }
+  }
+}
+
 void count_element_visits(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems,
                           int threads, int vec, int32_t* visits) {
   if (chunk_elems < 1 || threads < 1 || vec < 1 || vec > threads) {

@@ -25,6 +25,10 @@ __device__ __forceinline__ double block_sum(double value) {
 template <typename T, int V>
 __global__ void __launch_bounds__(kCudaThreadsPerBlock) chunk_sum_squares_kernel(const NormBuffers b) {
   const ChunkRange r = chunk_at(b.chunks, blockIdx.x);
+  if (!chunk_in_bounds(r, b.num_agents, b.numel)) {
+    if (threadIdx.x == 0) b.chunk_sq[blockIdx.x] = 0.0;
+    return;
+  }
   const T* grad = static_cast<const T*>(b.grad);
   double sum = 0.0;
   for_each_thread_element(

@@ -41,7 +41,7 @@ void for_each_chunk(const UpdateBuffers& b, ChunkFn&& chunk_fn) {
 
 template <typename T, bool kCommit, bool kMaximize, bool kWeightDecay, bool kMomentum, bool kFirst,
           bool kNesterov>
-void sgd_chunk(const UpdateBuffers& b, const SGDCoefficients<T>& c, const ChunkRange& r) {
+KPG_CPU_CLONES void sgd_chunk(const UpdateBuffers& b, const SGDCoefficients<T>& c, const ChunkRange& r) {
   T* __restrict param = buffer<T>(b.param);
   const T* __restrict grad = static_cast<const T*>(b.grad);
   T* __restrict anticipated = buffer<T>(b.anticipated);
@@ -60,7 +60,7 @@ void sgd_chunk(const UpdateBuffers& b, const SGDCoefficients<T>& c, const ChunkR
 }
 
 template <typename T, bool kCommit, bool kMaximize, bool kWeightDecay, bool kDecoupled, bool kAmsgrad>
-void adam_chunk(const UpdateBuffers& b, const AdamCoefficients<T>& c, const ChunkRange& r) {
+KPG_CPU_CLONES void adam_chunk(const UpdateBuffers& b, const AdamCoefficients<T>& c, const ChunkRange& r) {
   T* __restrict param = buffer<T>(b.param);
   const T* __restrict grad = static_cast<const T*>(b.grad);
   T* __restrict anticipated = buffer<T>(b.anticipated);
@@ -83,7 +83,7 @@ void adam_chunk(const UpdateBuffers& b, const AdamCoefficients<T>& c, const Chun
 }
 
 template <typename T, bool kCommit, bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum>
-void rmsprop_chunk(const UpdateBuffers& b, const RMSpropCoefficients<T>& c, const ChunkRange& r) {
+KPG_CPU_CLONES void rmsprop_chunk(const UpdateBuffers& b, const RMSpropCoefficients<T>& c, const ChunkRange& r) {
   T* __restrict param = buffer<T>(b.param);
   const T* __restrict grad = static_cast<const T*>(b.grad);
   T* __restrict anticipated = buffer<T>(b.anticipated);

@@ -120,6 +120,7 @@ template <typename Kernel, typename T, int V>
 __global__ void __launch_bounds__(kCudaThreadsPerBlock)
     fused_update_kernel(const UpdateBuffers b, const typename Kernel::Hyper h) {
   const ChunkRange r = chunk_at(b.chunks, blockIdx.x);
+  if (!chunk_in_bounds(r, b.num_agents, b.numel)) return;
   const ChunkSplit split = split_chunk(r.begin, r.end, V);
   const int thread = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);

@@ -135,13 +135,14 @@ def _check_arena_tensors(op: str, param: Tensor, named: dict[str, Tensor | None]
                 raise ValueError(f"{op}: {out_name} overlaps {name} in memory; every buffer needs storage of its own")
 
 
-def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: dict[str, tuple[Tensor | None, torch.dtype]]):
+def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: dict[str, tuple[Tensor | None, torch.dtype]],
+                         per: str = "agent"):
     for name, (tensor, dtype) in named.items():
         if tensor is None:
             continue
         if tensor.dtype != dtype or tensor.device != device or tensor.numel() != num_agents or not tensor.is_contiguous():
             raise ValueError(
-                f"{op}: {name} must be a contiguous {dtype} tensor with one entry per agent ({num_agents}) on "
+                f"{op}: {name} must be a contiguous {dtype} tensor with one entry per {per} ({num_agents}) on "
                 f"{device}, got {tensor.dtype} with {tensor.numel()} entries on {tensor.device}"
             )
 
@@ -154,6 +155,18 @@ def _check_chunks(op: str, device: torch.device, chunks: Tensor, name: str = "ch
         )
     if not chunks.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _reject_meta(op: str, named: dict[str, object]) -> None:
+    """The fake implementations double as the ops' Meta kernels, so meta tensors reach them outside
+    tracing too; they hold no values to update, and returning would look as if the step had run."""
+    for name, value in named.items():
+        if isinstance(value, Tensor) and value.device.type == "meta":
+            raise ValueError(
+                f"{op}: {name} is on the meta device, which holds no values to update; kpg kernels run on "
+                "CPU and CUDA tensors: allocate the buffers there (module.to_empty(device=...) materializes "
+                "a meta model) before building the arena"
+            )
 
 
 def _define_update_op(kernel: OptimizerKernel, commit: bool):
@@ -212,13 +225,14 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
             a["chunks"].data_ptr(),
             a["chunks"].shape[0],
             num_agents,
+            param.numel(),
             *hyper.values(),
         )
 
     qualname = f"kpg::{op}"
     torch.library.define(qualname, schema)
     torch.library.impl(qualname, ("cpu", "cuda"))(impl)
-    torch.library.register_fake(qualname)(lambda *args: None)
+    torch.library.register_fake(qualname)(lambda *args: _reject_meta(op, dict(zip(arg_names, args))))
     return getattr(torch.ops.kpg, op)
 
 
@@ -255,7 +269,11 @@ def agent_grad_norms(
     _check_chunks(op, grad.device, chunks)
     num_agents = norm.numel()
     if agent_chunks.dtype != torch.int64 or agent_chunks.device != grad.device or agent_chunks.numel() != num_agents + 1:
-        raise ValueError(f"{op}: agent_chunks must be the int64 table of num_agents + 1 entries from chunk_table")
+        raise ValueError(
+            f"{op}: agent_chunks must be the int64 table of num_agents + 1 entries ({num_agents + 1}, one agent per "
+            f"norm entry) on {grad.device} from chunk_table, got {agent_chunks.dtype} with {agent_chunks.numel()} "
+            f"entries on {agent_chunks.device}"
+        )
     _check_agent_tensors(
         op,
         grad.device,
@@ -267,7 +285,7 @@ def agent_grad_norms(
             "nonfinite": (nonfinite, torch.uint8),
         },
     )
-    _check_agent_tensors(op, grad.device, chunks.shape[0], {"chunk_sq": (chunk_sq, torch.float64)})
+    _check_agent_tensors(op, grad.device, chunks.shape[0], {"chunk_sq": (chunk_sq, torch.float64)}, per="chunk")
     device, stream = _device_and_stream(grad)
     _C.agent_grad_norms(
         device,
@@ -278,6 +296,7 @@ def agent_grad_norms(
         agent_chunks.data_ptr(),
         chunks.shape[0],
         num_agents,
+        grad.numel(),
         chunk_sq.data_ptr(),
         _address(max_norm),
         norm.data_ptr(),
@@ -288,7 +307,8 @@ def agent_grad_norms(
 
 @agent_grad_norms.register_fake
 def _(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite) -> None:
-    return None
+    _reject_meta("agent_grad_norms", dict(grad=grad, chunks=chunks, agent_chunks=agent_chunks, chunk_sq=chunk_sq,
+                                          max_norm=max_norm, norm=norm, grad_scale=grad_scale, nonfinite=nonfinite))
 
 
 UPDATE_OPS = {

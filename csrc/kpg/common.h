@@ -17,6 +17,15 @@
 #define KPG_HD inline
 #endif
 
+// The CPU element loops are compiled twice, for AVX2 and for the build's baseline ISA; the dynamic
+// loader picks one per machine (GNU ifunc). Neither clone may use FMA: contracting a*b+c would round
+// differently from torch.optim's separate operations, and from the other clone.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define KPG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KPG_CPU_CLONES
+#endif
+
 namespace kpg {
 
 // Codes shared with kpg/_ops.py (_DTYPE_CODES); the order is part of the boundary.

@@ -26,6 +26,14 @@ KPG_HD ChunkRange chunk_at(const int64_t* chunks, int64_t chunk) {
   return {row[0], row[1], row[2]};
 }
 
+// Chunk tables reach the kernels from the caller; a row from another arena or a corrupted table
+// must not send a kernel past the end of the buffers. The CPU path rejects the whole table before
+// touching memory (check_chunk_table); a CUDA block skips its row, since a device-resident table
+// cannot be read on the host without a synchronization.
+KPG_HD bool chunk_in_bounds(const ChunkRange& r, int64_t num_agents, int64_t numel) {
+  return 0 <= r.agent && r.agent < num_agents && 0 <= r.begin && r.begin <= r.end && r.end <= numel;
+}
+
 // offsets: num_agents + 1 ascending element offsets. Agents with no elements get no chunk.
 inline int64_t count_chunks(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems) {
   int64_t count = 0;
@@ -97,6 +105,12 @@ namespace kpg {
 
 // How often a CUDA launch over the chunk table of `offsets` visits each element, every block and
 // thread simulated with the kernels' own mapping; the coverage test expects all ones.
+// Throws std::invalid_argument naming the first row of `chunks` outside an arena of `numel`
+// elements and `num_agents` agents, and, when `agent_chunks` is given, the first agent whose rows
+// are not a range of the table.
+void check_chunk_table(const char* op, const int64_t* chunks, int64_t num_chunks,
+                       const int64_t* agent_chunks, int64_t num_agents, int64_t numel);
+
 void count_element_visits(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems,
                           int threads, int vec, int32_t* visits);
 

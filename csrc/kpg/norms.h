@@ -16,6 +16,7 @@ struct NormBuffers {
   const int64_t* agent_chunks;  // [num_agents + 1]
   int64_t num_chunks;
   int64_t num_agents;
+  int64_t numel;                // elements of grad
   double* chunk_sq;             // [num_chunks] workspace
   const double* max_norm;       // [agents] clipping threshold, or null for no clipping
   double* norm;                 // [agents] out: 2-norm of the agent's gradient
@@ -32,7 +33,10 @@ void agent_grad_norms_cuda(const NormBuffers& buffers, int device, void* stream)
 // torch.nn.utils.clip_grad_norm_'s coefficient, clamped like torch.clamp (NaN stays NaN).
 KPG_HD void finalize_agent_norm(const NormBuffers& b, int64_t agent) {
   double sum_sq = 0.0;
-  for (int64_t c = b.agent_chunks[agent]; c < b.agent_chunks[agent + 1]; ++c) sum_sq += b.chunk_sq[c];
+  // Clamped to the table: on CUDA a malformed agent_chunks is not checked on the host.
+  const int64_t first = b.agent_chunks[agent] > 0 ? b.agent_chunks[agent] : 0;
+  const int64_t last = b.agent_chunks[agent + 1] < b.num_chunks ? b.agent_chunks[agent + 1] : b.num_chunks;
+  for (int64_t c = first; c < last; ++c) sum_sq += b.chunk_sq[c];
   const double norm = ::sqrt(sum_sq);
   b.norm[agent] = norm;
   b.nonfinite[agent] = !(norm - norm == 0.0);

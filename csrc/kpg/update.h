@@ -25,6 +25,7 @@ struct UpdateBuffers {
   const int64_t* chunks;  // [num_chunks, kChunkColumns], see launch_plan.h
   int64_t num_chunks;
   int64_t num_agents;
+  int64_t numel;          // elements of every arena buffer
   int dtype;              // DType code
   bool commit;
 };
