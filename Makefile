@@ -23,8 +23,9 @@ $(VENV)/.installed: $(SOURCES)
 test: setup
 	$(PY) -m pytest -q
 
+# The main job: K2-MAPPO against MAPPO on simple_spread with 3 agents, 2 seeds each (a few minutes).
 run: setup
-	$(PY) bench/optimizer.py
+	$(VENV)/bin/kpg compare --ks 1 2 --seeds 0 1 --workers 2 --out results/quickstart --train.steps 60000
 
 bench: setup
 	$(PY) bench/optimizer.py --json bench/results/optimizer.json

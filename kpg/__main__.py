@@ -1,0 +1,3 @@
+from kpg.cli import main
+
+main()

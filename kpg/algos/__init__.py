@@ -1,0 +1,14 @@
+"""The trainers: K-MAPPO, and the registry ``kpg train --algo`` picks from.
+
+A trainer is built as ``Trainer(pool, config, k, k_until, device, seed)`` and offers
+``iteration() -> metrics``, ``act(obs, deterministic)``, ``env_steps``, ``updates``, ``clock``
+(a :class:`~kpg.algos.common.WallClock`), ``actor_optimizer`` (the :class:`kpg.KPGOptimizer`),
+``actor_level_seconds()``, ``state_dict()`` and ``load_state_dict()``; ``METRICS`` names the
+metrics ``iteration`` may report.
+"""
+
+from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
+
+ALGORITHMS = {"mappo": MAPPOTrainer}
+
+__all__ = ["ALGORITHMS", "MAPPOConfig", "MAPPOTrainer"]

@@ -1,0 +1,283 @@
+"""K-MAPPO: MAPPO (Yu et al., 2022) whose actor update is a KPG step per PPO minibatch.
+
+Centralized critic V(global state, agent id), GAE, clipped surrogate, several epochs of
+minibatches, entropy bonus, value normalization. The actor is one network shared by all agents
+(with a one-hot agent id appended to the observation; the default) or one network per agent. Its
+update goes through :class:`kpg.KPGOptimizer`: at level 1 the surrogate is plain MAPPO; from level
+2 agent i's ratio is multiplied, inside the clip, by the other agents' ratios at their anticipated
+level l-1 parameters (:func:`kpg.joint_ratio_loss`). k=1 is exactly MAPPO. The critic is trained
+normally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kpg.algos.common import PolicyHead, ReturnNormalizer, WallClock, agent_ids, generalized_advantages, mlp
+from kpg.couplings import joint_ratio_loss
+from kpg.envs import EnvPool
+from kpg.optim import KPGOptimizer, KSchedule
+
+
+@dataclass
+class MAPPOConfig:
+    """MAPPO hyperparameters (defaults: the MAPPO paper's MPE settings, scaled to 2 cores)."""
+
+    rollout: int = 25  # environment steps per copy between updates
+    epochs: int = 5
+    minibatches: int = 2
+    lr: float = 7e-4  # actor
+    critic_lr: float = 7e-4
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 10.0
+    share_actor: bool = True  # one actor for all agents (with agent ids), else one per agent
+    others: str = "product"  # how the others' anticipated ratios combine: product or geometric
+    coupling: str = "joint_clip"  # joint_clip (the authors') or weighted
+    normalize_returns: bool = True
+    initial_log_std: float = -0.5  # continuous actions
+
+
+class MAPPOTrainer:
+    """Collects ``rollout`` steps from every environment copy, then runs PPO epochs where every
+    minibatch is one KPG step of the actor and one Adam step of the critic."""
+
+    METRICS = ("actor_loss", "value_loss", "entropy", "clip_fraction_level1", "clip_fraction_level2",
+               "clip_fraction_level3", "k")
+
+    def __init__(self, pool: EnvPool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int):
+        """``k_until``: environment steps after which the actor drops to k=1 (the paper's schedule:
+        coordinate early, save compute later); None keeps ``k`` throughout."""
+        torch.manual_seed(seed)
+        self.pool, self.config, self.device = pool, config, torch.device(device)
+        self.generator = np.random.default_rng(seed)
+        spaces = pool.spaces
+        n, c = spaces.num_agents, config
+        self.num_agents = n
+        self.head = PolicyHead(spaces.discrete, torch.as_tensor(spaces.action_mask(), device=self.device))
+        actor_inputs = spaces.obs_size + (n if c.share_actor else 0)
+        networks = 1 if c.share_actor else n
+        self.actor = nn.ModuleList(
+            mlp(actor_inputs, c.hidden, spaces.action_size, c.activation, output_gain=0.01) for _ in range(networks)
+        ).to(self.device)
+        # Continuous actions: a learned log-std per network, so it belongs to that agent's KPG segment.
+        self.log_std = nn.ParameterList(
+            nn.Parameter(torch.full((spaces.action_size,), c.initial_log_std, device=self.device))
+            for _ in range(0 if spaces.discrete else networks)
+        )
+        per_network = [[*net.parameters(), *self.log_std[i : i + 1]] for i, net in enumerate(self.actor)]
+        self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation).to(self.device)
+        self.returns = ReturnNormalizer(n).to(self.device)
+        self.actor_optimizer = KPGOptimizer(
+            per_network[0] if c.share_actor else per_network, k=k, optimizer="adam", lr=c.lr, eps=1e-5,
+            max_grad_norm=c.max_grad_norm, num_agents=n if c.share_actor else None,
+        )
+        self.k_schedule = None
+        if k_until is not None:
+            iterations = -(-k_until // (c.rollout * pool.copies))
+            self.k_schedule = KSchedule(self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
+        self.clock = WallClock()
+        self.env_steps = 0
+        self.updates = 0
+
+    # ---- acting ------------------------------------------------------------------------------
+
+    def _actor_output(self, obs: Tensor) -> Tensor:
+        """[agents, batch, action_size] from observations [agents, batch, obs_size]."""
+        if self.config.share_actor:
+            return self.actor[0](torch.cat([obs, agent_ids(self.num_agents, obs.shape[1], obs.device)], dim=-1))
+        return torch.stack([net(obs[i]) for i, net in enumerate(self.actor)])
+
+    def _log_std(self) -> Tensor | None:
+        """[agents, action_size], or None for discrete actions."""
+        if not len(self.log_std):
+            return None
+        return torch.stack(list(self.log_std)).expand(self.num_agents, -1)
+
+    def _distribution(self, obs: Tensor):
+        return self.head.distribution(self._actor_output(obs), self._log_std())
+
+    def _values(self, state: Tensor) -> Tensor:
+        """Normalized values [batch, agents] of global states [batch, state_size]."""
+        batch = state.shape[0]
+        ids = torch.eye(self.num_agents, device=state.device).expand(batch, -1, -1)
+        inputs = torch.cat([state[:, None, :].expand(-1, self.num_agents, -1), ids], dim=-1)
+        return self.critic(inputs).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Actions for observations [copies, agents, obs_size]."""
+        dist = self._distribution(torch.as_tensor(obs, device=self.device).transpose(0, 1))
+        if deterministic:
+            action = dist.probs.argmax(-1) if self.head.discrete else dist.mean
+        else:
+            action = dist.sample()
+        return action.transpose(0, 1).cpu().numpy()
+
+    # ---- one iteration: rollout, then update -----------------------------------------------------
+
+    def iteration(self) -> dict[str, float]:
+        with self.clock.phase("environment"):
+            batch, episodes = self._collect()
+        metrics = self._update(batch)
+        metrics["episodes"] = len(episodes)
+        if episodes:
+            metrics["episode_return"] = float(np.mean([e["return"] for e in episodes]))
+            metrics["episode_length"] = float(np.mean([e["length"] for e in episodes]))
+        self.updates += 1
+        return metrics
+
+    def _collect(self):
+        c, pool, device = self.config, self.pool, self.device
+        obs_list, state_list, action_list, logp_list, reward_list, done_list, alive_list = [], [], [], [], [], [], []
+        episodes = []
+        obs, state, alive = pool.obs.copy(), pool.state.copy(), pool.alive.copy()
+        truncation_bonus = np.zeros((c.rollout, pool.copies, self.num_agents), dtype=np.float32)
+        truncated_states = []
+        for t in range(c.rollout):
+            with torch.no_grad():
+                obs_t = torch.as_tensor(obs, device=device).transpose(0, 1)
+                dist = self._distribution(obs_t)
+                action = dist.sample()
+                logp = self.head.log_prob(dist, action)
+            step = pool.step(action.transpose(0, 1).cpu().numpy())
+            obs_list.append(obs), state_list.append(state), alive_list.append(alive)
+            action_list.append(action.transpose(0, 1)), logp_list.append(logp.transpose(0, 1))
+            reward_list.append(step.reward), done_list.append(step.done)
+            for copy_index, final_state in step.truncated_state.items():
+                truncated_states.append((t, copy_index, final_state))
+            episodes += step.finished
+            obs, state, alive = step.obs, step.state, step.alive
+        self.env_steps += c.rollout * pool.copies
+        with torch.no_grad():
+            # A time limit is not a terminal state: its value is added to the last reward.
+            if truncated_states:
+                final = torch.as_tensor(np.stack([s for _, _, s in truncated_states]), device=device)
+                final_values = self.returns.denormalize(self._values(final)).cpu().numpy()
+                for (t, copy_index, _), value in zip(truncated_states, final_values):
+                    truncation_bonus[t, copy_index] = c.gamma * value
+            states = torch.as_tensor(np.stack(state_list + [state]), device=device)
+            values = self.returns.denormalize(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
+        as_tensor = lambda arrays: torch.as_tensor(np.stack(arrays), device=device)  # noqa: E731
+        rewards = as_tensor(reward_list) + torch.as_tensor(truncation_bonus, device=device)
+        dones, alive_mask = as_tensor(done_list), as_tensor(alive_list)
+        advantages = generalized_advantages(rewards, values, dones, c.gamma, c.gae_lambda)
+        targets = advantages + values[:-1]
+        batch = {
+            "obs": as_tensor(obs_list),  # [T, copies, agents, obs]
+            "state": states[:-1],
+            "actions": torch.stack(action_list),
+            "old_log_prob": torch.stack(logp_list),
+            "advantages": advantages,
+            "targets": targets,
+            "alive": alive_mask,
+        }
+        return {name: value.flatten(0, 1) for name, value in batch.items()}, episodes
+
+    def _update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        c = self.config
+        k = self.actor_optimizer.k  # the schedule switches k only between iterations
+        alive = batch["alive"]  # [samples, agents]
+        valid = alive.sum().clamp_min(1.0)
+        mean = (batch["advantages"] * alive).sum() / valid
+        std = (((batch["advantages"] - mean) * alive).square().sum() / valid).sqrt()
+        advantages = (batch["advantages"] - mean) / (std + 1e-8)
+        if c.normalize_returns:
+            self.returns.update(batch["targets"], alive)
+        targets = self.returns.normalize(batch["targets"]) if c.normalize_returns else batch["targets"]
+        samples = alive.shape[0]
+        clip_fractions: dict[int, list[float]] = {}
+        sums = {"actor_loss": 0.0, "entropy": 0.0, "value_loss": 0.0}
+        steps = 0
+        for _ in range(c.epochs):
+            order = torch.as_tensor(self.generator.permutation(samples), device=self.device)
+            for rows in order.chunk(c.minibatches):
+                obs = batch["obs"][rows].transpose(0, 1)  # [agents, rows, obs]
+                actions = batch["actions"][rows].transpose(0, 1)
+                old_log_prob = batch["old_log_prob"][rows].transpose(0, 1)
+                adv = advantages[rows].transpose(0, 1)
+                mask = alive[rows].transpose(0, 1)
+                entropy_seen = []
+
+                def closure(ctx, obs=obs, actions=actions, old_log_prob=old_log_prob, adv=adv, mask=mask):
+                    dist = self._distribution(obs)
+                    log_prob = self.head.log_prob(dist, actions)
+                    anticipated_log_prob = None
+                    if ctx.level > 1:
+                        with ctx.anticipated():
+                            anticipated_log_prob = self.head.log_prob(self._distribution(obs), actions)
+                    surrogate = joint_ratio_loss(
+                        log_prob, old_log_prob, adv, anticipated_log_prob, level=ctx.level, clip_eps=c.clip_eps,
+                        others=c.others, form=c.coupling, mask=mask,
+                    )
+                    entropy = (self.head.entropy(dist) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                    clip_fractions.setdefault(ctx.level, []).append(float(surrogate.clip_fraction.mean()))
+                    entropy_seen.append(entropy.detach())
+                    return surrogate.loss - c.entropy_coef * entropy
+
+                with self.clock.phase("actor"):
+                    actor_loss = self.actor_optimizer.step(closure)
+                if self.k_schedule is not None:
+                    self.k_schedule.step()
+                with self.clock.phase("critic"):
+                    values = self._values(batch["state"][rows])
+                    value_mask = alive[rows]
+                    value_loss = (nn.functional.huber_loss(values, targets[rows], reduction="none", delta=10.0) * value_mask).sum()
+                    value_loss = value_loss / value_mask.sum().clamp_min(1.0)
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    value_loss.backward()
+                    nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+                    self.critic_optimizer.step()
+                sums["actor_loss"] += actor_loss.detach().mean().item()
+                sums["entropy"] += float(entropy_seen[-1].mean())
+                sums["value_loss"] += value_loss.item()
+                steps += 1
+        metrics = {name: total / steps for name, total in sums.items()}
+        for level, fractions in clip_fractions.items():
+            metrics[f"clip_fraction_level{level}"] = float(np.mean(fractions))
+        metrics["k"] = k
+        return metrics
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(),
+            "log_std": self.log_std.state_dict(),
+            "critic": self.critic.state_dict(),
+            "returns": self.returns.state_dict(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "k_schedule": None if self.k_schedule is None else self.k_schedule.state_dict(),
+            "generator": self.generator.bit_generator.state,
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # load_state_dict copies in place, so the parameters stay views of the optimizer's arena.
+        self.actor.load_state_dict(state["actor"])
+        self.log_std.load_state_dict(state["log_std"])
+        self.critic.load_state_dict(state["critic"])
+        self.returns.load_state_dict(state["returns"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.k_schedule is not None:
+            self.k_schedule.load_state_dict(state["k_schedule"])
+        self.generator.bit_generator.state = state["generator"]
+        self.env_steps, self.updates = state["env_steps"], state["updates"]
+
+    def actor_level_seconds(self) -> list[float]:
+        """Seconds of the actor update per KPG level since construction (closure, backward, kernels)."""
+        seconds = self.actor_optimizer.stats.seconds
+        levels = max((len(v) for v in seconds.values()), default=0)
+        return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]

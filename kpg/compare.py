@@ -1,0 +1,160 @@
+"""``kpg compare``: the same training run for several k and seeds, then learning curves with
+confidence bands (PNG), a results table (Markdown and JSON) and the wall-clock split.
+
+Runs go to ``<out>/runs/``; they are started in ``workers`` processes (one torch thread each) and a
+finished run (its ``summary.json`` exists) is not run again, so an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shlex
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kpg.train import TrainConfig, train
+
+CURVE_POINTS = 50
+FINAL_FRACTION = 0.1  # the final return averages the recent return over the last 10 % of steps
+
+
+@dataclass
+class CompareConfig:
+    """k values x seeds of one training configuration, compared."""
+
+    ks: tuple[int, ...] = (1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    workers: int = 2  # runs in parallel, one process each
+    out: Path = Path("results/compare")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+
+
+def _run(config: TrainConfig) -> dict:
+    summary_path = config.run_dir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    return train(config)
+
+
+def _t_quantile_95(samples: int) -> float:
+    """Two-sided 95 % Student-t quantile for ``samples - 1`` degrees of freedom."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+    return table.get(samples - 1, 1.96)
+
+
+def mean_and_halfwidth(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and 95 % confidence half-width over ``axis`` (zero width for one sample)."""
+    n = values.shape[axis]
+    mean = values.mean(axis=axis)
+    if n < 2:
+        return mean, np.zeros_like(mean)
+    return mean, _t_quantile_95(n) * values.std(axis=axis, ddof=1) / math.sqrt(n)
+
+
+def _curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
+    steps, returns = [], []
+    with open(run_dir / "metrics.csv") as file:
+        for row in csv.DictReader(file):
+            if row["recent_return"]:
+                steps.append(float(row["env_steps"]))
+                returns.append(float(row["recent_return"]))
+    return np.interp(grid, steps, returns)
+
+
+def compare(config: CompareConfig) -> dict:
+    config.out.mkdir(parents=True, exist_ok=True)
+    runs = [
+        dataclasses.replace(config.train, k=k, seed=seed, logdir=config.out / "runs", name=None, resume=False, progress=False)
+        for k in config.ks for seed in config.seeds
+    ]
+    if config.workers > 1:
+        with ProcessPoolExecutor(max_workers=config.workers) as executor:
+            summaries = list(executor.map(_run, runs))
+    else:
+        summaries = [_run(run) for run in runs]
+    grid = np.linspace(config.train.steps / CURVE_POINTS, config.train.steps, CURVE_POINTS)
+    final_from = int(CURVE_POINTS * (1 - FINAL_FRACTION))
+    results = {"command": "kpg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else None,
+               "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)), "by_k": {}}
+    curves = {}
+    for k in config.ks:
+        mine = [(run, s) for run, s in zip(runs, summaries) if run.k == k]
+        curve = np.stack([_curve(run.run_dir, grid) for run, _ in mine])
+        curves[k] = curve
+        final, final_ci = mean_and_halfwidth(curve[:, final_from:].mean(axis=1))
+        evals = [s["eval_return"] for _, s in mine if s.get("eval_return") is not None]
+        wall, wall_ci = mean_and_halfwidth(np.array([s["wall_seconds"] for _, s in mine]))
+        split = {phase: float(np.mean([s["seconds"].get(phase, 0.0) for _, s in mine])) for phase in ("environment", "critic", "actor")}
+        levels = max(len(s["actor_level_seconds"]) for _, s in mine)
+        split_levels = [float(np.mean([s["actor_level_seconds"][l] if l < len(s["actor_level_seconds"]) else 0.0 for _, s in mine]))
+                        for l in range(levels)]
+        results["by_k"][k] = {
+            "seeds": [s["seed"] for _, s in mine], "final_return": float(final), "final_return_ci95": float(final_ci),
+            "final_return_per_seed": [float(v) for v in curve[:, final_from:].mean(axis=1)],
+            "eval_return": float(np.mean(evals)) if evals else None,
+            "wall_seconds": float(wall), "wall_seconds_ci95": float(wall_ci), "seconds": split,
+            "actor_level_seconds": split_levels,
+        }
+    base_k = min(config.ks)
+    for k, entry in results["by_k"].items():
+        entry["wall_overhead_vs_k%d" % base_k] = entry["wall_seconds"] / results["by_k"][base_k]["wall_seconds"] - 1.0
+    (config.out / "results.json").write_text(json.dumps(results, indent=2))
+    (config.out / "results.md").write_text(_markdown(results, base_k))
+    _plot(config, grid, curves)
+    print((config.out / "results.md").read_text())
+    print(f"learning curves: {config.out / 'curves.png'}; runs (CSV, TensorBoard, checkpoints): {config.out / 'runs'}")
+    return results
+
+
+def _markdown(results: dict, base_k: int) -> str:
+    train_config = results["train"]
+    lines = [
+        f"# {train_config['algo']} on {train_config['env']} ({train_config['agents']} agents), "
+        f"{train_config['steps']} environment steps",
+        "",
+        f"Command: `{results['command']}`" if results["command"] else "",
+        "",
+        f"| k | seeds | final return (95% CI) | greedy eval return | wall-clock s | overhead vs k={base_k} | "
+        "environment s | critic s | actor s | actor s per level |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, e in results["by_k"].items():
+        levels = " / ".join(f"{s:.1f}" for s in e["actor_level_seconds"])
+        evaluation = "-" if e["eval_return"] is None else f"{e['eval_return']:.2f}"
+        lines.append(
+            f"| {k} | {len(e['seeds'])} | {e['final_return']:.2f} ± {e['final_return_ci95']:.2f} | {evaluation} | "
+            f"{e['wall_seconds']:.0f} ± {e['wall_seconds_ci95']:.0f} | {100 * e[f'wall_overhead_vs_k{base_k}']:+.0f}% | "
+            f"{e['seconds']['environment']:.0f} | {e['seconds']['critic']:.0f} | {e['seconds']['actor']:.0f} | {levels} |"
+        )
+    lines += ["", "Final return: the mean episode return of the last 20 episodes, averaged over the last 10 % of the "
+              "run, then over seeds. Wall-clock per run; runs shared the machine's cores."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for k, curve in curves.items():
+        mean, halfwidth = mean_and_halfwidth(curve)
+        axes.plot(grid, mean, label=f"k={k}" + (" (plain)" if k == 1 else ""))
+        axes.fill_between(grid, mean - halfwidth, mean + halfwidth, alpha=0.25)
+    t = config.train
+    axes.set_title(f"{t.algo} on {t.env} ({t.agents} agents), {len(config.seeds)} seeds, 95% CI")
+    axes.set_xlabel("environment steps")
+    axes.set_ylabel("episode return (last 20 episodes)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(config.out / "curves.png", dpi=120)
+    plt.close(figure)

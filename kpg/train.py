@@ -1,0 +1,250 @@
+"""``kpg train``: one training run of a trainer on an environment, with a progress bar, CSV and
+TensorBoard logs, atomic checksummed checkpoints, ``--resume``, evaluation and a final summary.
+
+A run writes into ``<logdir>/<name>/``: ``config.json``, ``metrics.csv`` (one row per update),
+TensorBoard events, ``checkpoint.pt`` (every ``checkpoint_every`` updates and at the end or on
+Ctrl-C) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from kpg.algos import ALGORITHMS, MAPPOConfig
+from kpg.envs import EnvPool, make_env_factory
+
+CHECKPOINT_FORMAT = "kpg-checkpoint-1"
+RECENT_EPISODES = 20
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Flags override the config file (``--config``), which overrides these defaults."""
+
+    algo: Literal["mappo"] = "mappo"
+    env: str = "simple_spread"  # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, module:callable
+    agents: int | None = 3  # number of agents, for environments that take one (simple_spread)
+    env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
+    k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
+    k_until: int | None = None  # environment steps after which k drops to 1
+    seed: int = 0
+    steps: int = 100_000  # environment steps (summed over copies)
+    copies: int = 8  # environment copies stepped together
+    device: str = "cpu"
+    threads: int = 1  # torch CPU threads; 1 lets several runs share the cores
+    logdir: Path = Path("runs")
+    name: str | None = None  # run folder under logdir; default ALGO-ENV-kK-sSEED
+    checkpoint_every: int = 100  # updates between checkpoints (0: only at the end)
+    resume: bool = False  # continue from <logdir>/<name>/checkpoint.pt
+    eval_episodes: int = 10  # greedy-policy episodes at the end (0: none)
+    tensorboard: bool = True
+    progress: bool = True
+    mappo: MAPPOConfig = field(default_factory=MAPPOConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.algo}-{self.env.replace(':', '_')}-k{self.k}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.logdir / self.run_name
+
+    def env_factory(self):
+        options: dict[str, Any] = {key: _parse_scalar(value) for key, value in self.env_options.items()}
+        if self.agents is not None and self.env == "simple_spread":
+            options.setdefault("agents", self.agents)
+        return make_env_factory(self.env, **options)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Writes atomically (temporary file, fsync, rename) with a SHA-256 of the content, so a crash
+    mid-write leaves the previous checkpoint and a damaged file is detected on load."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        torch.save({"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "payload": data}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        wrapper = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or not a torch file at all
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is damaged or not a kpg checkpoint") from None
+    if not isinstance(wrapper, dict) or wrapper.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a kpg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    if hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper["sha256"]:
+        raise ValueError(f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over")
+    return torch.load(io.BytesIO(wrapper["payload"]), map_location="cpu", weights_only=False)
+
+
+def _rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.csv (fixed columns, empty where a metric is absent) and TensorBoard scalars."""
+
+    BASE = ("env_steps", "updates", "wall_seconds", "fps", "episode_return", "recent_return", "episode_length",
+            "seconds_environment", "seconds_critic", "seconds_actor")
+
+    def __init__(self, run_dir: Path, metric_names: tuple[str, ...], tensorboard: bool, append: bool):
+        self.columns = self.BASE + tuple(name for name in metric_names if name not in self.BASE)
+        path = run_dir / "metrics.csv"
+        exists = append and path.exists()
+        self._file = open(path, "a" if exists else "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+        if not exists:
+            self._writer.writeheader()
+        self._tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run_dir))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+        if self._tensorboard is not None:
+            for name, value in row.items():
+                if name != "env_steps" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(name, value, row["env_steps"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def build_trainer(config: TrainConfig):
+    torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    pool = EnvPool(config.env_factory(), config.copies, seed=config.seed)
+    trainer_class = ALGORITHMS[config.algo]
+    trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, config.device, config.seed)
+    return pool, trainer
+
+
+def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
+    """Mean return of ``episodes`` episodes with the greedy policy, on fresh environment copies."""
+    pool = EnvPool(config.env_factory(), min(episodes, config.copies), seed=10_000 + config.seed)
+    returns: list[float] = []
+    while len(returns) < episodes:
+        returns += [e["return"] for e in pool.step(trainer.act(pool.obs, deterministic=True)).finished]
+    pool.close()
+    return float(np.mean(returns[:episodes]))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) one training run; returns its summary."""
+    from tqdm import tqdm
+
+    run_dir = config.run_dir
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if config.resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; check --logdir and --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pool, trainer = build_trainer(config)
+    wall_before = 0.0
+    seconds = {"environment": 0.0, "critic": 0.0, "actor": 0.0}
+    recent: deque[float] = deque(maxlen=RECENT_EPISODES)
+    if config.resume:
+        state = load_checkpoint(checkpoint_path)
+        trainer.load_state_dict(state["trainer"])
+        pool.load_state_dict(state["pool"])
+        _set_rng_states(state["rng"])
+        wall_before, seconds, recent = state["wall_seconds"], state["seconds"], deque(state["recent"], maxlen=RECENT_EPISODES)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+    log = MetricsLog(run_dir, trainer.METRICS, config.tensorboard, append=config.resume)
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_path, {
+            "config": dataclasses.asdict(config), "trainer": trainer.state_dict(), "pool": pool.state_dict(),
+            "rng": _rng_states(), "wall_seconds": wall_before + time.perf_counter() - started, "seconds": seconds,
+            "recent": list(recent),
+        })
+
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not config.progress,
+               desc=config.run_name, dynamic_ncols=True)
+    interrupted = False
+    try:
+        while trainer.env_steps < config.steps:
+            steps_before = trainer.env_steps
+            metrics = trainer.iteration()
+            for phase, value in trainer.clock.take().items():
+                seconds[phase] = seconds.get(phase, 0.0) + value
+            if "episode_return" in metrics:
+                recent.append(metrics["episode_return"])
+            wall = wall_before + time.perf_counter() - started
+            row = {
+                **metrics, "env_steps": trainer.env_steps, "updates": trainer.updates, "wall_seconds": wall,
+                "fps": trainer.env_steps / max(wall, 1e-9),
+                "recent_return": float(np.mean(recent)) if recent else None,
+                **{f"seconds_{phase}": value for phase, value in seconds.items()},
+            }
+            log.write(row)
+            bar.update(min(trainer.env_steps, config.steps) - min(steps_before, config.steps))
+            if recent:
+                bar.set_postfix(ret=f"{np.mean(recent):.2f}", fps=f"{row['fps']:.0f}", k=trainer.actor_optimizer.k)
+            if config.checkpoint_every and trainer.updates % config.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        checkpoint()
+        log.close()
+        pool.close()
+    summary = {
+        "run": config.run_name, "algo": config.algo, "env": config.env, "agents": trainer.num_agents, "k": config.k,
+        "seed": config.seed, "env_steps": trainer.env_steps, "updates": trainer.updates,
+        "wall_seconds": wall_before + time.perf_counter() - started, "seconds": seconds,
+        "actor_level_seconds": trainer.actor_level_seconds(),
+        "recent_return": float(np.mean(recent)) if recent else None, "interrupted": interrupted,
+    }
+    if config.eval_episodes and not interrupted:
+        summary["eval_return"] = evaluate(trainer, config, config.eval_episodes)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary

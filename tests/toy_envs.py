@@ -1,0 +1,64 @@
+"""Tiny deterministic PettingZoo Parallel environments for the trainer tests: agents of different
+observation and action sizes, one that finishes early, a time limit."""
+
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+
+class UnevenAgents(ParallelEnv):
+    """Agent ``short`` (3 observations, 2 actions) is terminated after ``short_steps`` steps;
+    ``long`` (5 observations, 4 actions) runs until the time limit ``max_steps`` (truncated).
+    The reward of each agent is 1 when its action equals the step count modulo its action count;
+    observations encode the step count, so the task is learnable."""
+
+    metadata = {"name": "uneven_agents_v0"}
+
+    def __init__(self, short_steps: int = 2, max_steps: int = 4, continuous: bool = False):
+        self.possible_agents = ["short", "long"]
+        self.short_steps, self.max_steps, self.continuous = short_steps, max_steps, continuous
+        self._obs_sizes = {"short": 3, "long": 5}
+        self._action_sizes = {"short": 2, "long": 4}
+        self.agents: list[str] = []
+        self.t = 0
+
+    def observation_space(self, agent):
+        return spaces.Box(-10.0, 10.0, (self._obs_sizes[agent],), np.float32)
+
+    def action_space(self, agent):
+        if self.continuous:
+            return spaces.Box(-1.0, 1.0, (self._action_sizes[agent] // 2,), np.float32)
+        return spaces.Discrete(self._action_sizes[agent])
+
+    def _observe(self, agent):
+        obs = np.zeros(self._obs_sizes[agent], dtype=np.float32)
+        obs[self.t % self._obs_sizes[agent]] = 1.0
+        obs[-1] = self.t / self.max_steps
+        return obs
+
+    def state(self):
+        return np.concatenate([self._observe(a) for a in self.possible_agents])
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return {a: self._observe(a) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        rewards = {}
+        for agent, action in actions.items():
+            target = self.t % self._action_sizes[agent]
+            if self.continuous:
+                rewards[agent] = float(-np.abs(np.asarray(action) - target / self._action_sizes[agent]).sum())
+            else:
+                rewards[agent] = float(int(action) == target)
+        self.t += 1
+        terminations = {a: a == "short" and self.t >= self.short_steps for a in self.agents}
+        truncations = {a: self.t >= self.max_steps and not terminations[a] for a in self.agents}
+        observations = {a: self._observe(a) for a in self.agents}
+        self.agents = [a for a in self.agents if not (terminations[a] or truncations[a])]
+        return observations, rewards, terminations, truncations, {a: {} for a in observations}
+
+
+def uneven_agents(**options):
+    return UnevenAgents(**options)
