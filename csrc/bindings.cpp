@@ -98,6 +98,23 @@ py::tuple chunk_table(py::array_t<int64_t, py::array::c_style | py::array::force
   return py::make_tuple(chunks, agent_chunks);
 }
 
+py::tuple range_chunk_table(py::array_t<int64_t, py::array::c_style | py::array::forcecast> ranges,
+                            int64_t num_agents, int64_t chunk_elems) {
+  if (ranges.ndim() != 2 || ranges.shape(1) != kChunkColumns || num_agents < 0 || chunk_elems < 1) {
+    throw std::invalid_argument(
+        "range_chunk_table: ranges must be [num_ranges, 3] rows of agent, begin, end, num_agents >= 0 and "
+        "chunk_elems >= 1");
+  }
+  const int64_t num_ranges = ranges.shape(0);
+  check_element_ranges(ranges.data(), num_ranges, num_agents);
+  const int64_t num_chunks = count_range_chunks(ranges.data(), num_ranges, chunk_elems);
+  py::array_t<int64_t> chunks({num_chunks, static_cast<int64_t>(kChunkColumns)});
+  py::array_t<int64_t> agent_chunks(num_agents + 1);
+  fill_range_chunk_table(ranges.data(), num_ranges, num_agents, chunk_elems, chunks.mutable_data(),
+                         agent_chunks.mutable_data());
+  return py::make_tuple(chunks, agent_chunks);
+}
+
 py::array_t<int32_t> element_visits(py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets,
                                     int64_t chunk_elems, int threads, int vec) {
   const int64_t num_agents = offsets.shape(0) - 1;
@@ -132,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &set_num_threads, "num_threads"_a);
   m.def("get_num_threads", &get_num_threads);
   m.def("chunk_table", &chunk_table, "offsets"_a, "chunk_elems"_a);
+  m.def("range_chunk_table", &range_chunk_table, "ranges"_a, "num_agents"_a, "chunk_elems"_a);
   m.def("element_visits", &element_visits, "offsets"_a, "chunk_elems"_a, "threads"_a, "vec"_a);
 
   m.def(

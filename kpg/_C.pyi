@@ -22,6 +22,11 @@ def get_num_threads() -> int: ...
 def chunk_table(offsets: npt.ArrayLike, chunk_elems: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(chunks [num_chunks, 3] rows of agent, begin, end; agent_chunks [num_agents + 1])."""
 
+def range_chunk_table(
+    ranges: npt.ArrayLike, num_agents: int, chunk_elems: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Like ``chunk_table``, from rows (agent, begin, end) in any order; the rows come grouped by agent."""
+
 def element_visits(offsets: npt.ArrayLike, chunk_elems: int, threads: int, vec: int) -> npt.NDArray[np.int32]: ...
 def sgd_update(
     device: int,

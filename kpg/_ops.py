@@ -90,6 +90,29 @@ def chunk_table(
     return torch.from_numpy(chunks).to(device), torch.from_numpy(agent_chunks).to(device)
 
 
+def range_chunk_table(
+    ranges: Sequence[Sequence[int]] | np.ndarray | Tensor,
+    num_agents: int,
+    device: torch.device | str = "cpu",
+    chunk_elems: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`chunk_table` for arenas whose agents own several separate element ranges.
+
+    ``ranges`` holds rows (agent, begin, end) in any order, no two sharing an element (an
+    agent-batched arena has one row per agent and parameter). The returned ``chunks`` are grouped by
+    agent, each agent's rows in the order of its ranges, and ``agent_chunks`` says which rows each
+    agent owns, as :func:`chunk_table` returns them.
+    """
+    device = torch.device(device)
+    if chunk_elems is None:
+        chunk_elems = _C.CUDA_CHUNK_ELEMS if device.type == "cuda" else _C.CPU_CHUNK_ELEMS
+    ranges_np = np.asarray(ranges.cpu() if isinstance(ranges, Tensor) else ranges, dtype=np.int64)
+    if ranges_np.size == 0:
+        ranges_np = ranges_np.reshape(0, 3)
+    chunks, agent_chunks = _C.range_chunk_table(ranges_np, num_agents, chunk_elems)
+    return torch.from_numpy(chunks).to(device), torch.from_numpy(agent_chunks).to(device)
+
+
 def _device_and_stream(tensor: Tensor) -> tuple[int, int]:
     if tensor.device.type == "cpu":
         threads = torch.get_num_threads()

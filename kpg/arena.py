@@ -1,6 +1,12 @@
-"""The parameter arena: every agent's trainable tensors in one flat buffer, agent by agent.
+"""The parameter arena: every agent's trainable tensors in one flat buffer.
 
-Agent ``a`` owns the contiguous segment ``offsets[a]:offsets[a+1]`` (agents may differ in size).
+Two layouts. Agent by agent (``ParameterArena(agents)``): agent ``a`` owns the contiguous segment
+``offsets[a]:offsets[a+1]`` (agents may differ in size). Parameter by parameter
+(``ParameterArena.batched(parameters)``, for agent-batched models such as :mod:`kpg.nn`'s): every
+parameter carries a leading agent dimension and stays one tensor, a view of the arena (``W`` for all
+agents, then ``b`` for all agents), so agent ``a`` owns one range per parameter (``W[a]``, ``b[a]``).
+The chunk table maps element ranges to agents, so the kernels run on either layout unchanged.
+
 The user's ``nn.Parameter`` objects become views into the arena, and their ``.grad`` views into a
 gradient buffer of the same layout, so models keep working unchanged while the fused kernels see
 a few flat buffers. Optimizer state and the anticipated (level) parameters use the same layout.
@@ -14,7 +20,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from kpg._ops import SUPPORTED_DTYPES, chunk_table
+from kpg._ops import SUPPORTED_DTYPES, chunk_table, range_chunk_table
 
 
 class ParameterArena:
@@ -24,39 +30,73 @@ class ParameterArena:
     ``nn.Parameter``). All tensors must share one dtype (float32 or float64) and one device, and no
     tensor may belong to two agents. After construction ``p.data`` is a view of :attr:`param` and
     ``p.grad`` a view of :attr:`grad` for every parameter ``p``; existing values and gradients are
-    copied in.
+    copied in. :meth:`batched` builds the parameter-by-parameter layout of agent-batched models.
+
+    ``agent_pieces[a]`` lists agent ``a``'s share of the parameters as (index into
+    :attr:`parameters`, index along the agent dimension or None for the whole tensor), and
+    ``agent_tensors[a]`` the matching tensors: the parameters themselves, or their agent slices
+    (views of :attr:`param`).
     """
 
     def __init__(self, agents: Sequence[Sequence[Tensor]]):
         agents = [list(agent) for agent in agents]
-        self.parameters = _validated_parameters(agents)
-        first = self.parameters[0]
-        self.dtype, self.device = first.dtype, first.device
-        self.num_agents = len(agents)
+        parameters = _validated_parameters(agents)
         sizes = [sum(p.numel() for p in agent) for agent in agents]
-        self.offsets = list(accumulate(sizes, initial=0))
-        self.numel = self.offsets[-1]
+        self.offsets: list[int] | None = list(accumulate(sizes, initial=0))
+        first_index = list(accumulate((len(agent) for agent in agents), initial=0))
+        pieces = [[(first_index[a] + j, None) for j in range(len(agent))] for a, agent in enumerate(agents)]
+        self._place(parameters, pieces)
+        self.agent_tensors = [[parameters[index] for index, _ in agent] for agent in pieces]
+        self.chunks, self.agent_chunks = chunk_table(self.offsets, self.device)
+
+    @classmethod
+    def batched(cls, parameters: Sequence[Tensor]) -> ParameterArena:
+        """The arena of agent-batched parameters: dim 0 of every tensor indexes the same agents, and
+        agent ``a``'s parameters are the slices ``p[a]``. Each parameter stays one tensor (a view of
+        :attr:`param`); nothing is copied per agent."""
+        parameters = list(parameters)
+        num_agents = batched_num_agents(parameters)
+        arena = cls.__new__(cls)
+        arena.offsets = None
+        arena._place(parameters, [[(index, agent) for index in range(len(parameters))] for agent in range(num_agents)])
+        arena.agent_tensors = arena.agent_views(arena.param)
+        ranges = []
+        for view in arena.param_views:
+            per_agent = view.numel() // num_agents
+            begin = view.storage_offset()
+            ranges.extend((agent, begin + agent * per_agent, begin + (agent + 1) * per_agent) for agent in range(num_agents))
+        arena.chunks, arena.agent_chunks = range_chunk_table(ranges, num_agents, arena.device)
+        return arena
+
+    @property
+    def is_batched(self) -> bool:
+        return self.offsets is None
+
+    def _place(self, parameters: list[Tensor], pieces: list[list[tuple[int, int | None]]]) -> None:
+        """Allocates the buffers, copies ``parameters`` in (in order) and rebinds them to views."""
+        first = parameters[0]
+        self.parameters = parameters
+        self.dtype, self.device = first.dtype, first.device
+        self.num_agents = len(pieces)
+        self.agent_pieces = pieces
+        self.numel = sum(p.numel() for p in parameters)
         self.param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.param_views: list[Tensor] = []
         self.grad_views: list[Tensor] = []
-        self.agent_of_parameter: list[int] = []
         offset = 0
         with torch.no_grad():
-            for agent, params in enumerate(agents):
-                for p in params:
-                    param_view = self.param[offset : offset + p.numel()].view(p.shape)
-                    grad_view = self.grad[offset : offset + p.numel()].view(p.shape)
-                    param_view.copy_(p)
-                    if p.grad is not None:
-                        grad_view.copy_(p.grad)
-                    p.data = param_view
-                    p.grad = grad_view
-                    self.param_views.append(param_view)
-                    self.grad_views.append(grad_view)
-                    self.agent_of_parameter.append(agent)
-                    offset += p.numel()
-        self.chunks, self.agent_chunks = chunk_table(self.offsets, self.device)
+            for p in parameters:
+                param_view = self.param[offset : offset + p.numel()].view(p.shape)
+                grad_view = self.grad[offset : offset + p.numel()].view(p.shape)
+                param_view.copy_(p)
+                if p.grad is not None:
+                    grad_view.copy_(p.grad)
+                p.data = param_view
+                p.grad = grad_view
+                self.param_views.append(param_view)
+                self.grad_views.append(grad_view)
+                offset += p.numel()
 
     def new_buffer(self) -> Tensor:
         """A zero buffer with the arena's layout (optimizer state, anticipated parameters)."""
@@ -66,8 +106,19 @@ class ParameterArena:
         """Per-parameter views of ``buffer``, shaped like the parameters, in arena order."""
         return [buffer[v.storage_offset() : v.storage_offset() + v.numel()].view(v.shape) for v in self.param_views]
 
+    def agent_views(self, buffer: Tensor) -> list[list[Tensor]]:
+        """For every agent, views of ``buffer`` shaped like its ``agent_tensors``."""
+        views = self.views(buffer)
+        return [[views[index] if agent is None else views[index][agent] for index, agent in pieces]
+                for pieces in self.agent_pieces]
+
     def segment(self, buffer: Tensor, agent: int) -> Tensor:
-        """Agent ``agent``'s flat segment of ``buffer``."""
+        """Agent ``agent``'s flat segment of ``buffer`` (agent-by-agent layout only)."""
+        if self.offsets is None:
+            raise ValueError(
+                "an arena of agent-batched parameters has no per-agent segment: each agent owns one slice of every "
+                "parameter; use agent_views(buffer)[agent]"
+            )
         return buffer[self.offsets[agent] : self.offsets[agent + 1]]
 
     def restore_gradient_views(self) -> None:
@@ -82,9 +133,10 @@ class ParameterArena:
                 p.grad = grad_view
 
     def __repr__(self) -> str:
+        layout = "agent-batched tensors" if self.is_batched else "tensors"
         return (
             f"ParameterArena({self.num_agents} agents, {self.numel} {str(self.dtype).removeprefix('torch.')} "
-            f"elements on {self.device}, {len(self.parameters)} tensors)"
+            f"elements on {self.device}, {len(self.parameters)} {layout})"
         )
 
 
@@ -117,3 +169,36 @@ def _validated_parameters(agents: list[list[Tensor]]) -> list[Tensor]:
                     "each tensor must belong to exactly one agent: for parameter sharing pass the shared model once"
                 )
     return parameters
+
+
+def batched_num_agents(parameters: Sequence[Tensor]) -> int:
+    """The number of agents of agent-batched ``parameters`` (the common size of dim 0), after checking
+    them as :meth:`ParameterArena.batched` needs; raises ValueError or TypeError naming the problem."""
+    parameters = list(parameters)
+    if not parameters:
+        raise ValueError("ParameterArena.batched got no parameters; pass the agent-batched model's parameters")
+    first = parameters[0]
+    for index, p in enumerate(parameters):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"batched parameter {index} is a {type(p).__name__}, not a tensor")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"batched parameter {index} has dtype {p.dtype}; kpg supports float32 and float64 parameters: "
+                "convert the model with .float() or .double()"
+            )
+        if p.dtype != first.dtype or p.device != first.device:
+            raise ValueError(
+                f"batched parameter {index} is {p.dtype} on {p.device} but parameter 0 is {first.dtype} on "
+                f"{first.device}; move the model to one device and dtype"
+            )
+        if p.dim() == 0 or p.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"batched parameter {index} has shape {tuple(p.shape)} and parameter 0 {tuple(first.shape)}; every "
+                "parameter of an agent-batched model needs the same leading agent dimension"
+            )
+        if sum(q is p for q in parameters) > 1:
+            raise ValueError(f"batched parameter {index} of shape {tuple(p.shape)} is listed twice; list each tensor once")
+    if first.shape[0] < 1:
+        raise ValueError(f"the batched parameters have an agent dimension of size 0 (shape {tuple(first.shape)}); "
+                         "an agent-batched model needs at least one agent")
+    return first.shape[0]

@@ -11,6 +11,7 @@ arithmetic: the updates are the ops of :mod:`kpg._ops` over a :class:`kpg.arena.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import time
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from kpg import _ops as ops
-from kpg.arena import ParameterArena
+from kpg.arena import ParameterArena, batched_num_agents
+from kpg.nn import AgentModule
 
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
 
@@ -99,7 +101,9 @@ class KPGContext:
 
     Code inside ``with ctx.anticipated():`` runs with every agent's parameters at their level
     l-1 values and gradients off; code outside sees the base parameters with gradients on. At
-    level 1 the anticipated parameters are the base parameters.
+    level 1 the anticipated parameters are the base parameters. For an agent-batched model
+    (:mod:`kpg.nn`) both are batched: one forward inside ``anticipated()`` evaluates every agent at
+    level l-1, one outside every agent at its base parameters.
     """
 
     def __init__(self, optimizer: KPGOptimizer, level: int):
@@ -107,6 +111,7 @@ class KPGContext:
         self.level = level
         self.k = optimizer.k
         self.num_agents = optimizer.num_agents
+        self._at_base_calls = 0
 
     @contextlib.contextmanager
     def anticipated(self):
@@ -116,12 +121,63 @@ class KPGContext:
         with torch.no_grad(), opt._range("anticipated_forward", self.level):
             if swap:
                 opt._bind_parameters(opt._anticipated_views)
+            opt._inside_anticipated = True
             try:
                 yield self
             finally:
+                opt._inside_anticipated = False
                 if swap:
                     opt._bind_parameters(opt.arena.param_views)
                 opt.stats.add("anticipated_forward", self.level, time.perf_counter() - started)
+
+    def at_base(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` at the base parameters, computed once per step and reused at every level.
+
+        The base parameters do not change between the levels of a step, so the agents' own outputs
+        (the own-policy forward) are the same at every level; only the anticipated part changes.
+        The first level evaluates ``fn()`` with gradients on; later levels get the same result,
+        autograd graph included (kpg keeps the graph until the last level's backward). Calls are
+        matched by their order within the closure: call ``at_base`` in the same order at every level.
+        """
+        opt = self._optimizer
+        if opt._inside_anticipated:
+            raise RuntimeError(
+                "ctx.at_base was called inside ctx.anticipated(); it computes the agents' own outputs at the base "
+                "parameters: call it outside the anticipated block"
+            )
+        call = self._at_base_calls
+        self._at_base_calls += 1
+        code = getattr(fn, "__code__", None)
+        if call < len(opt._at_base_outputs):
+            cached_code, value = opt._at_base_outputs[call]
+            if cached_code is not code:
+                raise ValueError(
+                    f"call {call + 1} of ctx.at_base at level {self.level} runs other code than the call it reuses "
+                    "from an earlier level; call ctx.at_base with the same functions in the same order at every level"
+                )
+            return value
+        value = fn()
+        opt._at_base_outputs.append((code, value))
+        return value
+
+    def anticipated_parameters(self, module: nn.Module) -> dict[str, Tensor]:
+        """``module``'s parameters at level l-1 by name, for ``torch.func.functional_call``.
+
+        Holds every parameter of ``module`` that this optimizer steps, as a view of the anticipated
+        parameters without gradient (at level 1, of the base parameters): for an agent-batched
+        module, batched tensors, so ``functional_call(module, ctx.anticipated_parameters(module),
+        (obs,))`` evaluates every agent at level l-1 without touching the module.
+        """
+        opt = self._optimizer
+        views = opt._anticipated_views if self.level > 1 else opt.arena.param_views
+        index = opt._arena_index
+        named = {name: views[index[id(p)]] for name, p in module.named_parameters() if id(p) in index}
+        if not named:
+            raise ValueError(
+                f"ctx.anticipated_parameters got a {type(module).__name__} that holds none of the parameters this "
+                "optimizer steps; pass the agents' model (or one of its submodules)"
+            )
+        return named
 
 
 class KPGOptimizer(torch.optim.Optimizer):
@@ -130,7 +186,8 @@ class KPGOptimizer(torch.optim.Optimizer):
     Args:
         agents: one entry per agent, each an ``nn.Module`` or an iterable of parameters (agents may
             differ in shape); or a single ``nn.Module`` / iterable of parameters shared by all
-            agents (parameter sharing).
+            agents (parameter sharing); or one agent-batched model: a module built from
+            :mod:`kpg.nn` layers (detected), whose slice ``[a]`` of every parameter is agent ``a``.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``, with ``torch.optim``'s
             hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``, ``momentum``, ...).
@@ -144,6 +201,9 @@ class KPGOptimizer(torch.optim.Optimizer):
             ``torch.optim``).
         num_agents: with parameter sharing, the number of agents whose losses a closure returns
             (checked against the loss length when given).
+        agent_dim: ``0`` declares ``agents`` (a module or an iterable of parameters) agent-batched
+            without :mod:`kpg.nn` layers: dim 0 of every trainable parameter indexes the agents.
+            kpg.nn models are detected without it.
 
     ``step(closure)`` calls ``closure(ctx)`` once per level; see :class:`KPGContext`. A closure
     without parameters is also accepted, for objectives that cannot be split into own and
@@ -153,7 +213,10 @@ class KPGOptimizer(torch.optim.Optimizer):
     runs the backward pass itself, only into the agents' parameters.
 
     Parameters become views into one flat arena (and their ``.grad`` views into its gradient
-    buffer): keep using the same modules; do not replace their ``.data`` or ``.grad``.
+    buffer): keep using the same modules; do not replace their ``.data`` or ``.grad``. An
+    agent-batched model's parameters stay one tensor each, laid out parameter by parameter; its
+    parameter groups (one per agent) hold the agents' slices, views of the arena, and
+    ``state[slice]`` their optimizer state, in the layout of per-agent models.
     """
 
     def __init__(
@@ -165,13 +228,16 @@ class KPGOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | Sequence[float] | None = None,
         nonfinite: str = "raise",
         num_agents: int | None = None,
+        agent_dim: int | None = None,
         **hyperparameters: Any,
     ):
-        agent_params, self.shared = _agent_parameters(agents)
+        agent_params, self.shared, batched_params = _agent_parameters(agents, agent_dim)
+        segments = batched_num_agents(batched_params) if batched_params is not None else len(agent_params)
         if self.shared and num_agents is not None and (not isinstance(num_agents, int) or num_agents < 1):
             raise ValueError(f"num_agents must be a positive int, got {num_agents!r}")
-        if not self.shared and num_agents is not None and num_agents != len(agent_params):
-            raise ValueError(f"num_agents={num_agents} but {len(agent_params)} agents were given")
+        if not self.shared and num_agents is not None and num_agents != segments:
+            given = f"the agent-batched model has {segments} agents" if batched_params is not None else f"{segments} agents were given"
+            raise ValueError(f"num_agents={num_agents} but {given}")
         _check_k(k)
         if optimizer not in _OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_OPTIMIZERS)}")
@@ -184,13 +250,12 @@ class KPGOptimizer(torch.optim.Optimizer):
                 f"unknown hyperparameter(s) {', '.join(unknown)} for optimizer {optimizer!r}; "
                 f"it takes lr, max_grad_norm and {', '.join(defaults)}"
             )
-        segments = len(agent_params)
         lrs = _per_agent("lr", default_lr if lr is None else lr, segments, self.shared)
         max_norms = _per_agent("max_grad_norm", max_grad_norm, segments, self.shared)
         self.hyperparameters = {**defaults, **hyperparameters}
         _validate_hyperparameters(optimizer, lrs, max_norms, self.hyperparameters)
 
-        self.arena = ParameterArena(agent_params)
+        self.arena = ParameterArena.batched(batched_params) if batched_params is not None else ParameterArena(agent_params)
         self.k = k
         self.optimizer_name = optimizer
         self.nonfinite = nonfinite
@@ -198,7 +263,10 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._family = family
         self._constructing = True
         super().__init__(
-            [{"params": params, "lr": lr_a, "max_grad_norm": norm_a} for params, lr_a, norm_a in zip(agent_params, lrs, max_norms)],
+            [
+                {"params": params, "lr": lr_a, "max_grad_norm": norm_a}
+                for params, lr_a, norm_a in zip(self.arena.agent_tensors, lrs, max_norms)
+            ],
             {"lr": lrs[0], "max_grad_norm": max_norms[0]},
         )
         self._constructing = False
@@ -218,8 +286,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
         self._anticipated = arena.new_buffer()
         self._anticipated_views = arena.views(self._anticipated)
-        self._agent_param_views = _per_agent_views(arena.param_views, arena.agent_of_parameter, segments)
-        self._agent_anticipated_views = _per_agent_views(self._anticipated_views, arena.agent_of_parameter, segments)
+        self._arena_index = {id(p): index for index, p in enumerate(arena.parameters)}
+        self._at_base_outputs: list[tuple[Any, Any]] = []
+        self._inside_anticipated = False
         self._expose_state()
         self.stats = KPGStats(skipped_agent_steps_tensor=torch.zeros((), dtype=torch.int64, device=device))
 
@@ -235,7 +304,10 @@ class KPGOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._constructing:
             raise RuntimeError("KPGOptimizer's agents are fixed at construction; build a new KPGOptimizer to add parameters")
-        super().add_param_group(param_group)
+        # The groups come complete from the arena, which has checked that no tensor belongs to two
+        # agents; torch.optim's own check compares each group with every earlier one, which is
+        # quadratic in the number of agents (seconds at a few thousand).
+        self.param_groups.append(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes every agent's gradient in place (one fill of the arena's gradient buffer).
@@ -339,6 +411,7 @@ class KPGOptimizer(torch.optim.Optimizer):
                 self._update(level, commit=level == self.k)
         finally:
             self._bind_parameters(self.arena.param_views)
+            self._at_base_outputs = []
         self.stats.steps += 1
         return loss.detach()
 
@@ -377,45 +450,74 @@ class KPGOptimizer(torch.optim.Optimizer):
         with self._timed("closure", level), torch.enable_grad():
             loss = closure(ctx)
         agent_losses = self._checked_loss(loss, level)
+        # ctx.at_base outputs are reused by the next level, so their graph must survive this backward.
+        keep_graph = bool(self._at_base_outputs) and level < self.k
         with self._timed("backward", level), torch.enable_grad():
-            torch.autograd.backward(loss.sum(), inputs=self.arena.parameters)
+            torch.autograd.backward(loss.sum(), inputs=self.arena.parameters, retain_graph=keep_graph)
         self._loss_nonfinite = ~torch.isfinite(agent_losses.detach())
         return loss
 
     def _brute_force_level(self, closure, level: int) -> Tensor:
-        params = self.arena.parameters
+        arena = self.arena
         if level == 1:
             with self._timed("closure", level), torch.enable_grad():
                 loss = closure()
             agent_losses = self._checked_loss(loss, level)
             with self._timed("backward", level), torch.enable_grad():
                 if loss.dim() == 0:
-                    torch.autograd.backward(loss, inputs=params)
+                    torch.autograd.backward(loss, inputs=arena.parameters)
                 else:
-                    for agent, agent_params in enumerate(self.param_groups):
-                        torch.autograd.backward(agent_losses[agent], inputs=agent_params["params"], retain_graph=True)
+                    for agent in range(arena.num_agents):
+                        self._add_agent_gradient(agent, agent_losses[agent], retain_graph=True)
             self._loss_nonfinite = ~torch.isfinite(agent_losses.detach())
             return loss
-        # Level >= 2: agent i at its base parameters, every other agent at level l-1.
+        # Level >= 2: agent i at its base parameters, every other agent at level l-1, in one
+        # "mixed" buffer that holds the anticipated parameters with agent i's share swapped in.
+        mixed = self._mixed_point
+        mixed.buffer.copy_(self._anticipated)
         flags = []
-        self._bind_parameters(self._anticipated_views)
+        self._bind_parameters(mixed.views)
         try:
-            for agent, group in enumerate(self.param_groups):
-                self._bind_parameters(self._agent_param_views[agent], group["params"])
+            for agent in range(arena.num_agents):
+                for slot, base in zip(mixed.agent_views[agent], mixed.base_agent_views[agent]):
+                    slot.copy_(base)
                 try:
                     with self._timed("closure", level), torch.enable_grad():
                         loss = closure()
                     self._checked_loss(loss, level)
                     with self._timed("backward", level), torch.enable_grad():
                         agent_loss = loss[agent] if loss.dim() == 1 else loss
-                        torch.autograd.backward(agent_loss, inputs=group["params"])
+                        self._add_agent_gradient(agent, agent_loss, retain_graph=False)
                     flags.append(~torch.isfinite(agent_loss.detach()).reshape(1))
                 finally:
-                    self._bind_parameters(self._agent_anticipated_views[agent], group["params"])
+                    for slot, anticipated in zip(mixed.agent_views[agent], mixed.anticipated_agent_views[agent]):
+                        slot.copy_(anticipated)
         finally:
-            self._bind_parameters(self.arena.param_views)
+            self._bind_parameters(arena.param_views)
         self._loss_nonfinite = torch.cat(flags)
         return loss
+
+    def _add_agent_gradient(self, agent: int, loss: Tensor, retain_graph: bool) -> None:
+        """Adds the gradient of ``loss`` with respect to agent ``agent``'s share of the parameters
+        (whole tensors, or its slices of batched ones) to that share of the arena's gradient."""
+        pieces = self.arena.agent_pieces[agent]
+        inputs = [self.arena.parameters[index] for index, _ in pieces]
+        grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+        for (_, slot), grad, target in zip(pieces, grads, self._agent_grad_views[agent]):
+            if grad is not None:
+                target += grad if slot is None else grad[slot]
+
+    @functools.cached_property
+    def _agent_grad_views(self) -> list[list[Tensor]]:
+        """Each agent's share of the gradient buffer; only closures without parameters need it."""
+        return self.arena.agent_views(self.arena.grad)
+
+    @functools.cached_property
+    def _mixed_point(self) -> _MixedPoint:
+        """The buffer and views of the mixed points a closure without parameters is evaluated at."""
+        buffer = self.arena.new_buffer()
+        return _MixedPoint(buffer, self.arena.views(buffer), self.arena.agent_views(buffer),
+                           self.arena.agent_views(self.arena.param), self.arena.agent_views(self._anticipated))
 
     def _checked_loss(self, loss: Any, level: int) -> Tensor:
         """The loss per optimizer agent (arena segment), after checking type and shape."""
@@ -509,16 +611,18 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._max_norm.copy_(torch.tensor([math.inf if m is None else m for m in max_norms], dtype=torch.float64))
             self._max_norm_values = max_norms
 
-    def _bind_parameters(self, views: Sequence[Tensor], params: Sequence[Tensor] | None = None) -> None:
-        for p, view in zip(self.arena.parameters if params is None else params, views):
+    def _bind_parameters(self, views: Sequence[Tensor]) -> None:
+        for p, view in zip(self.arena.parameters, views):
             p.data = view
 
     def _expose_state(self) -> None:
         """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
-        state, with ``step`` a view of the agent's step count."""
-        buffer_views = {name: self.arena.views(b) for name, b in self._state_buffers.items() if b is not None}
-        for index, (p, agent) in enumerate(zip(self.arena.parameters, self.arena.agent_of_parameter)):
-            self.state[p] = {"step": self._step[agent], **{name: views[index] for name, views in buffer_views.items()}}
+        state, with ``step`` a view of the agent's step count; for an agent-batched model ``p`` is an
+        agent's slice of a parameter (the tensors of the parameter groups)."""
+        buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
+        for agent, tensors in enumerate(self.arena.agent_tensors):
+            for index, p in enumerate(tensors):
+                self.state[p] = {"step": self._step[agent], **{name: views[agent][index] for name, views in buffer_views.items()}}
 
     def _range(self, phase: str, level: int):
         if torch.autograd.profiler._is_profiler_enabled:
@@ -535,12 +639,28 @@ class KPGOptimizer(torch.optim.Optimizer):
                 self.stats.add(phase, level, time.perf_counter() - started)
 
     def __repr__(self) -> str:
-        sharing = "one network shared by all agents" if self.shared else f"{self.num_agents} agents"
+        if self.shared:
+            sharing = "one network shared by all agents"
+        elif self.arena.is_batched:
+            sharing = f"{self.num_agents} agents in one agent-batched model"
+        else:
+            sharing = f"{self.num_agents} agents"
         return (
             f"KPGOptimizer(k={self.k}, optimizer={self.optimizer_name!r}, {sharing}, "
             f"{self.arena.numel} {str(self.arena.dtype).removeprefix('torch.')} parameters on {self.arena.device}, "
             f"nonfinite={self.nonfinite!r})"
         )
+
+
+@dataclass
+class _MixedPoint:
+    """One agent at its base parameters, the others at level l-1, in a buffer laid out like the arena."""
+
+    buffer: Tensor
+    views: list[Tensor]  # per parameter, for binding
+    agent_views: list[list[Tensor]]  # each agent's share of buffer
+    base_agent_views: list[list[Tensor]]  # ... of the base parameters
+    anticipated_agent_views: list[list[Tensor]]  # ... of the anticipated parameters
 
 
 class KSchedule:
@@ -573,13 +693,6 @@ class KSchedule:
         self.optimizer.k = self.current_k()
 
 
-def _per_agent_views(views: Sequence[Tensor], owners: Sequence[int], num_agents: int) -> list[list[Tensor]]:
-    per_agent: list[list[Tensor]] = [[] for _ in range(num_agents)]
-    for view, owner in zip(views, owners):
-        per_agent[owner].append(view)
-    return per_agent
-
-
 def _check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1 (k=1 is the plain optimizer step, k=2 the practical default), got {k!r}")
@@ -594,18 +707,29 @@ def _closure_takes_context(closure: Callable) -> bool:
     return bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in parameters)
 
 
-def _agent_parameters(agents: Any) -> tuple[list[list[Tensor]], bool]:
-    """(parameters of each agent, shared): a module or a flat iterable of tensors is one network
-    shared by all agents; a sequence of modules or of iterables is one entry per agent."""
+def _agent_parameters(agents: Any, agent_dim: int | None) -> tuple[list[list[Tensor]] | None, bool, list[Tensor] | None]:
+    """(parameters of each agent, shared, agent-batched parameters): a module or a flat iterable of
+    tensors is one network shared by all agents, unless it is agent-batched (kpg.nn layers, or
+    ``agent_dim=0``); a sequence of modules or of iterables is one entry per agent."""
     if isinstance(agents, Tensor):
         raise TypeError("agents must be a sequence of modules or parameter iterables, or one module; got a single tensor: wrap it in a list")
+    if agent_dim is not None:
+        if isinstance(agent_dim, bool) or agent_dim != 0:
+            raise ValueError(
+                f"agent_dim={agent_dim!r} is not supported: kpg needs the agent dimension first (agent_dim=0) so that "
+                "each agent's slice of a parameter is contiguous; move it there with movedim"
+            )
+        params = agents.parameters() if isinstance(agents, nn.Module) else agents
+        return None, False, _trainable(params, "the agent-batched model")
     if isinstance(agents, nn.Module):
-        return [_trainable(agents.parameters(), "the shared model")], True
+        if _is_agent_batched(agents):
+            return None, False, _batched_trainable(agents)
+        return [_trainable(agents.parameters(), "the shared model")], True, None
     entries = list(agents)
     if not entries:
         raise ValueError("KPGOptimizer got no agents; pass one module (or parameter list) per agent")
     if all(isinstance(e, Tensor) for e in entries):
-        return [_trainable(entries, "the shared parameters")], True
+        return [_trainable(entries, "the shared parameters")], True, None
     per_agent = []
     for index, entry in enumerate(entries):
         if isinstance(entry, Tensor):
@@ -613,9 +737,34 @@ def _agent_parameters(agents: Any) -> tuple[list[list[Tensor]], bool]:
                 f"agents[{index}] is a tensor while other entries are modules or iterables; give every agent as a module "
                 "or a list of parameters"
             )
+        if isinstance(entry, nn.Module) and _is_agent_batched(entry):
+            raise TypeError(
+                f"agents[{index}] is an agent-batched model (kpg.nn) inside a list of agents; pass it alone, "
+                "KPGOptimizer(model), to step each of its agents' slices as one agent"
+            )
         params = entry.parameters() if isinstance(entry, nn.Module) else entry
         per_agent.append(_trainable(params, f"agent {index}"))
-    return per_agent, False
+    return per_agent, False, None
+
+
+def _is_agent_batched(module: nn.Module) -> bool:
+    return any(isinstance(m, AgentModule) for m in module.modules())
+
+
+def _batched_trainable(module: nn.Module) -> list[Tensor]:
+    """The trainable parameters of a model built from kpg.nn layers, each held by one of them."""
+    counts = sorted({m.num_agents for m in module.modules() if isinstance(m, AgentModule)})
+    if len(counts) > 1:
+        raise ValueError(f"the agent-batched model mixes layers of {counts} agents; every kpg.nn layer needs the same num_agents")
+    batched = {id(p) for m in module.modules() if isinstance(m, AgentModule) for p in m.parameters(recurse=False)}
+    for name, p in module.named_parameters():
+        if p.requires_grad and id(p) not in batched:
+            raise ValueError(
+                f"parameter {name!r} of shape {tuple(p.shape)} is outside the kpg.nn layers of this agent-batched model, "
+                "so it has no agent dimension; batch its layer with kpg.nn.stack, freeze it (requires_grad_(False)), "
+                "or pass agent_dim=0 if its dim 0 indexes the agents"
+            )
+    return _trainable(module.parameters(), "the agent-batched model")
 
 
 def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:

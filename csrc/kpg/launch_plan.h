@@ -1,7 +1,8 @@
 // Which elements of the arena each unit of work touches. The arena holds every agent's elements
-// agent by agent; a chunk is a contiguous range inside one agent. The CPU path hands whole chunks
-// to threads; a CUDA block takes one chunk and its threads split it as for_each_thread_element
-// says. All of it is plain host/device code so tests can drive the CUDA mapping on the CPU.
+// agent by agent, or parameter by parameter for agent-batched models; a chunk is a contiguous
+// range of one agent's elements. The CPU path hands whole chunks to threads; a CUDA block takes
+// one chunk and its threads split it as for_each_thread_element says. All of it is plain
+// host/device code so tests can drive the CUDA mapping on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +61,18 @@ inline void fill_chunk_table(const int64_t* offsets, int64_t num_agents, int64_t
   agent_chunks[num_agents] = row;
 }
 
+// Chunk tables over arbitrary element ranges: rows (agent, begin, end) in any order, as in an arena
+// of agent-batched parameters, where each weight holds every agent's slice and an agent's elements
+// are one range per weight. Each range is split into chunks of at most chunk_elems elements.
+inline int64_t count_range_chunks(const int64_t* ranges, int64_t num_ranges, int64_t chunk_elems) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < num_ranges; ++r) {
+    const int64_t* row = ranges + r * kChunkColumns;
+    count += (row[2] - row[1] + chunk_elems - 1) / chunk_elems;
+  }
+  return count;
+}
+
 // A chunk seen by vector loads of `vec` elements: a scalar head up to the first element index that
 // is a multiple of vec, whole vectors, then a scalar tail. Element index e is vector-aligned when
 // e % vec == 0 because every buffer's base address is (checked by the launcher).
@@ -110,6 +123,16 @@ namespace kpg {
 // are not a range of the table.
 void check_chunk_table(const char* op, const int64_t* chunks, int64_t num_chunks,
                        const int64_t* agent_chunks, int64_t num_agents, int64_t numel);
+
+// Throws std::invalid_argument naming the first bad row of `ranges` (rows agent, begin, end): an
+// agent outside [0, num_agents), a negative or reversed range, or two rows sharing elements.
+void check_element_ranges(const int64_t* ranges, int64_t num_ranges, int64_t num_agents);
+
+// Fills `chunks` (count_range_chunks rows) and `agent_chunks` (num_agents + 1 entries) from checked
+// ranges; the rows come grouped by agent, as agent_chunks needs, each agent's in the order of its
+// ranges.
+void fill_range_chunk_table(const int64_t* ranges, int64_t num_ranges, int64_t num_agents,
+                            int64_t chunk_elems, int64_t* chunks, int64_t* agent_chunks);
 
 void count_element_visits(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems,
                           int threads, int vec, int32_t* visits);
