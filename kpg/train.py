@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kpg.algos import ALGORITHMS, MAPPOConfig
+from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.envs import EnvPool, make_env_factory
 
 CHECKPOINT_FORMAT = "kpg-checkpoint-1"
@@ -35,7 +35,7 @@ RECENT_EPISODES = 20
 class TrainConfig:
     """One training run. Flags override the config file (``--config``), which overrides these defaults."""
 
-    algo: Literal["mappo"] = "mappo"
+    algo: Literal["mappo", "maddpg", "facmac"] = "mappo"
     env: str = "simple_spread"  # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, module:callable
     agents: int | None = 3  # number of agents, for environments that take one (simple_spread)
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
@@ -54,6 +54,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     mappo: MAPPOConfig = field(default_factory=MAPPOConfig)
+    maddpg: MADDPGConfig = field(default_factory=MADDPGConfig)
+    facmac: FACMACConfig = field(default_factory=FACMACConfig)
 
     @property
     def run_name(self) -> str:

@@ -1,4 +1,4 @@
-"""The trainers: K-MAPPO, and the registry ``kpg train --algo`` picks from.
+"""The trainers: K-MAPPO, K-MADDPG, K-FACMAC, and the registry ``kpg train --algo`` picks from.
 
 A trainer is built as ``Trainer(pool, config, k, k_until, device, seed)`` and offers
 ``iteration() -> metrics``, ``act(obs, deterministic)``, ``env_steps``, ``updates``, ``clock``
@@ -7,8 +7,10 @@ A trainer is built as ``Trainer(pool, config, k, k_until, device, seed)`` and of
 metrics ``iteration`` may report.
 """
 
+from kpg.algos.facmac import FACMACConfig, FACMACTrainer
+from kpg.algos.maddpg import MADDPGConfig, MADDPGTrainer
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 
-ALGORITHMS = {"mappo": MAPPOTrainer}
+ALGORITHMS = {"mappo": MAPPOTrainer, "maddpg": MADDPGTrainer, "facmac": FACMACTrainer}
 
-__all__ = ["ALGORITHMS", "MAPPOConfig", "MAPPOTrainer"]
+__all__ = ["ALGORITHMS", "FACMACConfig", "FACMACTrainer", "MADDPGConfig", "MADDPGTrainer", "MAPPOConfig", "MAPPOTrainer"]

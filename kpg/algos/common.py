@@ -141,3 +141,93 @@ def generalized_advantages(rewards: Tensor, values: Tensor, dones: Tensor, gamma
 def agent_ids(num_agents: int, batch: int, device: torch.device | str) -> Tensor:
     """[agents, batch, agents] one-hot agent ids, the input that tells a shared network who it is."""
     return torch.eye(num_agents, device=device)[:, None, :].expand(num_agents, batch, num_agents)
+
+
+def actor_level_seconds(optimizer) -> list[float]:
+    """Seconds of a :class:`kpg.KPGOptimizer`'s steps per KPG level since construction (closure,
+    backward, kernels; the anticipated forward is part of the closure)."""
+    seconds = optimizer.stats.seconds
+    levels = max((len(v) for v in seconds.values()), default=0)
+    return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]
+
+
+class EnsembleMLP(nn.Module):
+    """``members`` independent MLPs evaluated together, one batched matrix product per layer:
+    ``[members, batch, inputs] -> [members, batch, outputs]``. Per-agent critics (MADDPG) and
+    per-agent utilities (FACMAC) cost one network's kernel launches instead of one per agent.
+    Initialized as ``nn.Linear`` is (uniform within 1/sqrt(fan_in))."""
+
+    def __init__(self, members: int, inputs: int, hidden: Sequence[int], outputs: int, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if members < 1:
+            raise ValueError(f"an ensemble needs at least one member, got {members}")
+        sizes = [inputs, *hidden, outputs]
+        self.members = members
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = fan_in ** -0.5
+            self.weights.append(nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound)))
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[0] != self.members or x.shape[2] != self.weights[0].shape[1]:
+            raise ValueError(
+                f"EnsembleMLP expects [members={self.members}, batch, inputs={self.weights[0].shape[1]}], got {tuple(x.shape)}"
+            )
+        last = len(self.weights) - 1
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < last:
+                x = self.activation(x)
+        return x
+
+
+def clip_member_grad_norms_(ensemble: EnsembleMLP, max_norm: float) -> Tensor:
+    """``clip_grad_norm_`` applied to each member of an ensemble on its own, so that one agent's
+    large critic gradient does not shrink the others'. Returns the norms before clipping."""
+    grads = [p.grad for p in ensemble.parameters() if p.grad is not None]
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) * target + tau * source, parameter by parameter (target networks of
+    DDPG-style methods). The modules must have the same structure."""
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"the Polyak coefficient tau must be in (0, 1], got {tau}")
+    target_params, source_params = list(target.parameters()), list(source.parameters())
+    if len(target_params) != len(source_params):
+        raise ValueError(f"target has {len(target_params)} parameters, source {len(source_params)}; they must match")
+    for t, s in zip(target_params, source_params):
+        t.lerp_(s, tau)
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Standard Gumbel samples -log(-log U), drawn from ``generator``."""
+    uniform = torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - torch.finfo(dtype).eps)))
+
+
+def straight_through_gumbel_softmax(logits: Tensor, noise: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """Gumbel-softmax with the straight-through estimator (Jang et al., 2017): the forward value is
+    the one-hot of argmax(logits + noise), the gradient that of softmax((logits + noise) /
+    temperature). ``mask`` (broadcastable to ``logits``, 1 for actions the agent has) keeps padded
+    actions at probability zero. The noise is an argument so that a loss evaluated several times
+    (once per KPG level) sees the same sample."""
+    if temperature <= 0:
+        raise ValueError(f"the Gumbel-softmax temperature must be > 0, got {temperature}")
+    perturbed = (logits + noise) / temperature
+    if mask is not None:
+        perturbed = perturbed.masked_fill(mask == 0, torch.finfo(perturbed.dtype).min)
+    soft = torch.softmax(perturbed, dim=-1)
+    hard = nn.functional.one_hot(perturbed.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
