@@ -6,8 +6,12 @@ steps copies of one. Agents may differ in observation and action size (observati
 zero-padded to the largest; discrete action sets are padded and the extra actions masked;
 continuous actions are cut to each agent's size) and may finish early (``alive`` is 0 from the
 step after an agent's episode ended until its copy resets). A copy resets when its last agent is
-done; the step that ended it reports the episode in ``StepResult.finished`` and, for a time-limit
-end, the final global state so the value of the cut-off state can be bootstrapped.
+done; the step that ended it reports the episode in ``StepResult.finished``, and every step reports
+the observations and global state it led to before any reset (``next_obs``, ``next_state``), so that
+the value of a state cut off by a time limit can be bootstrapped.
+
+``magent2:TASK`` trains one team of a MAgent2 battle against an opponent policy
+(:class:`TeamControl`).
 """
 
 from __future__ import annotations
@@ -45,12 +49,90 @@ def _mamujoco(task: str, **options: Any) -> EnvFactory:
     return lambda: mamujoco_v1.parallel_env(scenario, conf, **options)
 
 
-def _magent2(task: str, **options: Any) -> EnvFactory:
+def _magent2(task: str, team: str | None = None, opponent: str = "random", **options: Any) -> EnvFactory:
+    opponent_policy = _opponent_policy(opponent)
     try:
         module = importlib.import_module(f"magent2.environments.{task}")
     except ImportError as error:
         raise ImportError(f"MAgent2 task {task!r} is unavailable ({error}); pip install magent2, tasks like battle_v4") from None
-    return lambda: module.parallel_env(**options)
+    return lambda: TeamControl(module.parallel_env(**options), team, opponent_policy)
+
+
+OpponentPolicy = Callable[[dict[str, np.ndarray], Any, np.random.Generator], dict[str, Any]]
+
+
+def random_opponent(observations: dict[str, np.ndarray], env: Any, rng: np.random.Generator) -> dict[str, Any]:
+    """Uniformly random actions (drawn from ``rng``, which TeamControl seeds from the episode seed)."""
+    action_counts = [env.action_space(name).n for name in observations]
+    return dict(zip(observations, rng.integers(action_counts).tolist()))
+
+
+OPPONENTS: dict[str, OpponentPolicy] = {"random": random_opponent}
+
+
+def _opponent_policy(name: str) -> OpponentPolicy:
+    if name in OPPONENTS:
+        return OPPONENTS[name]
+    module_name, separator, attribute = name.partition(":")
+    if not separator:
+        raise ValueError(
+            f"unknown opponent {name!r}; use {', '.join(OPPONENTS)} or module:callable, a function "
+            "(observations, env, rng) -> actions of the opponents"
+        )
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class TeamControl:
+    """One team of a multi-team PettingZoo Parallel environment as a Parallel environment of its own:
+    the trainer's agents are the team's (``possible_agents`` whose name before the last ``_`` starts
+    with ``team``; by default the first agent's team, ``red`` in MAgent2's battle), and the other
+    agents act by ``opponent(observations, env, rng)`` on their own observations. The episode ends
+    when the team's last agent is done (killed, or the environment's end); ``state()`` is the
+    wrapped environment's global state, both teams included.
+    """
+
+    def __init__(self, env: Any, team: str | None, opponent: OpponentPolicy):
+        self.env, self.opponent = env, opponent
+        names = list(env.possible_agents)
+        self.team = team if team is not None else names[0].rsplit("_", 1)[0]
+        self.possible_agents = [name for name in names if name.rsplit("_", 1)[0].startswith(self.team)]
+        if not self.possible_agents:
+            teams = sorted({name.rsplit("_", 1)[0] for name in names})
+            raise ValueError(f"no agent of team {self.team!r}; the environment's teams are {', '.join(teams)}")
+        self._controlled = set(self.possible_agents)
+        self.agents: list[str] = []
+        self._opponent_obs: dict[str, np.ndarray] = {}
+        self._rng = np.random.default_rng(0)
+
+    def observation_space(self, agent: str) -> Any:
+        return self.env.observation_space(agent)
+
+    def action_space(self, agent: str) -> Any:
+        return self.env.action_space(agent)
+
+    def state(self) -> np.ndarray:
+        return self.env.state()
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self._rng = np.random.default_rng(seed)
+        self._split(obs)
+        return {name: obs[name] for name in self.agents}, {name: infos.get(name, {}) for name in self.agents}
+
+    def step(self, actions: dict[str, Any]):
+        opponents = {name: self._opponent_obs[name] for name in self.env.agents if name not in self._controlled}
+        joint = {**(self.opponent(opponents, self.env, self._rng) if opponents else {}), **actions}
+        obs, rewards, terminations, truncations, infos = self.env.step(joint)
+        self._split(obs)
+        ours = lambda values: {name: value for name, value in values.items() if name in self._controlled}  # noqa: E731
+        return ours(obs), ours(rewards), ours(terminations), ours(truncations), ours(infos)
+
+    def _split(self, obs: dict[str, np.ndarray]) -> None:
+        self.agents = [name for name in self.env.agents if name in self._controlled]
+        self._opponent_obs = {name: value for name, value in obs.items() if name not in self._controlled}
+
+    def close(self) -> None:
+        self.env.close()
 
 
 def _custom(target: str, **options: Any) -> EnvFactory:
@@ -67,7 +149,9 @@ def make_env_factory(name: str, **options: Any) -> EnvFactory:
 
     ``simple_spread`` (mpe2, options ``agents``, ``max_cycles``, ``continuous``), ``mpe2:SCENARIO``,
     ``mamujoco:SCENARIO-CONF`` (e.g. ``mamujoco:HalfCheetah-2x3``), ``magent2:TASK`` (e.g.
-    ``magent2:battle_v4``), or ``package.module:callable`` for any function returning a PettingZoo
+    ``magent2:battle_v4``; options ``team``, the team trained, default the first, and ``opponent``,
+    the other team's policy: ``random`` or ``module:callable``; the task's own such as ``map_size``
+    and ``max_cycles``), or ``package.module:callable`` for any function returning a PettingZoo
     ParallelEnv.
     """
     if name == "simple_spread":
@@ -124,7 +208,13 @@ class StepResult:
     done: np.ndarray  # [copies, agents]: the agent's episode ended at this step (terminated or truncated)
     terminated: np.ndarray  # [copies, agents]: ended by the task, not by a time limit
     alive: np.ndarray  # [copies, agents]: the agent acts at the next step
-    truncated_state: dict[int, np.ndarray] = field(default_factory=dict)  # copy -> final state of a time-limit end
+    # What this step led to, before a copy whose episode ended was reset (the final observations and
+    # state of that episode); equal to obs and state for copies that go on.
+    next_obs: np.ndarray  # [copies, agents, obs_size]: zero for agents without a next observation to act on
+    next_state: np.ndarray  # [copies, state_size]
+    # [copies, agents]: the agent has a next observation to act on: alive after the step, or cut off by
+    # a time limit at it (its value after the step counts); 0 for terminated and absent agents.
+    next_present: np.ndarray
     finished: list[dict[str, float]] = field(default_factory=list)  # {"return", "length"} per ended episode
 
 
@@ -185,41 +275,55 @@ class EnvPool:
         """``actions``: [copies, agents] action indices (discrete) or [copies, agents, action_size]."""
         spaces = self.spaces
         n = spaces.num_agents
+        expected = (self.copies, n) if spaces.discrete else (self.copies, n, spaces.action_size)
+        if np.shape(actions) != expected:
+            raise ValueError(f"EnvPool.step got actions of shape {np.shape(actions)}; expected {expected} "
+                             "(copies, agents" + (")" if spaces.discrete else ", action size)"))
         reward = np.zeros((self.copies, n), dtype=np.float32)
         done = np.zeros((self.copies, n), dtype=np.float32)
         terminated = np.zeros((self.copies, n), dtype=np.float32)
-        result = StepResult(self.obs, self.state, reward, done, terminated, self.alive)
+        next_obs = np.zeros_like(self.obs)
+        next_present = np.zeros_like(self.alive)
+        next_state = np.zeros_like(self.state)
+        finished = []
         for c, env in enumerate(self.envs):
             acting = list(env.agents)
             joint = {name: self._env_action(actions[c, self._index[name]], self._index[name]) for name in acting}
             obs, rewards, terms, truncs, _ = env.step(joint)
-            self.obs[c] = 0.0
-            self.alive[c] = 0.0
+            cut_off = set()
             for name in acting:
                 i = self._index[name]
                 reward[c, i] = rewards.get(name, 0.0)
                 term, trunc = bool(terms.get(name, False)), bool(truncs.get(name, False))
                 done[c, i] = float(term or trunc)
                 terminated[c, i] = float(term)
+                if trunc and not term:
+                    cut_off.add(name)  # a time limit ended it, not the task: its next observation still counts
+            going_on = set(env.agents)
+            self.obs[c] = 0.0
+            self.alive[c] = 0.0
             for name, value in obs.items():
+                if name not in going_on and name not in cut_off:
+                    continue
                 i = self._index[name]
-                if name in env.agents:
-                    self.obs[c, i, : spaces.obs_sizes[i]] = np.asarray(value, dtype=np.float32).reshape(-1)
+                next_obs[c, i, : spaces.obs_sizes[i]] = self._flat_observation(i, value)
+                next_present[c, i] = 1.0
+                if name in going_on:
+                    self.obs[c, i] = next_obs[c, i]
                     self.alive[c, i] = 1.0
+            next_state[c] = self._global_state(env, next_obs[c])
             if acting:
                 self._episode_return[c] += reward[c, [self._index[name] for name in acting]].mean()
             self._episode_length[c] += 1
-            if not env.agents:
-                if not any(terms.get(name, False) for name in acting):
-                    result.truncated_state[c] = self._global_state(env, c).copy()
-                result.finished.append({"return": float(self._episode_return[c]), "length": int(self._episode_length[c])})
+            if going_on:
+                self.state[c] = next_state[c]
+            else:
+                finished.append({"return": float(self._episode_return[c]), "length": int(self._episode_length[c])})
                 self._episode_return[c] = 0.0
                 self._episode_length[c] = 0
                 self._reset_copy(c)
-            else:
-                self.state[c] = self._global_state(env, c)
-        result.obs, result.state, result.alive = self.obs.copy(), self.state.copy(), self.alive.copy()
-        return result
+        return StepResult(self.obs.copy(), self.state.copy(), reward, done, terminated, self.alive.copy(), next_obs,
+                          next_state, next_present, finished)
 
     def _reset_copy(self, c: int, episode_seed: int | None = None) -> None:
         if episode_seed is None:
@@ -232,15 +336,28 @@ class EnvPool:
         self.alive[c] = 0.0
         for name, value in obs.items():
             i = self._index[name]
-            self.obs[c, i, : self.spaces.obs_sizes[i]] = np.asarray(value, dtype=np.float32).reshape(-1)
+            self.obs[c, i, : self.spaces.obs_sizes[i]] = self._flat_observation(i, value)
             self.alive[c, i] = 1.0
-        self.state[c] = self._global_state(env, c)
+        self.state[c] = self._global_state(env, self.obs[c])
 
-    def _global_state(self, env: Any, c: int) -> np.ndarray:
+    def _flat_observation(self, agent: int, value: Any) -> np.ndarray:
+        flat = np.asarray(value, dtype=np.float32).reshape(-1)
+        if flat.size != self.spaces.obs_sizes[agent]:
+            raise ValueError(
+                f"agent {self.spaces.names[agent]!r} got an observation of shape {np.shape(value)} ({flat.size} values) but its "
+                f"observation space has {self.spaces.obs_sizes[agent]}; fix the environment's observation or its "
+                "observation_space so they agree"
+            )
+        return flat
+
+    @staticmethod
+    def _global_state(env: Any, present_obs: np.ndarray) -> np.ndarray:
+        """``env.state()``, or for environments without one the padded observations [agents,
+        obs_size] of the agents that have one to act on."""
         try:
             return np.asarray(env.state(), dtype=np.float32).reshape(-1)
         except NotImplementedError:
-            return self.obs[c].reshape(-1)
+            return present_obs.reshape(-1)
 
     def _env_action(self, action: np.ndarray, agent: int) -> Any:
         if self.spaces.discrete:

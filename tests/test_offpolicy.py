@@ -21,7 +21,7 @@ from torch import nn
 from kpg.algos import FACMACConfig, FACMACTrainer, MADDPGConfig, MADDPGTrainer
 from kpg.algos.common import EnsembleMLP, gumbel_noise, polyak_update, straight_through_gumbel_softmax
 from kpg.algos.facmac import MonotonicMixer
-from kpg.algos.replay import ReplayBuffer, TransitionCollector
+from kpg.algos.replay import ReplayBuffer
 from kpg.envs import EnvPool, make_env_factory
 from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
@@ -137,41 +137,51 @@ def test_replay_buffer_wraps_samples_and_round_trips():
         ReplayBuffer(3, fields).sample(1, np.random.default_rng(0))
 
 
-def test_collector_keeps_final_observations_and_tells_truncation_from_termination():
+def test_pool_keeps_final_observations_and_tells_truncation_from_termination():
     pool = heterogeneous_pool(copies=2)
-    collector = TransitionCollector(pool)
     zero = np.zeros((2, 3, 2), dtype=np.float32)
-    rows = []
-    for _ in range(6):
-        step, row = collector.step(zero)
-        rows.append(row)
+    steps = [pool.step(zero) for _ in range(6)]
     # Step 3: agent c's task ended it: no bootstrap, no next observation; it does not act afterwards.
-    assert rows[2]["terminated"][:, 2].tolist() == [1, 1] and rows[2]["next_present"][:, 2].tolist() == [0, 0]
-    assert rows[3]["alive"][:, 2].tolist() == [0, 0] and rows[3]["reward"][:, 2].tolist() == [0, 0]
+    assert steps[2].terminated[:, 2].tolist() == [1, 1] and steps[2].next_present[:, 2].tolist() == [0, 0]
+    assert steps[2].alive[:, 2].tolist() == [0, 0] and steps[3].reward[:, 2].tolist() == [0, 0]
     # Step 6: the time limit ended the episode; a and b bootstrap from the final state and observations.
-    last = rows[5]
-    assert last["terminated"].sum() == 0
-    assert last["next_present"].tolist() == [[1, 1, 0], [1, 1, 0]]
-    assert set(step.truncated_state) == {0, 1}
+    last = steps[5]
+    assert last.terminated.sum() == 0 and last.done[:, :2].all()
+    assert last.next_present.tolist() == [[1, 1, 0], [1, 1, 0]]
     for c in range(2):
-        assert np.array_equal(last["next_state"][c], step.truncated_state[c])
-        assert last["next_state"][c, -1] == 1.0 and step.state[c, -1] == 0.0  # final time, not the reset's
-        assert np.array_equal(last["next_obs"][c, 0, :2], last["next_state"][c, -2:])
-        assert np.array_equal(last["next_obs"][c, 1, :3], last["next_state"][c, -3:])
-        assert not last["next_obs"][c, 2].any()
+        assert last.next_state[c, -1] == 1.0 and last.state[c, -1] == 0.0  # final time, not the reset's
+        assert np.array_equal(last.next_obs[c, 0, :2], last.next_state[c, -2:])
+        assert np.array_equal(last.next_obs[c, 1, :3], last.next_state[c, -3:])
+        assert not last.next_obs[c, 2].any()
+    # Mid-episode, the next observations and state are the step's own.
+    assert np.array_equal(steps[1].next_obs, steps[1].obs) and np.array_equal(steps[1].next_state, steps[1].state)
     # Every agent ended by the task: nothing is present after the step.
     pool = heterogeneous_pool(copies=1, all_end=2)
-    collector = TransitionCollector(pool)
-    collector.step(zero[:1])
-    _, row = collector.step(zero[:1])
-    assert row["terminated"].tolist() == [[1, 1, 1]] and row["next_present"].sum() == 0
-    # Without env.state() the final global state is, as in EnvPool, the padded observations of those going on.
+    pool.step(zero[:1])
+    step = pool.step(zero[:1])
+    assert step.terminated.tolist() == [[1, 1, 1]] and step.next_present.sum() == 0
+    # Without env.state() the global state is the padded observations of the agents that go on or were cut off.
     pool = heterogeneous_pool(copies=1, has_state=False)
-    collector = TransitionCollector(pool)
     for _ in range(6):
-        step, row = collector.step(zero[:1])
-    assert np.array_equal(row["next_state"][0], row["next_obs"][0].reshape(-1))
-    assert row["next_obs"][0, 0, 1] == 1.0 and step.state[0, 1] == 0.0  # final time, not the reset's
+        step = pool.step(zero[:1])
+    assert np.array_equal(step.next_state[0], step.next_obs[0].reshape(-1))
+    assert step.next_obs[0, 0, 1] == 1.0 and step.state[0, 1] == 0.0  # final time, not the reset's
+
+
+@pytest.mark.parametrize("algo", ["maddpg", "facmac"])
+def test_replay_holds_the_final_observations_of_time_limited_episodes(algo):
+    trainer_class, _ = TRAINERS[algo]
+    # Six steps are one episode; learning_starts keeps the trainer collecting.
+    trainer = trainer_class(heterogeneous_pool(copies=2), small_config(algo, rollout=6, learning_starts=100), k=2,
+                            k_until=None, device="cpu", seed=0)
+    trainer.iteration()
+    rows = {name: value[:12].view(6, 2, *value.shape[1:]) for name, value in trainer.buffer.storage.items()}
+    assert len(trainer.buffer) == 12 and (rows["state"][0, :, -1] == 0).all()
+    last = {name: value[5] for name, value in rows.items()}  # the time-limited step, both copies
+    assert last["next_present"].tolist() == [[1, 1, 0], [1, 1, 0]] and last["terminated"].sum() == 0
+    assert (last["next_state"][:, -1] == 1.0).all()  # the final state, not the reset's
+    assert torch.equal(last["next_obs"][:, 1, :3], last["next_state"][:, -3:])
+    assert (rows["next_present"][2, :, 2] == 0).all() and (rows["alive"][3:, :, 2] == 0).all()  # c ended at step 3
 
 
 # ---- losses against hand computations ---------------------------------------------------------------
@@ -360,13 +370,19 @@ def brute_force_loss(trainer, agent, networks, batch, noise):
     return -trainer.critic["mixer"](utilities.T, batch["state"]).mean() + penalty
 
 
+def actor_networks(trainer):
+    """The networks the actor optimizer steps as torch.nn modules: the shared one, or one per agent
+    (copies of a batched network's agents)."""
+    return [trainer.actor[0]] if trainer.actor.layout == "shared" else trainer.actor.per_agent_networks()
+
+
 def adam_step_from_base(trainer, network_index, base_network, grads):
     """A copy of ``base_network`` stepped once by torch.optim.Adam from the trainer's base Adam
     state, after clipping the gradient by norm as KPGOptimizer does per agent."""
     stepped = copy.deepcopy(base_network)
     adam = torch.optim.Adam(stepped.parameters(), lr=trainer.config.actor_lr, foreach=False)
     kpg_state = trainer.actor_optimizer.state
-    for p, original, g in zip(stepped.parameters(), trainer.actor[network_index].parameters(), grads):
+    for p, original, g in zip(stepped.parameters(), trainer.actor_optimizer.param_groups[network_index]["params"], grads):
         saved = kpg_state[original]
         adam.state[p] = {"step": torch.tensor(float(saved["step"])), "exp_avg": saved["exp_avg"].clone(),
                          "exp_avg_sq": saved["exp_avg_sq"].clone()}
@@ -379,7 +395,7 @@ def adam_step_from_base(trainer, network_index, base_network, grads):
 def brute_force_actor_step(trainer, batch, noise, k):
     shared = trainer.config.share_actor
     n = trainer.num_agents
-    base = [copy.deepcopy(net) for net in trainer.actor]
+    base = [copy.deepcopy(net) for net in actor_networks(trainer)]
     network_of = (lambda j: 0) if shared else (lambda j: j)
     anticipated = base
     for level in range(1, k + 1):
@@ -406,6 +422,8 @@ def test_actor_step_matches_brute_force(float64, algo, env, shared, k):
     # The others' one-hot actions change between levels only where an argmax flips: a large step makes some flip.
     config = small_config(algo, share_actor=shared, max_grad_norm=0.05, actor_lr=0.3 if discrete else 1e-2)
     trainer = trainer_class(pool, config, k=k, k_until=None, device="cpu", seed=3)
+    # Equally sized agents without sharing get one kpg.nn batched network; the heterogeneous ones one network each.
+    assert trainer.actor.layout == ("shared" if shared else "batched" if env == "simple_spread" else "per_agent")
     trainer.iteration()  # a real update first, so the Adam state is not the initial one
     trainer.iteration()
     batch = trainer.buffer.sample(16, np.random.default_rng(5))
@@ -416,7 +434,7 @@ def test_actor_step_matches_brute_force(float64, algo, env, shared, k):
         gap = max((p - q).abs().max().item() for a, b in zip(expected, plain) for p, q in zip(a.parameters(), b.parameters()))
         assert gap > 1e-6
     trainer.actor_step(batch, noise)
-    for network, reference in zip(trainer.actor, expected):
+    for network, reference in zip(actor_networks(trainer), expected):
         for p, q in zip(network.parameters(), reference.parameters()):
             assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), (p - q).abs().max()
 

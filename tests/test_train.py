@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpg.algos.common import PolicyHead, ReturnNormalizer, generalized_advantages
+from kpg.algos.common import AgentActors, PolicyHead, ReturnNormalizer, generalized_advantages
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 from kpg.cli import main as cli_main
 from kpg.compare import CompareConfig, compare, mean_and_halfwidth
@@ -53,7 +53,10 @@ def test_pool_pads_masks_and_reports_episode_ends():
     fourth = pool.step(np.array([[0, 3], [0, 0]]))
     np.testing.assert_array_equal(fourth.done, [[0, 1], [0, 1]])
     np.testing.assert_array_equal(fourth.terminated, [[0, 0], [0, 0]])
-    assert sorted(fourth.truncated_state) == [0, 1]  # a time limit: the final state is kept for bootstrapping
+    # A time limit: long's final observation and the final state are kept for bootstrapping, before the reset.
+    np.testing.assert_array_equal(fourth.next_present, [[0, 1], [0, 1]])
+    assert (fourth.next_obs[:, 1, -1] == 1.0).all() and (fourth.next_state[:, -1] == 1.0).all()  # time 4 of 4
+    assert not fourth.next_obs[:, 0].any() and (fourth.state[:, -1] == 0.0).all()  # the new episode's time 0
     assert [e["length"] for e in fourth.finished] == [4, 4]
     # Copy 0 matched every target: the return sums, per step, the mean reward of the agents that acted.
     # Copy 1 matched both targets at step 2 and long's at step 3.
@@ -139,6 +142,47 @@ def test_mappo_k1_actor_step_is_plain_ppo_with_adam():
     trainer._update(batch)
     for mine, expected in zip(trainer.actor.parameters(), shadow):
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["discrete", "continuous"])
+def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous):
+    """Per-agent actors as one kpg.nn batched network (one forward for all agents, one fused KPG
+    pass) train exactly like one module per agent: same initialization, rollouts, losses and
+    updates over three K2-MAPPO iterations."""
+    trainers, metrics = {}, {}
+    for batch_actors in (False, True):
+        pool = EnvPool(make_env_factory("simple_spread", agents=3, continuous=continuous), copies=2, seed=0)
+        config = dataclasses.replace(SMALL_MAPPO, share_actor=False, batch_actors=batch_actors)
+        trainers[batch_actors] = trainer = MAPPOTrainer(pool, config, k=2, k_until=None, device="cpu", seed=0)
+        metrics[batch_actors] = [trainer.iteration() for _ in range(3)]
+    per_agent, batched = trainers[False], trainers[True]
+    assert per_agent.actor.layout == "per_agent" and batched.actor.layout == "batched"
+    assert batched.actor_optimizer.arena.is_batched and batched.actor_optimizer.num_agents == 3
+    for expected, actual in zip(metrics[False], metrics[True]):
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert actual[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
+    torch.manual_seed(0)  # the trainers' seed: the actors are the first thing they build
+    initial = AgentActors("per_agent", 3, per_agent.pool.spaces.obs_size, per_agent.pool.spaces.action_size,
+                          SMALL_MAPPO.hidden, SMALL_MAPPO.activation, 0.01)
+    moved = 0.0
+    for start, expected, actual in zip(initial, per_agent.actor.per_agent_networks(), batched.actor.per_agent_networks()):
+        for p0, p, q in zip(start.parameters(), expected.parameters(), actual.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+            moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 1e-3  # the actors trained, so equal parameters are not the initial ones
+    if continuous:
+        torch.testing.assert_close(batched.log_std[0], torch.stack(list(per_agent.log_std)), rtol=1e-9, atol=1e-12)
+    for p, q in zip(per_agent.critic.parameters(), batched.critic.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
 
 
 # ---- training runs ---------------------------------------------------------------------------

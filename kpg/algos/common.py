@@ -7,10 +7,14 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
+from torch.nn.utils import skip_init
+
+from kpg import nn as kpg_nn
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
 
@@ -32,6 +36,82 @@ def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: str = "tan
         nn.init.orthogonal_(layer.weight, gain=output_gain if layer is linears[-1] else gain)
         nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
+
+
+ACTOR_LAYOUTS = ("shared", "batched", "per_agent")
+
+
+def actor_layout(share_actor: bool, batch_actors: bool, homogeneous: bool) -> str:
+    """``shared`` with parameter sharing; else ``batched`` (one kpg.nn network holding every agent's
+    own) for agents of equal observation and action sizes unless ``batch_actors`` is off; else
+    ``per_agent``."""
+    if share_actor:
+        return "shared"
+    return "batched" if batch_actors and homogeneous else "per_agent"
+
+
+class AgentActors(nn.ModuleList):
+    """Every agent's actor network, evaluated for all agents at once: observations ``[agents,
+    batch, obs_size]`` -> outputs ``[agents, batch, outputs]``. Its entries (``networks``) depend on
+    the ``layout`` (:data:`ACTOR_LAYOUTS`):
+
+    - ``shared``: one :func:`mlp` for all agents, a one-hot agent id appended to its input;
+    - ``batched``: one :class:`kpg.nn.AgentMLP` holding each agent's own MLP, all agents in one
+      batched call (KPGOptimizer steps its agent slices in one fused pass);
+    - ``per_agent``: one :func:`mlp` per agent, called one after the other (agents of unequal
+      observation or action sizes, padded to the largest).
+
+    ``batched`` and ``per_agent`` are initialised alike (agent after agent, as :func:`mlp`
+    initialises), so with the same torch seed they hold the same networks.
+    """
+
+    def __init__(self, layout: str, num_agents: int, obs_size: int, outputs: int, hidden: Sequence[int],
+                 activation: str, output_gain: float):
+        if layout not in ACTOR_LAYOUTS:
+            raise ValueError(f"unknown actor layout {layout!r}; choose one of {', '.join(ACTOR_LAYOUTS)}")
+        if layout == "shared":
+            networks = [mlp(obs_size + num_agents, hidden, outputs, activation, output_gain)]
+        else:
+            networks = [mlp(obs_size, hidden, outputs, activation, output_gain) for _ in range(num_agents)]
+        if layout == "batched":
+            # The per-agent networks' initialization, in AgentMLP's faster evaluation (skip_init draws no
+            # random numbers, so the torch generator advances exactly as in the per-agent layout).
+            batched = skip_init(kpg_nn.AgentMLP, num_agents, obs_size, outputs, tuple(hidden), activation)
+            batched.load_state_dict(kpg_nn.stack(networks).state_dict())
+            networks = [batched]
+        super().__init__(networks)
+        self.layout, self.num_agents = layout, num_agents
+
+    def forward(self, obs: Tensor) -> Tensor:
+        if self.layout == "shared":
+            ids = agent_ids(self.num_agents, obs.shape[1], obs.device).to(obs.dtype)
+            return self[0](torch.cat([obs, ids], dim=-1))
+        if self.layout == "batched":
+            return self[0](obs)
+        return torch.stack([network(obs[i]) for i, network in enumerate(self)])
+
+    def per_agent_networks(self) -> list[nn.Module]:
+        """Each agent's network as a ``torch.nn`` module (copies for the batched layout)."""
+        if self.layout == "batched":
+            return kpg_nn.unstack(self[0])
+        return [self[0] if self.layout == "shared" else self[i] for i in range(self.num_agents)]
+
+    def optimizer_arguments(self, extra: Sequence[nn.Parameter] = ()) -> tuple[Any, dict[str, Any]]:
+        """The ``agents`` argument of :class:`kpg.KPGOptimizer` for these actors and its keyword
+        arguments: the shared network (``num_agents``), the batched network's parameters
+        (``agent_dim=0``), or one network per agent. ``extra``: one more parameter per network, in its
+        layout (``[agents, ...]`` for the batched one), stepped with the network's agents."""
+        extra = list(extra)
+        if extra and len(extra) != len(self):
+            raise ValueError(
+                f"extra holds {len(extra)} parameters but the {self.layout} actors have {len(self)} networks; pass one per network"
+            )
+        per_network = [[*network.parameters(), *extra[i : i + 1]] for i, network in enumerate(self)]
+        if self.layout == "shared":
+            return per_network[0], {"num_agents": self.num_agents}
+        if self.layout == "batched":
+            return per_network[0], {"agent_dim": 0}
+        return per_network, {}
 
 
 class PolicyHead:

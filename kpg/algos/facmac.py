@@ -52,6 +52,7 @@ class FACMACConfig:
     gumbel_temperature: float = 1.0  # discrete actions
     actor_regularization: float = 1e-3  # weight of the mean squared pre-activation actor output
     share_actor: bool = True  # one actor for all agents (with agent ids), else one per agent
+    batch_actors: bool = True  # per-agent actors of equally sized agents as one kpg.nn batched network
     share_utility: bool = True  # one utility network for all agents (with agent ids), else one per agent
     mixer_embed: int = 32
     hypernet_embed: int = 64
@@ -116,7 +117,7 @@ class FACMACTrainer(OffPolicyTrainer):
         with torch.no_grad():
             present = batch["next_present"].T
             next_obs = batch["next_obs"].transpose(0, 1)
-            next_actions = self.greedy_actions(self.actor_outputs(self.target_actor, next_obs)) * present[..., None]
+            next_actions = self.greedy_actions(self.target_actor(next_obs)) * present[..., None]
             next_utilities = self.utilities(self.target_critic, next_obs, next_actions) * present
             next_q = self.target_critic["mixer"](next_utilities.T, batch["next_state"])
             team_reward = (batch["reward"] * batch["alive"]).sum(1) / batch["alive"].sum(1).clamp_min(1.0)
@@ -135,14 +136,14 @@ class FACMACTrainer(OffPolicyTrainer):
         and the others' at their level l-1 actions. Plus each agent's output penalty."""
         obs = batch["obs"].transpose(0, 1)  # [agents, batch, obs]
         alive = batch["alive"].T
-        outputs = self.actor_outputs(self.actor, obs)
+        outputs = self.actor(obs)
         own = self.policy_actions(outputs, noise) * alive[..., None]
         own_utilities = self.utilities(self.critic, obs, own) * alive
         penalty = self.config.actor_regularization * self.output_penalty(outputs, alive)
         if ctx.level == 1:
             return -self.critic["mixer"](own_utilities.T, batch["state"]).mean() + penalty.sum()
         with ctx.anticipated():
-            anticipated = self.policy_actions(self.actor_outputs(self.actor, obs), noise) * alive[..., None]
+            anticipated = self.policy_actions(self.actor(obs), noise) * alive[..., None]
             anticipated_utilities = self.utilities(self.critic, obs, anticipated) * alive
         joint = joint_inputs(own_utilities, anticipated_utilities)  # [agents i, agents j, batch]
         q_tot = self.critic["mixer"](joint.transpose(1, 2), batch["state"])  # [agents i, batch]

@@ -1,7 +1,9 @@
 """K-MADDPG: MADDPG (Lowe et al., 2017) whose actor update is a KPG step.
 
-Deterministic actors (one per agent, or one shared with a one-hot agent id), a centralized critic
-per agent Q_i(global state, joint action) (an ensemble evaluated in one batched pass), target
+Deterministic actors (:class:`~kpg.algos.common.AgentActors`: one per agent, batched into one
+kpg.nn network when the agents' sizes are equal, or one shared with a one-hot agent id), a
+centralized critic per agent Q_i(global state, joint action) (an ensemble evaluated in one batched
+pass), target
 networks with Polyak averaging, a replay buffer, Gaussian exploration noise for continuous actions
 and Gumbel-softmax for discrete ones (straight-through: a hard one-hot action in the forward pass,
 the relaxed gradient in the backward pass; the critics see one-hot actions).
@@ -30,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from kpg.algos.common import (
-    EnsembleMLP, WallClock, actor_level_seconds, agent_ids, clip_member_grad_norms_, gumbel_noise, mlp, polyak_update,
-    straight_through_gumbel_softmax,
+    AgentActors, EnsembleMLP, WallClock, actor_layout, actor_level_seconds, clip_member_grad_norms_, gumbel_noise,
+    polyak_update, straight_through_gumbel_softmax,
 )
-from kpg.algos.replay import ReplayBuffer, TransitionCollector, transition_fields
+from kpg.algos.replay import ReplayBuffer, transition_fields, transition_rows
 from kpg.couplings import joint_inputs
 from kpg.envs import EnvPool
 from kpg.optim import KPGOptimizer
@@ -64,6 +66,7 @@ class MADDPGConfig:
     gumbel_temperature: float = 1.0  # discrete actions
     actor_regularization: float = 1e-3  # weight of the mean squared pre-activation actor output
     share_actor: bool = False  # one actor for all agents (with agent ids), else one per agent
+    batch_actors: bool = True  # per-agent actors of equally sized agents as one kpg.nn batched network
 
 
 def check_off_policy_config(config) -> None:
@@ -125,21 +128,18 @@ class OffPolicyTrainer(abc.ABC):
                     f"[low, high]; got low {spaces.action_low.tolist()} and high {spaces.action_high.tolist()}"
                 )
             self.action_low, self.action_high = spaces.action_low, spaces.action_high
-        actor_inputs = spaces.obs_size + (n if c.share_actor else 0)
-        networks = 1 if c.share_actor else n
-        self.actor = nn.ModuleList(
-            mlp(actor_inputs, c.hidden, spaces.action_size, c.activation, output_gain=0.01) for _ in range(networks)
-        ).to(self.device)
+        layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
+        self.actor = AgentActors(layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation,
+                                 output_gain=0.01).to(self.device)
         self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
         self._build_critic()
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
+        actor_agents, layout_arguments = self.actor.optimizer_arguments()
         self.actor_optimizer = KPGOptimizer(
-            self.actor[0] if c.share_actor else list(self.actor), k=k, optimizer="adam", lr=c.actor_lr,
-            max_grad_norm=c.max_grad_norm, num_agents=n if c.share_actor else None,
+            actor_agents, k=k, optimizer="adam", lr=c.actor_lr, max_grad_norm=c.max_grad_norm, **layout_arguments,
         )
         self.buffer = ReplayBuffer(c.buffer_size, transition_fields(spaces, self.dtype), self.device)
-        self.collector = TransitionCollector(pool)
         self.clock = WallClock()
         self.env_steps = 0
         self.updates = 0
@@ -163,13 +163,6 @@ class OffPolicyTrainer(abc.ABC):
         """Clips the critic's gradients before its optimizer step."""
 
     # ---- policies ------------------------------------------------------------------------------
-
-    def actor_outputs(self, actor: nn.ModuleList, obs: Tensor) -> Tensor:
-        """Pre-activation outputs [agents, batch, action_size] (logits for discrete actions) of
-        ``actor`` (the actors or their targets) from observations [agents, batch, obs_size]."""
-        if self.config.share_actor:
-            return actor[0](torch.cat([obs, agent_ids(self.num_agents, obs.shape[1], obs.device).to(obs.dtype)], dim=-1))
-        return torch.stack([net(obs[i]) for i, net in enumerate(actor)])
 
     def policy_actions(self, outputs: Tensor, noise: Tensor | None) -> Tensor:
         """The actions the actor loss differentiates: tanh of the outputs (continuous), or the
@@ -208,7 +201,7 @@ class OffPolicyTrainer(abc.ABC):
         shape = (self.num_agents, obs.shape[1], self.spaces.action_size)
         mask = self.action_mask[:, None, :]
         if self.discrete:
-            logits = torch.zeros(shape, dtype=self.dtype, device=self.device) if uniform else self.actor_outputs(self.actor, obs)
+            logits = torch.zeros(shape, dtype=self.dtype, device=self.device) if uniform else self.actor(obs)
             noise = gumbel_noise(shape, self.noise_generator, self.device, self.dtype)
             perturbed = (logits + noise).masked_fill(mask == 0, torch.finfo(self.dtype).min)
             return nn.functional.one_hot(perturbed.argmax(-1), shape[-1]).to(self.dtype)
@@ -216,7 +209,7 @@ class OffPolicyTrainer(abc.ABC):
             actions = torch.rand(shape, generator=self.noise_generator, device=self.device, dtype=self.dtype) * 2 - 1
         else:
             noise = torch.randn(shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
-            actions = (torch.tanh(self.actor_outputs(self.actor, obs)) + self.config.exploration_noise * noise).clamp(-1.0, 1.0)
+            actions = (torch.tanh(self.actor(obs)) + self.config.exploration_noise * noise).clamp(-1.0, 1.0)
         return actions * mask
 
     def _env_actions(self, actions: Tensor) -> np.ndarray:
@@ -232,7 +225,7 @@ class OffPolicyTrainer(abc.ABC):
         policy, or the exploring behaviour policy."""
         obs_t = torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1)
         if deterministic:
-            return self._env_actions(self.greedy_actions(self.actor_outputs(self.actor, obs_t)))
+            return self._env_actions(self.greedy_actions(self.actor(obs_t)))
         return self._env_actions(self._exploration_actions(obs_t, uniform=False))
 
     # ---- one iteration: collect, then update ----------------------------------------------------
@@ -254,11 +247,13 @@ class OffPolicyTrainer(abc.ABC):
     def _collect(self) -> list[dict[str, float]]:
         episodes = []
         for _ in range(self.config.rollout):
-            obs = torch.as_tensor(self.pool.obs, dtype=self.dtype, device=self.device).transpose(0, 1)
-            alive = torch.as_tensor(self.pool.alive, dtype=self.dtype, device=self.device)
-            actions = self._exploration_actions(obs, uniform=self.env_steps < self.config.learning_starts)
-            step, rows = self.collector.step(self._env_actions(actions))
-            rows["actions"] = actions.transpose(0, 1) * alive[..., None]
+            obs, state, alive = self.pool.obs.copy(), self.pool.state.copy(), self.pool.alive.copy()
+            obs_t = torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1)
+            actions = self._exploration_actions(obs_t, uniform=self.env_steps < self.config.learning_starts)
+            step = self.pool.step(self._env_actions(actions))
+            rows = transition_rows(obs, state, alive, step)
+            alive_t = torch.as_tensor(alive, dtype=self.dtype, device=self.device)
+            rows["actions"] = actions.transpose(0, 1) * alive_t[..., None]
             self.buffer.add(rows)
             episodes += step.finished
             self.env_steps += self.pool.copies
@@ -363,7 +358,7 @@ class MADDPGTrainer(OffPolicyTrainer):
         with torch.no_grad():
             present = batch["next_present"].T
             next_obs = batch["next_obs"].transpose(0, 1)
-            next_actions = self.greedy_actions(self.actor_outputs(self.target_actor, next_obs)) * present[..., None]
+            next_actions = self.greedy_actions(self.target_actor(next_obs)) * present[..., None]
             next_q = self.q_values(self.target_critic, batch["next_state"], next_actions.transpose(0, 1).flatten(1))
             target = batch["reward"].T + c.gamma * (1.0 - batch["terminated"].T) * next_q
         q = self.q_values(self.critic, batch["state"], batch["actions"].flatten(1))
@@ -379,13 +374,13 @@ class MADDPGTrainer(OffPolicyTrainer):
         the samples where agent i acted, plus the output penalty."""
         obs = batch["obs"].transpose(0, 1)  # [agents, batch, obs]
         alive = batch["alive"].T
-        outputs = self.actor_outputs(self.actor, obs)
+        outputs = self.actor(obs)
         own = self.policy_actions(outputs, noise) * alive[..., None]
         if ctx.level == 1:
             anticipated = own.detach()  # level l-1 = 0 is the base parameters: the same actions
         else:
             with ctx.anticipated():
-                anticipated = self.policy_actions(self.actor_outputs(self.actor, obs), noise) * alive[..., None]
+                anticipated = self.policy_actions(self.actor(obs), noise) * alive[..., None]
         joint = joint_inputs(own, anticipated)  # [agents i, agents j, batch, action]: j's action in i's loss
         q = self.q_values(self.critic, batch["state"], joint.transpose(1, 2).flatten(2))
         policy_value = (q * alive).sum(1) / alive.sum(1).clamp_min(1.0)

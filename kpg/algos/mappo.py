@@ -2,11 +2,12 @@
 
 Centralized critic V(global state, agent id), GAE, clipped surrogate, several epochs of
 minibatches, entropy bonus, value normalization. The actor is one network shared by all agents
-(with a one-hot agent id appended to the observation; the default) or one network per agent. Its
-update goes through :class:`kpg.KPGOptimizer`: at level 1 the surrogate is plain MAPPO; from level
-2 agent i's ratio is multiplied, inside the clip, by the other agents' ratios at their anticipated
-level l-1 parameters (:func:`kpg.joint_ratio_loss`). k=1 is exactly MAPPO. The critic is trained
-normally.
+(with a one-hot agent id appended to the observation; the default) or one network per agent,
+evaluated for all agents in one batched call (kpg.nn) when their sizes are equal
+(:class:`~kpg.algos.common.AgentActors`). Its update goes through :class:`kpg.KPGOptimizer`: at
+level 1 the surrogate is plain MAPPO; from level 2 agent i's ratio is multiplied, inside the clip,
+by the other agents' ratios at their anticipated level l-1 parameters (:func:`kpg.joint_ratio_loss`).
+k=1 is exactly MAPPO. The critic is trained normally.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kpg.algos.common import PolicyHead, ReturnNormalizer, WallClock, agent_ids, generalized_advantages, mlp
+from kpg.algos.common import (
+    AgentActors, PolicyHead, ReturnNormalizer, WallClock, actor_layout, generalized_advantages, mlp,
+)
 from kpg.couplings import joint_ratio_loss
+from kpg.distributed import average_gradients, check_replicas_agree, gather_samples
 from kpg.envs import EnvPool
 from kpg.optim import KPGOptimizer, KSchedule
 
@@ -40,6 +44,7 @@ class MAPPOConfig:
     entropy_coef: float = 0.01
     max_grad_norm: float = 10.0
     share_actor: bool = True  # one actor for all agents (with agent ids), else one per agent
+    batch_actors: bool = True  # per-agent actors of equally sized agents as one kpg.nn batched network
     others: str = "product"  # how the others' anticipated ratios combine: product or geometric
     coupling: str = "joint_clip"  # joint_clip (the authors') or weighted
     normalize_returns: bool = True
@@ -53,36 +58,42 @@ class MAPPOTrainer:
     METRICS = ("actor_loss", "value_loss", "entropy", "clip_fraction_level1", "clip_fraction_level2",
                "clip_fraction_level3", "k")
 
-    def __init__(self, pool: EnvPool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int):
+    def __init__(self, pool: EnvPool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int,
+                 process_group=None):
         """``k_until``: environment steps after which the actor drops to k=1 (the paper's schedule:
-        coordinate early, save compute later); None keeps ``k`` throughout."""
+        coordinate early, save compute later); None keeps ``k`` throughout. ``process_group``: train
+        data-parallel with the other ranks (each steps its own ``pool``; ``env_steps`` counts all)."""
         torch.manual_seed(seed)
         self.pool, self.config, self.device = pool, config, torch.device(device)
+        self.dtype = torch.get_default_dtype()
         self.generator = np.random.default_rng(seed)
         spaces = pool.spaces
         n, c = spaces.num_agents, config
         self.num_agents = n
         self.head = PolicyHead(spaces.discrete, torch.as_tensor(spaces.action_mask(), device=self.device))
-        actor_inputs = spaces.obs_size + (n if c.share_actor else 0)
-        networks = 1 if c.share_actor else n
-        self.actor = nn.ModuleList(
-            mlp(actor_inputs, c.hidden, spaces.action_size, c.activation, output_gain=0.01) for _ in range(networks)
-        ).to(self.device)
-        # Continuous actions: a learned log-std per network, so it belongs to that agent's KPG segment.
+        layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
+        self.actor = AgentActors(layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation,
+                                 output_gain=0.01).to(self.device)
+        # Continuous actions: a learned log-std per network (with the batched network's agent
+        # dimension), so it belongs to that agent's KPG segment.
+        log_std_shape = (n, spaces.action_size) if layout == "batched" else (spaces.action_size,)
         self.log_std = nn.ParameterList(
-            nn.Parameter(torch.full((spaces.action_size,), c.initial_log_std, device=self.device))
-            for _ in range(0 if spaces.discrete else networks)
+            nn.Parameter(torch.full(log_std_shape, c.initial_log_std, device=self.device))
+            for _ in range(0 if spaces.discrete else len(self.actor))
         )
-        per_network = [[*net.parameters(), *self.log_std[i : i + 1]] for i, net in enumerate(self.actor)]
         self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation).to(self.device)
         self.returns = ReturnNormalizer(n).to(self.device)
+        actor_agents, layout_arguments = self.actor.optimizer_arguments(extra=list(self.log_std))
         self.actor_optimizer = KPGOptimizer(
-            per_network[0] if c.share_actor else per_network, k=k, optimizer="adam", lr=c.lr, eps=1e-5,
-            max_grad_norm=c.max_grad_norm, num_agents=n if c.share_actor else None,
+            actor_agents, k=k, optimizer="adam", lr=c.lr, eps=1e-5, max_grad_norm=c.max_grad_norm, **layout_arguments,
+            process_group=process_group,
         )
+        self.process_group = process_group
+        check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
+        self.copies_per_iteration = pool.copies * (1 if process_group is None else process_group.size())
         self.k_schedule = None
         if k_until is not None:
-            iterations = -(-k_until // (c.rollout * pool.copies))
+            iterations = -(-k_until // (c.rollout * self.copies_per_iteration))
             self.k_schedule = KSchedule(self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         self.clock = WallClock()
@@ -91,32 +102,34 @@ class MAPPOTrainer:
 
     # ---- acting ------------------------------------------------------------------------------
 
-    def _actor_output(self, obs: Tensor) -> Tensor:
-        """[agents, batch, action_size] from observations [agents, batch, obs_size]."""
-        if self.config.share_actor:
-            return self.actor[0](torch.cat([obs, agent_ids(self.num_agents, obs.shape[1], obs.device)], dim=-1))
-        return torch.stack([net(obs[i]) for i, net in enumerate(self.actor)])
-
     def _log_std(self) -> Tensor | None:
         """[agents, action_size], or None for discrete actions."""
         if not len(self.log_std):
             return None
-        return torch.stack(list(self.log_std)).expand(self.num_agents, -1)
+        if self.actor.layout == "per_agent":
+            return torch.stack(list(self.log_std))
+        return self.log_std[0].expand(self.num_agents, -1)
 
     def _distribution(self, obs: Tensor):
-        return self.head.distribution(self._actor_output(obs), self._log_std())
+        """The policies of every agent from observations [agents, batch, obs_size]."""
+        return self.head.distribution(self.actor(obs), self._log_std())
 
     def _values(self, state: Tensor) -> Tensor:
-        """Normalized values [batch, agents] of global states [batch, state_size]."""
-        batch = state.shape[0]
-        ids = torch.eye(self.num_agents, device=state.device).expand(batch, -1, -1)
-        inputs = torch.cat([state[:, None, :].expand(-1, self.num_agents, -1), ids], dim=-1)
-        return self.critic(inputs).squeeze(-1)
+        """Normalized values [batch, agents] of global states [batch, state_size].
+
+        The critic's first layer reads (state, one-hot agent id); its state part is computed once
+        per state and the id part is a column per agent, so no [batch, agents, state_size] input is
+        built (MAgent2's global state has 12 500 values for 100 agents a side)."""
+        first, rest = self.critic[0], self.critic[1:]
+        state_size = state.shape[-1]
+        per_state = nn.functional.linear(state, first.weight[:, :state_size], first.bias)  # [batch, hidden]
+        per_agent = first.weight[:, state_size:].T  # [agents, hidden]: the id's column
+        return rest(per_state[:, None, :] + per_agent).squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Actions for observations [copies, agents, obs_size]."""
-        dist = self._distribution(torch.as_tensor(obs, device=self.device).transpose(0, 1))
+        dist = self._distribution(torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1))
         if deterministic:
             action = dist.probs.argmax(-1) if self.head.discrete else dist.mean
         else:
@@ -138,14 +151,14 @@ class MAPPOTrainer:
 
     def _collect(self):
         c, pool, device = self.config, self.pool, self.device
+        as_tensor = lambda arrays: torch.as_tensor(np.stack(arrays), dtype=self.dtype, device=device)  # noqa: E731
         obs_list, state_list, action_list, logp_list, reward_list, done_list, alive_list = [], [], [], [], [], [], []
+        cut_off_list, next_state_list = [], []
         episodes = []
         obs, state, alive = pool.obs.copy(), pool.state.copy(), pool.alive.copy()
-        truncation_bonus = np.zeros((c.rollout, pool.copies, self.num_agents), dtype=np.float32)
-        truncated_states = []
         for t in range(c.rollout):
             with torch.no_grad():
-                obs_t = torch.as_tensor(obs, device=device).transpose(0, 1)
+                obs_t = torch.as_tensor(obs, dtype=self.dtype, device=device).transpose(0, 1)
                 dist = self._distribution(obs_t)
                 action = dist.sample()
                 logp = self.head.log_prob(dist, action)
@@ -153,23 +166,21 @@ class MAPPOTrainer:
             obs_list.append(obs), state_list.append(state), alive_list.append(alive)
             action_list.append(action.transpose(0, 1)), logp_list.append(logp.transpose(0, 1))
             reward_list.append(step.reward), done_list.append(step.done)
-            for copy_index, final_state in step.truncated_state.items():
-                truncated_states.append((t, copy_index, final_state))
+            cut_off_list.append(step.done * (1.0 - step.terminated)), next_state_list.append(step.next_state)
             episodes += step.finished
             obs, state, alive = step.obs, step.state, step.alive
-        self.env_steps += c.rollout * pool.copies
+        self.env_steps += c.rollout * self.copies_per_iteration
+        rewards, dones, cut_off = as_tensor(reward_list), as_tensor(done_list), as_tensor(cut_off_list)
+        alive_mask = as_tensor(alive_list)
         with torch.no_grad():
-            # A time limit is not a terminal state: its value is added to the last reward.
-            if truncated_states:
-                final = torch.as_tensor(np.stack([s for _, _, s in truncated_states]), device=device)
-                final_values = self.returns.denormalize(self._values(final)).cpu().numpy()
-                for (t, copy_index, _), value in zip(truncated_states, final_values):
-                    truncation_bonus[t, copy_index] = c.gamma * value
-            states = torch.as_tensor(np.stack(state_list + [state]), device=device)
+            states = as_tensor(state_list + [state])
             values = self.returns.denormalize(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
-        as_tensor = lambda arrays: torch.as_tensor(np.stack(arrays), device=device)  # noqa: E731
-        rewards = as_tensor(reward_list) + torch.as_tensor(truncation_bonus, device=device)
-        dones, alive_mask = as_tensor(done_list), as_tensor(alive_list)
+            # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
+            steps, copies = cut_off.sum(-1).nonzero(as_tuple=True)
+            if len(steps):
+                final_states = as_tensor(next_state_list)[steps, copies]
+                final_values = self.returns.denormalize(self._values(final_states))
+                rewards[steps, copies] += c.gamma * final_values * cut_off[steps, copies]
         advantages = generalized_advantages(rewards, values, dones, c.gamma, c.gae_lambda)
         targets = advantages + values[:-1]
         batch = {
@@ -187,12 +198,16 @@ class MAPPOTrainer:
         c = self.config
         k = self.actor_optimizer.k  # the schedule switches k only between iterations
         alive = batch["alive"]  # [samples, agents]
-        valid = alive.sum().clamp_min(1.0)
-        mean = (batch["advantages"] * alive).sum() / valid
-        std = (((batch["advantages"] - mean) * alive).square().sum() / valid).sqrt()
+        # Statistics over every rank's samples, so that data-parallel ranks normalize alike.
+        all_advantages, all_targets, all_alive = (
+            gather_samples(batch[name], self.process_group) for name in ("advantages", "targets", "alive")
+        )
+        valid = all_alive.sum().clamp_min(1.0)
+        mean = (all_advantages * all_alive).sum() / valid
+        std = (((all_advantages - mean) * all_alive).square().sum() / valid).sqrt()
         advantages = (batch["advantages"] - mean) / (std + 1e-8)
         if c.normalize_returns:
-            self.returns.update(batch["targets"], alive)
+            self.returns.update(all_targets, all_alive)
         targets = self.returns.normalize(batch["targets"]) if c.normalize_returns else batch["targets"]
         samples = alive.shape[0]
         clip_fractions: dict[int, list[float]] = {}
@@ -209,8 +224,13 @@ class MAPPOTrainer:
                 entropy_seen = []
 
                 def closure(ctx, obs=obs, actions=actions, old_log_prob=old_log_prob, adv=adv, mask=mask):
-                    dist = self._distribution(obs)
-                    log_prob = self.head.log_prob(dist, actions)
+                    def own_policy():
+                        dist = self._distribution(obs)
+                        entropy = (self.head.entropy(dist) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                        return self.head.log_prob(dist, actions), entropy
+
+                    # The base parameters do not change within a step: every level reuses level 1's own-policy forward.
+                    log_prob, entropy = ctx.at_base(own_policy)
                     anticipated_log_prob = None
                     if ctx.level > 1:
                         with ctx.anticipated():
@@ -219,7 +239,6 @@ class MAPPOTrainer:
                         log_prob, old_log_prob, adv, anticipated_log_prob, level=ctx.level, clip_eps=c.clip_eps,
                         others=c.others, form=c.coupling, mask=mask,
                     )
-                    entropy = (self.head.entropy(dist) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
                     clip_fractions.setdefault(ctx.level, []).append(float(surrogate.clip_fraction.mean()))
                     entropy_seen.append(entropy.detach())
                     return surrogate.loss - c.entropy_coef * entropy
@@ -235,6 +254,7 @@ class MAPPOTrainer:
                     value_loss = value_loss / value_mask.sum().clamp_min(1.0)
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     value_loss.backward()
+                    average_gradients(self.critic.parameters(), self.process_group)
                     nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
                     self.critic_optimizer.step()
                 sums["actor_loss"] += actor_loss.detach().mean().item()

@@ -1,6 +1,5 @@
 """Replay for the off-policy trainers (MADDPG, FACMAC): a preallocated ring buffer of multi-agent
-transitions, and the collection of transitions from an :class:`~kpg.envs.EnvPool` with the true
-next observations of episodes that just ended.
+transitions, and the rows of one :class:`~kpg.envs.EnvPool` step.
 
 A transition row holds, with the agent dimension second (``[capacity, agents, ...]``):
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kpg.envs import AgentSpaces, EnvPool, StepResult
+from kpg.envs import AgentSpaces, StepResult
 
 FieldSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -121,6 +120,7 @@ class ReplayBuffer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict` (or :func:`without_rows` of one, leaving the buffer empty)."""
         if state["capacity"] != self.capacity:
             raise ValueError(
                 f"the saved replay buffer holds {state['capacity']} rows, this one {self.capacity}; use the same capacity"
@@ -144,82 +144,17 @@ def _memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-class _LastStepRecorder:
-    """A transparent wrapper of one environment copy that keeps what its last ``step`` returned.
-
-    EnvPool resets a copy as soon as its episode ends and keeps only the observations of agents
-    that go on; a bootstrapped target needs the final observations too (the target actors act on
-    them) and the final global state."""
-
-    def __init__(self, env: Any):
-        self.env = env
-        self.last_obs: dict[str, Any] = {}
-        self.ended = False
-        self.final_state: np.ndarray | None = None
-
-    def step(self, actions: dict[str, Any]):
-        obs, rewards, terminations, truncations, infos = self.env.step(actions)
-        self.last_obs = obs
-        self.ended = not self.env.agents
-        self.final_state = None
-        if self.ended:
-            try:
-                self.final_state = np.asarray(self.env.state(), dtype=np.float32).reshape(-1)
-            except NotImplementedError:
-                pass  # the collector falls back to the observations, as EnvPool does
-        return obs, rewards, terminations, truncations, infos
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "env":  # not set yet (copying): no recursion
-            raise AttributeError(name)
-        return getattr(self.env, name)
+def transition_rows(obs: np.ndarray, state: np.ndarray, alive: np.ndarray, step: StepResult) -> dict[str, np.ndarray]:
+    """The replay rows (one per environment copy) of the step from ``obs``, ``state`` and ``alive``
+    (the pool's before it) to ``step``, every field except ``actions``, which the caller adds in its
+    own encoding. The next observations and state are the step's, taken before any reset."""
+    return {
+        "obs": obs, "state": state, "alive": alive, "reward": step.reward * alive, "terminated": step.terminated * alive,
+        "next_obs": step.next_obs, "next_state": step.next_state, "next_present": step.next_present,
+    }
 
 
-class TransitionCollector:
-    """Steps an :class:`EnvPool` and returns each step's transitions as replay rows (one per copy),
-    with the next observations and state taken before the pool's automatic reset.
-
-    It wraps the pool's environment copies (``pool.envs``) in recorders of their last step; the
-    pool steps them as before.
-    """
-
-    def __init__(self, pool: EnvPool):
-        self.pool = pool
-        spaces = pool.spaces
-        self._index = {name: i for i, name in enumerate(spaces.names)}
-        self._obs_sizes = spaces.obs_sizes
-        self._recorders = []
-        for c, env in enumerate(pool.envs):
-            recorder = env if isinstance(env, _LastStepRecorder) else _LastStepRecorder(env)
-            pool.envs[c] = recorder
-            self._recorders.append(recorder)
-
-    def step(self, env_actions: np.ndarray) -> tuple[StepResult, dict[str, np.ndarray]]:
-        """Steps every copy with ``env_actions`` (EnvPool's format). Returns the pool's result and
-        the rows of every field except ``actions``, which the caller adds in its own encoding."""
-        pool = self.pool
-        obs, state, alive = pool.obs.copy(), pool.state.copy(), pool.alive.copy()
-        step = pool.step(env_actions)
-        next_obs = np.zeros_like(obs)
-        has_obs = np.zeros_like(alive)
-        ended = np.zeros((pool.copies, 1), dtype=np.float32)
-        for c, recorder in enumerate(self._recorders):
-            for name, value in recorder.last_obs.items():
-                i = self._index[name]
-                next_obs[c, i, : self._obs_sizes[i]] = np.asarray(value, dtype=np.float32).reshape(-1)
-                has_obs[c, i] = 1.0
-            ended[c] = float(recorder.ended)
-        truncated = step.done * (1.0 - step.terminated)
-        # A copy that ended was reset, so step.alive is the new episode's: only its time-limited agents go on.
-        next_present = np.maximum(step.alive * (1.0 - ended), alive * truncated * has_obs)
-        next_obs *= next_present[..., None]
-        next_state = step.state.copy()
-        for c, recorder in enumerate(self._recorders):
-            if recorder.ended:
-                # Without env.state(), EnvPool's global state is the padded observations of the agents that go on.
-                next_state[c] = recorder.final_state if recorder.final_state is not None else next_obs[c].reshape(-1)
-        rows = {
-            "obs": obs, "state": state, "alive": alive, "reward": step.reward * alive, "terminated": step.terminated * alive,
-            "next_obs": next_obs, "next_state": next_state, "next_present": next_present,
-        }
-        return step, rows
+def without_rows(state: dict[str, Any]) -> dict[str, Any]:
+    """A replay :meth:`ReplayBuffer.state_dict` with its rows dropped: checkpoints without the
+    buffer stay small, and a run resumed from one refills it (so it does not continue exactly)."""
+    return {**state, "size": 0, "position": 0, "storage": {name: rows[:0] for name, rows in state["storage"].items()}}
