@@ -133,6 +133,32 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a_begin < b_begin + b.nbytes and b_begin < a_begin + a.nbytes
 
 
+def _check_storage(op: str, named: dict[str, Tensor | None]) -> None:
+    """A tensor whose storage was freed or shrunk (``untyped_storage().resize_``) keeps its shape but
+    points at memory it no longer owns; the kernels would write there. Called on contiguous tensors."""
+    for name, tensor in named.items():
+        if tensor is None or tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+        held = tensor.untyped_storage().nbytes()
+        if held < needed:
+            raise ValueError(
+                f"{op}: {name} needs {needed} bytes of storage but its storage holds {held}: it was freed or resized "
+                "after the tensor was made; pass tensors that own their memory (rebuild the arena or optimizer)"
+            )
+
+
+def _check_disjoint(op: str, tensors: dict[str, Tensor | None], written: Sequence[str]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for out_name in written:
+        out = present.get(out_name)
+        if out is None:
+            continue
+        for name, tensor in present.items():
+            if name != out_name and _overlaps(out, tensor):
+                raise ValueError(f"{op}: {out_name} overlaps {name} in memory; every buffer needs storage of its own")
+
+
 def _check_arena_tensors(op: str, param: Tensor, named: dict[str, Tensor | None], written: Sequence[str]):
     if param.dtype not in _DTYPE_CODES:
         raise TypeError(f"{op}: parameters of dtype {param.dtype} are not supported; use float32 or float64")
@@ -148,14 +174,6 @@ def _check_arena_tensors(op: str, param: Tensor, named: dict[str, Tensor | None]
             )
         if not tensor.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous; pass a buffer laid out like the arena")
-    tensors = {"param": param, **{k: v for k, v in named.items() if v is not None}}
-    for out_name in written:
-        out = tensors.get(out_name)
-        if out is None:
-            continue
-        for name, tensor in tensors.items():
-            if name != out_name and _overlaps(out, tensor):
-                raise ValueError(f"{op}: {out_name} overlaps {name} in memory; every buffer needs storage of its own")
 
 
 def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: dict[str, tuple[Tensor | None, torch.dtype]],
@@ -231,6 +249,9 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
             },
         )
         _check_chunks(op, param.device, a["chunks"])
+        everything = {"param": param, **arena, **{name: a[name] for name in ("step", "lr", "grad_scale", "skip", "chunks")}}
+        _check_storage(op, everything)
+        _check_disjoint(op, everything, written)
         device, stream = _device_and_stream(param)
         binding(
             device,
@@ -297,6 +318,8 @@ def agent_grad_norms(
             f"norm entry) on {grad.device} from chunk_table, got {agent_chunks.dtype} with {agent_chunks.numel()} "
             f"entries on {agent_chunks.device}"
         )
+    if not agent_chunks.is_contiguous():
+        raise ValueError(f"{op}: agent_chunks must be contiguous; pass the table chunk_table returned")
     _check_agent_tensors(
         op,
         grad.device,
@@ -309,6 +332,10 @@ def agent_grad_norms(
         },
     )
     _check_agent_tensors(op, grad.device, chunks.shape[0], {"chunk_sq": (chunk_sq, torch.float64)}, per="chunk")
+    everything = dict(grad=grad, chunks=chunks, agent_chunks=agent_chunks, chunk_sq=chunk_sq, max_norm=max_norm, norm=norm,
+                      grad_scale=grad_scale, nonfinite=nonfinite)
+    _check_storage(op, everything)
+    _check_disjoint(op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"))
     device, stream = _device_and_stream(grad)
     _C.agent_grad_norms(
         device,

@@ -97,6 +97,7 @@ class ParameterArena:
                 self.param_views.append(param_view)
                 self.grad_views.append(grad_view)
                 offset += p.numel()
+        self._bindings = [(view.data_ptr(), view.shape) for view in self.param_views]
 
     def new_buffer(self) -> Tensor:
         """A zero buffer with the arena's layout (optimizer state, anticipated parameters)."""
@@ -120,6 +121,26 @@ class ParameterArena:
                 "parameter; use agent_views(buffer)[agent]"
             )
         return buffer[self.offsets[agent] : self.offsets[agent + 1]]
+
+    def check_parameters_bound(self) -> None:
+        """Raises RuntimeError if user code replaced, resized or freed a parameter's memory after the
+        arena was built (``p.data = ...``, ``module.to(...)``, ``p.set_(...)``,
+        ``untyped_storage().resize_``): the kernels would step memory the model no longer reads,
+        training nothing while reporting progress, or write into freed memory."""
+        held = self.param.untyped_storage().nbytes()
+        if held >= self.param.nbytes and [(p.data_ptr(), p.shape) for p in self.parameters] == self._bindings:
+            return
+        for index, (p, (address, shape)) in enumerate(zip(self.parameters, self._bindings)):
+            if held < self.param.nbytes or p.data_ptr() != address or p.shape != shape:
+                owner = (f"parameter {index} of the agent-batched model" if self.is_batched else
+                         f"agent {next(a for a, pieces in enumerate(self.agent_pieces) if any(i == index for i, _ in pieces))}'s "
+                         f"parameter of shape {tuple(shape)}")
+                raise RuntimeError(
+                    f"{owner} is no longer a view of the optimizer's arena: its .data was replaced, resized or freed "
+                    "after the optimizer was built (p.data = ..., module.to(...), storage resize_), so a step would train "
+                    "memory the model does not read; change values in place (with torch.no_grad(): p.copy_(new), or "
+                    "load_state_dict) and move or convert models before building the optimizer, or build a new one"
+                )
 
     def restore_gradient_views(self) -> None:
         """Rebinds ``p.grad`` to the arena where user code replaced or cleared it (``set_to_none``)."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kpg import _ops as ops
 from kpg.arena import ParameterArena, batched_num_agents
+from kpg.distributed import DEFAULT_BUCKET_BYTES, PARALLEL_MODES, CommunicationError, Communicator
 from kpg.nn import AgentModule
 
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
@@ -179,6 +180,45 @@ class KPGContext:
             )
         return named
 
+    @property
+    def agents(self) -> range:
+        """The global indices of the agents whose losses this rank's closure returns: every agent,
+        or this rank's own range under agent sharding. A closure that indexes its per-agent inputs
+        with ``ctx.agents`` runs unchanged sharded and unsharded."""
+        communicator = self._optimizer._communicator
+        if communicator is not None and communicator.sharded:
+            return range(communicator.first_agent, communicator.first_agent + communicator.local_agents)
+        return range(self.num_agents if self.num_agents is not None else 1)
+
+    def gather_agents(self, tensor: Tensor) -> Tensor:
+        """Every agent's ``tensor`` (dim 0: this rank's agents, as ``ctx.agents``) in global agent
+        order, without gradient: one all-gather under agent sharding, ``tensor.detach()`` otherwise.
+        Gather the anticipated outputs the other agents' terms need (their log-probabilities,
+        actions); every rank must call it the same number of times at a level."""
+        communicator = self._optimizer._communicator
+        return tensor.detach() if communicator is None else communicator.gather_agents(tensor)
+
+    def gather_anticipated_parameters(self, module: nn.Module) -> dict[str, Tensor]:
+        """:meth:`anticipated_parameters` of an agent-batched ``module`` with every rank's agents
+        (one all-gather under agent sharding): ``functional_call`` of a model built for all agents
+        (on the meta device it costs no memory) evaluates every agent at level l-1 on every rank."""
+        named = self.anticipated_parameters(module)
+        opt = self._optimizer
+        communicator = opt._communicator
+        if communicator is None or not communicator.sharded:
+            return named
+        if not opt.arena.is_batched:
+            raise ValueError(
+                "ctx.gather_anticipated_parameters needs an agent-batched model (kpg.nn layers or agent_dim=0) whose "
+                "dim 0 holds this rank's agents; with one module per agent gather their outputs with ctx.gather_agents"
+            )
+        agents = communicator.local_agents
+        rows = torch.cat([t.reshape(agents, -1) for t in named.values()], dim=1)
+        gathered = communicator.gather_agents(rows)
+        widths = [t[0].numel() for t in named.values()]
+        return {name: part.reshape(-1, *t.shape[1:])
+                for (name, t), part in zip(named.items(), gathered.split(widths, dim=1))}
+
 
 class KPGOptimizer(torch.optim.Optimizer):
     """K-level policy-gradient optimizer over several agents' models.
@@ -204,6 +244,16 @@ class KPGOptimizer(torch.optim.Optimizer):
         agent_dim: ``0`` declares ``agents`` (a module or an iterable of parameters) agent-batched
             without :mod:`kpg.nn` layers: dim 0 of every trainable parameter indexes the agents.
             kpg.nn models are detected without it.
+        process_group: a ``torch.distributed`` group to step with (see :mod:`kpg.distributed`):
+            with ``parallel="data"`` every rank passes every agent and its own equal share of the
+            batch (the loss a mean over it); each level averages the gradients over the ranks before
+            clipping and the update, so all ranks compute the same parameters (checked at
+            construction). With ``parallel="agents"`` every rank passes only its own agents
+            (:func:`kpg.distributed.agent_range`) and the closure exchanges what the others need
+            through ``ctx.gather_agents`` or ``ctx.gather_anticipated_parameters``.
+        verify_replicas: data parallel: check after every step that all ranks hold the same
+            parameters and optimizer state (a debugging aid; one broadcast of both per step).
+        bucket_bytes: the largest all-reduce of the data-parallel gradient average.
 
     ``step(closure)`` calls ``closure(ctx)`` once per level; see :class:`KPGContext`. A closure
     without parameters is also accepted, for objectives that cannot be split into own and
@@ -229,9 +279,22 @@ class KPGOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
         num_agents: int | None = None,
         agent_dim: int | None = None,
+        process_group: Any = None,
+        parallel: str = "data",
+        verify_replicas: bool = False,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         **hyperparameters: Any,
     ):
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL_MODES))}, got {parallel!r}")
+        if parallel == "agents" and process_group is None:
+            raise ValueError("parallel='agents' shards the agents over the ranks of a process group; pass process_group=")
         agent_params, self.shared, batched_params = _agent_parameters(agents, agent_dim)
+        if parallel == "agents" and self.shared:
+            raise ValueError(
+                "parallel='agents' gives every rank its own agents' networks, but these agents share one network; "
+                "use parallel='data' (each rank holds the shared network and its share of the batch)"
+            )
         segments = batched_num_agents(batched_params) if batched_params is not None else len(agent_params)
         if self.shared and num_agents is not None and (not isinstance(num_agents, int) or num_agents < 1):
             raise ValueError(f"num_agents must be a positive int, got {num_agents!r}")
@@ -291,6 +354,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._inside_anticipated = False
         self._expose_state()
         self.stats = KPGStats(skipped_agent_steps_tensor=torch.zeros((), dtype=torch.int64, device=device))
+        self.verify_replicas = verify_replicas
+        self._communicator = None
+        if process_group is not None:
+            self._communicator = Communicator(process_group, parallel, segments, bucket_bytes, device)
+            self._communicator.check_layout(arena.numel, repr(self))
+            self._communicator.check_replicas([arena.param], "the agents' parameters")
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
@@ -334,6 +403,12 @@ class KPGOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a :meth:`state_dict`, or a torch.optim state dict of the same optimizer over the
         same parameters, by copying into the arena; every check runs before anything changes."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) or not isinstance(
+                state_dict.get("state"), dict):
+            raise ValueError(
+                f"load_state_dict needs an optimizer state dict (a dict with 'state' and 'param_groups', as state_dict() "
+                f"returns), got {type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else "")
+            )
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
@@ -344,6 +419,10 @@ class KPGOptimizer(torch.optim.Optimizer):
             raise ValueError(f"the state dict is for optimizer {extra['optimizer']!r}, this one is {self.optimizer_name!r}")
         if "k" in extra:
             _check_k(extra["k"])
+        _validate_hyperparameters(
+            self.optimizer_name, [float(g.get("lr", own["lr"])) for g, own in zip(groups, self.param_groups)],
+            [g.get("max_grad_norm", own["max_grad_norm"]) for g, own in zip(groups, self.param_groups)],
+            {**self.hyperparameters, **extra.get("hyperparameters", {})})
         staged: list[tuple[Tensor, Tensor | None]] = []
         steps = torch.zeros_like(self._step, device="cpu")
         for agent, (group, saved_group) in enumerate(zip(self.param_groups, groups)):
@@ -368,6 +447,11 @@ class KPGOptimizer(torch.optim.Optimizer):
                     if value.shape != ours.shape:
                         raise ValueError(
                             f"{name!r} of agent {agent}'s parameter has shape {tuple(value.shape)}, expected {tuple(ours.shape)}"
+                        )
+                    if not bool(torch.isfinite(value).all()):
+                        raise ValueError(
+                            f"{name!r} of agent {agent}'s parameter of shape {tuple(p.shape)} holds inf or NaN: the saved run had "
+                            "already diverged; load an earlier state dict"
                         )
                     staged.append((ours, value))
             if len(agent_steps) > 1:
@@ -403,6 +487,12 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "with parameter sharing the closure must take ctx: own and anticipated parts are one network at "
                 "two parameter values, which only ctx.anticipated() can tell apart"
             )
+        if not takes_context and self._communicator is not None and self._communicator.sharded:
+            raise ValueError(
+                "under agent sharding the closure must take ctx: the other ranks' agents reach this rank only through "
+                "ctx.gather_agents or ctx.gather_anticipated_parameters"
+            )
+        self.arena.check_parameters_bound()
         self.sync_hyperparameters()
         self.arena.restore_gradient_views()
         try:
@@ -413,6 +503,9 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._bind_parameters(self.arena.param_views)
             self._at_base_outputs = []
         self.stats.steps += 1
+        if self.verify_replicas and self._communicator is not None:
+            states = [b for b in self._state_buffers.values() if b is not None]
+            self._communicator.check_replicas([self.arena.param, *states, self._step], "parameters and optimizer state after a step")
         return loss.detach()
 
     def capture_step(self, closure: Callable[..., Tensor], warmup_steps: int = 3) -> Callable[[], None]:
@@ -428,6 +521,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
         if self.nonfinite == "raise":
             raise ValueError("capture_step needs nonfinite='skip' or 'propagate': nonfinite='raise' synchronizes with the host")
+        if self._communicator is not None:
+            raise ValueError("capture_step cannot capture a distributed step: the ranks agree on failures on the host every level")
         side_stream = torch.cuda.Stream(self.arena.device)
         side_stream.wait_stream(torch.cuda.current_stream(self.arena.device))
         with torch.cuda.stream(side_stream):
@@ -441,9 +536,26 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     def _level_gradients(self, closure, level: int, takes_context: bool) -> Tensor:
         self.arena.grad.zero_()
+        if self._communicator is not None:
+            return self._exchanged_level(closure, level, takes_context)
         if takes_context:
             return self._context_level(closure, level)
         return self._brute_force_level(closure, level)
+
+    def _exchanged_level(self, closure, level: int, takes_context: bool) -> Tensor:
+        """A level under torch.distributed: the ranks learn whether any of them failed before the
+        gradients are averaged, so all raise or none (note "agreed failure" in kpg/distributed.py)."""
+        communicator, error, loss = self._communicator, None, None
+        try:
+            loss = self._context_level(closure, level) if takes_context else self._brute_force_level(closure, level)
+        except CommunicationError:
+            raise
+        except Exception as caught:
+            error = caught
+        self._loss_nonfinite = communicator.agree_on_level(level, self.k, error, None if error else self._loss_nonfinite)
+        if not communicator.sharded:
+            communicator.average_gradients(self.arena.grad, level)
+        return loss
 
     def _context_level(self, closure, level: int) -> Tensor:
         ctx = KPGContext(self, level)
@@ -574,11 +686,15 @@ class KPGOptimizer(torch.optim.Optimizer):
                 kernel(self.arena.param, self.arena.grad, self._anticipated, **self._state_buffers, **common)
 
     def _raise_if_nonfinite(self, level: int) -> None:
-        bad = self._skip.nonzero().flatten().tolist()
+        if self._communicator is not None and self._communicator.sharded:
+            bad, from_loss = self._communicator.nonfinite_agents(self._skip, self._loss_nonfinite)
+        else:
+            bad = self._skip.nonzero().flatten().tolist()
+            from_loss = [bool(self._loss_nonfinite[agent]) for agent in bad[:1]]
         if not bad:
             return
         agent = bad[0]
-        what = "loss" if bool(self._loss_nonfinite[agent]) else "gradient"
+        what = "loss" if from_loss[0] else "gradient"
         who = "the shared network's" if self.shared else f"agent {agent}'s"
         others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
         raise FloatingPointError(
@@ -796,6 +912,11 @@ def _validate_hyperparameters(optimizer: str, lrs, max_norms, h: dict[str, Any])
     for agent, m in enumerate(max_norms):
         if m is not None and not (m > 0.0):
             raise ValueError(f"Invalid max_grad_norm {m!r} for agent {agent}: it must be > 0, or None for no clipping")
+    # Infinite or NaN coefficients turn every parameter into inf or NaN in one step, and no
+    # gradient check sees it coming.
+    for name in ("eps", "weight_decay", "momentum", "dampening", "alpha"):
+        if name in h and not (isinstance(h[name], (int, float)) and math.isfinite(h[name])):
+            raise ValueError(f"Invalid {name} value: {h[name]!r}; it must be a finite number")
     if "eps" in h and not h["eps"] >= 0.0:
         raise ValueError(f"Invalid epsilon value: {h['eps']}")
     if "betas" in h:

@@ -15,9 +15,13 @@ import io
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +29,8 @@ import numpy as np
 import torch
 
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
+from kpg.algos.replay import without_rows
+from kpg.distributed import RunContext
 from kpg.envs import EnvPool, make_env_factory
 
 CHECKPOINT_FORMAT = "kpg-checkpoint-1"
@@ -49,10 +55,12 @@ class TrainConfig:
     logdir: Path = Path("runs")
     name: str | None = None  # run folder under logdir; default ALGO-ENV-kK-sSEED
     checkpoint_every: int = 100  # updates between checkpoints (0: only at the end)
+    checkpoint_replay: bool = True  # off-policy: keep the replay buffer in checkpoints (off: smaller files, a resume refills it)
     resume: bool = False  # continue from <logdir>/<name>/checkpoint.pt
     eval_episodes: int = 10  # greedy-policy episodes at the end (0: none)
     tensorboard: bool = True
     progress: bool = True
+    dist_timeout: float = 300.0  # under torchrun: seconds a rank waits for the others before stopping with an error
     mappo: MAPPOConfig = field(default_factory=MAPPOConfig)
     maddpg: MADDPGConfig = field(default_factory=MADDPGConfig)
     facmac: FACMACConfig = field(default_factory=FACMACConfig)
@@ -95,6 +103,12 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+    # The rename lives in the directory: without its fsync a power loss can undo it.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -104,9 +118,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is damaged or not a kpg checkpoint") from None
     if not isinstance(wrapper, dict) or wrapper.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a kpg checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    if not isinstance(wrapper.get("payload"), bytes) or not isinstance(wrapper.get("sha256"), str):
+        raise ValueError(f"checkpoint {path} is damaged: its payload or checksum is missing; restore it or start over")
     if hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper["sha256"]:
         raise ValueError(f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over")
     return torch.load(io.BytesIO(wrapper["payload"]), map_location="cpu", weights_only=False)
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM asks a run to stop after its current update, so that the final
+    checkpoint holds a consistent state; a second one stops at once (the last checkpoint stands).
+    Handlers are installed only in the main thread, the one Python delivers signals to."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+
+    def _handle(self, number, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        print(f"\n{self.requested}: stopping after this update and writing a checkpoint; press Ctrl-C again to stop at "
+              "once (the last checkpoint stands)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 def _rng_states() -> dict[str, Any]:
@@ -150,20 +192,35 @@ class MetricsLog:
                 if name != "env_steps" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(name, value, row["env_steps"])
 
+    def size(self) -> int:
+        """Bytes of metrics.csv written so far; a resume cuts the file back to a checkpoint's size."""
+        return self._file.tell()
+
     def close(self) -> None:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
 
-def build_trainer(config: TrainConfig):
+def build_trainer(config: TrainConfig, run: RunContext | None = None):
+    """The environment pool and trainer of this rank (``run``: its place under torchrun; one process without)."""
+    run = run or RunContext(None)
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    pool = EnvPool(config.env_factory(), config.copies, seed=config.seed)
+    pool = EnvPool(config.env_factory(), run.local_copies(config.copies), seed=run.rank_seed(config.seed))
     trainer_class = ALGORITHMS[config.algo]
-    trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, config.device, config.seed)
+    distributed = {"process_group": run.group} if run.distributed else {}
+    trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, run.device(config.device),
+                            config.seed, **distributed)
+    run.seed_rank_streams(config.seed)
     return pool, trainer
+
+
+def _resume_state(checkpoint_path: Path) -> dict[str, Any]:
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; check --logdir and --name")
+    return load_checkpoint(checkpoint_path)
 
 
 def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
@@ -180,39 +237,65 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) one training run; returns its summary."""
     from tqdm import tqdm
 
+    run = RunContext.from_environment(config.device, timedelta(seconds=config.dist_timeout))
+    if run.distributed and config.algo != "mappo":
+        raise ValueError(
+            f"--algo {config.algo} does not run under torchrun: data-parallel training is implemented for mappo only; "
+            "run the off-policy trainers in one process"
+        )
     run_dir = config.run_dir
     checkpoint_path = run_dir / "checkpoint.pt"
-    if config.resume and not checkpoint_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; check --logdir and --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pool, trainer = build_trainer(config)
+    # Rank 0 reads the checkpoint and hands it to the others: no shared file system needed.
+    resumed = run.on_writer(lambda: _resume_state(checkpoint_path)) if config.resume else None
+    if run.is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    pool, trainer = build_trainer(config, run)
     wall_before = 0.0
     seconds = {"environment": 0.0, "critic": 0.0, "actor": 0.0}
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     if config.resume:
-        state = load_checkpoint(checkpoint_path)
+        state = resumed
         trainer.load_state_dict(state["trainer"])
-        pool.load_state_dict(state["pool"])
-        _set_rng_states(state["rng"])
+        rank_states = state.get("ranks", [{"pool": state["pool"], "rng": state["rng"]}])
+        pool.load_state_dict(run.resharded_pool_state([r["pool"] for r in rank_states], pool))
+        if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
+            _set_rng_states(rank_states[run.rank]["rng"])
         wall_before, seconds, recent = state["wall_seconds"], state["seconds"], deque(state["recent"], maxlen=RECENT_EPISODES)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
-    log = MetricsLog(run_dir, trainer.METRICS, config.tensorboard, append=config.resume)
+    log = None
+    if run.is_writer:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        if config.resume and state.get("metrics_bytes") is not None and (run_dir / "metrics.csv").exists():
+            # Rows logged after the checkpoint (a run killed before its next one) are logged again.
+            os.truncate(run_dir / "metrics.csv", state["metrics_bytes"])
+        log = MetricsLog(run_dir, trainer.METRICS, config.tensorboard, append=config.resume)
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoint_path, {
-            "config": dataclasses.asdict(config), "trainer": trainer.state_dict(), "pool": pool.state_dict(),
-            "rng": _rng_states(), "wall_seconds": wall_before + time.perf_counter() - started, "seconds": seconds,
-            "recent": list(recent),
-        })
+        # Every rank's environment seeds and random streams, so a resume continues every rank.
+        ranks = run.gather({"pool": pool.state_dict(), "rng": _rng_states()})
+        if run.is_writer:
+            trainer_state = trainer.state_dict()
+            if not config.checkpoint_replay and "replay" in trainer_state:
+                trainer_state["replay"] = without_rows(trainer_state["replay"])
+            save_checkpoint(checkpoint_path, {
+                "config": dataclasses.asdict(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
+                "rng": ranks[0]["rng"], "ranks": ranks, "wall_seconds": wall_before + time.perf_counter() - started,
+                "seconds": seconds, "recent": list(recent), "metrics_bytes": log.size(),
+            })
 
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not config.progress,
+    bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not (config.progress and run.is_writer),
                desc=config.run_name, dynamic_ncols=True)
     interrupted = False
+    # Between iterations the trainer, pool and generators agree, and a checkpoint resumes exactly;
+    # a checkpoint of an iteration cut short by an error or a second Ctrl-C would not.
+    between_iterations = True
+    # Under torchrun the ranks could not agree on which update to stop after; Ctrl-C stops at once.
+    stop = StopRequests() if not run.distributed else None
     try:
-        while trainer.env_steps < config.steps:
+        while trainer.env_steps < config.steps and not (stop and stop.requested):
+            between_iterations = False
             steps_before = trainer.env_steps
-            metrics = trainer.iteration()
+            metrics = run.merge_metrics(trainer.iteration())
             for phase, value in trainer.clock.take().items():
                 seconds[phase] = seconds.get(phase, 0.0) + value
             if "episode_return" in metrics:
@@ -224,18 +307,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "recent_return": float(np.mean(recent)) if recent else None,
                 **{f"seconds_{phase}": value for phase, value in seconds.items()},
             }
-            log.write(row)
+            if log is not None:
+                log.write(row)
             bar.update(min(trainer.env_steps, config.steps) - min(steps_before, config.steps))
             if recent:
                 bar.set_postfix(ret=f"{np.mean(recent):.2f}", fps=f"{row['fps']:.0f}", k=trainer.actor_optimizer.k)
+            between_iterations = True
             if config.checkpoint_every and trainer.updates % config.checkpoint_every == 0:
                 checkpoint()
+        interrupted = bool(stop and stop.requested)
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if stop is not None:
+            stop.restore()
         bar.close()
-        checkpoint()
-        log.close()
+        # Under torchrun a rank stopped by Ctrl-C or an error cannot meet the others in the
+        # checkpoint's gather; the last periodic checkpoint stands.
+        if between_iterations and not (run.distributed and (interrupted or sys.exc_info()[1] is not None)):
+            checkpoint()
+        if log is not None:
+            log.close()
         pool.close()
     summary = {
         "run": config.run_name, "algo": config.algo, "env": config.env, "agents": trainer.num_agents, "k": config.k,
@@ -244,9 +336,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "actor_level_seconds": trainer.actor_level_seconds(),
         "recent_return": float(np.mean(recent)) if recent else None, "interrupted": interrupted,
     }
-    if config.eval_episodes and not interrupted:
-        summary["eval_return"] = evaluate(trainer, config, config.eval_episodes)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.is_writer:
+        if config.eval_episodes and not interrupted:
+            summary["eval_return"] = evaluate(trainer, config, config.eval_episodes)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if interrupted:
         raise KeyboardInterrupt
     return summary

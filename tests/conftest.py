@@ -2,11 +2,24 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("nightly", max_examples=2000, deadline=None)
+# Random (not derandomized) examples, so successive nightly runs explore new inputs; a failure
+# prints the blob that reproduces it (@reproduce_failure).
+settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("KPG_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--nightly", action="store_true",
+                     help="run the property tests with the nightly hypothesis profile (2000 examples each)")
+
+
+def pytest_configure(config):
+    if config.getoption("--nightly"):
+        settings.load_profile("nightly")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,420 @@
+"""kpg on torch.distributed: data-parallel and agent-sharded KPG steps, and what the trainers need
+to run under ``torchrun``. kpg adds no communication layer: every exchange is one torch.distributed
+collective (gloo on CPU, NCCL on GPUs) over the caller's process group.
+
+- Data parallel (``KPGOptimizer(..., process_group=group)``): every rank holds every agent and its
+  own share of the batch. At each level the ranks first all-reduce a small control vector (which
+  rank failed, each rank's k, which agents' losses are not finite), then average the arena's
+  gradient buffer (one all-reduce per bucket); clipping, non-finite checks and the fused update run
+  on the averaged gradient, so every rank computes the same anticipated and committed parameters.
+- Agent sharded (``parallel="agents"``): each rank builds the optimizer over its own contiguous
+  range of agents (:func:`agent_range`), so parameters, gradients and optimizer state stay local.
+  The closure exchanges what the other agents need with all-gathers (``ctx.gather_agents`` for
+  outputs, ``ctx.gather_anticipated_parameters`` for level parameters); each rank updates its own
+  agents only.
+
+Failure rule (note "agreed failure"): a step fails on every rank or on none. An exception or a
+non-finite value on one rank is shared through the control all-reduce, every rank raises, and
+nothing changed anywhere. A rank that dies makes the others' collective fail (connection lost, or
+the process group's timeout): kpg raises a clear error and, on gloo, shuts the group down so that
+ranks waiting on a third one stop at once instead of at the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "RunContext", "agent_counts",
+    "agent_range", "all_gather_agents", "average_gradients", "broadcast_parameters", "check_replicas_agree",
+    "gather_samples", "init_from_environment",
+]
+
+PARALLEL_MODES = ("data", "agents")
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket size
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+T = TypeVar("T")
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed: another rank stopped, or did not arrive within the group's timeout."""
+
+
+def init_from_environment(device: str = "cpu", timeout: timedelta = DEFAULT_TIMEOUT) -> dist.ProcessGroup | None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) initializes the default process group, gloo for CPU
+    and NCCL for CUDA, with ``timeout`` for every collective, and returns it; otherwise None. A
+    group initialized earlier by the caller is returned as it is."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timeout)
+    return dist.group.WORLD
+
+
+def agent_counts(num_agents: int, world_size: int) -> list[int]:
+    """How many agents each rank owns: contiguous ranges, the first ``num_agents % world_size``
+    ranks one more."""
+    if num_agents < world_size:
+        raise ValueError(
+            f"{num_agents} agents cannot be sharded over {world_size} ranks (every rank needs at least one agent); "
+            "use fewer ranks or parallel='data'"
+        )
+    base, extra = divmod(num_agents, world_size)
+    return [base + (rank < extra) for rank in range(world_size)]
+
+
+def agent_range(num_agents: int, group: dist.ProcessGroup | None = None) -> range:
+    """The global indices of the agents this rank owns under agent sharding (all agents without a group)."""
+    if group is None:
+        return range(num_agents)
+    counts = agent_counts(num_agents, dist.get_world_size(group))
+    rank = dist.get_rank(group)
+    start = sum(counts[:rank])
+    return range(start, start + counts[rank])
+
+
+def all_gather_agents(tensor: Tensor, counts: Sequence[int], group: dist.ProcessGroup | None) -> Tensor:
+    """Concatenates every rank's ``tensor`` (rank r's holds ``counts[r]`` agents in dim 0) in rank
+    order, without gradient: the other agents' values are constants of this rank's losses."""
+    tensor = tensor.detach()
+    if group is None:
+        return tensor
+    rank = dist.get_rank(group)
+    if tensor.shape[0] != counts[rank]:
+        raise ValueError(
+            f"rank {rank} gathers a tensor of shape {tuple(tensor.shape)} whose dim 0 should hold its {counts[rank]} "
+            "agents; put this rank's agents first"
+        )
+    widest = max(counts)
+    padded = tensor.new_zeros((widest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in counts]
+    _collective(lambda: dist.all_gather(gathered, padded.contiguous(), group=group), group, "the all-gather of agent values")
+    return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+
+
+def gather_samples(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's ``tensor`` (equal shapes) concatenated along dim 0 in rank order; ``tensor``
+    itself without a group. For statistics over the whole data-parallel batch."""
+    if group is None:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    _collective(lambda: dist.all_gather(parts, tensor.contiguous(), group=group), group, "the gather of samples")
+    return torch.cat(parts)
+
+
+def average_gradients(parameters: Iterable[Tensor], group: dist.ProcessGroup | None,
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Replaces every parameter's ``.grad`` by its mean over the ranks (for models trained beside
+    the KPG actor, such as a critic); a missing gradient counts as zero."""
+    if group is None:
+        return
+    parameters = [p for p in parameters if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    _average_(flat, group, bucket_bytes, "the all-reduce of gradients")
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def broadcast_parameters(parameters: Iterable[Tensor], group: dist.ProcessGroup | None, src: int = 0) -> None:
+    """Copies rank ``src``'s values of ``parameters`` (and buffers passed with them) to every rank."""
+    if group is None:
+        return
+    with torch.no_grad():
+        for p in parameters:
+            _collective(lambda p=p: dist.broadcast(p.data, src=dist.get_global_rank(group, src), group=group),
+                        group, "the broadcast of parameters")
+
+
+def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+    """Raises the same ValueError on every rank unless every rank holds exactly rank 0's ``tensors``."""
+    if group is None:
+        return
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    reference = flat.clone()
+    _collective(lambda: dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group), group,
+                f"the agreement check of {what}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    differing = ~((flat == reference) | (flat.isnan() & reference.isnan()))
+    report = torch.zeros(2 * world, dtype=torch.float64, device=flat.device)
+    report[rank] = float(differing.sum())
+    report[world + rank] = float((flat - reference).abs()[differing].max()) if bool(differing.any()) else 0.0
+    _collective(lambda: dist.all_reduce(report, group=group), group, f"the agreement check of {what}")
+    counts, gaps = report[:world].tolist(), report[world:].tolist()
+    bad = [r for r in range(world) if counts[r] > 0]
+    if bad:
+        details = ", ".join(f"rank {r}: {int(counts[r])} differing values, largest difference {gaps[r]:.3g}" for r in bad)
+        raise ValueError(
+            f"{what} differ across ranks ({details}); every rank must start from the same values: seed every rank "
+            "alike before building the models, or call kpg.distributed.broadcast_parameters(model.parameters(), group)"
+        )
+
+
+class Communicator:
+    """What a :class:`kpg.KPGOptimizer` exchanges with the other ranks, one object per optimizer.
+
+    ``local_agents`` is the number of agent segments this rank steps (all agents in data-parallel
+    mode, its own range under agent sharding).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, parallel: str, local_agents: int, bucket_bytes: int, device: torch.device):
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL_MODES))}, got {parallel!r}")
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        self.group, self.parallel, self.bucket_bytes = group, parallel, bucket_bytes
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.local_agents = local_agents
+        self._device = device  # NCCL exchanges device tensors only
+        self.counts = [local_agents] * self.world_size
+        self.first_agent = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "agents"
+
+    def check_layout(self, numel: int, describe: str) -> None:
+        """Every rank must have built a compatible optimizer; under agent sharding this also learns
+        how many agents every rank owns."""
+        layout = torch.zeros(2 * self.world_size, dtype=torch.float64, device=self._device)
+        layout[self.rank], layout[self.world_size + self.rank] = float(self.local_agents), float(numel)
+        _collective(lambda: dist.all_reduce(layout, group=self.group), self.group, "the layout check")
+        counts = [int(c) for c in layout[: self.world_size].tolist()]
+        sizes = [int(s) for s in layout[self.world_size :].tolist()]
+        if self.sharded:
+            self.counts = counts
+            self.first_agent = sum(counts[: self.rank])
+        elif len(set(counts)) > 1 or len(set(sizes)) > 1:
+            raise ValueError(
+                f"data-parallel ranks built different optimizers ({describe}; agents per rank {counts}, parameters per "
+                f"rank {sizes}); every rank needs every agent with the same networks, or pass parallel='agents' to shard "
+                "agents over the ranks"
+            )
+
+    def agree_on_level(self, level: int, k: int, error: BaseException | None, loss_nonfinite: Tensor | None) -> Tensor | None:
+        """The control all-reduce of a level: raises on every rank if any rank failed or the ranks
+        run different k; returns the loss non-finite flags of all ranks combined (data parallel) or
+        this rank's own (agent sharding, where each rank owns its agents' losses)."""
+        world = self.world_size
+        # Every rank sends the same size, a failed one zeros for its loss flags.
+        combine_losses = not self.sharded
+        control = torch.zeros(2 * world + (self.local_agents if combine_losses else 0), dtype=torch.float64,
+                              device=self._device)
+        control[self.rank] = float(error is not None)
+        control[world + self.rank] = float(k)
+        if combine_losses and loss_nonfinite is not None:
+            control[2 * world :] = loss_nonfinite.to(torch.float64)
+        _collective(lambda: dist.all_reduce(control, group=self.group), self.group, f"the control all-reduce of level {level}")
+        summary = control[: 2 * world].tolist()
+        failed = [r for r in range(world) if summary[r] > 0]
+        if failed:
+            self._raise_agreed_failure(level, failed, error)
+        ks = [int(v) for v in summary[world:]]
+        if len(set(ks)) > 1:
+            raise ValueError(
+                f"the ranks step with different k ({', '.join(f'rank {r}: k={v}' for r, v in enumerate(ks))}); set k alike "
+                "on every rank (KSchedule steps the same way everywhere); the step was rolled back on every rank"
+            )
+        if combine_losses:
+            return control[2 * world :] > 0
+        return loss_nonfinite
+
+    def _raise_agreed_failure(self, level: int, failed: list[int], error: BaseException | None) -> None:
+        messages: list[Any] = [None] * self.world_size
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        _collective(lambda: dist.all_gather_object(messages, mine, group=self.group), self.group,
+                    f"the exchange of error messages at level {level}")
+        if error is not None:
+            raise error
+        first = failed[0]
+        others = f" (and ranks {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
+        raise RuntimeError(
+            f"rank {first}{others} failed at level {level} of the KPG step with {messages[first]}; the step was rolled "
+            f"back on every rank (rank {self.rank} included), so parameters and optimizer state are unchanged everywhere"
+        )
+
+    def average_gradients(self, grad: Tensor, level: int) -> None:
+        _average_(grad, self.group, self.bucket_bytes, f"the gradient all-reduce of level {level}")
+
+    def gather_agents(self, tensor: Tensor) -> Tensor:
+        if not self.sharded:
+            return tensor.detach()
+        return all_gather_agents(tensor, self.counts, self.group)
+
+    def nonfinite_agents(self, skip: Tensor, loss_nonfinite: Tensor) -> tuple[list[int], list[bool]]:
+        """(agents whose loss or gradient is not finite, whether it was the loss), in global agent
+        indices and the same on every rank."""
+        flags = torch.stack([skip.to(torch.float64), loss_nonfinite.to(torch.float64)], dim=1)
+        if self.sharded:
+            flags = all_gather_agents(flags, self.counts, self.group)
+        flags = flags.tolist()
+        bad = [agent for agent, (skipped, _) in enumerate(flags) if skipped]
+        return bad, [bool(flags[agent][1]) for agent in bad]
+
+    def check_replicas(self, tensors: Sequence[Tensor], what: str) -> None:
+        if not self.sharded:
+            check_replicas_agree(tensors, self.group, what)
+
+
+class RunContext:
+    """A training run's place among the ranks under ``torchrun``: which environment copies and seeds
+    this rank uses, merging metrics, and checkpoints written once by rank 0 that resume on another
+    number of ranks. Without a process group it is one rank and every method is the plain path."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.world_size = 1 if group is None else dist.get_world_size(group)
+
+    @classmethod
+    def from_environment(cls, device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> RunContext:
+        return cls(init_from_environment(device, timeout))
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes logs, checkpoints and summaries; the others only train."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
+        if self.distributed and device == "cuda":
+            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        return device
+
+    def local_copies(self, copies: int) -> int:
+        if copies % self.world_size:
+            raise ValueError(
+                f"--copies {copies} cannot be split evenly over {self.world_size} ranks; pass a multiple of "
+                f"{self.world_size} (every rank steps the same number of environment copies)"
+            )
+        return copies // self.world_size
+
+    def rank_seed(self, seed: int) -> int:
+        """Rank 0 keeps ``seed`` (one rank runs exactly as without torchrun); the others get streams of
+        their own, far from rank 0's and from the evaluation pool's (seed + 10 000)."""
+        return seed + 100_003 * self.rank
+
+    def seed_rank_streams(self, seed: int) -> None:
+        """Gives ranks other than 0 their own torch, numpy and Python streams (action sampling), once
+        the models have been built alike on every rank."""
+        if self.rank:
+            rank_seed = self.rank_seed(seed)
+            torch.manual_seed(rank_seed)
+            np.random.seed(rank_seed % 2**32)
+            random.seed(rank_seed)
+
+    def on_writer(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0, its result (or its exception) given to every rank."""
+        if not self.distributed:
+            return fn()
+        box: list[Any] = [None]
+        if self.is_writer:
+            try:
+                box[0] = ("result", fn())
+            except Exception as error:  # every rank raises it, instead of the others waiting on rank 0
+                box[0] = ("error", error)
+        _collective(lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group),
+                    self.group, "the broadcast from rank 0")
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        _collective(lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states")
+        return values
+
+    def merge_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """One row for all ranks: episode counts summed, episode returns and lengths averaged over
+        episodes, everything else averaged over ranks."""
+        if not self.distributed:
+            return metrics
+        everyone = self.gather(metrics)
+        merged: dict[str, float] = {}
+        episodes = [m.get("episodes", 0) for m in everyone]
+        for name in dict.fromkeys(name for m in everyone for name in m):
+            values = [m[name] for m in everyone if name in m]
+            if name == "episodes":
+                merged[name] = sum(values)
+            elif name in ("episode_return", "episode_length"):
+                weights = [n for m, n in zip(everyone, episodes) if name in m]
+                merged[name] = float(np.average(values, weights=weights))
+            elif all(isinstance(v, (int, float)) for v in values):
+                merged[name] = float(np.mean(values)) if len(set(values)) > 1 else values[0]
+        return merged
+
+    def resharded_pool_state(self, pool_states: Sequence[dict[str, Any]], pool: Any) -> dict[str, Any]:
+        """The state ``pool`` (this rank's environment copies) loads from the pool states of a run on
+        ``len(pool_states)`` ranks: the same rank's state when the count is unchanged, else this
+        rank's slice of all copies' episode seeds (each copy restarts its current episode from its
+        seed) and the episode counter this rank used before, so no episode seed repeats."""
+        if len(pool_states) == self.world_size:
+            return pool_states[self.rank]
+        seeds = [s for state in pool_states for s in state["episode_seeds"]]
+        if len(seeds) != pool.copies * self.world_size:
+            raise ValueError(
+                f"the checkpoint holds {len(seeds)} environment copies, this run {pool.copies * self.world_size}; "
+                "resume with the same --copies"
+            )
+        before = pool_states[self.rank] if self.rank < len(pool_states) else None
+        return {"seed": pool.seed, "episodes_started": before["episodes_started"] if before else 0,
+                "episode_seeds": seeds[self.rank * pool.copies : (self.rank + 1) * pool.copies]}
+
+
+def _average_(buffer: Tensor, group: dist.ProcessGroup, bucket_bytes: int, what: str) -> None:
+    """``buffer`` <- its mean over the ranks: sums of buckets of at most ``bucket_bytes`` (all in
+    flight together), then one division. gloo has no average operation; NCCL's would round alike."""
+    bucket = max(1, bucket_bytes // buffer.element_size())
+
+    def reduce() -> None:
+        works = [dist.all_reduce(part, group=group, async_op=True) for part in buffer.split(bucket)]
+        for work in works:
+            work.wait()
+
+    _collective(reduce, group, what)
+    buffer.div_(dist.get_world_size(group))
+
+
+def _collective(run: Callable[[], Any], group: dist.ProcessGroup, what: str) -> Any:
+    """Runs a collective; if it fails, raises CommunicationError naming this rank and ``what``, after
+    shutting a gloo group down (note "agreed failure" in the module docstring)."""
+    rank = dist.get_rank(group)
+    try:
+        return run()
+    except CommunicationError:
+        raise
+    except RuntimeError as error:
+        if dist.get_backend(group) == "gloo":
+            dist.destroy_process_group(group)
+        raise CommunicationError(
+            f"rank {rank}: {what} failed ({str(error).splitlines()[0][:300]}); another rank stopped (crashed, was "
+            "killed, or raised outside the KPG step) or did not arrive within the process group's timeout. Nothing "
+            "was committed by the interrupted step on this rank; this process group is shut down: restart the run "
+            "(kpg train --resume continues from the last checkpoint)"
+        ) from error
