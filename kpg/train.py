@@ -250,7 +250,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if run.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
     pool, trainer = build_trainer(config, run)
-    wall_before = 0.0
+    wall_before = cpu_before = 0.0
     seconds = {"environment": 0.0, "critic": 0.0, "actor": 0.0}
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     if config.resume:
@@ -261,6 +261,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
             _set_rng_states(rank_states[run.rank]["rng"])
         wall_before, seconds, recent = state["wall_seconds"], state["seconds"], deque(state["recent"], maxlen=RECENT_EPISODES)
+        cpu_before = state.get("cpu_seconds", 0.0)
     log = None
     if run.is_writer:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
@@ -279,10 +280,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             save_checkpoint(checkpoint_path, {
                 "config": dataclasses.asdict(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
                 "rng": ranks[0]["rng"], "ranks": ranks, "wall_seconds": wall_before + time.perf_counter() - started,
-                "seconds": seconds, "recent": list(recent), "metrics_bytes": log.size(),
+                "cpu_seconds": cpu_before + time.process_time() - cpu_started, "seconds": seconds, "recent": list(recent), "metrics_bytes": log.size(),
             })
 
-    started = time.perf_counter()
+    # CPU time of this process measures a run's cost even when other jobs share the cores.
+    started, cpu_started = time.perf_counter(), time.process_time()
     bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not (config.progress and run.is_writer),
                desc=config.run_name, dynamic_ncols=True)
     interrupted = False
@@ -332,7 +334,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary = {
         "run": config.run_name, "algo": config.algo, "env": config.env, "agents": trainer.num_agents, "k": config.k,
         "seed": config.seed, "env_steps": trainer.env_steps, "updates": trainer.updates,
-        "wall_seconds": wall_before + time.perf_counter() - started, "seconds": seconds,
+        "wall_seconds": wall_before + time.perf_counter() - started,
+        "cpu_seconds": cpu_before + time.process_time() - cpu_started, "seconds": seconds,
         "actor_level_seconds": trainer.actor_level_seconds(),
         "recent_return": float(np.mean(recent)) if recent else None, "interrupted": interrupted,
     }
