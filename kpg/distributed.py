@@ -350,6 +350,18 @@ class RunContext:
         _collective(lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states")
         return values
 
+    def gather_to_writer(self, value: T) -> list[T] | None:
+        """Every rank's ``value`` in rank order on rank 0 (its own entry is ``value`` itself, not a
+        copy), None on the others: for what only rank 0 writes, such as every rank's replay rows."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] | None = [None] * self.world_size if self.is_writer else None
+        _collective(lambda: dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group),
+                    self.group, "the gather of rank states to rank 0")
+        if values is not None:
+            values[0] = value
+        return values
+
     def merge_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """One row for all ranks: episode counts summed, episode returns and lengths averaged over
         episodes, everything else averaged over ranks."""

@@ -223,6 +223,19 @@ def _resume_state(checkpoint_path: Path) -> dict[str, Any]:
     return load_checkpoint(checkpoint_path)
 
 
+def _trainer_state_of_rank(trainer, shared: dict[str, Any], rank_states: list[dict[str, Any]], run: RunContext) -> dict[str, Any]:
+    """The trainer state this rank loads: the state every rank shares (rank 0's) with this rank's
+    own entries (``trainer.RANK_STATE``: an off-policy trainer's replay buffer and sampling
+    streams) from the checkpoint on as many ranks; on another number of ranks its own entries stay
+    fresh (an empty buffer, refilled like a checkpoint without replay, and this rank's new streams)."""
+    own_keys = trainer.RANK_STATE
+    if len(rank_states) == run.world_size:
+        # Checkpoints written before ranks held their own trainer state keep rank 0's in the shared one.
+        return {**shared, **rank_states[run.rank].get("trainer", {})}
+    fresh = trainer.state_dict()
+    return {**shared, **{key: fresh[key] for key in own_keys}}
+
+
 def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
     """Mean return of ``episodes`` episodes with the greedy policy, on fresh environment copies."""
     pool = EnvPool(config.env_factory(), min(episodes, config.copies), seed=10_000 + config.seed)
@@ -238,11 +251,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     run = RunContext.from_environment(config.device, timedelta(seconds=config.dist_timeout))
-    if run.distributed and config.algo != "mappo":
-        raise ValueError(
-            f"--algo {config.algo} does not run under torchrun: data-parallel training is implemented for mappo only; "
-            "run the off-policy trainers in one process"
-        )
     run_dir = config.run_dir
     checkpoint_path = run_dir / "checkpoint.pt"
     # Rank 0 reads the checkpoint and hands it to the others: no shared file system needed.
@@ -255,8 +263,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     if config.resume:
         state = resumed
-        trainer.load_state_dict(state["trainer"])
         rank_states = state.get("ranks", [{"pool": state["pool"], "rng": state["rng"]}])
+        trainer.load_state_dict(_trainer_state_of_rank(trainer, state["trainer"], rank_states, run))
         pool.load_state_dict(run.resharded_pool_state([r["pool"] for r in rank_states], pool))
         if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
             _set_rng_states(rank_states[run.rank]["rng"])
@@ -271,12 +279,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         log = MetricsLog(run_dir, trainer.METRICS, config.tensorboard, append=config.resume)
 
     def checkpoint() -> None:
-        # Every rank's environment seeds and random streams, so a resume continues every rank.
-        ranks = run.gather({"pool": pool.state_dict(), "rng": _rng_states()})
+        trainer_state = trainer.state_dict()
+        if not config.checkpoint_replay and "replay" in trainer_state:
+            trainer_state["replay"] = without_rows(trainer_state["replay"])
+        own = {key: trainer_state[key] for key in trainer.RANK_STATE}
+        # Every rank's environment seeds, random streams and own trainer state (an off-policy
+        # trainer's replay rows), so a resume on as many ranks continues every rank exactly.
+        ranks = run.gather_to_writer({"pool": pool.state_dict(), "rng": _rng_states(), "trainer": own})
         if run.is_writer:
-            trainer_state = trainer.state_dict()
-            if not config.checkpoint_replay and "replay" in trainer_state:
-                trainer_state["replay"] = without_rows(trainer_state["replay"])
             save_checkpoint(checkpoint_path, {
                 "config": dataclasses.asdict(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
                 "rng": ranks[0]["rng"], "ranks": ranks, "wall_seconds": wall_before + time.perf_counter() - started,

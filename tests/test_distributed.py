@@ -1,7 +1,8 @@
 """kpg on torch.distributed, with 2 and 3 gloo processes on this machine: data-parallel steps equal
 one process's steps on the concatenated batch, agent-sharded steps equal unsharded ones, failures
-on one rank stop every rank with a clear error, and K-MAPPO trains under data parallelism and
-resumes on another number of ranks.
+on one rank stop every rank with a clear error, K-MAPPO trains under data parallelism and resumes
+on another number of ranks, and K-MADDPG's and K-FACMAC's data-parallel gradient steps equal one
+process's on the concatenated minibatch, and K-FACMAC trains and resumes on 2 ranks.
 
 Each launch starts its ranks once (forked from a server that has imported torch and kpg) and runs a
 list of scenarios in every rank; a rank writes each scenario's findings (or its traceback) to a
@@ -366,9 +367,96 @@ def mappo_resumes(rank, world, workdir):
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
+OFF_POLICY_SAMPLES_PER_RANK = 4
+
+
+def _off_policy_trainer(algo: str, group):
+    from kpg.algos import FACMACConfig, FACMACTrainer, MADDPGConfig, MADDPGTrainer
+    from kpg.envs import EnvPool, make_env_factory
+
+    trainer_class, config_class = {"maddpg": (MADDPGTrainer, MADDPGConfig), "facmac": (FACMACTrainer, FACMACConfig)}[algo]
+    extra = dict(mixer_embed=4, hypernet_embed=6) if algo == "facmac" else {}
+    config = config_class(batch_size=6 * OFF_POLICY_SAMPLES_PER_RANK, hidden=(8,), actor_regularization=0.1, **extra)
+    pool = EnvPool(make_env_factory("simple_spread", agents=3), 1, seed=0)
+    return trainer_class(pool, config, k=2, k_until=None, device="cpu", seed=0, process_group=group)
+
+
+def _off_policy_minibatch(trainer, world: int, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The whole minibatch of a gradient step (rank r's share is its r-th block of rows) and its
+    Gumbel noise [agents, rows, actions]; every agent acted, so equal shares weigh alike."""
+    from kpg.algos.common import gumbel_noise
+    from kpg.algos.replay import transition_fields
+
+    generator = torch.Generator().manual_seed(200 + step)
+    rows = world * OFF_POLICY_SAMPLES_PER_RANK
+    spaces = trainer.spaces
+    batch = {name: torch.randn((rows, *shape), generator=generator, dtype=dtype)
+             for name, (shape, dtype) in transition_fields(spaces, torch.float64).items()}
+    choices = torch.randint(0, spaces.action_size, (rows, spaces.num_agents), generator=generator)
+    batch["actions"] = nn.functional.one_hot(choices, spaces.action_size).double()
+    batch["alive"] = batch["next_present"] = torch.ones(rows, spaces.num_agents, dtype=torch.float64)
+    batch["terminated"] = (batch["terminated"] > 1.0).double()
+    noise = gumbel_noise((spaces.num_agents, rows, spaces.action_size), generator, "cpu", torch.float64)
+    return batch, noise
+
+
+def off_policy_step_parity(rank, world, workdir):
+    """Per algorithm: 3 gradient steps data-parallel on this rank's rows vs one process on all rows."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        differences = {}
+        for algo in ("maddpg", "facmac"):
+            distributed, single = _off_policy_trainer(algo, dist.group.WORLD), _off_policy_trainer(algo, None)
+            initial = [p.detach().clone() for p in distributed.actor.parameters()]
+            rows = slice(rank * OFF_POLICY_SAMPLES_PER_RANK, (rank + 1) * OFF_POLICY_SAMPLES_PER_RANK)
+            for step in range(3):
+                batch, noise = _off_policy_minibatch(single, world, step)
+                distributed.gradient_step({name: value[rows] for name, value in batch.items()}, noise[:, rows])
+                single.gradient_step(batch, noise)
+            modules = ("actor", "critic", "target_actor", "target_critic")
+            differences[algo] = {
+                **{name: _max_difference(list(getattr(distributed, name).parameters()),
+                                         list(getattr(single, name).parameters())) for name in modules},
+                "critic_optimizer": _max_difference(
+                    [t for s in distributed.critic_optimizer.state.values() for t in s.values()],
+                    [t for s in single.critic_optimizer.state.values() for t in s.values()]),
+                "actor_moved": _max_difference(list(distributed.actor.parameters()), initial),
+            }
+        return differences
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _facmac_train_config(workdir: Path, **changes):
+    from kpg.algos.facmac import FACMACConfig
+    from kpg.train import TrainConfig
+
+    facmac = FACMACConfig(buffer_size=400, batch_size=8, rollout=25, updates_per_iteration=2, learning_starts=50,
+                          hidden=(8,), mixer_embed=4, hypernet_embed=6)
+    base = TrainConfig(algo="facmac", steps=300, copies=2, logdir=workdir, name="facmac-dp", progress=False,
+                       tensorboard=False, eval_episodes=0, checkpoint_every=2, facmac=facmac)
+    return dataclasses.replace(base, **changes)
+
+
+def facmac_trains(rank, world, workdir):
+    from kpg.train import train
+
+    summary = train(_facmac_train_config(workdir.parent))
+    return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
+
+
+def facmac_resumes(rank, world, workdir):
+    from kpg.train import train
+
+    summary = train(_facmac_train_config(workdir.parent, steps=400, resume=True))
+    return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
+
+
 SCENARIOS = {f.__name__: f for f in [
     data_parallel_parity, data_parallel_shared_network, agent_sharded_outputs, agent_sharded_parameters,
     failures_agree, sharded_nonfinite_agrees, replicas_disagree, rank_crashes, mappo_trains, mappo_resumes,
+    off_policy_step_parity, facmac_trains, facmac_resumes,
 ]}
 
 
@@ -383,7 +471,8 @@ def runs(tmp_path_factory):
                      "mappo_trains"], root / "two")
     three = launch(3, ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes",
                        "rank_crashes"], root / "three")
-    return {2: two, 3: three, "root": root}
+    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes"], root / "off_policy")
+    return {2: two, 3: three, "off_policy": off_policy, "root": root}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -458,3 +547,32 @@ def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs)
     assert len(state["ranks"]) == 3 and state["trainer"]["env_steps"] == 450
     seeds = [s for r in state["ranks"] for s in r["pool"]["episode_seeds"]]
     assert len(seeds) == len(set(seeds)) == 6
+
+
+@pytest.mark.parametrize("algo", ["maddpg", "facmac"])
+def test_off_policy_data_parallel_steps_equal_one_process_on_the_whole_minibatch(runs, algo):
+    for rank in range(2):
+        found = result(runs["off_policy"], rank, "off_policy_step_parity")[algo]
+        assert found["actor_moved"] > 1e-3, f"rank {rank}: the steps did not move the actors"
+        for name in ("actor", "critic", "target_actor", "target_critic", "critic_optimizer"):
+            assert found[name] <= F64_TOLERANCE, f"rank {rank}, {name}: {found}"
+
+
+def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
+    from kpg.train import load_checkpoint
+
+    for rank in range(2):
+        # 2 copies x 25 steps per update over 2 ranks; learning starts after the first update.
+        assert result(runs["off_policy"], rank, "facmac_trains") == {"env_steps": 300, "updates": 6}
+        assert result(runs["off_policy"], rank, "facmac_resumes") == {"env_steps": 400, "updates": 8}
+    run_dir = runs["root"] / "facmac-dp"
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 9  # header and 8 updates: written by rank 0 only, appended on resume
+    header, last = rows[0].split(","), dict(zip(rows[0].split(","), rows[-1].split(",")))
+    assert last["env_steps"] == "400" and math.isfinite(float(last["critic_loss"])) and "critic_loss" in header
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    replays = [r["trainer"]["replay"] for r in state["ranks"]]
+    # Each rank's own transitions: 200 of the 400 environment steps, half the buffer of 400 rows.
+    assert [replay["capacity"] for replay in replays] == [200, 200] and [replay["size"] for replay in replays] == [200, 200]
+    assert not torch.equal(replays[0]["storage"]["obs"], replays[1]["storage"]["obs"])
+    assert torch.equal(state["trainer"]["replay"]["storage"]["obs"], replays[0]["storage"]["obs"])

@@ -4,7 +4,8 @@ A trainer is built as ``Trainer(pool, config, k, k_until, device, seed)`` and of
 ``iteration() -> metrics``, ``act(obs, deterministic)``, ``env_steps``, ``updates``, ``clock``
 (a :class:`~kpg.algos.common.WallClock`), ``actor_optimizer`` (the :class:`kpg.KPGOptimizer`),
 ``actor_level_seconds()``, ``state_dict()`` and ``load_state_dict()``; ``METRICS`` names the
-metrics ``iteration`` may report.
+metrics ``iteration`` may report, and ``RANK_STATE`` the entries of ``state_dict()`` that are each
+data-parallel rank's own (checkpointed per rank).
 """
 
 from kpg.algos.facmac import FACMACConfig, FACMACTrainer

@@ -34,8 +34,8 @@ class FACMACConfig:
     embedding 32, hypernetwork embedding 64; actors and utilities shared by all agents). On
     MaMuJoCo the FACMAC authors train with gamma 0.99, tau 0.001, batch 100 and 400-unit networks."""
 
-    buffer_size: int = 100_000  # transitions (one per environment copy and step)
-    batch_size: int = 512
+    buffer_size: int = 100_000  # transitions (one per environment copy and step), split evenly over data-parallel ranks
+    batch_size: int = 512  # samples per gradient step, split evenly over data-parallel ranks
     rollout: int = 25  # environment steps per copy between update phases
     updates_per_iteration: int = 8  # gradient steps (critic, actor, targets) per update phase
     learning_starts: int = 5_000  # environment steps of uniformly random actions before the first update

@@ -19,6 +19,13 @@ a time-limited episode.
 
 :class:`OffPolicyTrainer` holds what MADDPG and FACMAC share: actors and their targets, acting and
 exploration, replay collection, the iteration loop, KPG scheduling and checkpoints.
+
+Data parallel under ``torchrun`` (``process_group``): every rank holds every agent's actor and
+critic (checked identical at construction), steps its own environment copies into its own replay
+buffer, and at each gradient step samples its own share of the minibatch from its own random
+streams. The critic's gradients are averaged over the ranks before clipping, and the actor step is
+a data-parallel KPG step, so every rank commits the same parameters and keeps the same targets: one
+gradient step over ``R`` ranks equals one process's step on the concatenated minibatch.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from kpg.algos.common import (
 )
 from kpg.algos.replay import ReplayBuffer, transition_fields, transition_rows
 from kpg.couplings import joint_inputs
+from kpg.distributed import RunContext, average_gradients, check_replicas_agree
 from kpg.envs import EnvPool
 from kpg.optim import KPGOptimizer
 
@@ -47,8 +55,8 @@ class MADDPGConfig:
     networks, ReLU actors, gamma 0.95, tau 0.01, gradient-norm clipping 0.5, output regularization
     1e-3; ELU critics, see ``critic_activation``)."""
 
-    buffer_size: int = 100_000  # transitions (one per environment copy and step)
-    batch_size: int = 512
+    buffer_size: int = 100_000  # transitions (one per environment copy and step), split evenly over data-parallel ranks
+    batch_size: int = 512  # samples per gradient step, split evenly over data-parallel ranks
     rollout: int = 25  # environment steps per copy between update phases
     updates_per_iteration: int = 8  # gradient steps (critic, actor, targets) per update phase
     learning_starts: int = 5_000  # environment steps of uniformly random actions before the first update
@@ -102,19 +110,34 @@ class OffPolicyTrainer(abc.ABC):
     """
 
     METRICS = ("critic_loss", "actor_loss", "q_mean", "gradient_steps", "buffer_size", "k")
+    # The entries of state_dict() that are each data-parallel rank's own; the rest is alike on every rank.
+    RANK_STATE = ("replay", "generator", "noise_generator")
 
-    def __init__(self, pool: EnvPool, config, k: int, k_until: int | None, device: str, seed: int):
-        """``k_until``: environment steps after which the actor drops to k=1; None keeps ``k``."""
+    def __init__(self, pool: EnvPool, config, k: int, k_until: int | None, device: str, seed: int,
+                 process_group=None):
+        """``k_until``: environment steps after which the actor drops to k=1; None keeps ``k``.
+        ``process_group``: train data-parallel with the other ranks (module docstring); each steps
+        its own ``pool``, and ``env_steps`` counts every rank's."""
         check_off_policy_config(config)
         if k_until is not None and k_until < 0:
             raise ValueError(f"k_until must be >= 0 environment steps or None, got {k_until}")
+        run = RunContext(process_group)
+        if config.batch_size % run.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} cannot be split evenly over {run.world_size} ranks; pass a multiple of "
+                f"{run.world_size} (every rank samples an equal share of each minibatch)"
+            )
         torch.manual_seed(seed)
         c = config
         self.pool, self.config, self.device = pool, config, torch.device(device)
+        self.process_group, self.world_size = process_group, run.world_size
+        self.local_batch_size = c.batch_size // run.world_size
         self.dtype = torch.get_default_dtype()
         self.k, self.k_until = k, k_until
-        self.generator = np.random.default_rng(seed)  # replay sampling
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)  # exploration, Gumbel noise
+        # Each rank samples its own rows and noise; rank 0's streams are those of one process.
+        rank_seed = run.rank_seed(seed)
+        self.generator = np.random.default_rng(rank_seed)  # replay sampling
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(rank_seed)  # exploration, Gumbel noise
         spaces = self.spaces = pool.spaces
         n = self.num_agents = spaces.num_agents
         self.discrete = spaces.discrete
@@ -138,8 +161,11 @@ class OffPolicyTrainer(abc.ABC):
         actor_agents, layout_arguments = self.actor.optimizer_arguments()
         self.actor_optimizer = KPGOptimizer(
             actor_agents, k=k, optimizer="adam", lr=c.actor_lr, max_grad_norm=c.max_grad_norm, **layout_arguments,
+            process_group=process_group,
         )
-        self.buffer = ReplayBuffer(c.buffer_size, transition_fields(spaces, self.dtype), self.device)
+        check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
+        local_capacity = -(-c.buffer_size // run.world_size)
+        self.buffer = ReplayBuffer(local_capacity, transition_fields(spaces, self.dtype), self.device)
         self.clock = WallClock()
         self.env_steps = 0
         self.updates = 0
@@ -256,7 +282,7 @@ class OffPolicyTrainer(abc.ABC):
             rows["actions"] = actions.transpose(0, 1) * alive_t[..., None]
             self.buffer.add(rows)
             episodes += step.finished
-            self.env_steps += self.pool.copies
+            self.env_steps += self.pool.copies * self.world_size
         return episodes
 
     def _update(self) -> dict[str, float]:
@@ -265,28 +291,38 @@ class OffPolicyTrainer(abc.ABC):
             self.actor_optimizer.k = self.k if self.env_steps < self.k_until else 1
         critic_losses, actor_losses, q_means = [], [], []
         for _ in range(c.updates_per_iteration):
-            batch = self.buffer.sample(c.batch_size, self.generator)
-            with self.clock.phase("critic"):
-                critic_loss, q_mean = self.critic_step(batch)
-                polyak_update(self.target_critic, self.critic, c.tau)
-            with self.clock.phase("actor"):
-                actor_loss = self.actor_step(batch, self.actor_noise(c.batch_size))
-                polyak_update(self.target_actor, self.actor, c.tau)
+            batch = self.buffer.sample(self.local_batch_size, self.generator)
+            critic_loss, q_mean, actor_loss = self.gradient_step(batch, self.actor_noise(self.local_batch_size))
             critic_losses.append(critic_loss)
             actor_losses.append(actor_loss.mean())
             q_means.append(q_mean)
-            self.gradient_steps += 1
         return {
             "critic_loss": torch.stack(critic_losses).mean().item(),
             "actor_loss": torch.stack(actor_losses).mean().item(),
             "q_mean": torch.stack(q_means).mean().item(),
         }
 
+    def gradient_step(self, batch: dict[str, Tensor], noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """A critic step, an actor step and the targets' Polyak updates on ``batch`` (this rank's
+        share of the minibatch under data parallel) with the actors' Gumbel ``noise``; returns the
+        critic loss, the mean Q and the actor losses of this rank's share."""
+        tau = self.config.tau
+        with self.clock.phase("critic"):
+            critic_loss, q_mean = self.critic_step(batch)
+            polyak_update(self.target_critic, self.critic, tau)
+        with self.clock.phase("actor"):
+            actor_loss = self.actor_step(batch, noise)
+            polyak_update(self.target_actor, self.actor, tau)
+        self.gradient_steps += 1
+        return critic_loss, q_mean, actor_loss
+
     def critic_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """One Adam step of the critic on ``batch``; returns the loss and the mean Q (detached)."""
         loss, q_mean = self.critic_loss(batch)
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Clipping after the average, so that every rank takes the step of the whole minibatch.
+        average_gradients(self.critic.parameters(), self.process_group)
         self._clip_critic_gradients()
         self.critic_optimizer.step()
         return loss.detach(), q_mean.detach()

@@ -57,6 +57,8 @@ class MAPPOTrainer:
 
     METRICS = ("actor_loss", "value_loss", "entropy", "clip_fraction_level1", "clip_fraction_level2",
                "clip_fraction_level3", "k")
+    # Every rank's state_dict() is alike: the ranks' rollouts are not kept between iterations.
+    RANK_STATE: tuple[str, ...] = ()
 
     def __init__(self, pool: EnvPool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int,
                  process_group=None):
