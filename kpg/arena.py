@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -171,18 +172,8 @@ def _validated_parameters(agents: list[list[Tensor]]) -> list[Tensor]:
     first = parameters[0]
     for agent, params in enumerate(agents):
         for index, p in enumerate(params):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"agent {agent}'s parameter {index} is a {type(p).__name__}, not a tensor")
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"agent {agent}'s parameter {index} has dtype {p.dtype}; kpg supports float32 and float64 "
-                    "parameters: convert the model with .float() or .double()"
-                )
-            if p.dtype != first.dtype or p.device != first.device:
-                raise ValueError(
-                    f"agent {agent}'s parameter {index} is {p.dtype} on {p.device} but the first parameter is "
-                    f"{first.dtype} on {first.device}; move every agent to one device and dtype"
-                )
+            _check_like_first(p, first, f"agent {agent}'s parameter {index}", "the first parameter",
+                              "move every agent to one device and dtype")
             previous = owner.setdefault(id(p), agent)
             if previous != agent or sum(q is p for q in params) > 1:
                 raise ValueError(
@@ -200,18 +191,7 @@ def batched_num_agents(parameters: Sequence[Tensor]) -> int:
         raise ValueError("ParameterArena.batched got no parameters; pass the agent-batched model's parameters")
     first = parameters[0]
     for index, p in enumerate(parameters):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"batched parameter {index} is a {type(p).__name__}, not a tensor")
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"batched parameter {index} has dtype {p.dtype}; kpg supports float32 and float64 parameters: "
-                "convert the model with .float() or .double()"
-            )
-        if p.dtype != first.dtype or p.device != first.device:
-            raise ValueError(
-                f"batched parameter {index} is {p.dtype} on {p.device} but parameter 0 is {first.dtype} on "
-                f"{first.device}; move the model to one device and dtype"
-            )
+        _check_like_first(p, first, f"batched parameter {index}", "parameter 0", "move the model to one device and dtype")
         if p.dim() == 0 or p.shape[0] != first.shape[0]:
             raise ValueError(
                 f"batched parameter {index} has shape {tuple(p.shape)} and parameter 0 {tuple(first.shape)}; every "
@@ -223,3 +203,16 @@ def batched_num_agents(parameters: Sequence[Tensor]) -> int:
         raise ValueError(f"the batched parameters have an agent dimension of size 0 (shape {tuple(first.shape)}); "
                          "an agent-batched model needs at least one agent")
     return first.shape[0]
+
+
+def _check_like_first(p: Any, first: Tensor, name: str, first_name: str, fix: str) -> None:
+    """Raise TypeError or ValueError unless ``p`` is a supported tensor of ``first``'s dtype and device."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {p.dtype}; kpg supports float32 and float64 parameters: convert the model with "
+            ".float() or .double()"
+        )
+    if p.dtype != first.dtype or p.device != first.device:
+        raise ValueError(f"{name} is {p.dtype} on {p.device} but {first_name} is {first.dtype} on {first.device}; {fix}")
