@@ -39,11 +39,9 @@ import copy
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +50,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer import CONTENDED_CORES, OtherProcessesCPU, measure  # noqa: E402
+from optimizer import CONTENDED_CORES, OtherProcessesCPU, machine_metadata, measure  # noqa: E402
 
 import kpg  # noqa: E402
 from kpg import _C  # noqa: E402
@@ -376,18 +374,7 @@ def metadata(args: argparse.Namespace) -> dict:
         "flops_per_sample": {"forward": FORWARD_FLOPS, "backward": BACKWARD_FLOPS},
         "memory": f"peak RSS (ru_maxrss) minus RSS after setup, in a subprocess per case, {MEMORY_STEPS} updates",
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "kpg_threads": _C.get_num_threads(),
-        "kpg_build_info": _C.build_info(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "min_run_time": args.min_run_time,
-        "max_run_time": args.max_run_time,
-        "quick": args.quick,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **machine_metadata(args),
     }
 
 

@@ -350,11 +350,18 @@ def metadata(args: argparse.Namespace, devices: list[str]) -> dict:
     return {
         "question": "fused multi-agent Adam (kpg) vs torch.optim.Adam and naive K=2 KPG, against copy bandwidth",
         "byte_model_elements_per_param": ELEMENTS_MOVED_PER_PARAM,
+        "devices": devices,
+        "cuda_device_name": torch.cuda.get_device_name() if "cuda" in devices else None,
+        **machine_metadata(args),
+    }
+
+
+def machine_metadata(args: argparse.Namespace) -> dict:
+    """What a benchmark's figures depend on besides its cases: versions, threads, machine, run options."""
+    return {
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "kpg_threads": _C.get_num_threads(),
-        "devices": devices,
-        "cuda_device_name": torch.cuda.get_device_name() if "cuda" in devices else None,
         "kpg_build_info": _C.build_info(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -1,4 +1,4 @@
-"""The examples and the optimizer benchmark run end to end on small settings and report what they
+"""The examples and the benchmarks run end to end on small settings and report what they
 promise. Their numbers are not judged here: speed is the benchmark's job, on an idle machine."""
 
 import json
@@ -40,3 +40,15 @@ def test_benchmark_json_has_every_method_and_ratio(tmp_path):
         assert all(seconds > 0 for seconds in case["seconds"].values())
         assert {"commit_vs_torch_fused", "k2_vs_naive", "commit_fraction_of_copy_bandwidth"} <= set(case["ratios"])
         assert case["ratios"]["k2_vs_naive"] > 0
+
+
+def test_agents_benchmark_json_has_every_method_and_ratio(tmp_path):
+    path = tmp_path / "agents.json"
+    _run("bench/agents.py", "--quick", "--no-memory", "--json", str(path))
+    report = json.loads(path.read_text())
+    assert report["meta"]["threads"] >= 1 and report["meta"]["quick"]
+    for case in report["cases"]:
+        assert set(case["seconds"]) == {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2"}
+        assert all(seconds > 0 for seconds in case["seconds"].values())
+        assert case["ratios"]["k2_speedup_over_naive"] > 0 and case["ratios"]["kpg_k2_over_k1"] > 0
+        assert 0 < case["ratios"]["kpg_k1_fraction_of_matmul_rate"]
