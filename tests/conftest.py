@@ -22,6 +22,15 @@ def pytest_configure(config):
         settings.load_profile("nightly")
 
 
+@pytest.fixture
+def float64():
+    """torch's default dtype is float64 for the test (trainers built inside it follow it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

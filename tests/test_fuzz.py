@@ -23,7 +23,7 @@ import kpg
 from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
 from kpg import _ops as ops
 from kpg import reference
-from test_kernels import Arena
+from test_kernels import Arena, agent_grad_norms_of_kernel_and_reference
 from test_properties import HYPER
 
 # Sizes of one agent's tensors: 1, around the float32 (4) and float64 (2) vector widths, odd ones.
@@ -278,17 +278,7 @@ def test_grad_norms_at_extreme_magnitudes_and_thresholds(sizes, dtype, magnitude
     arena.grad.mul_(magnitude)
     if nonfinite is not None and arena.grad.numel():
         arena.grad[seed % arena.grad.numel()] = nonfinite
-    a = len(sizes)
-    max_norm = None if threshold is None else torch.full((a,), threshold, dtype=torch.float64)
-    outputs = []
-    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
-                   norm=torch.full((a,), -1.0, dtype=torch.float64), grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
-                   nonfinite=torch.full((a,), 7, dtype=torch.uint8))
-        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
-             out["nonfinite"])
-        outputs.append(out)
-    for name in outputs[0]:
-        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    max_norm = None if threshold is None else torch.full((len(sizes),), threshold, dtype=torch.float64)
+    outputs = agent_grad_norms_of_kernel_and_reference(arena, max_norm)
     scale = outputs[0]["grad_scale"]
     assert bool(((scale <= 1.0) | scale.isnan()).all()), "a clipping scale above 1"

@@ -193,25 +193,32 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
     assert step.tolist() == [20.0] * a
 
 
+def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, torch.Tensor]]:
+    """The outputs of ops.agent_grad_norms and of its reference on ``arena``'s gradients (outputs
+    start at values neither writes), after checking that they agree."""
+    agents = arena.agent_chunks.shape[0] - 1
+    outputs = []
+    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
+        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
+                   norm=torch.full((agents,), -1.0, dtype=torch.float64),
+                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64),
+                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8))
+        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
+             out["nonfinite"])
+        outputs.append(out)
+    for name in outputs[0]:
+        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    return outputs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("nonfinite", NONFINITE.values(), ids=NONFINITE.keys())
 def test_agent_grad_norms_match_reference(dtype, layout, clip, nonfinite):
     arena = Arena("sgd", layout, dtype, seed=4, nonfinite=nonfinite)
-    a = len(layout)
-    max_norm = torch.rand(a, dtype=torch.float64) * 40 if clip else None
-    outputs = []
-    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
-                   norm=torch.full((a,), -1.0, dtype=torch.float64),
-                   grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
-                   nonfinite=torch.full((a,), 7, dtype=torch.uint8))
-        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
-             out["nonfinite"])
-        outputs.append(out)
-    for name in outputs[0]:
-        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    max_norm = torch.rand(len(layout), dtype=torch.float64) * 40 if clip else None
+    outputs = agent_grad_norms_of_kernel_and_reference(arena, max_norm)
     if nonfinite is not None:
         assert outputs[0]["nonfinite"].sum() >= 1
 

@@ -44,6 +44,16 @@ def test_a_python_thread_keeps_running_during_a_large_cpu_kernel(make_call):
     at most a switch or two per call (the op's own Python takes well under 1 ms)."""
     call = make_call()
     call()  # warm: allocate the pool's workers outside the measurement
+    during = python_thread_progress(call)
+    assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
+
+
+def python_thread_progress(call, calls: int = 3) -> list[int]:
+    """How often a counting Python thread advanced during each of ``calls`` calls of ``call``.
+
+    The thread gives the GIL back at every iteration (time.sleep(0)), so it cannot hold it while the
+    main thread runs Python; unless ``call`` releases the GIL it advances at most once or twice per
+    call (a switch interval of 5 ms against well under 1 ms of Python in an op)."""
     count, stop, running = 0, threading.Event(), threading.Event()
 
     def counter():
@@ -60,7 +70,7 @@ def test_a_python_thread_keeps_running_during_a_large_cpu_kernel(make_call):
     try:
         thread.start()
         running.wait()
-        for _ in range(3):
+        for _ in range(calls):
             before = count
             call()
             during.append(count - before)
@@ -68,7 +78,7 @@ def test_a_python_thread_keeps_running_during_a_large_cpu_kernel(make_call):
         stop.set()
         thread.join()
         sys.setswitchinterval(old_interval)
-    assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
+    return during
 
 
 def test_soak_script_reports_flat_memory(tmp_path):

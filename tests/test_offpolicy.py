@@ -102,14 +102,6 @@ def small_config(algo, **overrides):
     return TRAINERS[algo][1](**values)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 # ---- replay ----------------------------------------------------------------------------------------
 
 

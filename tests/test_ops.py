@@ -3,9 +3,6 @@ CPU path's behaviour around Python: the GIL, thread counts and fork."""
 
 import copy
 import multiprocessing
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +13,7 @@ import torch._dynamo.testing
 from kpg import _C
 from kpg import _ops as ops
 from test_kernels import UPDATE_CASES, Arena
+from test_long_runs import python_thread_progress
 
 # An empty agent between others, segments that are not multiples of the vector width.
 SIZES = [3, 0, 17, 5]
@@ -293,12 +291,7 @@ def test_chunk_table_of_a_larger_arena_is_rejected():
 
 
 def test_cpu_update_releases_the_gil():
-    """A Python thread keeps running while a large commit runs in C++.
-
-    The counting thread gives the GIL back at every iteration (time.sleep(0)), so it cannot hold
-    it while the main thread runs Python; without the release it would advance at most once or
-    twice during the call (a switch interval of 5 ms against well under 1 ms of Python in the op).
-    """
+    """A Python thread keeps running while a large commit runs in C++ (see python_thread_progress)."""
     kind, hyper = UPDATE_CASES["adam"]
     n = 8 * 1024 * 1024
     offsets = [0, n // 2, n]
@@ -306,30 +299,8 @@ def test_cpu_update_releases_the_gil():
     param, grad = torch.randn(n), torch.randn(n)
     exp_avg, exp_avg_sq = torch.zeros(n), torch.zeros(n)
     step, lr = torch.zeros(2, dtype=F64), torch.full((2,), 1e-3, dtype=F64)
-    count, stop, running = 0, threading.Event(), threading.Event()
-
-    def counter():
-        nonlocal count
-        running.set()
-        while not stop.is_set():
-            count += 1
-            time.sleep(0)
-
-    thread = threading.Thread(target=counter)
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    try:
-        thread.start()
-        running.wait()
-        during = []
-        for _ in range(3):
-            before = count
-            ops.adam_commit(param, grad, exp_avg, exp_avg_sq, None, step, lr, None, None, chunks, **hyper)
-            during.append(count - before)
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(old_interval)
+    during = python_thread_progress(
+        lambda: ops.adam_commit(param, grad, exp_avg, exp_avg_sq, None, step, lr, None, None, chunks, **hyper))
     assert step.tolist() == [3.0, 3.0]
     assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
 

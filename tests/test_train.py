@@ -144,14 +144,6 @@ def test_mappo_k1_actor_step_is_plain_ppo_with_adam():
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("continuous", [False, True], ids=["discrete", "continuous"])
 def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous):
     """Per-agent actors as one kpg.nn batched network (one forward for all agents, one fused KPG
