@@ -4,7 +4,9 @@ research code, and with kpg (agent-batched networks, fused optimizer) at k = 1 a
 Every agent has its own policy, an MLP 16 -> 64 -> 64 -> 5 logits with tanh, and a minibatch of 256
 samples; the loss is K-MAPPO's clipped joint-ratio surrogate (kpg.couplings.joint_ratio_loss, the
 others' ratios as a geometric mean, as ../shared/KPG.md advises for many agents), optimizer Adam,
-float32 on the CPU. For each agent count it times, side by side, one actor update with:
+float32 on the CPU. For each agent count it times one actor update with each of these, side by side
+(call by call, in turn, round after round: time_side_by_side; kpg's two with the matmul reference,
+then torch's two: TIMING_GROUPS):
 
     torch_k1   plain PyTorch: one nn.Sequential per agent, evaluated agent by agent, and
                torch.optim.Adam(foreach=True); the level-1 (MAPPO) loss, one backward, one step
@@ -24,8 +26,8 @@ same shapes (the three forward products and five backward products of every agen
 preallocated), so the fraction is the share of the update that runs at matmul speed.
 
 Memory: each (method, agents) case also runs in a subprocess of its own, which reports its peak
-resident set (getrusage ru_maxrss) minus its resident set after importing torch and creating the
-shared rollout tensors: the models, optimizer state, copies and autograd activations of three
+resident set (VmHWM, reset after setup) minus its resident set after importing torch and creating
+the shared rollout tensors: the models, optimizer state, copies and autograd activations of three
 updates. It is the process's memory as the kernel sees it, not a tensor-level count.
 
 Run ``python bench/agents.py`` (several minutes on two cores), ``--quick`` for a smoke run on tiny
@@ -39,9 +41,10 @@ import copy
 import gc
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer import CONTENDED_CORES, OtherProcessesCPU, machine_metadata, measure  # noqa: E402
+from optimizer import CONTENDED_CORES, OtherProcessesCPU, machine_metadata  # noqa: E402
 
 import kpg  # noqa: E402
 from kpg import _C  # noqa: E402
@@ -68,6 +71,18 @@ QUICK_AGENTS = (4, 16)
 QUICK_MIN_RUN_TIME = 0.01
 QUICK_MAX_RUN_TIME = 0.1
 MEMORY_STEPS = 3
+# kpg k2's time per agent is compared with its time at this agent count, timed side by side in every case.
+PER_AGENT_REFERENCE = 512
+REFERENCE_STEP = f"kpg_k2_{PER_AGENT_REFERENCE}_agents"
+# Each group is timed side by side (time_side_by_side), one group after the other: kpg's steps with
+# the references its targets divide by, then the per-agent torch modules. Timed in one group, the
+# second's garbage (deep copies of thousands of modules) left the allocator in a state that slowed
+# the kpg steps after it: kpg k2 at 2048 agents took 515 ms there against 440 ms without them.
+TIMING_GROUPS = (("kpg_k1", "kpg_k2", "bmm", REFERENCE_STEP), ("torch_k1", "naive_k2"))
+# Side-by-side timing (time_side_by_side): rounds, fewest calls per step, accepted spread.
+ROUNDS = 4
+MIN_CALLS = 4
+SPREAD_THRESHOLD = 0.1
 
 METHODS = ("torch_k1", "naive_k2", "kpg_k1", "kpg_k2")
 
@@ -239,16 +254,32 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Python starts a
+    subprocess with vfork, so the child's ru_maxrss starts at the parent's peak (seen here: a
+    9 MiB child reported the 810 MiB of its parent)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_peak_resident_bytes() -> None:
+    """Starts VmHWM again from the current resident set (Linux's clear_refs), so that the peaks of
+    importing torch do not count."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def memory_of_case(method: str, agents: int) -> dict:
     """Runs in a fresh process: peak resident memory of MEMORY_STEPS updates above the baseline."""
     rollout = make_rollout(agents)
     gc.collect()
     baseline = resident_bytes()
+    reset_peak_resident_bytes()
     update = BUILDERS[method](rollout)
     for _ in range(MEMORY_STEPS):
         update()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"peak_bytes_above_baseline": max(0, peak - baseline), "baseline_bytes": baseline}
+    return {"peak_bytes_above_baseline": max(0, peak_resident_bytes() - baseline), "baseline_bytes": baseline}
 
 
 def measure_memory(method: str, agents: int) -> dict:
@@ -261,46 +292,121 @@ def measure_memory(method: str, agents: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@dataclass
+class Timing:
+    """Per-call seconds of one step, gathered over the rounds of :func:`time_side_by_side`."""
+
+    times: list[float]
+    other_processes_seconds: float | None = None  # their CPU time while this step was timed (None off Linux)
+    wall_seconds: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.times) < 2:
+            return 0.0
+        quartiles = statistics.quantiles(self.times, n=4, method="inclusive")
+        return quartiles[2] - quartiles[0]
+
+    @property
+    def other_cores(self) -> float | None:
+        if self.other_processes_seconds is None:
+            return None
+        return max(0.0, self.other_processes_seconds / self.wall_seconds)
+
+    def settled(self, min_run_time: float, max_run_time: float) -> bool:
+        spent = sum(self.times)
+        if spent >= max_run_time:
+            return True
+        rounds_done = len(self.times) >= MIN_CALLS and spent >= min_run_time
+        return rounds_done and self.iqr <= SPREAD_THRESHOLD * self.median
+
+
+def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: float, max_run_time: float) -> dict[str, Timing]:
+    """Times every step call by call, visiting the steps in turn, round after round.
+
+    The targets are ratios between these steps, so a change in the machine's speed while a case
+    runs (clock, the VM's neighbours, other processes) must hit all of them alike: timing one step
+    to the end before starting the next let such drifts land on one side of a ratio (kpg k2 / k1 at
+    512 agents measured 2.04 to 2.37 in four such runs on one machine). Each round gives every step
+    one untimed call (the step before left the caches and the allocator's free lists in its own
+    state), then a slice of timed calls: at least one, and ``min_run_time / ROUNDS`` seconds. A step
+    is done once it has ``min_run_time`` seconds of calls, at least MIN_CALLS of them and an
+    interquartile range within SPREAD_THRESHOLD of the median, or ``max_run_time`` seconds of calls;
+    the others go on in rounds without it.
+    """
+    timings = {name: Timing([]) for name in steps}
+    slice_seconds = min_run_time / ROUNDS
+    while not all(t.settled(min_run_time, max_run_time) for t in timings.values()):
+        for name, step in steps.items():
+            timing = timings[name]
+            if timing.settled(min_run_time, max_run_time):
+                continue
+            step()
+            gc.collect()
+            gc.disable()  # a collection inside a call would be charged to whichever step it fell in
+            try:
+                with OtherProcessesCPU() as others:
+                    slice_start = time.perf_counter()
+                    while True:  # at least one call per slice
+                        start = time.perf_counter()
+                        step()
+                        end = time.perf_counter()
+                        timing.times.append(end - start)
+                        if end - slice_start >= slice_seconds:
+                            break
+            finally:
+                gc.enable()
+            timing.wall_seconds += end - slice_start
+            if others.seconds is not None:
+                timing.other_processes_seconds = (timing.other_processes_seconds or 0.0) + others.seconds
+    return timings
+
+
 def run_case(agents: int, min_run_time: float, max_run_time: float, memory: bool) -> dict:
     rollout = make_rollout(agents)
-    seconds, iqr_seconds, samples, other_cores, memory_bytes = {}, {}, {}, {}, {}
-    for method in METHODS:
-        update = BUILDERS[method](rollout)
-        with OtherProcessesCPU() as others:
-            measurement = measure(update, f"{method} {agents} agents", min_run_time, max_run_time)
-        del update
+    timings = {}
+    for group in TIMING_GROUPS:
+        steps = {name: BUILDERS[name](rollout) for name in group if name in BUILDERS}
+        if "bmm" in group:
+            steps["bmm"] = build_matmuls(agents)
+        if REFERENCE_STEP in group and agents != PER_AGENT_REFERENCE:
+            steps[REFERENCE_STEP] = BUILDERS["kpg_k2"](make_rollout(PER_AGENT_REFERENCE))
+        timings.update(time_side_by_side(steps, min_run_time, max_run_time))
+        del steps
         gc.collect()
-        seconds[method], iqr_seconds[method] = measurement.median, measurement.iqr
-        samples[method], other_cores[method] = len(measurement.times), others.cores
-        line = f"  {method:<10} {measurement.median * 1e3:10.2f} ms"
+    flops = FLOPS_PER_SAMPLE * BATCH * agents
+    matmul_rate = flops / timings["bmm"].median
+    memory_bytes = {}
+    for method in METHODS:
+        line = f"  {method:<10} {timings[method].median * 1e3:10.2f} ms"
         if memory:
             memory_bytes[method] = measure_memory(method, agents)
             peak = memory_bytes[method].get("peak_bytes_above_baseline")
             line += f"  {'?' if peak is None else f'{peak / 2**20:.0f}'} MiB"
         print(line, file=sys.stderr)
-    matmuls = build_matmuls(agents)
-    with OtherProcessesCPU() as others:
-        matmul_measurement = measure(matmuls, f"bmm {agents} agents", min_run_time, max_run_time)
-    del matmuls
-    flops = FLOPS_PER_SAMPLE * BATCH * agents
-    matmul_rate = flops / matmul_measurement.median
-    print(f"  {'bmm':<10} {matmul_measurement.median * 1e3:10.2f} ms  {matmul_rate / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    print(f"  {'bmm':<10} {timings['bmm'].median * 1e3:10.2f} ms  {matmul_rate / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    if REFERENCE_STEP in timings:
+        print(f"  kpg_k2 at {PER_AGENT_REFERENCE} agents {timings[REFERENCE_STEP].median * 1e3:.2f} ms", file=sys.stderr)
     return {
         "agents": agents,
-        "seconds": seconds,
-        "iqr_seconds": iqr_seconds,
-        "samples": samples,
-        "other_processes_cores": {**other_cores, "bmm": others.cores},
+        "seconds": {method: timings[method].median for method in METHODS},
+        "iqr_seconds": {method: timings[method].iqr for method in METHODS},
+        "samples": {method: len(timings[method].times) for method in METHODS},
+        "other_processes_cores": {name: timing.other_cores for name, timing in timings.items()},
         "memory": memory_bytes,
         "model_flops": flops,
-        "matmul_seconds": matmul_measurement.median,
+        "matmul_seconds": timings["bmm"].median,
         "matmul_flops_per_second": matmul_rate,
-        "kpg_k1_flops_per_second": flops / seconds["kpg_k1"],
+        "kpg_k1_flops_per_second": flops / timings["kpg_k1"].median,
+        "reference_kpg_k2_seconds": timings["kpg_k2" if agents == PER_AGENT_REFERENCE else REFERENCE_STEP].median,
     }
 
 
 def add_ratios(cases: list[dict]) -> None:
-    per_agent_512 = next((c["seconds"]["kpg_k2"] / c["agents"] for c in cases if c["agents"] == 512), None)
     for case in cases:
         s = case["seconds"]
         case["ratios"] = {
@@ -308,7 +414,7 @@ def add_ratios(cases: list[dict]) -> None:
             "k1_speedup_over_torch": s["torch_k1"] / s["kpg_k1"],
             "kpg_k2_over_k1": s["kpg_k2"] / s["kpg_k1"],
             "kpg_k1_fraction_of_matmul_rate": case["kpg_k1_flops_per_second"] / case["matmul_flops_per_second"],
-            "kpg_k2_time_per_agent_vs_512": None if per_agent_512 is None else s["kpg_k2"] / case["agents"] / per_agent_512,
+            "kpg_k2_time_per_agent_vs_512": (s["kpg_k2"] / case["agents"]) / (case["reference_kpg_k2_seconds"] / PER_AGENT_REFERENCE),
         }
 
 
@@ -362,7 +468,7 @@ def print_report(cases: list[dict]) -> None:
         if contended:
             print(f"WARNING: other processes kept more than {CONTENDED_CORES} cores busy while timing {', '.join(contended)} "
                   f"at {case['agents']} agents; these numbers are contended, rerun on an idle machine")
-    print("\nothers: the most cores other processes kept busy during one of the row's measurements (from /proc/stat)")
+    print("\nothers: the most cores other processes kept busy while one of the row's steps was timed (from /proc/stat)")
 
 
 def metadata(args: argparse.Namespace) -> dict:
@@ -372,7 +478,7 @@ def metadata(args: argparse.Namespace) -> dict:
                   "activation": "tanh", "batch_per_agent": BATCH, "optimizer": "adam", "lr": LEARNING_RATE,
                   "others": OTHERS, "dtype": "float32", "device": "cpu"},
         "flops_per_sample": {"forward": FORWARD_FLOPS, "backward": BACKWARD_FLOPS},
-        "memory": f"peak RSS (ru_maxrss) minus RSS after setup, in a subprocess per case, {MEMORY_STEPS} updates",
+        "memory": f"peak RSS (VmHWM, reset after setup) minus RSS after setup, in a subprocess per case, {MEMORY_STEPS} updates",
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         **machine_metadata(args),
     }

@@ -217,18 +217,22 @@ def _machine_busy_seconds() -> float | None:
 
 
 class OtherProcessesCPU:
-    """Measures the cores other processes kept busy during a ``with`` block (``cores``; None off Linux)."""
+    """Measures the cores other processes kept busy during a ``with`` block (``cores``; None off Linux).
+
+    ``seconds`` is their CPU time, unclipped: /proc/stat counts in clock ticks (10 ms), so a block
+    much shorter than a tick reads a tick too many or too few, and only sums over many blocks are
+    meaningful."""
 
     def __enter__(self) -> OtherProcessesCPU:
-        self.cores = None
+        self.cores = self.seconds = None
         self._start = (_machine_busy_seconds(), time.process_time(), time.perf_counter())
         return self
 
     def __exit__(self, *exc_info) -> None:
         busy, own, wall = _machine_busy_seconds(), time.process_time(), time.perf_counter()
         if busy is not None and self._start[0] is not None:
-            others = (busy - self._start[0]) - (own - self._start[1])
-            self.cores = max(0.0, others / (wall - self._start[2]))
+            self.seconds = (busy - self._start[0]) - (own - self._start[1])
+            self.cores = max(0.0, self.seconds / (wall - self._start[2]))
 
 
 def measure(step: Callable[[], object], label: str, min_run_time: float, max_run_time: float) -> benchmark.Measurement:

@@ -1,10 +1,13 @@
 """The examples and the benchmarks run end to end on small settings and report what they
 promise. Their numbers are not judged here: speed is the benchmark's job, on an idle machine."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -52,3 +55,50 @@ def test_agents_benchmark_json_has_every_method_and_ratio(tmp_path):
         assert all(seconds > 0 for seconds in case["seconds"].values())
         assert case["ratios"]["k2_speedup_over_naive"] > 0 and case["ratios"]["kpg_k2_over_k1"] > 0
         assert 0 < case["ratios"]["kpg_k1_fraction_of_matmul_rate"]
+
+
+def _load_script(script: str, monkeypatch):
+    """Imports a script as a module (registered for the test only: dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem + "_script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeClock:
+    """Stands in for the ``time`` module of a script: ``perf_counter`` moves only when a step runs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_agents_benchmark_times_its_methods_in_turn(monkeypatch):
+    """Every round visits every unsettled step: one untimed call, then timed calls for a slice."""
+    bench = _load_script("bench/agents.py", monkeypatch)
+    clock = _FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    calls = []
+    durations = {"a": lambda n: 0.004, "b": lambda n: 0.02, "noisy": lambda n: (0.001, 0.009, 0.002, 0.006, 0.01)[n % 5]}
+
+    def step(name):
+        def run():
+            clock.now += durations[name](sum(c == name for c in calls))
+            calls.append(name)
+        return run
+
+    min_run_time, max_run_time = 0.04, 0.2
+    timings = bench.time_side_by_side({name: step(name) for name in durations}, min_run_time, max_run_time)
+
+    runs = [name for index, name in enumerate(calls) if index == 0 or calls[index - 1] != name]
+    rounds = bench.ROUNDS  # slices of min_run_time / ROUNDS: a and b are done after exactly ROUNDS rounds
+    # noisy's spread stays large, so its last run goes on alone until max_run_time
+    assert runs == ["a", "b", "noisy"] * rounds
+    assert timings["a"].times == pytest.approx([0.004] * 3 * rounds)  # 3 calls fill a 0.01 s slice
+    assert timings["b"].times == pytest.approx([0.02] * rounds)  # one call per slice at least
+    assert calls.count("a") == 3 * rounds + rounds and calls.count("b") == 2 * rounds  # one untimed call a slice
+    assert max_run_time <= sum(timings["noisy"].times) < max_run_time + 0.02
+    assert timings["a"].median == pytest.approx(0.004) and timings["a"].iqr == pytest.approx(0.0)
