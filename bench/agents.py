@@ -4,9 +4,11 @@ research code, and with kpg (agent-batched networks, fused optimizer) at k = 1 a
 Every agent has its own policy, an MLP 16 -> 64 -> 64 -> 5 logits with tanh, and a minibatch of 256
 samples; the loss is K-MAPPO's clipped joint-ratio surrogate (kpg.couplings.joint_ratio_loss, the
 others' ratios as a geometric mean, as ../shared/KPG.md advises for many agents), optimizer Adam,
-float32 on the CPU. For each agent count it times one actor update with each of these, side by side
-(call by call, in turn, round after round: time_side_by_side; kpg's two with the matmul reference,
-then torch's two: TIMING_GROUPS):
+float32, on CUDA where a GPU is present and on the CPU otherwise (--device). For each agent count it
+times one actor update with each of these, side by side (call by call, in turn, round after round:
+time_side_by_side; kpg's two with the matmul reference, then torch's two: TIMING_GROUPS), with
+glibc's malloc thresholds fixed so that taking turns does not make the steps page-fault memory
+that a training process would keep (pin_malloc_thresholds):
 
     torch_k1   plain PyTorch: one nn.Sequential per agent, evaluated agent by agent, and
                torch.optim.Adam(foreach=True); the level-1 (MAPPO) loss, one backward, one step
@@ -25,22 +27,28 @@ its time, reported as a fraction of the matmul rate measured in the same run: to
 same shapes (the three forward products and five backward products of every agent at once, outputs
 preallocated), so the fraction is the share of the update that runs at matmul speed.
 
-Memory: each (method, agents) case also runs in a subprocess of its own, which reports its peak
-resident set (VmHWM, reset after setup) minus its resident set after importing torch and creating
-the shared rollout tensors: the models, optimizer state, copies and autograd activations of three
-updates. It is the process's memory as the kernel sees it, not a tensor-level count.
+Memory: each (method, agents) case also runs in a subprocess of its own (malloc as it comes), which
+reports its peak resident set (VmHWM, reset after setup) minus its resident set after importing
+torch and creating the shared rollout tensors: the models, optimizer state, copies and autograd
+activations of three updates. It is the process's memory as the kernel sees it, not a tensor-level
+count, and moves between runs with the moments glibc gives memory back (kpg_k1 at 2048 agents: 661
+to 910 MiB in six runs on one machine). On CUDA it is
+torch.cuda.max_memory_allocated above the allocation after setup.
 
 Run ``python bench/agents.py`` (several minutes on two cores), ``--quick`` for a smoke run on tiny
-cases, ``--json PATH`` for machine-readable results. A missed target is reported, not an error.
+cases, ``--json PATH`` for machine-readable results. The targets are judged on the CPU; a missed
+target is reported, not an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -122,23 +130,32 @@ class Rollout:
     old_log_prob: torch.Tensor  # [agents, batch]
     advantages: torch.Tensor  # [agents, batch]
 
+    @property
+    def agents(self) -> int:
+        return self.actions.shape[0]
 
-def make_rollout(agents: int, seed: int = 0) -> Rollout:
+    @property
+    def device(self) -> torch.device:
+        return self.actions.device
+
+
+def make_rollout(agents: int, device: torch.device, seed: int = 0) -> Rollout:
+    """The same values on every device: drawn on the CPU, then moved."""
     generator = torch.Generator().manual_seed(seed)
     observations = torch.randn(agents, BATCH, OBSERVATION_SIZE, generator=generator)
     actions = torch.randint(ACTIONS, (agents, BATCH), generator=generator)
     # Ratios start near 1, as in the first epoch of PPO: the rollout policy is about the initial one.
     with torch.no_grad():
-        old_log_prob = log_probs(initial_actor(agents)(observations), actions)
+        old_log_prob = log_probs(initial_actor(agents, torch.device("cpu"))(observations), actions)
     old_log_prob += 0.01 * torch.randn(agents, BATCH, generator=generator)
     advantages = torch.randn(agents, BATCH, generator=generator)
-    return Rollout(observations, actions, old_log_prob, advantages)
+    return Rollout(*(t.to(device) for t in (observations, actions, old_log_prob, advantages)))
 
 
-def initial_actor(agents: int) -> kpg.nn.AgentMLP:
+def initial_actor(agents: int, device: torch.device) -> kpg.nn.AgentMLP:
     """Every method starts from these weights (per-agent modules are its unstacked copies)."""
     torch.manual_seed(1)
-    return kpg.nn.AgentMLP(agents, OBSERVATION_SIZE, ACTIONS, HIDDEN_SIZES, activation="tanh")
+    return kpg.nn.AgentMLP(agents, OBSERVATION_SIZE, ACTIONS, HIDDEN_SIZES, activation="tanh").to(device)
 
 
 def log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -165,7 +182,7 @@ def per_agent_log_probs(models: list[nn.Module], rollout: Rollout) -> torch.Tens
 
 
 def build_torch_k1(rollout: Rollout) -> Callable[[], object]:
-    models = kpg.nn.unstack(initial_actor(rollout.actions.shape[0]))
+    models = kpg.nn.unstack(initial_actor(rollout.agents, rollout.device))
     optimizer = torch.optim.Adam([p for m in models for p in m.parameters()], lr=LEARNING_RATE, foreach=True)
 
     def update() -> None:
@@ -177,7 +194,7 @@ def build_torch_k1(rollout: Rollout) -> Callable[[], object]:
 
 
 def build_naive_k2(rollout: Rollout) -> Callable[[], object]:
-    models = kpg.nn.unstack(initial_actor(rollout.actions.shape[0]))
+    models = kpg.nn.unstack(initial_actor(rollout.agents, rollout.device))
     optimizer = torch.optim.Adam([p for m in models for p in m.parameters()], lr=LEARNING_RATE, foreach=True)
 
     def update() -> None:
@@ -202,7 +219,7 @@ def build_naive_k2(rollout: Rollout) -> Callable[[], object]:
 
 def build_kpg(k: int) -> Callable[[Rollout], Callable[[], object]]:
     def build(rollout: Rollout) -> Callable[[], object]:
-        actor = initial_actor(rollout.actions.shape[0])
+        actor = initial_actor(rollout.agents, rollout.device)
         optimizer = kpg.KPGOptimizer(actor, k=k, optimizer="adam", lr=LEARNING_RATE)
 
         def closure(ctx: kpg.KPGContext) -> torch.Tensor:
@@ -227,15 +244,16 @@ BUILDERS: dict[str, Callable[[Rollout], Callable[[], object]]] = {
 assert tuple(BUILDERS) == METHODS
 
 
-def build_matmuls(agents: int) -> Callable[[], object]:
+def build_matmuls(agents: int, device: torch.device) -> Callable[[], object]:
     """The MLP's forward and backward matrix products for every agent, as bare torch.bmm calls."""
     products = []
+    on = dict(device=device)
     for layer, (i, o) in enumerate(LAYER_SHAPES):
-        x, weight, grad_out = torch.randn(agents, BATCH, i), torch.randn(agents, o, i), torch.randn(agents, BATCH, o)
-        products.append((x, weight.transpose(1, 2), torch.empty(agents, BATCH, o)))  # forward
-        products.append((grad_out.transpose(1, 2), x, torch.empty(agents, o, i)))  # weight gradient
+        x, weight, grad_out = torch.randn(agents, BATCH, i, **on), torch.randn(agents, o, i, **on), torch.randn(agents, BATCH, o, **on)
+        products.append((x, weight.transpose(1, 2), torch.empty(agents, BATCH, o, **on)))  # forward
+        products.append((grad_out.transpose(1, 2), x, torch.empty(agents, o, i, **on)))  # weight gradient
         if layer > 0:
-            products.append((grad_out, weight, torch.empty(agents, BATCH, i)))  # input gradient
+            products.append((grad_out, weight, torch.empty(agents, BATCH, i, **on)))  # input gradient
 
     def run() -> None:
         for a, b, out in products:
@@ -247,6 +265,30 @@ def build_matmuls(agents: int) -> Callable[[], object]:
 # ---------------------------------------------------------------------------------------------
 # Measurement and report
 # ---------------------------------------------------------------------------------------------
+
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it takes on 64-bit machines.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MAX_MMAP_THRESHOLD = 32 << 20
+
+
+def pin_malloc_thresholds() -> bool:
+    """Fixes glibc malloc's thresholds in this process: blocks below 32 MiB come from the heap, and
+    memory freed at its top stays there instead of going back to the kernel. Returns whether the C
+    library took them (False off glibc).
+
+    A training process repeats one update, and after two of them glibc serves it from memory it
+    already holds (kpg k2 at 2048 agents, alone: no page fault per step). This script times several
+    configurations in turn in one process, and glibc's trimming then hands back what one of them
+    freed, for the next to fault in again: kpg k2 at 2048 agents timed in turn with the 512-agent
+    case faulted 48 pages per agent and step and took 241 us per agent (512 agents: 208) with the
+    default thresholds, against 4.4 faults and 196 us (512 agents: 201) with these. The thresholds
+    apply to every method alike; ``--default-malloc`` leaves them as they are.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resident_bytes() -> int:
@@ -270,21 +312,33 @@ def reset_peak_resident_bytes() -> None:
         clear_refs.write("5")
 
 
-def memory_of_case(method: str, agents: int) -> dict:
-    """Runs in a fresh process: peak resident memory of MEMORY_STEPS updates above the baseline."""
-    rollout = make_rollout(agents)
+def memory_of_case(method: str, agents: int, device: torch.device) -> dict:
+    """Runs in a fresh process: peak memory of MEMORY_STEPS updates above the baseline, the resident
+    set on the CPU, torch's allocated device memory on CUDA."""
+    rollout = make_rollout(agents, device)
     gc.collect()
-    baseline = resident_bytes()
-    reset_peak_resident_bytes()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        baseline = resident_bytes()
+        reset_peak_resident_bytes()
     update = BUILDERS[method](rollout)
     for _ in range(MEMORY_STEPS):
         update()
-    return {"peak_bytes_above_baseline": max(0, peak_resident_bytes() - baseline), "baseline_bytes": baseline}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_resident_bytes()
+    return {"peak_bytes_above_baseline": max(0, peak - baseline), "baseline_bytes": baseline}
 
 
-def measure_memory(method: str, agents: int) -> dict:
+def measure_memory(method: str, agents: int, device: torch.device) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-of", method, str(agents), "--threads", str(torch.get_num_threads())],
+        [sys.executable, __file__, "--memory-of", method, str(agents), "--device", device.type,
+         "--threads", str(torch.get_num_threads())],
         capture_output=True, text=True, timeout=1800,
     )
     if result.returncode != 0:
@@ -325,7 +379,8 @@ class Timing:
         return rounds_done and self.iqr <= SPREAD_THRESHOLD * self.median
 
 
-def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: float, max_run_time: float) -> dict[str, Timing]:
+def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: float, max_run_time: float,
+                      synchronize: Callable[[], object] = lambda: None) -> dict[str, Timing]:
     """Times every step call by call, visiting the steps in turn, round after round.
 
     The targets are ratios between these steps, so a change in the machine's speed while a case
@@ -336,7 +391,8 @@ def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: floa
     state), then a slice of timed calls: at least one, and ``min_run_time / ROUNDS`` seconds. A step
     is done once it has ``min_run_time`` seconds of calls, at least MIN_CALLS of them and an
     interquartile range within SPREAD_THRESHOLD of the median, or ``max_run_time`` seconds of calls;
-    the others go on in rounds without it.
+    the others go on in rounds without it. ``synchronize`` waits for the device (CUDA) before each
+    reading of the clock.
     """
     timings = {name: Timing([]) for name in steps}
     slice_seconds = min_run_time / ROUNDS
@@ -347,6 +403,7 @@ def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: floa
                 continue
             step()
             gc.collect()
+            synchronize()
             gc.disable()  # a collection inside a call would be charged to whichever step it fell in
             try:
                 with OtherProcessesCPU() as others:
@@ -354,6 +411,7 @@ def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: floa
                     while True:  # at least one call per slice
                         start = time.perf_counter()
                         step()
+                        synchronize()
                         end = time.perf_counter()
                         timing.times.append(end - start)
                         if end - slice_start >= slice_seconds:
@@ -366,16 +424,17 @@ def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: floa
     return timings
 
 
-def run_case(agents: int, min_run_time: float, max_run_time: float, memory: bool) -> dict:
-    rollout = make_rollout(agents)
+def run_case(agents: int, device: torch.device, min_run_time: float, max_run_time: float, memory: bool) -> dict:
+    rollout = make_rollout(agents, device)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timings = {}
     for group in TIMING_GROUPS:
         steps = {name: BUILDERS[name](rollout) for name in group if name in BUILDERS}
         if "bmm" in group:
-            steps["bmm"] = build_matmuls(agents)
+            steps["bmm"] = build_matmuls(agents, device)
         if REFERENCE_STEP in group and agents != PER_AGENT_REFERENCE:
-            steps[REFERENCE_STEP] = BUILDERS["kpg_k2"](make_rollout(PER_AGENT_REFERENCE))
-        timings.update(time_side_by_side(steps, min_run_time, max_run_time))
+            steps[REFERENCE_STEP] = BUILDERS["kpg_k2"](make_rollout(PER_AGENT_REFERENCE, device))
+        timings.update(time_side_by_side(steps, min_run_time, max_run_time, synchronize))
         del steps
         gc.collect()
     flops = FLOPS_PER_SAMPLE * BATCH * agents
@@ -384,7 +443,7 @@ def run_case(agents: int, min_run_time: float, max_run_time: float, memory: bool
     for method in METHODS:
         line = f"  {method:<10} {timings[method].median * 1e3:10.2f} ms"
         if memory:
-            memory_bytes[method] = measure_memory(method, agents)
+            memory_bytes[method] = measure_memory(method, agents, device)
             peak = memory_bytes[method].get("peak_bytes_above_baseline")
             line += f"  {'?' if peak is None else f'{peak / 2**20:.0f}'} MiB"
         print(line, file=sys.stderr)
@@ -434,9 +493,9 @@ def contended_methods(case: dict) -> list[str]:
     return [m for m, cores in case["other_processes_cores"].items() if cores is not None and cores > CONTENDED_CORES]
 
 
-def print_report(cases: list[dict]) -> None:
+def print_report(cases: list[dict], device: torch.device) -> None:
     print(f"\none actor update, ms (median); MLP {OBSERVATION_SIZE}-{'-'.join(map(str, HIDDEN_SIZES))}-{ACTIONS} tanh, "
-          f"batch {BATCH} per agent, Adam, float32, {torch.get_num_threads()} threads")
+          f"batch {BATCH} per agent, Adam, float32, {device}, {torch.get_num_threads()} threads")
     header = (f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS) + f"  {'naive/k2':>8}  {'k2/k1':>6}  "
               f"{'k1 GFLOP/s':>10}  {'bmm GFLOP/s':>11}  {'k1/bmm':>6}  {'k2 us/agent':>11}  {'others':>6}")
     print(header)
@@ -471,14 +530,17 @@ def print_report(cases: list[dict]) -> None:
     print("\nothers: the most cores other processes kept busy while one of the row's steps was timed (from /proc/stat)")
 
 
-def metadata(args: argparse.Namespace) -> dict:
+def metadata(args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "question": "one MAPPO actor update at 8..2048 agents: plain torch, naive K=2, kpg k=1 and k=2",
         "model": {"observation_size": OBSERVATION_SIZE, "hidden_sizes": HIDDEN_SIZES, "actions": ACTIONS,
                   "activation": "tanh", "batch_per_agent": BATCH, "optimizer": "adam", "lr": LEARNING_RATE,
-                  "others": OTHERS, "dtype": "float32", "device": "cpu"},
+                  "others": OTHERS, "dtype": "float32", "device": str(device)},
+        "cuda_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "malloc_thresholds_pinned": args.malloc_thresholds_pinned,
         "flops_per_sample": {"forward": FORWARD_FLOPS, "backward": BACKWARD_FLOPS},
-        "memory": f"peak RSS (VmHWM, reset after setup) minus RSS after setup, in a subprocess per case, {MEMORY_STEPS} updates",
+        "memory": (f"peak {'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'RSS (VmHWM, reset after setup)'} "
+                   f"minus the same after setup, in a subprocess per case, {MEMORY_STEPS} updates"),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         **machine_metadata(args),
     }
@@ -494,6 +556,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-run-time", type=float, default=10.0,
                         help="most seconds of timed runs per method and agent count while the spread stays above "
                              "10%% of the median (default: 10)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="device to time on (default: cuda when available, else cpu); the targets are judged on the CPU")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (see pin_malloc_thresholds)")
     parser.add_argument("--threads", type=int, help="torch (and kpg) threads (default: torch's, one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--quick", action="store_true",
@@ -506,10 +572,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.threads < 1:
             parser.error(f"--threads needs at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.memory_of:
         method, agents = args.memory_of
-        print(json.dumps(memory_of_case(method, int(agents))))
+        print(json.dumps(memory_of_case(method, int(agents), device)))
         return []
+    args.malloc_thresholds_pinned = not args.default_malloc and pin_malloc_thresholds()
     if args.quick:
         args.min_run_time, args.max_run_time = QUICK_MIN_RUN_TIME, QUICK_MAX_RUN_TIME
     agent_counts = args.agents or (QUICK_AGENTS if args.quick else FULL_AGENTS)
@@ -518,21 +588,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cases = []
     for agents in agent_counts:
-        print(f"timing {agents} agents ...", file=sys.stderr)
-        cases.append(run_case(agents, args.min_run_time, args.max_run_time, memory=not args.no_memory))
+        print(f"timing {agents} agents on {device} ...", file=sys.stderr)
+        cases.append(run_case(agents, device, args.min_run_time, args.max_run_time, memory=not args.no_memory))
     add_ratios(cases)
     for case in cases:
-        case["targets"] = judge_targets(case) if case["agents"] in FULL_AGENTS else []
+        case["targets"] = judge_targets(case) if case["agents"] in FULL_AGENTS and device.type == "cpu" else []
         case["contended"] = contended_methods(case)
-    print_report(cases)
-    if not any(case["targets"] for case in cases):
+    print_report(cases, device)
+    if device.type != "cpu":
+        print(f"no targets judged: they are set for the CPU, these figures are {device}'s")
+    elif not any(case["targets"] for case in cases):
         print("no targets judged: they apply to the agent counts " + ", ".join(map(str, FULL_AGENTS)))
     if args.json:
         directory = os.path.dirname(args.json)
         if directory:
             os.makedirs(directory, exist_ok=True)
         with open(args.json, "w") as file:
-            json.dump({"meta": metadata(args), "cases": cases}, file, indent=2)
+            json.dump({"meta": metadata(args, device), "cases": cases}, file, indent=2)
         print(f"\nwrote {args.json}")
     return cases
 
