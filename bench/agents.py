@@ -386,7 +386,7 @@ def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: floa
     The targets are ratios between these steps, so a change in the machine's speed while a case
     runs (clock, the VM's neighbours, other processes) must hit all of them alike: timing one step
     to the end before starting the next let such drifts land on one side of a ratio (kpg k2 / k1 at
-    512 agents measured 2.04 to 2.37 in four such runs on one machine). Each round gives every step
+    512 agents measured 2.03 to 2.37 in four such runs on one machine). Each round gives every step
     one untimed call (the step before left the caches and the allocator's free lists in its own
     state), then a slice of timed calls: at least one, and ``min_run_time / ROUNDS`` seconds. A step
     is done once it has ``min_run_time`` seconds of calls, at least MIN_CALLS of them and an
