@@ -32,8 +32,8 @@ reports its peak resident set (VmHWM, reset after setup) minus its resident set 
 torch and creating the shared rollout tensors: the models, optimizer state, copies and autograd
 activations of three updates. It is the process's memory as the kernel sees it, not a tensor-level
 count, and moves between runs with the moments glibc gives memory back (kpg_k1 at 2048 agents: 661
-to 910 MiB in six runs on one machine). On CUDA it is
-torch.cuda.max_memory_allocated above the allocation after setup.
+to 910 MiB in six runs on one machine). On CUDA it is torch.cuda.max_memory_allocated above the
+allocation after setup.
 
 Run ``python bench/agents.py`` (several minutes on two cores), ``--quick`` for a smoke run on tiny
 cases, ``--json PATH`` for machine-readable results. The targets are judged on the CPU; a missed
@@ -278,9 +278,9 @@ def pin_malloc_thresholds() -> bool:
     library took them (False off glibc).
 
     A training process repeats one update, and after two of them glibc serves it from memory it
-    already holds (kpg k2 at 2048 agents, alone: no page fault per step). This script times several
-    configurations in turn in one process, and glibc's trimming then hands back what one of them
-    freed, for the next to fault in again: kpg k2 at 2048 agents timed in turn with the 512-agent
+    already holds (kpg k2 at 2048 agents, alone: at most 6 page faults per step from its third step
+    on). This script times several configurations in turn in one process, and glibc's trimming then
+    hands back what one of them freed, for the next to fault in again: kpg k2 at 2048 agents timed in turn with the 512-agent
     case faulted 48 pages per agent and step and took 241 us per agent (512 agents: 208) with the
     default thresholds, against 4.4 faults and 196 us (512 agents: 201) with these. The thresholds
     apply to every method alike; ``--default-malloc`` leaves them as they are.
