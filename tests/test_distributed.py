@@ -2,7 +2,8 @@
 one process's steps on the concatenated batch, agent-sharded steps equal unsharded ones, failures
 on one rank stop every rank with a clear error, K-MAPPO trains under data parallelism and resumes
 on another number of ranks, and K-MADDPG's and K-FACMAC's data-parallel gradient steps equal one
-process's on the concatenated minibatch, and K-FACMAC trains and resumes on 2 ranks.
+process's on the concatenated minibatch, and K-FACMAC trains and resumes on 2 ranks exactly as an
+uninterrupted run.
 
 Each launch starts its ranks once (forked from a server that has imported torch and kpg) and runs a
 list of scenarios in every rank; a rank writes each scenario's findings (or its traceback) to a
@@ -453,10 +454,17 @@ def facmac_resumes(rank, world, workdir):
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
+def facmac_uninterrupted(rank, world, workdir):
+    from kpg.train import train
+
+    summary = train(_facmac_train_config(workdir.parent, steps=400, name="facmac-whole"))
+    return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
+
+
 SCENARIOS = {f.__name__: f for f in [
     data_parallel_parity, data_parallel_shared_network, agent_sharded_outputs, agent_sharded_parameters,
     failures_agree, sharded_nonfinite_agrees, replicas_disagree, rank_crashes, mappo_trains, mappo_resumes,
-    off_policy_step_parity, facmac_trains, facmac_resumes,
+    off_policy_step_parity, facmac_trains, facmac_resumes, facmac_uninterrupted,
 ]}
 
 
@@ -471,7 +479,8 @@ def runs(tmp_path_factory):
                      "mappo_trains"], root / "two")
     three = launch(3, ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes",
                        "rank_crashes"], root / "three")
-    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes"], root / "off_policy")
+    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes", "facmac_uninterrupted"],
+                        root / "off_policy")
     return {2: two, 3: three, "off_policy": off_policy, "root": root}
 
 
@@ -576,3 +585,23 @@ def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
     assert [replay["capacity"] for replay in replays] == [200, 200] and [replay["size"] for replay in replays] == [200, 200]
     assert not torch.equal(replays[0]["storage"]["obs"], replays[1]["storage"]["obs"])
     assert torch.equal(state["trainer"]["replay"]["storage"]["obs"], replays[0]["storage"]["obs"])
+    # Resumed on as many ranks, the run ends exactly where an uninterrupted one does, every rank's state included.
+    assert result(runs["off_policy"], 0, "facmac_uninterrupted") == {"env_steps": 400, "updates": 8}
+    whole = load_checkpoint(runs["root"] / "facmac-whole" / "checkpoint.pt")
+    _assert_same_state(whole["trainer"], state["trainer"], "trainer")
+    _assert_same_state(whole["ranks"], state["ranks"], "ranks")
+
+
+def _assert_same_state(expected, actual, where):
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), f"{where}: keys differ"
+        for key in expected:
+            _assert_same_state(expected[key], actual[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), f"{where}: lengths differ"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            _assert_same_state(e, a, f"{where}[{i}]")
+    else:
+        assert expected == actual, f"{where}: {expected!r} != {actual!r}"
