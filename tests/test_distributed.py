@@ -454,6 +454,36 @@ def facmac_resumes(rank, world, workdir):
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
+def mappo_rank_stops_at_once(rank, world, workdir):
+    """Rank 1 is stopped at once (a second Ctrl-C) inside its second update: no rank can meet the
+    others for a final checkpoint, and each says so. Breaks the process group: run it last."""
+    import contextlib
+    import io
+
+    from kpg.algos.mappo import MAPPOTrainer
+    from kpg.train import train
+
+    original, calls = MAPPOTrainer.iteration, []
+
+    def stopped_in_second_iteration(self):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    MAPPOTrainer.iteration = stopped_in_second_iteration
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train(_train_config(workdir.parent, steps=900, name="mappo-stopped"))
+        outcome = "finished"
+    except BaseException as error:  # KeyboardInterrupt on rank 1, the lost collective on rank 0
+        outcome = type(error).__name__
+    finally:
+        MAPPOTrainer.iteration = original
+    return {"outcome": outcome, "stderr": stderr.getvalue()}
+
+
 def facmac_uninterrupted(rank, world, workdir):
     from kpg.train import train
 
@@ -464,7 +494,7 @@ def facmac_uninterrupted(rank, world, workdir):
 SCENARIOS = {f.__name__: f for f in [
     data_parallel_parity, data_parallel_shared_network, agent_sharded_outputs, agent_sharded_parameters,
     failures_agree, sharded_nonfinite_agrees, replicas_disagree, rank_crashes, mappo_trains, mappo_resumes,
-    off_policy_step_parity, facmac_trains, facmac_resumes, facmac_uninterrupted,
+    off_policy_step_parity, facmac_trains, facmac_resumes, facmac_uninterrupted, mappo_rank_stops_at_once,
 ]}
 
 
@@ -476,7 +506,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     two = launch(2, ["data_parallel_parity", "data_parallel_shared_network", "agent_sharded_outputs",
                      "agent_sharded_parameters", "failures_agree", "sharded_nonfinite_agrees", "replicas_disagree",
-                     "mappo_trains"], root / "two")
+                     "mappo_trains", "mappo_rank_stops_at_once"], root / "two")
     three = launch(3, ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes",
                        "rank_crashes"], root / "three")
     off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes", "facmac_uninterrupted"],
@@ -556,6 +586,17 @@ def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs)
     assert len(state["ranks"]) == 3 and state["trainer"]["env_steps"] == 450
     seeds = [s for r in state["ranks"] for s in r["pool"]["episode_seeds"]]
     assert len(seeds) == len(set(seeds)) == 6
+
+
+def test_ranks_that_cannot_meet_for_a_final_checkpoint_say_so(runs):
+    from kpg.train import load_checkpoint
+
+    outcomes = {rank: result(runs[2], rank, "mappo_rank_stops_at_once") for rank in range(2)}
+    assert outcomes[1]["outcome"] == "KeyboardInterrupt" and outcomes[0]["outcome"] == "CommunicationError", outcomes
+    for rank, found in outcomes.items():
+        assert (f"rank {rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or failed); "
+                "the checkpoint of update 1 stands") in found["stderr"], found
+    assert load_checkpoint(runs["root"] / "mappo-stopped" / "checkpoint.pt")["trainer"]["updates"] == 1
 
 
 @pytest.mark.parametrize("algo", ["maddpg", "facmac"])
