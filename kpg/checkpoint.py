@@ -261,11 +261,18 @@ def read_legacy_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
         return load(io.BytesIO(wrapper["payload"]))
     except pickle.UnpicklingError as error:
         named = re.search(r"GLOBAL ([\w.]+)", str(error))
-        offending = named.group(1) if named else f"what torch's weights-only reader refuses ({str(error)[-300:]})"
-        raise CheckpointError(
-            f"checkpoint {path} holds {offending}, which kpg checkpoints never held; it was not converted and nothing "
-            "in it was run. Only if you trust the file like a program you run, convert it with --trust-pickle"
-        ) from None
+        if named and not trust:
+            raise CheckpointError(
+                f"checkpoint {path} holds {named.group(1)}, which kpg checkpoints never held; it was not converted "
+                "and nothing in it was run. Only if you trust the file like a program you run, convert it with "
+                "--trust-pickle"
+            ) from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and "documentation" not in line]
+        raise CheckpointError(f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({lines[-1][:300]}); it is "
+                              "damaged or another kind of file") from None
+    except (RuntimeError, EOFError, KeyError, TypeError) as error:  # not a torch file, or not kpg's envelope
+        raise CheckpointError(f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({type(error).__name__}: "
+                              f"{str(error)[:300]}); it is damaged or another kind of file") from None
 
 
 def upgrade_legacy_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +304,9 @@ def convert_checkpoint(path: Path, trust: bool = False) -> Path:
     """Rewrites the kpg-checkpoint-1 file ``path`` in today's format; the original is kept as
     ``PATH.v1``. Returns the kept original's path."""
     path = Path(path)
-    if path.read_bytes().startswith(MAGIC):
+    with open(path, "rb") as file:
+        current = file.read(len(MAGIC)) == MAGIC
+    if current:
         raise CheckpointError(f"checkpoint {path} is already in format {MAGIC.decode().strip()}; nothing to convert")
     payload = upgrade_legacy_payload(read_legacy_checkpoint(path, trust))
     kept = path.with_name(path.name + ".v1")
@@ -320,6 +329,8 @@ class ConvertConfig:
 
 
 def convert_command(config: ConvertConfig) -> None:
+    if not config.path.is_file():
+        raise SystemExit(f"kpg convert-checkpoint: {config.path} does not exist")
     reader = ("Python's full pickle reader, which runs any code the file holds (--trust-pickle)" if config.trust_pickle
               else "torch's weights-only reader, which runs no code")
     print(f"reading {config.path} with {reader}", file=sys.stderr)
