@@ -249,6 +249,9 @@ def read_legacy_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
     def load(source):
         if trust:
             return torch.load(source, map_location="cpu", weights_only=False)
+        if not hasattr(torch.serialization, "safe_globals"):  # torch before 2.5: the process-wide allow-list
+            torch.serialization.add_safe_globals(_legacy_safe_globals())
+            return torch.load(source, map_location="cpu", weights_only=True)
         with torch.serialization.safe_globals(_legacy_safe_globals()):
             return torch.load(source, map_location="cpu", weights_only=True)
 
