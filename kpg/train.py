@@ -343,7 +343,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         stands = f"the checkpoint of update {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
         cannot_meet = (f"rank {run.rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or "
                        f"failed); {stands} stands")
-        if between_iterations and not (run.distributed and failed):
+        written = last_checkpoint == trainer.updates  # the periodic checkpoint of this very update
+        if between_iterations and not written and not (run.distributed and failed):
             try:
                 checkpoint()
             except Exception:
