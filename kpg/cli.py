@@ -1,4 +1,5 @@
-"""The ``kpg`` command (also ``python -m kpg``): ``kpg train`` and ``kpg compare``.
+"""The ``kpg`` command (also ``python -m kpg``): ``kpg train`` and ``kpg compare``, and
+``kpg convert-checkpoint PATH`` for checkpoints of kpg's earlier pickle format (docs/reliability.md).
 
 Every option is a flag (``kpg train --help``); ``--config FILE`` (TOML or JSON, keys as the flags'
 names with underscores, sections for nested options such as ``[mappo]``) sets the defaults the
@@ -16,22 +17,35 @@ from typing import Any
 
 import tyro
 
+from kpg.checkpoint import CheckpointError, ConvertConfig, convert_command
 from kpg.compare import CompareConfig, compare
 from kpg.train import TrainConfig, train
 
-COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare)}
+COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare),
+            "convert-checkpoint": (ConvertConfig, convert_command)}
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise SystemExit(f"--config: {path} does not exist")
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix == ".toml":
-        import tomllib
+    if path.suffix not in (".json", ".toml"):
+        raise SystemExit(f"--config: {path} must be a .toml or .json file")
+    try:
+        values = json.loads(path.read_text()) if path.suffix == ".json" else _toml().loads(path.read_text())
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are
+        raise SystemExit(f"--config: {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config: {path} must hold a table of options, not a {type(values).__name__}")
+    return values
 
-        return tomllib.loads(path.read_text())
-    raise SystemExit(f"--config: {path} must be a .toml or .json file")
+
+def _toml():
+    """The standard library's TOML reader (Python 3.11+), or tomli, the same reader for Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib
 
 
 def _from_dict(cls: type, values: dict[str, Any], where: str = "config"):
@@ -72,10 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     config_class, run = COMMANDS[command]
     config_path, rest = _pop_config_flag(rest)
-    default = _from_dict(config_class, _read_config_file(config_path)) if config_path else config_class()
+    default = _from_dict(config_class, _read_config_file(config_path)) if config_path else None
     config = tyro.cli(config_class, args=rest, default=default, prog=f"kpg {command}",
                       description=(config_class.__doc__ or "") + " --config FILE (TOML/JSON) sets defaults.")
-    run(config)
+    try:
+        run(config)
+    except CheckpointError as error:  # a file kpg refuses to read: the message says why and what to do
+        raise SystemExit(f"kpg {command}: {error}") from None
 
 
 if __name__ == "__main__":

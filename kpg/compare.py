@@ -39,7 +39,11 @@ class CompareConfig:
 def _run(config: TrainConfig) -> dict:
     summary_path = config.run_dir / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
+        try:  # data only (JSON), like every file kpg reads
+            return json.loads(summary_path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{summary_path} is not valid JSON ({error}); delete it to run {config.run_name} "
+                             "again") from None
     return train(config)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import random
@@ -30,10 +28,10 @@ import torch
 
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
+from kpg.checkpoint import load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
 from kpg.distributed import RunContext
 from kpg.envs import EnvPool, make_env_factory
 
-CHECKPOINT_FORMAT = "kpg-checkpoint-1"
 RECENT_EPISODES = 20
 
 
@@ -80,6 +78,11 @@ class TrainConfig:
         return make_env_factory(self.env, **options)
 
 
+def _config_as_data(config: TrainConfig) -> dict[str, Any]:
+    """The run's options as JSON data (paths as strings), for config.json and checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return json.loads(text)
@@ -87,48 +90,15 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Writes atomically (temporary file, fsync, rename) with a SHA-256 of the content, so a crash
-    mid-write leaves the previous checkpoint and a damaged file is detected on load."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save({"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "payload": data}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    # The rename lives in the directory: without its fsync a power loss can undo it.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        wrapper = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated or not a torch file at all
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is damaged or not a kpg checkpoint") from None
-    if not isinstance(wrapper, dict) or wrapper.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a kpg checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    if not isinstance(wrapper.get("payload"), bytes) or not isinstance(wrapper.get("sha256"), str):
-        raise ValueError(f"checkpoint {path} is damaged: its payload or checksum is missing; restore it or start over")
-    if hashlib.sha256(wrapper["payload"]).hexdigest() != wrapper["sha256"]:
-        raise ValueError(f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over")
-    return torch.load(io.BytesIO(wrapper["payload"]), map_location="cpu", weights_only=False)
+# ---- stopping, random streams ------------------------------------------------------------------------
 
 
 class StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM asks a run to stop after its current update, so that the final
     checkpoint holds a consistent state; a second one stops at once (the last checkpoint stands).
-    Handlers are installed only in the main thread, the one Python delivers signals to."""
+    Under torchrun, which passes the signal it gets on to every rank once, the ranks agree to stop
+    after the same update. Handlers are installed only in the main thread, the one Python delivers
+    signals to."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -152,12 +122,14 @@ class StopRequests:
 
 
 def _rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global generators' states as checkpoint data (tensors, numbers, tuples)."""
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state_as_data(np.random.get_state(legacy=False)),
+            "python": random.getstate()}
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(numpy_state_from_data(states["numpy"]))
     random.setstate(states["python"])
 
 
@@ -200,6 +172,32 @@ class MetricsLog:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def truncate_tensorboard_events(run_dir: Path, last_step: int) -> int:
+    """Drops the TensorBoard events past ``last_step`` (environment steps) from the run's event
+    files, as a resume cuts metrics.csv back to its checkpoint: the updates after it are logged
+    again. Read and written with tensorboard's own record reader and writer (a record cut off by
+    a killed run is dropped too). Returns the number of events dropped."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [record for record in records if Event.FromString(record).step <= last_step]
+        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+            continue
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "wb") as file:
+            writer = RecordWriter(file)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        os.replace(temporary, path)
+        dropped += len(records) - len(kept)
+    return dropped
 
 
 def build_trainer(config: TrainConfig, run: RunContext | None = None):
@@ -272,10 +270,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cpu_before = state.get("cpu_seconds", 0.0)
     log = None
     if run.is_writer:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        (run_dir / "config.json").write_text(json.dumps(_config_as_data(config), indent=2))
         if config.resume and state.get("metrics_bytes") is not None and (run_dir / "metrics.csv").exists():
             # Rows logged after the checkpoint (a run killed before its next one) are logged again.
             os.truncate(run_dir / "metrics.csv", state["metrics_bytes"])
+        if config.resume and config.tensorboard:
+            truncate_tensorboard_events(run_dir, state["trainer"]["env_steps"])
         log = MetricsLog(run_dir, trainer.METRICS, config.tensorboard, append=config.resume)
 
     def checkpoint() -> None:
@@ -288,7 +288,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ranks = run.gather_to_writer({"pool": pool.state_dict(), "rng": _rng_states(), "trainer": own})
         if run.is_writer:
             save_checkpoint(checkpoint_path, {
-                "config": dataclasses.asdict(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
+                "config": _config_as_data(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
                 "rng": ranks[0]["rng"], "ranks": ranks, "wall_seconds": wall_before + time.perf_counter() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started, "seconds": seconds, "recent": list(recent), "metrics_bytes": log.size(),
             })
@@ -297,14 +297,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not (config.progress and run.is_writer),
                desc=config.run_name, dynamic_ncols=True)
-    interrupted = False
+    interrupted = cut_short = False
     # Between iterations the trainer, pool and generators agree, and a checkpoint resumes exactly;
     # a checkpoint of an iteration cut short by an error or a second Ctrl-C would not.
     between_iterations = True
-    # Under torchrun the ranks could not agree on which update to stop after; Ctrl-C stops at once.
-    stop = StopRequests() if not run.distributed else None
+    last_checkpoint = trainer.updates if config.resume else None
+    # Every rank takes Ctrl-C and SIGTERM (torchrun passes its own on to every rank); under torchrun
+    # the ranks agree after each update whether any was asked to stop, so that all stop after the
+    # same update and meet in the final checkpoint.
+    stop = StopRequests()
     try:
-        while trainer.env_steps < config.steps and not (stop and stop.requested):
+        while trainer.env_steps < config.steps:
             between_iterations = False
             steps_before = trainer.env_steps
             metrics = run.merge_metrics(trainer.iteration())
@@ -327,17 +330,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
             between_iterations = True
             if config.checkpoint_every and trainer.updates % config.checkpoint_every == 0:
                 checkpoint()
-        interrupted = bool(stop and stop.requested)
+                last_checkpoint = trainer.updates
+            if any(run.gather(stop.requested is not None)):
+                interrupted = True
+                break
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted = cut_short = True
     finally:
-        if stop is not None:
-            stop.restore()
+        stop.restore()
         bar.close()
-        # Under torchrun a rank stopped by Ctrl-C or an error cannot meet the others in the
-        # checkpoint's gather; the last periodic checkpoint stands.
-        if between_iterations and not (run.distributed and (interrupted or sys.exc_info()[1] is not None)):
-            checkpoint()
+        failed = cut_short or sys.exc_info()[1] is not None
+        stands = f"the checkpoint of update {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
+        cannot_meet = (f"rank {run.rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or "
+                       f"failed); {stands} stands")
+        written = last_checkpoint == trainer.updates  # the periodic checkpoint of this very update
+        if between_iterations and not written and not (run.distributed and failed):
+            try:
+                checkpoint()
+            except Exception:
+                if run.distributed:
+                    print(cannot_meet, file=sys.stderr, flush=True)
+                raise
+        elif run.distributed and failed:
+            # A rank stopped at once or by an error cannot meet the others in the checkpoint's gather.
+            print(cannot_meet, file=sys.stderr, flush=True)
         if log is not None:
             log.close()
         pool.close()

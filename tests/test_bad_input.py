@@ -347,11 +347,8 @@ def test_damaged_checkpoint_is_detected_and_named(checkpoint, edit):
 
 
 def test_checkpoint_of_another_format_is_refused(checkpoint):
-    torch.save({"weights": torch.zeros(3)}, checkpoint)
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} is not a kpg checkpoint"):
-        load_checkpoint(checkpoint)
-    torch.save({"format": "kpg-checkpoint-1", "sha256": "0" * 64}, checkpoint)
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} is damaged: its payload or checksum is missing"):
+    torch.save({"weights": torch.zeros(3)}, checkpoint)  # a pickle: kpg reads none (tests/test_checkpoints.py)
+    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} is a pickle .*kpg does not read it"):
         load_checkpoint(checkpoint)
 
 

@@ -2,7 +2,8 @@
 one process's steps on the concatenated batch, agent-sharded steps equal unsharded ones, failures
 on one rank stop every rank with a clear error, K-MAPPO trains under data parallelism and resumes
 on another number of ranks, and K-MADDPG's and K-FACMAC's data-parallel gradient steps equal one
-process's on the concatenated minibatch, and K-FACMAC trains and resumes on 2 ranks.
+process's on the concatenated minibatch, and K-FACMAC trains and resumes on 2 ranks exactly as an
+uninterrupted run.
 
 Each launch starts its ranks once (forked from a server that has imported torch and kpg) and runs a
 list of scenarios in every rank; a rank writes each scenario's findings (or its traceback) to a
@@ -453,10 +454,47 @@ def facmac_resumes(rank, world, workdir):
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
+def mappo_rank_stops_at_once(rank, world, workdir):
+    """Rank 1 is stopped at once (a second Ctrl-C) inside its second update: no rank can meet the
+    others for a final checkpoint, and each says so. Breaks the process group: run it last."""
+    import contextlib
+    import io
+
+    from kpg.algos.mappo import MAPPOTrainer
+    from kpg.train import train
+
+    original, calls = MAPPOTrainer.iteration, []
+
+    def stopped_in_second_iteration(self):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    MAPPOTrainer.iteration = stopped_in_second_iteration
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train(_train_config(workdir.parent, steps=900, name="mappo-stopped"))
+        outcome = "finished"
+    except BaseException as error:  # KeyboardInterrupt on rank 1, the lost collective on rank 0
+        outcome = type(error).__name__
+    finally:
+        MAPPOTrainer.iteration = original
+    return {"outcome": outcome, "stderr": stderr.getvalue()}
+
+
+def facmac_uninterrupted(rank, world, workdir):
+    from kpg.train import train
+
+    summary = train(_facmac_train_config(workdir.parent, steps=400, name="facmac-whole"))
+    return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
+
+
 SCENARIOS = {f.__name__: f for f in [
     data_parallel_parity, data_parallel_shared_network, agent_sharded_outputs, agent_sharded_parameters,
     failures_agree, sharded_nonfinite_agrees, replicas_disagree, rank_crashes, mappo_trains, mappo_resumes,
-    off_policy_step_parity, facmac_trains, facmac_resumes,
+    off_policy_step_parity, facmac_trains, facmac_resumes, facmac_uninterrupted, mappo_rank_stops_at_once,
 ]}
 
 
@@ -468,10 +506,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     two = launch(2, ["data_parallel_parity", "data_parallel_shared_network", "agent_sharded_outputs",
                      "agent_sharded_parameters", "failures_agree", "sharded_nonfinite_agrees", "replicas_disagree",
-                     "mappo_trains"], root / "two")
+                     "mappo_trains", "mappo_rank_stops_at_once"], root / "two")
     three = launch(3, ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes",
                        "rank_crashes"], root / "three")
-    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes"], root / "off_policy")
+    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes", "facmac_uninterrupted"],
+                        root / "off_policy")
     return {2: two, 3: three, "off_policy": off_policy, "root": root}
 
 
@@ -549,6 +588,17 @@ def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs)
     assert len(seeds) == len(set(seeds)) == 6
 
 
+def test_ranks_that_cannot_meet_for_a_final_checkpoint_say_so(runs):
+    from kpg.train import load_checkpoint
+
+    outcomes = {rank: result(runs[2], rank, "mappo_rank_stops_at_once") for rank in range(2)}
+    assert outcomes[1]["outcome"] == "KeyboardInterrupt" and outcomes[0]["outcome"] == "CommunicationError", outcomes
+    for rank, found in outcomes.items():
+        assert (f"rank {rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or failed); "
+                "the checkpoint of update 1 stands") in found["stderr"], found
+    assert load_checkpoint(runs["root"] / "mappo-stopped" / "checkpoint.pt")["trainer"]["updates"] == 1
+
+
 @pytest.mark.parametrize("algo", ["maddpg", "facmac"])
 def test_off_policy_data_parallel_steps_equal_one_process_on_the_whole_minibatch(runs, algo):
     for rank in range(2):
@@ -576,3 +626,23 @@ def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
     assert [replay["capacity"] for replay in replays] == [200, 200] and [replay["size"] for replay in replays] == [200, 200]
     assert not torch.equal(replays[0]["storage"]["obs"], replays[1]["storage"]["obs"])
     assert torch.equal(state["trainer"]["replay"]["storage"]["obs"], replays[0]["storage"]["obs"])
+    # Resumed on as many ranks, the run ends exactly where an uninterrupted one does, every rank's state included.
+    assert result(runs["off_policy"], 0, "facmac_uninterrupted") == {"env_steps": 400, "updates": 8}
+    whole = load_checkpoint(runs["root"] / "facmac-whole" / "checkpoint.pt")
+    _assert_same_state(whole["trainer"], state["trainer"], "trainer")
+    _assert_same_state(whole["ranks"], state["ranks"], "ranks")
+
+
+def _assert_same_state(expected, actual, where):
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), f"{where}: keys differ"
+        for key in expected:
+            _assert_same_state(expected[key], actual[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), f"{where}: lengths differ"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            _assert_same_state(e, a, f"{where}[{i}]")
+    else:
+        assert expected == actual, f"{where}: {expected!r} != {actual!r}"

@@ -1,6 +1,7 @@
 """Faults during training: a run killed with SIGKILL at random moments, stopped with Ctrl-C or
 broken by an error mid-update resumes from its last checkpoint and ends exactly where an
-uninterrupted run ends; checkpoints are written atomically.
+uninterrupted run ends; checkpoints are written atomically; Ctrl-C under torchrun writes a final
+checkpoint all ranks agree on; a resume cuts TensorBoard's events back to the checkpoint.
 
 A run here is `kpg train` on simple_spread with a small MAPPO (one update per 25-step episode, so
 every checkpoint falls on an episode boundary, where resuming is exact) and a checkpoint after
@@ -194,3 +195,70 @@ def test_off_policy_checkpoints_hold_the_replay_buffer_unless_told_not_to(tmp_pa
     assert all(rows.shape[0] == replay["size"] for rows in replay["storage"].values())
     resumed = train(dataclasses.replace(run, steps=150, resume=True))
     assert resumed["env_steps"] == 150
+
+
+def tensorboard_steps(run_dir: Path, tag: str = "updates") -> list[int]:
+    """The steps of ``tag``'s scalars in every TensorBoard event file of the run, in file order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [event.step for path in sorted(run_dir.glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() if any(v.tag == tag for v in event.summary.value)]
+
+
+def test_a_resume_cuts_tensorboard_events_back_to_the_checkpoint(tmp_path, monkeypatch):
+    """A run that logged an update past its last checkpoint (the checkpoint of update 2, the row
+    of update 3, then an error in update 4, and a record half-written by a kill) resumes: the
+    event files then hold every update once, as metrics.csv does."""
+    from kpg.algos.mappo import MAPPOTrainer
+
+    original, calls = MAPPOTrainer.iteration, []
+
+    def failing_fourth_iteration(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("disk full")
+        return original(self)
+
+    monkeypatch.setattr(MAPPOTrainer, "iteration", failing_fourth_iteration)
+    run = config(tmp_path, "events", steps=500, tensorboard=True, checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(run)
+    run_dir = tmp_path / "events"
+    assert load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["updates"] == 2
+    assert tensorboard_steps(run_dir) == [100, 200, 300]
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    with open(events, "ab") as file:
+        file.write(b"\x2a\x00\x00\x00\x00\x00\x00\x00half a record")
+    monkeypatch.setattr(MAPPOTrainer, "iteration", original)
+    time.sleep(1.1)  # the resumed run's event file is named by the second it starts
+    train(dataclasses.replace(run, resume=True))
+    assert tensorboard_steps(run_dir) == [100, 200, 300, 400, 500]
+    assert tensorboard_steps(run_dir, "episode_return") == sorted(set(tensorboard_steps(run_dir, "episode_return")))
+    assert b"half a record" not in events.read_bytes()
+    assert [int(row["env_steps"]) for row in metric_rows(run_dir)] == [100, 200, 300, 400, 500]
+
+
+def test_ctrl_c_under_torchrun_writes_a_final_checkpoint_every_rank_agrees_on(tmp_path):
+    """torchrun passes Ctrl-C on to every rank; the ranks stop after the same update and write one
+    checkpoint together (periodic checkpoints are off, so it is the only one), which resumes."""
+    flags = [flag if flag != str(STEPS) else "20000" for flag in CLI_FLAGS]
+    flags[flags.index("--checkpoint-every") + 1] = "0"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kpg",
+                "train", "--logdir", str(tmp_path), "--name", "dist", *flags]
+    run_dir = tmp_path / "dist"
+    process = subprocess.Popen(torchrun, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for_progress(process, run_dir / "metrics.csv", 0, timeout=180)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and stderr.count("SIGINT: stopping after this update") == 2, stderr
+    assert "cannot meet" not in stderr, stderr
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    updates = state["trainer"]["updates"]
+    assert len(state["ranks"]) == 2 and 0 < updates < 200
+    assert len(metric_rows(run_dir)) == updates, "the checkpoint and metrics.csv disagree"
+    flags[flags.index("--steps") + 1] = str(100 * (updates + 1))
+    resumed = subprocess.run(torchrun[:torchrun.index("--name") + 2] + flags + ["--resume"], capture_output=True,
+                             text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["updates"] == updates + 1
+    assert len(metric_rows(run_dir)) == updates + 1
