@@ -14,9 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import tyro
-
 from kpg.compare import CompareConfig, compare
+from kpg.extras import require_extra
 from kpg.train import TrainConfig, train
 
 COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare)}
@@ -70,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: kpg {train,compare} [--config FILE] [options]   (kpg train --help for the options)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
+    require_extra("train", f"kpg {command}")
+    import tyro  # the train extra, checked just above
+
     config_class, run = COMMANDS[command]
     config_path, rest = _pop_config_flag(rest)
     default = _from_dict(config_class, _read_config_file(config_path)) if config_path else config_class()

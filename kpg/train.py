@@ -30,7 +30,7 @@ import torch
 
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
-from kpg.distributed import RunContext
+from kpg.algos.run_context import RunContext
 from kpg.envs import EnvPool, make_env_factory
 
 CHECKPOINT_FORMAT = "kpg-checkpoint-1"
