@@ -1,6 +1,7 @@
 # Quick start: `make run` (set up, then the main job) and `make test` (set up, then the tests).
 # Setup is a virtual environment in .venv with the CPU build of torch where no NVIDIA driver is
-# present, and kpg installed in editable mode (the extension rebuilds when csrc/ changes).
+# present, and kpg installed in editable mode with every extra (the extension rebuilds when csrc/
+# changes). `make lint` checks formatting and lint (CI runs it before the tests).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,19 +10,25 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch==2.13.0
 TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),$(TORCH_GPU),$(TORCH_CPU))
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+CSRC_FILES := $(shell find csrc -type f \( -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' \) 2>/dev/null)
 
-.PHONY: setup test run bench clean
+.PHONY: setup test lint run bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,envs]"
+	$(PY) -m pip install --quiet -e ".[train,envs,test,lint]"
 	touch $@
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC_FILES)
 
 # The main job: K2-MAPPO against MAPPO on simple_spread with 3 agents, 2 seeds each (a few minutes).
 run: setup

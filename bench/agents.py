@@ -3,7 +3,7 @@ research code, and with kpg (agent-batched networks, fused optimizer) at k = 1 a
 
 Every agent has its own policy, an MLP 16 -> 64 -> 64 -> 5 logits with tanh, and a minibatch of 256
 samples; the loss is K-MAPPO's clipped joint-ratio surrogate (kpg.couplings.joint_ratio_loss, the
-others' ratios as a geometric mean, as ../shared/KPG.md advises for many agents), optimizer Adam,
+others' ratios as a geometric mean, as docs/algorithm.md advises for many agents), optimizer Adam,
 float32, on CUDA where a GPU is present and on the CPU otherwise (--device). For each agent count it
 times one actor update with each of these, side by side (call by call, in turn, round after round:
 time_side_by_side; kpg's two with the matmul reference, then torch's two: TIMING_GROUPS), with

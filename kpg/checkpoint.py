@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import tyro
 
 MAGIC = b"kpg-checkpoint-2\n"
 LEGACY_FORMAT = "kpg-checkpoint-1"
@@ -325,7 +324,7 @@ class ConvertConfig:
     """Converts a checkpoint of kpg's earlier pickle format (kpg-checkpoint-1) to today's format, from
     which reading runs no code; the original is kept as PATH.v1."""
 
-    path: tyro.conf.Positional[Path]
+    path: Path  # positional on the command line (kpg.cli makes required options positional)
     # Read with Python's full pickle reader, which runs any code the file holds: only for a file you
     # trust like a program you run (by default torch's weights-only reader reads it, running no code).
     trust_pickle: bool = False

@@ -15,10 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import tyro
-
 from kpg.checkpoint import CheckpointError, ConvertConfig, convert_command
 from kpg.compare import CompareConfig, compare
+from kpg.extras import require_extra
 from kpg.train import TrainConfig, train
 
 COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare),
@@ -84,10 +83,15 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: kpg {train,compare} [--config FILE] [options]   (kpg train --help for the options)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
+    require_extra("train", f"kpg {command}")
+    import tyro  # the train extra, checked just above
+
     config_class, run = COMMANDS[command]
     config_path, rest = _pop_config_flag(rest)
     default = _from_dict(config_class, _read_config_file(config_path)) if config_path else None
+    # Required options (convert-checkpoint's PATH) are positional; train and compare have none.
     config = tyro.cli(config_class, args=rest, default=default, prog=f"kpg {command}",
+                      config=(tyro.conf.PositionalRequiredArgs,),
                       description=(config_class.__doc__ or "") + " --config FILE (TOML/JSON) sets defaults.")
     try:
         run(config)

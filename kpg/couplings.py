@@ -1,6 +1,6 @@
 """Where the other agents' anticipated policies enter the usual multi-agent losses.
 
-Both helpers follow ../shared/KPG.md: agent i's own outputs come from its base parameters (with
+Both helpers follow docs/algorithm.md: agent i's own outputs come from its base parameters (with
 gradient), the other agents' from level l-1 (computed inside ``ctx.anticipated()``, no gradient).
 """
 

@@ -1,6 +1,8 @@
-"""kpg on torch.distributed: data-parallel and agent-sharded KPG steps, and what the trainers need
-to run under ``torchrun``. kpg adds no communication layer: every exchange is one torch.distributed
-collective (gloo on CPU, NCCL on GPUs) over the caller's process group.
+"""kpg on torch.distributed: data-parallel and agent-sharded KPG steps and the collectives they
+use. kpg adds no communication layer: every exchange is one torch.distributed collective (gloo on
+CPU, NCCL on GPUs) over the caller's process group. A training run's place among the ranks (its
+environment copies, seeds and checkpoints) is the trainers' concern:
+:class:`kpg.algos.run_context.RunContext`.
 
 - Data parallel (``KPGOptimizer(..., process_group=group)``): every rank holds every agent and its
   own share of the batch. At each level the ranks first all-reduce a small control vector (which
@@ -23,18 +25,16 @@ ranks waiting on a third one stop at once instead of at the timeout.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "RunContext", "agent_counts",
+    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "agent_counts",
     "agent_range", "all_gather_agents", "average_gradients", "broadcast_parameters", "check_replicas_agree",
     "gather_samples", "init_from_environment",
 ]
@@ -42,8 +42,6 @@ __all__ = [
 PARALLEL_MODES = ("data", "agents")
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket size
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-
-T = TypeVar("T")
 
 
 class CommunicationError(RuntimeError):
@@ -272,131 +270,6 @@ class Communicator:
     def check_replicas(self, tensors: Sequence[Tensor], what: str) -> None:
         if not self.sharded:
             check_replicas_agree(tensors, self.group, what)
-
-
-class RunContext:
-    """A training run's place among the ranks under ``torchrun``: which environment copies and seeds
-    this rank uses, merging metrics, and checkpoints written once by rank 0 that resume on another
-    number of ranks. Without a process group it is one rank and every method is the plain path."""
-
-    def __init__(self, group: dist.ProcessGroup | None):
-        self.group = group
-        self.rank = 0 if group is None else dist.get_rank(group)
-        self.world_size = 1 if group is None else dist.get_world_size(group)
-
-    @classmethod
-    def from_environment(cls, device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> RunContext:
-        return cls(init_from_environment(device, timeout))
-
-    @property
-    def distributed(self) -> bool:
-        return self.group is not None
-
-    @property
-    def is_writer(self) -> bool:
-        """Rank 0 writes logs, checkpoints and summaries; the others only train."""
-        return self.rank == 0
-
-    def device(self, device: str) -> str:
-        """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
-        if self.distributed and device == "cuda":
-            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        return device
-
-    def local_copies(self, copies: int) -> int:
-        if copies % self.world_size:
-            raise ValueError(
-                f"--copies {copies} cannot be split evenly over {self.world_size} ranks; pass a multiple of "
-                f"{self.world_size} (every rank steps the same number of environment copies)"
-            )
-        return copies // self.world_size
-
-    def rank_seed(self, seed: int) -> int:
-        """Rank 0 keeps ``seed`` (one rank runs exactly as without torchrun); the others get streams of
-        their own, far from rank 0's and from the evaluation pool's (seed + 10 000)."""
-        return seed + 100_003 * self.rank
-
-    def seed_rank_streams(self, seed: int) -> None:
-        """Gives ranks other than 0 their own torch, numpy and Python streams (action sampling), once
-        the models have been built alike on every rank."""
-        if self.rank:
-            rank_seed = self.rank_seed(seed)
-            torch.manual_seed(rank_seed)
-            np.random.seed(rank_seed % 2**32)
-            random.seed(rank_seed)
-
-    def on_writer(self, fn: Callable[[], T]) -> T:
-        """``fn()`` run on rank 0, its result (or its exception) given to every rank."""
-        if not self.distributed:
-            return fn()
-        box: list[Any] = [None]
-        if self.is_writer:
-            try:
-                box[0] = ("result", fn())
-            except Exception as error:  # every rank raises it, instead of the others waiting on rank 0
-                box[0] = ("error", error)
-        _collective(lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group),
-                    self.group, "the broadcast from rank 0")
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return value
-
-    def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        values: list[Any] = [None] * self.world_size
-        _collective(lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states")
-        return values
-
-    def gather_to_writer(self, value: T) -> list[T] | None:
-        """Every rank's ``value`` in rank order on rank 0 (its own entry is ``value`` itself, not a
-        copy), None on the others: for what only rank 0 writes, such as every rank's replay rows."""
-        if not self.distributed:
-            return [value]
-        values: list[Any] | None = [None] * self.world_size if self.is_writer else None
-        _collective(lambda: dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group),
-                    self.group, "the gather of rank states to rank 0")
-        if values is not None:
-            values[0] = value
-        return values
-
-    def merge_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """One row for all ranks: episode counts summed, episode returns and lengths averaged over
-        episodes, everything else averaged over ranks."""
-        if not self.distributed:
-            return metrics
-        everyone = self.gather(metrics)
-        merged: dict[str, float] = {}
-        episodes = [m.get("episodes", 0) for m in everyone]
-        for name in dict.fromkeys(name for m in everyone for name in m):
-            values = [m[name] for m in everyone if name in m]
-            if name == "episodes":
-                merged[name] = sum(values)
-            elif name in ("episode_return", "episode_length"):
-                weights = [n for m, n in zip(everyone, episodes) if name in m]
-                merged[name] = float(np.average(values, weights=weights))
-            elif all(isinstance(v, (int, float)) for v in values):
-                merged[name] = float(np.mean(values)) if len(set(values)) > 1 else values[0]
-        return merged
-
-    def resharded_pool_state(self, pool_states: Sequence[dict[str, Any]], pool: Any) -> dict[str, Any]:
-        """The state ``pool`` (this rank's environment copies) loads from the pool states of a run on
-        ``len(pool_states)`` ranks: the same rank's state when the count is unchanged, else this
-        rank's slice of all copies' episode seeds (each copy restarts its current episode from its
-        seed) and the episode counter this rank used before, so no episode seed repeats."""
-        if len(pool_states) == self.world_size:
-            return pool_states[self.rank]
-        seeds = [s for state in pool_states for s in state["episode_seeds"]]
-        if len(seeds) != pool.copies * self.world_size:
-            raise ValueError(
-                f"the checkpoint holds {len(seeds)} environment copies, this run {pool.copies * self.world_size}; "
-                "resume with the same --copies"
-            )
-        before = pool_states[self.rank] if self.rank < len(pool_states) else None
-        return {"seed": pool.seed, "episodes_started": before["episodes_started"] if before else 0,
-                "episode_seeds": seeds[self.rank * pool.copies : (self.rank + 1) * pool.copies]}
 
 
 def _average_(buffer: Tensor, group: dist.ProcessGroup, bucket_bytes: int, what: str) -> None:

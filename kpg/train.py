@@ -28,8 +28,8 @@ import torch
 
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
+from kpg.algos.run_context import RunContext
 from kpg.checkpoint import load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
-from kpg.distributed import RunContext
 from kpg.envs import EnvPool, make_env_factory
 
 RECENT_EPISODES = 20

@@ -16,7 +16,8 @@ import kpg
 from kpg import _ops as ops
 from kpg.envs import EnvPool
 from kpg.train import load_checkpoint, save_checkpoint
-from test_kernels import UPDATE_CASES, Arena
+
+from helpers import UPDATE_CASES, Arena
 
 SIZES = [3, 0, 17, 5]
 F64 = torch.float64

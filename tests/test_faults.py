@@ -116,7 +116,7 @@ def test_sigkill_at_random_moments_resumes_identically(uninterrupted, tmp_path):
         if wait_for_progress(process, metrics, size_before):
             time.sleep(chance.uniform(0.0, 0.4))
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.communicate()  # waits and closes the stderr pipe (an open one is a ResourceWarning, an error here)
         if process.returncode == -signal.SIGKILL:
             survived += 1
         if (run_dir / "checkpoint.pt").exists() and load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["env_steps"] >= STEPS:

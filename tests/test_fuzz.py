@@ -20,18 +20,25 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kpg
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
 from kpg import _ops as ops
 from kpg import reference
-from test_kernels import Arena, agent_grad_norms_of_kernel_and_reference
-from test_properties import HYPER
+
+from helpers import (
+    HYPER,
+    RTOL,
+    TORCH_OPTIMIZERS,
+    Arena,
+    agent_grad_norms_of_kernel_and_reference,
+    assert_as_accurate_as,
+    assert_close_to_scale,
+    torch_optimizer,
+)
 
 # Sizes of one agent's tensors: 1, around the float32 (4) and float64 (2) vector widths, odd ones.
 TENSOR_SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 17, 33])
 LR = st.sampled_from([0.0, 1e-4, 0.01, 0.3])
 WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.1])
 EPS = st.sampled_from([1e-12, 1e-8, 1e-3])
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
 
 
 @st.composite
@@ -125,17 +132,10 @@ class Game:
         return [nn.Parameter(t.detach().clone()) for t in source]
 
 
-def torch_optimizer(name, hyper, params, lr):
-    extra = {"foreach": False}
-    if name in ("adam", "adamw"):
-        extra["fused"] = False
-    return TORCH_OPTIMIZERS[name](params, lr=lr, **extra, **hyper)
-
-
 def brute_force(game, spec, dtype):
     """Every agent's parameters after spec["steps"] brute-force KPG steps, and its optimizers."""
     params = [game.agent_tensors(a) for a in range(game.num_agents)]
-    optimizers = [torch_optimizer(spec["optimizer"], spec["hyper"], p, lr) for p, lr in zip(params, spec["lrs"])]
+    optimizers = [torch_optimizer(spec["optimizer"], p, lr, **spec["hyper"]) for p, lr in zip(params, spec["lrs"])]
     for _ in range(spec["steps"]):
         base = [[p.detach().clone() for p in agent] for agent in params]
         anticipated = [game.flat(a, base[a]) for a in range(game.num_agents)]

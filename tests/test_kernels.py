@@ -5,23 +5,18 @@ import copy
 import pytest
 import torch
 
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
 from kpg import _ops as ops
 from kpg import reference
 
-# (optimizer, hyperparameters) cases, each id naming what it exercises.
-UPDATE_CASES = {
-    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
-    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)),
-    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
-    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)),
-    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False)),
-    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False, decoupled_weight_decay=True)),
-    "adamw-amsgrad-beta1-large-weight": ("adam", dict(beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True)),
-    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
-    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
-    "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
-}
+from helpers import (
+    RTOL,
+    UPDATE_CASES,
+    Arena,
+    agent_grad_norms_of_kernel_and_reference,
+    assert_as_accurate_as,
+    assert_close_to_scale,
+    torch_optimizer,
+)
 
 # Agent segment sizes: an empty agent, a single element, vector width +-1, chunk size +-1 for
 # both paths, the sizes that leave tails in naive launches, and 257 agents.
@@ -36,57 +31,6 @@ NONFINITE = {"finite": None, "nan-inf-first-middle-last": (float("nan"), float("
 
 def _hyper(case):
     return UPDATE_CASES[case]
-
-
-class Arena:
-    """Flat buffers of one test problem, created twice from one seed for the two implementations."""
-
-    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None):
-        g = torch.Generator().manual_seed(seed)
-        self.offsets = [0]
-        for s in sizes:
-            self.offsets.append(self.offsets[-1] + s)
-        n, a = self.offsets[-1], len(sizes)
-        self.chunks, self.agent_chunks = ops.chunk_table(self.offsets)
-        self.param = torch.randn(n, dtype=dtype, generator=g)
-        self.grad = torch.randn(n, dtype=dtype, generator=g)
-        self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
-        self.step = torch.zeros(a, dtype=torch.float64)
-        self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
-        self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
-        self.skip = (torch.rand(a, generator=g) < 0.2).to(torch.uint8)
-        self.warm_grads = [torch.randn(n, dtype=dtype, generator=g) for _ in range(warm_steps)]
-        if nonfinite is not None and n > 0:
-            for value, index in zip(nonfinite, (0, n // 2, n - 1)):
-                self.grad[index] = value
-
-    def warm_up(self, kind, hyper):
-        """A few reference commits so the state holds realistic values (centered RMSprop needs it)."""
-        grad = self.grad
-        for warm in self.warm_grads:
-            self.grad = warm
-            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **hyper)
-        self.grad = grad
-        return self
-
-    def commit_args(self, skip=True):
-        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, lr=self.lr,
-                    grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
-
-    def anticipate_args(self, anticipated):
-        args = self.commit_args()
-        return dict(param=args.pop("param"), grad=args.pop("grad"), anticipated=anticipated, **args)
-
-    def tensors(self):
-        return {"param": self.param, **self.states, "step": self.step}
-
-    def upcast(self):
-        """A float64 copy holding exactly this arena's values: the inputs of the float64 truth."""
-        copied = copy.deepcopy(self)
-        for name in ("param", "grad"):
-            setattr(copied, name, getattr(self, name).double())
-        copied.states = {name: s.double() for name, s in self.states.items()}
-        return copied
 
 
 @pytest.mark.parametrize("nonfinite", NONFINITE.values(), ids=NONFINITE.keys())
@@ -132,16 +76,6 @@ def test_anticipate_leaves_base_and_state_bit_identical(case, dtype):
     assert not torch.equal(anticipated, arena.param), "anticipate wrote no update"
 
 
-def _torch_optimizer(kind, hyper, params, lr):
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=False, **hyper)
-    if kind == "adam":
-        h = dict(hyper)
-        h["betas"] = (h.pop("beta1"), h.pop("beta2"))
-        return torch.optim.Adam(params, lr=lr, foreach=False, fused=False, **h)
-    return torch.optim.RMSprop(params, lr=lr, foreach=False, **hyper)
-
-
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "per-agent-clip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", UPDATE_CASES)
@@ -154,9 +88,9 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
     g = torch.Generator().manual_seed(3)
     initial = [torch.randn(s, dtype=dtype, generator=g) for s in sizes]
     theirs = [torch.nn.Parameter(t.clone()) for t in initial]
-    optimizers = [_torch_optimizer(kind, hyper, [p], lr) for p, lr in zip(theirs, lrs)]
+    optimizers = [torch_optimizer(kind, [p], lr, **hyper) for p, lr in zip(theirs, lrs)]
     truth = [torch.nn.Parameter(t.double()) for t in initial]
-    truth_optimizers = [_torch_optimizer(kind, hyper, [p], lr) for p, lr in zip(truth, lrs)]
+    truth_optimizers = [torch_optimizer(kind, [p], lr, **hyper) for p, lr in zip(truth, lrs)]
 
     offsets = [0]
     for s in sizes:
@@ -191,24 +125,6 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
         else:
             assert_as_accurate_as(ours, p.detach(), truth[agent].detach(), RTOL[dtype], what=f"agent {agent} params")
     assert step.tolist() == [20.0] * a
-
-
-def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, torch.Tensor]]:
-    """The outputs of ops.agent_grad_norms and of its reference on ``arena``'s gradients (outputs
-    start at values neither writes), after checking that they agree."""
-    agents = arena.agent_chunks.shape[0] - 1
-    outputs = []
-    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
-                   norm=torch.full((agents,), -1.0, dtype=torch.float64),
-                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64),
-                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8))
-        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
-             out["nonfinite"])
-        outputs.append(out)
-    for name in outputs[0]:
-        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
-    return outputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

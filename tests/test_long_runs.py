@@ -1,18 +1,18 @@
 """Long runs: the CPU kernels let other Python threads run (the extension drops the GIL around
 them), and the soak script's short form runs and reports flat memory. The full soak (100 000
-steps) is scripts/soak.py; its figures are in the README."""
+steps) is scripts/soak.py; its figures are in docs/reliability.md."""
 
 import json
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from kpg import _ops as ops
+
+from helpers import python_thread_progress
 
 ROOT = Path(__file__).parents[1]
 F64 = torch.float64
@@ -46,39 +46,6 @@ def test_a_python_thread_keeps_running_during_a_large_cpu_kernel(make_call):
     call()  # warm: allocate the pool's workers outside the measurement
     during = python_thread_progress(call)
     assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
-
-
-def python_thread_progress(call, calls: int = 3) -> list[int]:
-    """How often a counting Python thread advanced during each of ``calls`` calls of ``call``.
-
-    The thread gives the GIL back at every iteration (time.sleep(0)), so it cannot hold it while the
-    main thread runs Python; unless ``call`` releases the GIL it advances at most once or twice per
-    call (a switch interval of 5 ms against well under 1 ms of Python in an op)."""
-    count, stop, running = 0, threading.Event(), threading.Event()
-
-    def counter():
-        nonlocal count
-        running.set()
-        while not stop.is_set():
-            count += 1
-            time.sleep(0)
-
-    thread = threading.Thread(target=counter)
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    during = []
-    try:
-        thread.start()
-        running.wait()
-        for _ in range(calls):
-            before = count
-            call()
-            during.append(count - before)
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(old_interval)
-    return during
 
 
 def test_soak_script_reports_flat_memory(tmp_path):

@@ -22,12 +22,13 @@ from torch.func import functional_call
 
 import kpg
 import kpg.nn as knn
-from conftest import assert_as_accurate_as, assert_close_to_scale
 from kpg import _ops as ops
 from kpg.arena import ParameterArena
 
+from helpers import RTOL, assert_as_accurate_as, assert_close_to_scale
+
 ROOT = Path(__file__).parents[1]
-RTOL64 = 1e-12
+RTOL64 = RTOL[torch.float64]
 AGENT_COUNTS = [1, 3, 257]
 
 # name -> (per-agent module factory, input feature shape, extra batch dims, takes a hidden state)

@@ -1,7 +1,7 @@
 """K-MADDPG and K-FACMAC: replay, losses against hand computations, the KPG actor coupling against
 a brute force, smoke runs and exact resumption.
 
-The brute force takes the algorithm as ../shared/KPG.md states it: at every level each agent's
+The brute force takes the algorithm as docs/algorithm.md states it: at every level each agent's
 gradient is that of its loss with its own actor at the base parameters and every other agent's
 actor a deep copy stepped one level earlier by a torch.optim.Adam copy of the base optimizer
 state; only the last level is committed.
@@ -19,10 +19,11 @@ from pettingzoo import ParallelEnv
 from torch import nn
 
 from kpg.algos import FACMACConfig, FACMACTrainer, MADDPGConfig, MADDPGTrainer
-from kpg.algos.common import EnsembleMLP, gumbel_noise, polyak_update, straight_through_gumbel_softmax
+from kpg.algos.common import gumbel_noise, polyak_update, straight_through_gumbel_softmax
 from kpg.algos.facmac import MonotonicMixer
 from kpg.algos.replay import ReplayBuffer
 from kpg.envs import EnvPool, make_env_factory
+from kpg.nn import AgentLinear, AgentMLP
 from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 TRAINERS = {"maddpg": (MADDPGTrainer, MADDPGConfig), "facmac": (FACMACTrainer, FACMACConfig)}
@@ -227,12 +228,12 @@ def test_monotonic_mixer_by_hand_and_monotonic():
     assert bool((gradient >= 0).all()) and bool((gradient > 0).any())
 
 
-def manual_member(ensemble: EnsembleMLP, member: int, x: torch.Tensor, activation=torch.relu) -> torch.Tensor:
-    """Member ``member`` of an ensemble as a plain MLP on [batch, inputs]."""
-    last = len(ensemble.weights) - 1
-    for layer, (weight, bias) in enumerate(zip(ensemble.weights, ensemble.biases)):
-        x = x @ weight[member] + bias[member, 0]
-        if layer < last:
+def manual_member(network: AgentMLP, member: int, x: torch.Tensor, activation=torch.relu) -> torch.Tensor:
+    """Agent ``member``'s network of an agent-batched MLP as a plain MLP on [batch, inputs]."""
+    linears = [layer for layer in network if isinstance(layer, AgentLinear)]
+    for layer, linear in enumerate(linears):
+        x = x @ linear.weight[member].T + linear.bias[member]
+        if layer < len(linears) - 1:
             x = activation(x)
     return x.squeeze(-1)
 

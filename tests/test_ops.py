@@ -12,8 +12,8 @@ import torch._dynamo.testing
 
 from kpg import _C
 from kpg import _ops as ops
-from test_kernels import UPDATE_CASES, Arena
-from test_long_runs import python_thread_progress
+
+from helpers import UPDATE_CASES, Arena, python_thread_progress
 
 # An empty agent between others, segments that are not multiples of the vector width.
 SIZES = [3, 0, 17, 5]

@@ -3,7 +3,7 @@
 The brute force keeps separate copies of every agent, evaluates each agent's loss at the mixed
 point (own parameters at base, the others at level l-1) with torch.func.functional_call, and steps
 one torch.optim optimizer per agent from the base parameters, saving and restoring its state
-around every intermediate level, exactly as ../shared/KPG.md states the algorithm.
+around every intermediate level, exactly as docs/algorithm.md states the algorithm.
 """
 
 import copy
@@ -15,7 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 import kpg
-from conftest import assert_close_to_scale
+
+from helpers import RTOL, assert_close_to_scale, torch_optimizer
 
 OPTIMIZERS = {
     "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
@@ -24,14 +25,7 @@ OPTIMIZERS = {
     "adamw-amsgrad": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
     "rmsprop-centered-momentum": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)),
 }
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
-RTOL = {torch.float32: 2e-6, torch.float64: 1e-11}
 BATCH = 6
-
-
-def torch_optimizer(name, params, lr, hyper):
-    extra = {} if name == "sgd" or name == "rmsprop" else {"fused": False}
-    return TORCH_OPTIMIZERS[name](params, lr=lr, foreach=False, **extra, **hyper)
 
 
 class Game:
@@ -138,7 +132,7 @@ def run_both(optimizer, k, num_agents, dtype, shared, heterogeneous, closure_sty
     opt = kpg.KPGOptimizer(ours.models[0] if shared else ours.models, k=k, optimizer=name,
                            lr=lrs[0] if shared else lrs, max_grad_norm=(max_norms[0] if shared else max_norms) if clip else None,
                            num_agents=num_agents if shared else None, **hyper)
-    reference_optimizers = [torch_optimizer(name, list(m.parameters()), lr, hyper) for m, lr in zip(theirs.models, lrs)]
+    reference_optimizers = [torch_optimizer(name, list(m.parameters()), lr, **hyper) for m, lr in zip(theirs.models, lrs)]
     closure = ours.closure_with_context if closure_style == "ctx" else ours.closure_without_context
     for _ in range(steps):
         opt.step(closure)
@@ -187,7 +181,7 @@ def test_k1_equals_plain_torch_optim_step(optimizer):
     ours = Game(3, torch.float32, True, False, seed=1)
     theirs = copy.deepcopy(ours)
     opt = kpg.KPGOptimizer(ours.models, k=1, optimizer=name, lr=0.01, **hyper)
-    plain = [torch_optimizer(name, list(m.parameters()), 0.01, hyper) for m in theirs.models]
+    plain = [torch_optimizer(name, list(m.parameters()), 0.01, **hyper) for m in theirs.models]
     for _ in range(5):
         opt.step(ours.closure_with_context)
         losses = theirs.closure_without_context()

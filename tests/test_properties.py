@@ -13,15 +13,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
 from kpg import _ops as ops
 from kpg import reference
-from test_kernels import Arena
+
+from helpers import HYPER, RTOL, Arena, assert_as_accurate_as, assert_close_to_scale
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
-WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.01, 1.0])
-EPS = st.sampled_from([1e-12, 1e-8, 1e-3])
-
 # Any size up to 3000; sizes next to multiples of 4 (the float32 vector width) and tiny ones are
 # drawn on purpose, since they end in the scalar tails of vector loops.
 SEGMENT_SIZES = st.one_of(
@@ -29,40 +26,6 @@ SEGMENT_SIZES = st.one_of(
     st.builds(lambda k, d: max(4 * k + d, 0), st.integers(0, 750), st.sampled_from([-1, 0, 1])),
     st.integers(0, 5),
 )
-
-
-@st.composite
-def sgd_hyper(draw):
-    momentum = draw(st.sampled_from([0.0, 0.5, 0.99]))
-    dampening = draw(st.sampled_from([0.0, 0.1, 1.0]))
-    # torch.optim.SGD accepts nesterov only with momentum > 0 and zero dampening.
-    nesterov = draw(st.booleans()) if momentum > 0 and dampening == 0 else False
-    return dict(momentum=momentum, dampening=dampening, weight_decay=draw(WEIGHT_DECAY), nesterov=nesterov,
-                maximize=draw(st.booleans()))
-
-
-ADAM_HYPER = st.fixed_dictionaries(dict(
-    beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
-    beta2=st.sampled_from([0.0, 0.9, 0.999, 0.999999]),
-    eps=EPS,
-    weight_decay=WEIGHT_DECAY,
-    amsgrad=st.booleans(),
-    maximize=st.booleans(),
-    decoupled_weight_decay=st.booleans(),
-))
-
-@st.composite
-def rmsprop_hyper(draw):
-    centered = draw(st.booleans())
-    # Centered with alpha 0 estimates the variance of one sample: g*g - g*g, zero up to rounding.
-    # torch's addcmul fuses it into an FMA on AVX2 and takes the square root of -1 ulp (NaN) for
-    # about half the elements; the kernels get an exact 0. Neither is wrong; no tolerance fits.
-    alpha = draw(st.sampled_from([0.5, 0.99, 0.999999] if centered else [0.0, 0.5, 0.99, 0.999999]))
-    return dict(alpha=alpha, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY),
-                momentum=draw(st.sampled_from([0.0, 0.5, 0.99])), centered=centered, maximize=draw(st.booleans()))
-
-
-HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper()}
 
 
 @dataclass

@@ -9,7 +9,8 @@ import pytest
 from kpg.algos.mappo import MAPPOConfig
 from kpg.envs import EnvPool, TeamControl, make_env_factory, random_opponent
 from kpg.train import TrainConfig, build_trainer, train
-from toy_envs import TwoTeams, opponent_plays_time
+
+from helpers import TwoTeams, opponent_plays_time
 
 
 def test_team_control_exposes_one_team_and_plays_the_opponent():
@@ -54,7 +55,7 @@ def test_unknown_opponent_names_the_choices():
 
 def test_magent2_battle_trains_one_team_with_batched_actors(tmp_path):
     pytest.importorskip("magent2")
-    factory = make_env_factory("magent2:battle_v4", map_size=16, team="blue", opponent="toy_envs:opponent_plays_first_action")
+    factory = make_env_factory("magent2:battle_v4", map_size=16, team="blue", opponent="helpers:opponent_plays_first_action")
     pool = EnvPool(factory, copies=1, seed=0)
     assert pool.spaces.num_agents == 6 and all(name.startswith("blue_") for name in pool.spaces.names)
     assert pool.spaces.homogeneous and pool.spaces.obs_size == 13 * 13 * 5 and pool.spaces.state_size == 16 * 16 * 5

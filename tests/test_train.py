@@ -20,7 +20,7 @@ from kpg.compare import CompareConfig, compare, mean_and_halfwidth
 from kpg.envs import EnvPool, make_env_factory
 from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
-TOY = "toy_envs:uneven_agents"
+TOY = "helpers:uneven_agents"
 SMALL_MAPPO = MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,))
 
 

@@ -16,18 +16,16 @@ from torch.nn.utils import skip_init
 
 from kpg import nn as kpg_nn
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
-
 
 def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: str = "tanh", output_gain: float = 1.0) -> nn.Sequential:
     """An MLP with orthogonal initialization (the MAPPO/PPO convention); ``output_gain`` scales the
     last layer (0.01 for policy logits keeps the initial policy near uniform)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if activation not in kpg_nn.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(kpg_nn.ACTIVATIONS)}")
     layers: list[nn.Module] = []
     width = inputs
     for size in hidden:
-        layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, size), kpg_nn.ACTIVATIONS[activation]()]
         width = size
     layers.append(nn.Linear(width, outputs))
     gain = nn.init.calculate_gain("relu" if activation == "relu" else "tanh")
@@ -231,45 +229,11 @@ def actor_level_seconds(optimizer) -> list[float]:
     return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]
 
 
-class EnsembleMLP(nn.Module):
-    """``members`` independent MLPs evaluated together, one batched matrix product per layer:
-    ``[members, batch, inputs] -> [members, batch, outputs]``. Per-agent critics (MADDPG) and
-    per-agent utilities (FACMAC) cost one network's kernel launches instead of one per agent.
-    Initialized as ``nn.Linear`` is (uniform within 1/sqrt(fan_in))."""
-
-    def __init__(self, members: int, inputs: int, hidden: Sequence[int], outputs: int, activation: str = "relu"):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if members < 1:
-            raise ValueError(f"an ensemble needs at least one member, got {members}")
-        sizes = [inputs, *hidden, outputs]
-        self.members = members
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = fan_in ** -0.5
-            self.weights.append(nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound)))
-        self.activation = ACTIVATIONS[activation]()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[0] != self.members or x.shape[2] != self.weights[0].shape[1]:
-            raise ValueError(
-                f"EnsembleMLP expects [members={self.members}, batch, inputs={self.weights[0].shape[1]}], got {tuple(x.shape)}"
-            )
-        last = len(self.weights) - 1
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias, x, weight)
-            if layer < last:
-                x = self.activation(x)
-        return x
-
-
-def clip_member_grad_norms_(ensemble: EnsembleMLP, max_norm: float) -> Tensor:
-    """``clip_grad_norm_`` applied to each member of an ensemble on its own, so that one agent's
-    large critic gradient does not shrink the others'. Returns the norms before clipping."""
-    grads = [p.grad for p in ensemble.parameters() if p.grad is not None]
+def clip_member_grad_norms_(network: kpg_nn.AgentModule, max_norm: float) -> Tensor:
+    """``clip_grad_norm_`` applied to each agent's slice of an agent-batched network on its own, so
+    that one agent's large critic gradient does not shrink the others'. Returns the norms before
+    clipping."""
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
     norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:

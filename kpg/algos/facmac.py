@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kpg.algos.common import EnsembleMLP, agent_ids
-from kpg.algos.maddpg import OffPolicyTrainer
+from kpg import nn as kpg_nn
+from kpg.algos.common import agent_ids
+from kpg.algos.off_policy import OffPolicyTrainer
 from kpg.couplings import joint_inputs
 
 
@@ -94,7 +95,7 @@ class FACMACTrainer(OffPolicyTrainer):
     def _build_critic(self) -> None:
         c, spaces, n = self.config, self.spaces, self.num_agents
         inputs = spaces.obs_size + spaces.action_size + (n if c.share_utility else 0)
-        utility = EnsembleMLP(1 if c.share_utility else n, inputs, c.hidden, 1, c.activation)
+        utility = kpg_nn.AgentMLP(1 if c.share_utility else n, inputs, 1, c.hidden, c.activation)
         mixer = MonotonicMixer(n, spaces.state_size, c.mixer_embed, c.hypernet_embed)
         self.critic = nn.ModuleDict({"utility": utility, "mixer": mixer}).to(self.device)
 

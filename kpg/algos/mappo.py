@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from kpg.algos.common import (
-    AgentActors, PolicyHead, ReturnNormalizer, WallClock, actor_layout, generalized_advantages, mlp,
+    AgentActors, PolicyHead, ReturnNormalizer, WallClock, actor_layout, actor_level_seconds, generalized_advantages,
+    mlp,
 )
 from kpg.couplings import joint_ratio_loss
 from kpg.distributed import average_gradients, check_replicas_agree, gather_samples
@@ -300,6 +301,4 @@ class MAPPOTrainer:
 
     def actor_level_seconds(self) -> list[float]:
         """Seconds of the actor update per KPG level since construction (closure, backward, kernels)."""
-        seconds = self.actor_optimizer.stats.seconds
-        levels = max((len(v) for v in seconds.values()), default=0)
-        return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]
+        return actor_level_seconds(self.actor_optimizer)

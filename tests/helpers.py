@@ -1,0 +1,358 @@
+"""What the test modules share, so that no test module imports another: tolerances and comparisons,
+the torch.optim builder the parity tests compare with, the kernel test problems, drawn
+hyperparameters, a GIL probe and tiny PettingZoo environments (``helpers:uneven_agents`` as an
+``--env``)."""
+
+import copy
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from hypothesis import strategies as st
+from pettingzoo import ParallelEnv
+
+from kpg import _ops as ops
+from kpg import reference
+
+# ---- tolerances and comparisons ----------------------------------------------------------------
+
+# Relative tolerance of every comparison with a reference (kernels, KPGOptimizer, kpg.nn, torch.optim),
+# measured against the tensor's scale. The kernels and torch round the same operations in the same
+# order; they differ only where one side fuses a multiply-add, about one unit in the last place of a
+# term. The one table for all suites: a test that needs more states why next to its own bound.
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = ""):
+    """|actual - expected| <= rtol * (|expected| + max|expected|) elementwise; NaN must match NaN."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    nan_actual, nan_expected = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_actual, nan_expected), f"{what}: NaN positions differ"
+    finite = torch.isfinite(expected) & ~nan_actual
+    assert torch.equal(actual[~finite & ~nan_actual], expected[~finite & ~nan_expected]), f"{what}: inf differ"
+    a, e = actual[finite].double(), expected[finite].double()
+    if e.numel() == 0:
+        return
+    scale = e.abs().max()
+    error = (a - e).abs()
+    bound = rtol * (e.abs() + scale)
+    worst = (error / bound.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+    assert bool((error <= bound).all()), f"{what}: error {error.max().item():.3e} exceeds rtol {rtol} ({worst:.2f}x)"
+
+
+def assert_as_accurate_as(actual, baseline, truth, rtol: float, what: str = ""):
+    """Low-precision ``actual`` is no further from the float64 ``truth`` than twice the low-precision
+    ``baseline`` (the reference, or torch.optim) is, plus rtol of the tensor's scale.
+
+    Both sides round the same operations; ill-conditioned elements (centered RMSprop's variance near
+    zero) amplify one rounding difference far past any fixed tolerance, for torch as for us.
+    """
+    nan_actual, nan_truth = torch.isnan(actual), torch.isnan(truth)
+    assert torch.equal(nan_actual, nan_truth), f"{what}: NaN positions differ"
+    finite = torch.isfinite(truth)
+    assert torch.equal(actual[~finite & ~nan_truth].double(), truth[~finite & ~nan_truth]), f"{what}: inf differ"
+    a, b, t = actual[finite].double(), baseline[finite].double(), truth[finite]
+    if t.numel() == 0:
+        return
+    baseline_error = (b - t).abs().max()
+    error = (a - t).abs()
+    bound = rtol * (t.abs() + t.abs().max()) + 2 * baseline_error
+    assert bool((error <= bound).all()), (
+        f"{what}: error {error.max().item():.3e} against float64 exceeds rtol {rtol} of scale plus twice the "
+        f"baseline's error {baseline_error.item():.3e}"
+    )
+
+
+# ---- the torch.optim references -------------------------------------------------------------------
+
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+
+
+def torch_optimizer(name, params, lr, **hyper):
+    """torch.optim's optimizer ``name`` on its single-tensor path (``foreach=False``, and ``fused=False``
+    where it exists), the one the kernels mirror operation by operation. ``hyper`` takes torch.optim's
+    names or the kernels' (``beta1``, ``beta2``)."""
+    hyper = dict(hyper)
+    if "beta1" in hyper:
+        hyper["betas"] = (hyper.pop("beta1"), hyper.pop("beta2"))
+    extra = {"fused": False} if name in ("adam", "adamw") else {}
+    return TORCH_OPTIMIZERS[name](params, lr=lr, foreach=False, **extra, **hyper)
+
+
+# ---- kernel test problems --------------------------------------------------------------------------
+
+# (optimizer, hyperparameters) cases, each id naming what it exercises.
+UPDATE_CASES = {
+    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
+    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)),
+    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
+    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)),
+    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False)),
+    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False, decoupled_weight_decay=True)),
+    "adamw-amsgrad-beta1-large-weight": ("adam", dict(beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True)),
+    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
+    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
+    "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
+}
+
+class Arena:
+    """Flat buffers of one test problem, created twice from one seed for the two implementations."""
+
+    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None):
+        g = torch.Generator().manual_seed(seed)
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        n, a = self.offsets[-1], len(sizes)
+        self.chunks, self.agent_chunks = ops.chunk_table(self.offsets)
+        self.param = torch.randn(n, dtype=dtype, generator=g)
+        self.grad = torch.randn(n, dtype=dtype, generator=g)
+        self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
+        self.step = torch.zeros(a, dtype=torch.float64)
+        self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
+        self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
+        self.skip = (torch.rand(a, generator=g) < 0.2).to(torch.uint8)
+        self.warm_grads = [torch.randn(n, dtype=dtype, generator=g) for _ in range(warm_steps)]
+        if nonfinite is not None and n > 0:
+            for value, index in zip(nonfinite, (0, n // 2, n - 1)):
+                self.grad[index] = value
+
+    def warm_up(self, kind, hyper):
+        """A few reference commits so the state holds realistic values (centered RMSprop needs it)."""
+        grad = self.grad
+        for warm in self.warm_grads:
+            self.grad = warm
+            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **hyper)
+        self.grad = grad
+        return self
+
+    def commit_args(self, skip=True):
+        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, lr=self.lr,
+                    grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
+
+    def anticipate_args(self, anticipated):
+        args = self.commit_args()
+        return dict(param=args.pop("param"), grad=args.pop("grad"), anticipated=anticipated, **args)
+
+    def tensors(self):
+        return {"param": self.param, **self.states, "step": self.step}
+
+    def upcast(self):
+        """A float64 copy holding exactly this arena's values: the inputs of the float64 truth."""
+        copied = copy.deepcopy(self)
+        for name in ("param", "grad"):
+            setattr(copied, name, getattr(self, name).double())
+        copied.states = {name: s.double() for name, s in self.states.items()}
+        return copied
+
+
+def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, torch.Tensor]]:
+    """The outputs of ops.agent_grad_norms and of its reference on ``arena``'s gradients (outputs
+    start at values neither writes), after checking that they agree."""
+    agents = arena.agent_chunks.shape[0] - 1
+    outputs = []
+    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
+        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
+                   norm=torch.full((agents,), -1.0, dtype=torch.float64),
+                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64),
+                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8))
+        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
+             out["nonfinite"])
+        outputs.append(out)
+    for name in outputs[0]:
+        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    return outputs
+
+
+# ---- drawn hyperparameters (hypothesis) -----------------------------------------------------------
+
+WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.01, 1.0])
+EPS = st.sampled_from([1e-12, 1e-8, 1e-3])
+
+
+@st.composite
+def sgd_hyper(draw):
+    momentum = draw(st.sampled_from([0.0, 0.5, 0.99]))
+    dampening = draw(st.sampled_from([0.0, 0.1, 1.0]))
+    # torch.optim.SGD accepts nesterov only with momentum > 0 and zero dampening.
+    nesterov = draw(st.booleans()) if momentum > 0 and dampening == 0 else False
+    return dict(momentum=momentum, dampening=dampening, weight_decay=draw(WEIGHT_DECAY), nesterov=nesterov,
+                maximize=draw(st.booleans()))
+
+
+ADAM_HYPER = st.fixed_dictionaries(dict(
+    beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
+    beta2=st.sampled_from([0.0, 0.9, 0.999, 0.999999]),
+    eps=EPS,
+    weight_decay=WEIGHT_DECAY,
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    decoupled_weight_decay=st.booleans(),
+))
+
+@st.composite
+def rmsprop_hyper(draw):
+    centered = draw(st.booleans())
+    # Centered with alpha 0 estimates the variance of one sample: g*g - g*g, zero up to rounding.
+    # torch's addcmul fuses it into an FMA on AVX2 and takes the square root of -1 ulp (NaN) for
+    # about half the elements; the kernels get an exact 0. Neither is wrong; no tolerance fits.
+    alpha = draw(st.sampled_from([0.5, 0.99, 0.999999] if centered else [0.0, 0.5, 0.99, 0.999999]))
+    return dict(alpha=alpha, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY),
+                momentum=draw(st.sampled_from([0.0, 0.5, 0.99])), centered=centered, maximize=draw(st.booleans()))
+
+
+HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper()}
+
+
+# ---- threads ----------------------------------------------------------------------------------------
+
+def python_thread_progress(call, calls: int = 3) -> list[int]:
+    """How often a counting Python thread advanced during each of ``calls`` calls of ``call``.
+
+    The thread gives the GIL back at every iteration (time.sleep(0)), so it cannot hold it while the
+    main thread runs Python; unless ``call`` releases the GIL it advances at most once or twice per
+    call (a switch interval of 5 ms against well under 1 ms of Python in an op)."""
+    count, stop, running = 0, threading.Event(), threading.Event()
+
+    def counter():
+        nonlocal count
+        running.set()
+        while not stop.is_set():
+            count += 1
+            time.sleep(0)
+
+    thread = threading.Thread(target=counter)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    during = []
+    try:
+        thread.start()
+        running.wait()
+        for _ in range(calls):
+            before = count
+            call()
+            during.append(count - before)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old_interval)
+    return during
+
+
+# ---- tiny PettingZoo environments for the trainer tests -----------------------------------------
+
+class UnevenAgents(ParallelEnv):
+    """Agent ``short`` (3 observations, 2 actions) is terminated after ``short_steps`` steps;
+    ``long`` (5 observations, 4 actions) runs until the time limit ``max_steps`` (truncated).
+    The reward of each agent is 1 when its action equals the step count modulo its action count;
+    observations encode the step count, so the task is learnable."""
+
+    metadata = {"name": "uneven_agents_v0"}
+
+    def __init__(self, short_steps: int = 2, max_steps: int = 4, continuous: bool = False):
+        self.possible_agents = ["short", "long"]
+        self.short_steps, self.max_steps, self.continuous = short_steps, max_steps, continuous
+        self._obs_sizes = {"short": 3, "long": 5}
+        self._action_sizes = {"short": 2, "long": 4}
+        self.agents: list[str] = []
+        self.t = 0
+
+    def observation_space(self, agent):
+        return spaces.Box(-10.0, 10.0, (self._obs_sizes[agent],), np.float32)
+
+    def action_space(self, agent):
+        if self.continuous:
+            return spaces.Box(-1.0, 1.0, (self._action_sizes[agent] // 2,), np.float32)
+        return spaces.Discrete(self._action_sizes[agent])
+
+    def _observe(self, agent):
+        obs = np.zeros(self._obs_sizes[agent], dtype=np.float32)
+        obs[self.t % self._obs_sizes[agent]] = 1.0
+        obs[-1] = self.t / self.max_steps
+        return obs
+
+    def state(self):
+        return np.concatenate([self._observe(a) for a in self.possible_agents])
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return {a: self._observe(a) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        rewards = {}
+        for agent, action in actions.items():
+            target = self.t % self._action_sizes[agent]
+            if self.continuous:
+                rewards[agent] = float(-np.abs(np.asarray(action) - target / self._action_sizes[agent]).sum())
+            else:
+                rewards[agent] = float(int(action) == target)
+        self.t += 1
+        terminations = {a: a == "short" and self.t >= self.short_steps for a in self.agents}
+        truncations = {a: self.t >= self.max_steps and not terminations[a] for a in self.agents}
+        observations = {a: self._observe(a) for a in self.agents}
+        self.agents = [a for a in self.agents if not (terminations[a] or truncations[a])]
+        return observations, rewards, terminations, truncations, {a: {} for a in observations}
+
+
+def uneven_agents(**options):
+    return UnevenAgents(**options)
+
+
+class TwoTeams(ParallelEnv):
+    """Team ``red`` (``red_0``, ``red_1``) against team ``blue`` (``blue_0``), 2 observations and 3
+    actions each. ``red_1`` is killed at step ``red_1_dies``; the episode ends by the time limit
+    ``max_steps``. Every agent observes (its own last action, time); the global state is every
+    agent's observation, so what the opponent did shows in it."""
+
+    metadata = {"name": "two_teams_v0"}
+
+    def __init__(self, red_1_dies: int = 2, max_steps: int = 4):
+        self.possible_agents = ["red_0", "red_1", "blue_0"]
+        self.red_1_dies, self.max_steps = red_1_dies, max_steps
+        self.agents: list[str] = []
+        self.last_action = {}
+        self.t = 0
+
+    def observation_space(self, agent):
+        return spaces.Box(-10.0, 10.0, (2,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(3)
+
+    def _observe(self, agent):
+        return np.array([self.last_action.get(agent, -1), self.t], dtype=np.float32)
+
+    def state(self):
+        return np.concatenate([self._observe(a) for a in self.possible_agents])
+
+    def reset(self, seed=None, options=None):
+        self.t, self.last_action = 0, {}
+        self.agents = list(self.possible_agents)
+        return {a: self._observe(a) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        missing = set(self.agents) - set(actions)
+        if missing:
+            raise ValueError(f"no action for {sorted(missing)}")
+        self.last_action.update({agent: int(action) for agent, action in actions.items()})
+        self.t += 1
+        rewards = {a: float(actions[a]) for a in self.agents}
+        terminations = {a: a == "red_1" and self.t >= self.red_1_dies for a in self.agents}
+        truncations = {a: self.t >= self.max_steps and not terminations[a] for a in self.agents}
+        observations = {a: self._observe(a) for a in self.agents}
+        self.agents = [a for a in self.agents if not (terminations[a] or truncations[a])]
+        return observations, rewards, terminations, truncations, {a: {} for a in observations}
+
+
+def opponent_plays_time(observations, env, rng):
+    """A scripted opponent: action = the time it observes, modulo 3."""
+    return {name: int(obs[1]) % 3 for name, obs in observations.items()}
+
+
+def opponent_plays_first_action(observations, env, rng):
+    """A fixed opponent for any discrete environment: action 0 for everyone."""
+    return {name: 0 for name in observations}
