@@ -22,6 +22,30 @@ def pytest_configure(config):
         settings.load_profile("nightly")
 
 
+def _cuda_skip_reason() -> str | None:
+    from kpg import _C
+
+    if not _C.build_info()["cuda"]:
+        return "this kpg build has no CUDA kernels (built without nvcc)"
+    if not torch.cuda.is_available():
+        return "no CUDA device: torch.cuda.is_available() is False"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+# Every device-parametrized test is collected for CUDA too, and skipped with the reason without one.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a test runs on: the CPU always, CUDA when kpg has CUDA kernels and torch a GPU."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def float64():
     """torch's default dtype is float64 for the test (trainers built inside it follow it)."""
