@@ -114,8 +114,15 @@ stage info 30 "$VPY" -m kpg.info
 
 if "$VPY" -c 'import pytest, hypothesis' 2>/dev/null; then
   # The device-parametrized tests' CUDA cases and the CUDA-only tests (ids and names with "cuda").
-  stage pytest 120 "$VPY" -m pytest -q -p no:cacheprovider -k cuda --junitxml="$OUT/pytest.xml" \
-    tests/test_cuda.py tests/test_kernels.py tests/test_optim.py tests/test_nn.py
+  TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_optim.py tests/test_nn.py)
+  # The trainers' tests need the environments (kpg's runtime dependencies, not installed by --no-deps).
+  if "$VPY" -c 'import gymnasium, pettingzoo, kpg.train, kpg.compare, kpg.algos, kpg.envs' 2>/dev/null; then
+    TESTS+=(tests/test_offpolicy.py::test_actor_step_matches_brute_force
+      tests/test_train.py::test_mappo_batched_actors_equal_per_agent_actors)
+  else
+    echo "NOTE: the trainers' dependencies (gymnasium, pettingzoo, ...) are missing: their CUDA tests are left out"
+  fi
+  stage pytest 120 "$VPY" -m pytest -q -p no:cacheprovider -k cuda --junitxml="$OUT/pytest.xml" "${TESTS[@]}"
 else
   echo
   echo "== pytest: skipped: pytest or hypothesis is not installed here (nothing is downloaded);" \
