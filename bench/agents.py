@@ -35,9 +35,15 @@ count, and moves between runs with the moments glibc gives memory back (kpg_k1 a
 to 910 MiB in six runs on one machine). On CUDA it is torch.cuda.max_memory_allocated above the
 allocation after setup.
 
+The step profile (step_profile) counts, with torch.profiler, the work of one kpg k=2 step at
+--launch-agents agent counts (8, 512 and 4096 on CUDA): CUDA kernels and copies launched per step on
+CUDA, calls of kpg's ops per step on both devices; neither may grow with the agent count. On CUDA it
+also times a step captured with KPGOptimizer.capture_step against the same step run eagerly, side
+by side, at CAPTURE_AGENTS agents.
+
 Run ``python bench/agents.py`` (several minutes on two cores), ``--quick`` for a smoke run on tiny
-cases, ``--json PATH`` for machine-readable results. The targets are judged on the CPU; a missed
-target is reported, not an error.
+cases, ``--json PATH`` for machine-readable results. The per-update targets are judged on the CPU,
+the step profile's on every device; a missed target is reported, not an error.
 """
 
 from __future__ import annotations
@@ -116,6 +122,12 @@ TARGETS = (
     Target("kpg_k1_fraction_of_matmul_rate", 0.40, True, (512, 2048)),
     Target("kpg_k2_time_per_agent_vs_512", 1.05, False, (2048,)),
 )
+
+
+LAUNCH_AGENTS = {"cuda": (8, 512, 4096), "cpu": ()}
+QUICK_LAUNCH_AGENTS = (2, 8)
+PROFILED_STEPS = 3
+CAPTURE_AGENTS = 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,19 +229,26 @@ def build_naive_k2(rollout: Rollout) -> Callable[[], object]:
     return update
 
 
+def kpg_actor_step(rollout: Rollout, k: int,
+                   **options) -> tuple[kpg.KPGOptimizer, Callable[[kpg.KPGContext], torch.Tensor]]:
+    """kpg's optimizer over a fresh agent-batched actor, and the closure of one actor update."""
+    actor = initial_actor(rollout.agents, rollout.device)
+    optimizer = kpg.KPGOptimizer(actor, k=k, optimizer="adam", lr=LEARNING_RATE, **options)
+
+    def closure(ctx: kpg.KPGContext) -> torch.Tensor:
+        log_prob = ctx.at_base(lambda: log_probs(actor(rollout.observations), rollout.actions))
+        anticipated_log_prob = None
+        if ctx.level > 1:
+            with ctx.anticipated():
+                anticipated_log_prob = log_probs(actor(rollout.observations), rollout.actions)
+        return agent_losses(rollout, log_prob, anticipated_log_prob, ctx.level)
+
+    return optimizer, closure
+
+
 def build_kpg(k: int) -> Callable[[Rollout], Callable[[], object]]:
     def build(rollout: Rollout) -> Callable[[], object]:
-        actor = initial_actor(rollout.agents, rollout.device)
-        optimizer = kpg.KPGOptimizer(actor, k=k, optimizer="adam", lr=LEARNING_RATE)
-
-        def closure(ctx: kpg.KPGContext) -> torch.Tensor:
-            log_prob = ctx.at_base(lambda: log_probs(actor(rollout.observations), rollout.actions))
-            anticipated_log_prob = None
-            if ctx.level > 1:
-                with ctx.anticipated():
-                    anticipated_log_prob = log_probs(actor(rollout.observations), rollout.actions)
-            return agent_losses(rollout, log_prob, anticipated_log_prob, ctx.level)
-
+        optimizer, closure = kpg_actor_step(rollout, k)
         return lambda: optimizer.step(closure)
 
     return build
@@ -465,6 +484,82 @@ def run_case(agents: int, device: torch.device, min_run_time: float, max_run_tim
     }
 
 
+def step_work(agents: int, device: torch.device) -> dict:
+    """What one kpg k=2 step launches, counted by torch.profiler over PROFILED_STEPS steps after two
+    warm-up steps: device operations (kernels, copies, memsets) and kernels on CUDA, calls of kpg's
+    ops (kpg::*) on both devices."""
+    optimizer, closure = kpg_actor_step(make_rollout(agents, device), k=2)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        optimizer.step(closure)
+    synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(PROFILED_STEPS):
+            optimizer.step(closure)
+        synchronize()
+    events = profile.events()
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in on_device if not e.name.startswith(("Memcpy", "Memset"))]
+    return {
+        "agents": agents,
+        "kpg_op_calls_per_step": sum(e.name.startswith("kpg::") for e in events) / PROFILED_STEPS,
+        "device_operations_per_step": len(on_device) / PROFILED_STEPS if device.type == "cuda" else None,
+        "kernels_per_step": len(kernels) / PROFILED_STEPS if device.type == "cuda" else None,
+        "kpg_kernels_per_step": (sum("kpg" in e.name for e in kernels) / PROFILED_STEPS
+                                 if device.type == "cuda" else None),
+    }
+
+
+def captured_vs_eager(agents: int, device: torch.device, min_run_time: float, max_run_time: float) -> dict:
+    """A kpg k=2 step replayed from a CUDA graph (KPGOptimizer.capture_step) against the same step
+    run eagerly, timed side by side on one optimizer."""
+    optimizer, closure = kpg_actor_step(make_rollout(agents, device), k=2, nonfinite="skip")
+    replay = optimizer.capture_step(closure)
+    timings = time_side_by_side({"eager": lambda: optimizer.step(closure), "captured": replay}, min_run_time,
+                                max_run_time, lambda: torch.cuda.synchronize(device))
+    seconds = {name: timing.median for name, timing in timings.items()}
+    return {"agents": agents, "seconds": seconds, "eager_over_captured": seconds["eager"] / seconds["captured"]}
+
+
+def step_profile(launch_agents: tuple[int, ...], device: torch.device, min_run_time: float,
+                 max_run_time: float) -> dict:
+    work = []
+    for agents in launch_agents:
+        print(f"profiling a kpg k=2 step at {agents} agents on {device} ...", file=sys.stderr)
+        work.append(step_work(agents, device))
+    counted = "kernels_per_step" if device.type == "cuda" else "kpg_op_calls_per_step"
+    counts = [w[counted] for w in work]
+    targets = []
+    if len(counts) > 1:
+        targets.append({"ratio": f"{counted}_most_over_fewest", "limit": 1.0, "at_least": False,
+                        "value": max(counts) / min(counts) if min(counts) else None,
+                        "passed": min(counts) > 0 and max(counts) == min(counts)})
+    captured = None
+    if device.type == "cuda":
+        print(f"timing a captured kpg k=2 step at {CAPTURE_AGENTS} agents ...", file=sys.stderr)
+        captured = captured_vs_eager(CAPTURE_AGENTS, device, min_run_time, max_run_time)
+    return {"work": work, "captured": captured, "targets": targets}
+
+
+def print_step_profile(profile: dict) -> None:
+    print("\none kpg k=2 step (torch.profiler): agents, kpg op calls, device operations, kernels, kpg kernels")
+    for w in profile["work"]:
+        cells = [w["kpg_op_calls_per_step"], w["device_operations_per_step"], w["kernels_per_step"],
+                 w["kpg_kernels_per_step"]]
+        print(f"{w['agents']:>6}  " + "  ".join(f"{'-' if c is None else f'{c:g}':>8}" for c in cells))
+    if profile["captured"] is not None:
+        c = profile["captured"]
+        print(f"captured step at {c['agents']} agents: eager {c['seconds']['eager'] * 1e3:.3f} ms, captured "
+              f"{c['seconds']['captured'] * 1e3:.3f} ms, eager/captured {c['eager_over_captured']:.2f}")
+    for result in profile["targets"]:
+        value = "n/a" if result["value"] is None else f"{result['value']:.2f}"
+        print(f"target {result['ratio']} <= {result['limit']:g} (constant in the agent count): {value}  "
+              f"{'PASS' if result['passed'] else 'MISS'}")
+
+
 def add_ratios(cases: list[dict]) -> None:
     for case in cases:
         s = case["seconds"]
@@ -565,6 +660,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: agents {' '.join(map(str, QUICK_AGENTS))}, "
                              f"{QUICK_MIN_RUN_TIME}-{QUICK_MAX_RUN_TIME} s per measurement")
+    parser.add_argument("--launch-agents", nargs="*", type=int, metavar="N",
+                        help="agent counts of the step profile (default: 8 512 4096 on CUDA, none on the CPU; "
+                             f"{' '.join(map(str, QUICK_LAUNCH_AGENTS))} with --quick)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--memory-of", nargs=2, metavar=("METHOD", "AGENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -599,12 +697,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"no targets judged: they are set for the CPU, these figures are {device}'s")
     elif not any(case["targets"] for case in cases):
         print("no targets judged: they apply to the agent counts " + ", ".join(map(str, FULL_AGENTS)))
+    launch_agents = args.launch_agents
+    if launch_agents is None:
+        launch_agents = QUICK_LAUNCH_AGENTS if args.quick else LAUNCH_AGENTS[device.type]
+    profile = step_profile(tuple(launch_agents), device, args.min_run_time, args.max_run_time)
+    print_step_profile(profile)
     if args.json:
         directory = os.path.dirname(args.json)
         if directory:
             os.makedirs(directory, exist_ok=True)
         with open(args.json, "w") as file:
-            json.dump({"meta": metadata(args, device), "cases": cases}, file, indent=2)
+            json.dump({"meta": metadata(args, device), "cases": cases, "step_profile": profile}, file, indent=2)
         print(f"\nwrote {args.json}")
     return cases
 

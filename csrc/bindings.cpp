@@ -136,6 +136,8 @@ py::dict build_info() {
 }
 
 }  // namespace
+
+void bind_device_info(py::module_& m);  // csrc/device_bindings.cpp
 }  // namespace kpg
 
 PYBIND11_MODULE(_C, m) {
@@ -146,6 +148,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CUDA_THREADS_PER_BLOCK") = kCudaThreadsPerBlock;
   m.attr("VECTOR_BYTES") = kVectorBytes;
   m.def("build_info", &build_info);
+  bind_device_info(m);
   m.def("set_num_threads", &set_num_threads, "num_threads"_a);
   m.def("get_num_threads", &get_num_threads);
   m.def("chunk_table", &chunk_table, "offsets"_a, "chunk_elems"_a);

@@ -35,7 +35,7 @@ void agent_grad_norms_cpu(const NormBuffers& b) {
     };
     parallel_for(b.num_chunks, chunk_sum);
   });
-  for (int64_t a = 0; a < b.num_agents; ++a) finalize_agent_norm(b, a);
+  for (int64_t a = 0; a < b.num_agents; ++a) finalize_agent_norm_host(b, a);
 }
 
 }  // namespace kpg

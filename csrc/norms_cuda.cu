@@ -1,6 +1,6 @@
 // CUDA path of the per-agent gradient-norm reduction (kpg/norms.h): one block per chunk sums the
-// squares in double (deterministic tree order), then one thread per agent adds its chunks' sums in
-// table order and writes norm, clipping scale and the non-finite flag.
+// squares in double (deterministic tree order), then one warp per agent adds its chunks' sums in the
+// order norms.h fixes (as the CPU does) and writes norm, clipping scale and the non-finite flag.
 #include "kpg/cuda_support.cuh"
 #include "kpg/launch_plan.h"
 #include "kpg/norms.h"
@@ -49,9 +49,13 @@ __global__ void __launch_bounds__(kCudaThreadsPerBlock) chunk_sum_squares_kernel
   if (threadIdx.x == 0) b.chunk_sq[blockIdx.x] = sum;
 }
 
-__global__ void finalize_norms_kernel(const NormBuffers b) {
-  const int64_t agent = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (agent < b.num_agents) finalize_agent_norm(b, agent);
+__global__ void __launch_bounds__(kNormLanes * kNormAgentsPerBlock) finalize_norms_kernel(const NormBuffers b) {
+  const NormLane where = norm_lane_of(blockIdx.x, static_cast<int>(threadIdx.x));
+  // A warp's lanes share the agent, so a warp leaves whole and the shuffles below see all 32 lanes.
+  if (where.agent >= b.num_agents) return;
+  double sum = lane_sum_squares(b, where.agent, where.lane);
+  for (int offset = kNormLanes / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  if (where.lane == 0) write_agent_norm(b, where.agent, sum);
 }
 
 }  // namespace
@@ -74,8 +78,8 @@ void agent_grad_norms_cuda(const NormBuffers& b, int device, void* stream) {
     }
   });
   if (b.num_agents > 0) {
-    const unsigned int blocks = grid_size((b.num_agents + kCudaThreadsPerBlock - 1) / kCudaThreadsPerBlock, op);
-    finalize_norms_kernel<<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);
+    const unsigned int blocks = grid_size(norm_finish_blocks(b.num_agents), op);
+    finalize_norms_kernel<<<blocks, kNormLanes * kNormAgentsPerBlock, 0, cuda_stream>>>(b);
     check_cuda(cudaGetLastError(), op);
   }
 }

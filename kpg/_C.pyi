@@ -28,6 +28,21 @@ def range_chunk_table(
     """Like ``chunk_table``, from rows (agent, begin, end) in any order; the rows come grouped by agent."""
 
 def element_visits(offsets: npt.ArrayLike, chunk_elems: int, threads: int, vec: int) -> npt.NDArray[np.int32]: ...
+
+# csrc/device_bindings.cpp: the CUDA side without a GPU.
+NORM_LANES: int
+NORM_AGENTS_PER_BLOCK: int
+
+def cuda_versions() -> dict[str, int | None]:
+    """``driver`` (CUDA version the NVIDIA driver supports, 0 without a driver) and ``runtime`` (kpg's
+    CUDA runtime), as 1000 * major + 10 * minor; both None in a build without CUDA kernels."""
+
+def cuda_driver_problem(driver: int, runtime: int) -> str:
+    """What a driver of CUDA version ``driver`` lacks to run kernels built with ``runtime``; '' if nothing."""
+
+def norm_finish_readers(agent_chunks: npt.ArrayLike, num_chunks: int) -> npt.NDArray[np.int64]:
+    """For each chunk row, the agent whose norm-finish warp read it (-1: none, -2: read twice)."""
+
 def sgd_update(
     device: int,
     stream: int,

@@ -31,10 +31,8 @@ def joint_inputs(own: Tensor | Sequence[Tensor], anticipated: Tensor | Sequence[
         own, anticipated = list(own), list(anticipated)
         if len(own) != len(anticipated):
             raise ValueError(f"joint_inputs got {len(own)} own outputs and {len(anticipated)} anticipated ones")
-        widths = [o.shape[-1] for o in own]
-        slot_owner = torch.repeat_interleave(torch.arange(len(own), device=own[0].device), torch.tensor(widths, device=own[0].device))
         own_cat, anticipated_cat = torch.cat(own, dim=-1), torch.cat(anticipated, dim=-1)
-        own_slot = torch.arange(len(own), device=own_cat.device)[:, None] == slot_owner[None, :]
+        own_slot = _own_slots([o.shape[-1] for o in own], own_cat.device)
         own_slot = own_slot.view(len(own), *([1] * (own_cat.dim() - 1)), own_cat.shape[-1])
         return torch.where(own_slot, own_cat.unsqueeze(0), anticipated_cat.detach().unsqueeze(0))
     if own.shape != anticipated.shape:
@@ -45,6 +43,16 @@ def joint_inputs(own: Tensor | Sequence[Tensor], anticipated: Tensor | Sequence[
     shape = [num_agents] + [1] * own.dim()
     shape[agent_dim + 1] = num_agents
     return torch.where(eye.view(shape), own.unsqueeze(0), anticipated.detach().unsqueeze(0))
+
+
+def _own_slots(widths: list[int], device: torch.device) -> Tensor:
+    """``[A, sum(widths)]`` bool: row i is true on agent i's slots. Built from the identity by shape
+    operations only: no host data reaches the device, so the step neither synchronizes nor leaves
+    a CUDA graph's capture."""
+    eye = torch.eye(len(widths), dtype=torch.bool, device=device)
+    if len(set(widths)) == 1:
+        return eye.unsqueeze(-1).expand(-1, -1, widths[0]).reshape(len(widths), -1)
+    return torch.cat([eye[:, j : j + 1].expand(-1, width) for j, width in enumerate(widths)], dim=1)
 
 
 class JointRatioLoss(NamedTuple):

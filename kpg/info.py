@@ -14,10 +14,38 @@ import torch
 from kpg import _C
 
 
+def cuda_readiness() -> tuple[str, str]:
+    """(the driver's CUDA version, whether kpg's CUDA kernels can run here and, if not, what they need).
+
+    kpg links the CUDA runtime it was built with statically (docs/cuda.md), so the NVIDIA driver must
+    support that CUDA major version; asking the driver needs no GPU.
+    """
+    versions = _C.cuda_versions()
+    if versions["runtime"] is None:
+        return "not asked (no CUDA kernels)", "no (this build has no CUDA kernels: reinstall kpg where nvcc is available)"
+    driver = "none found" if versions["driver"] == 0 else f"supports CUDA {_version(versions['driver'])}"
+    problem = _C.cuda_driver_problem(versions["driver"], versions["runtime"])
+    if problem:
+        return driver, f"no: {problem}"
+    torch_major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    built_major = str(versions["runtime"] // 1000)
+    if torch_major is not None and torch_major != built_major:
+        return driver, (
+            f"yes on this driver, but kpg's CUDA {built_major}.x needs a newer driver than torch's CUDA "
+            f"{torch.version.cuda} on other machines; rebuild with a CUDA {torch_major}.x nvcc (docs/cuda.md)"
+        )
+    return driver, "yes" if torch.cuda.is_available() else "yes, once a GPU is present (the driver suffices)"
+
+
+def _version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
 def collect() -> dict[str, str]:
     """The report as (field, value) pairs, in printing order."""
     build = _C.build_info()
     cuda_available = torch.cuda.is_available()
+    driver, readiness = cuda_readiness()
     return {
         "kpg version": importlib.metadata.version("kpg"),
         "torch version": torch.__version__,
@@ -26,6 +54,8 @@ def collect() -> dict[str, str]:
         "CUDA version built with": build["cuda_version"],
         "CUDA architectures built for": build["cuda_architectures"],
         "C++ compiler": build["cxx_compiler"],
+        "CUDA driver": driver,
+        "kpg's CUDA kernels can run": readiness,
         "CPU threads (torch)": str(torch.get_num_threads()),
         "CPU threads (kpg kernels)": str(_C.get_num_threads()),
         "torch sees a CUDA device": (

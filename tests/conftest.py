@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers import CUDA_SKIP_REASON
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
@@ -20,6 +21,19 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--nightly"):
         settings.load_profile("nightly")
+
+
+# Every device-parametrized test is collected for CUDA too, and skipped with the reason without one.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a test runs on: the CPU always, CUDA when kpg has CUDA kernels and torch a GPU."""
+    return torch.device(request.param)
 
 
 @pytest.fixture

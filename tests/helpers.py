@@ -14,8 +14,23 @@ from gymnasium import spaces
 from hypothesis import strategies as st
 from pettingzoo import ParallelEnv
 
+from kpg import _C
 from kpg import _ops as ops
 from kpg import reference
+
+# ---- devices -------------------------------------------------------------------------------------
+
+def _cuda_skip_reason() -> str | None:
+    """Why CUDA tests cannot run here, or None where they can."""
+    if not _C.build_info()["cuda"]:
+        return "this kpg build has no CUDA kernels (built without nvcc)"
+    if not torch.cuda.is_available():
+        return "no CUDA device: torch.cuda.is_available() is False"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+
 
 # ---- tolerances and comparisons ----------------------------------------------------------------
 
@@ -101,13 +116,13 @@ UPDATE_CASES = {
 class Arena:
     """Flat buffers of one test problem, created twice from one seed for the two implementations."""
 
-    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None):
+    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         self.offsets = [0]
         for s in sizes:
             self.offsets.append(self.offsets[-1] + s)
         n, a = self.offsets[-1], len(sizes)
-        self.chunks, self.agent_chunks = ops.chunk_table(self.offsets)
+        self.chunks, self.agent_chunks = ops.chunk_table(self.offsets, device)
         self.param = torch.randn(n, dtype=dtype, generator=g)
         self.grad = torch.randn(n, dtype=dtype, generator=g)
         self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
@@ -119,6 +134,11 @@ class Arena:
         if nonfinite is not None and n > 0:
             for value, index in zip(nonfinite, (0, n // 2, n - 1)):
                 self.grad[index] = value
+        # Drawn on the CPU from the seed, so every device sees the same values.
+        for name in ("param", "grad", "step", "lr", "grad_scale", "skip"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.states = {name: state.to(device) for name, state in self.states.items()}
+        self.warm_grads = [warm.to(device) for warm in self.warm_grads]
 
     def warm_up(self, kind, hyper):
         """A few reference commits so the state holds realistic values (centered RMSprop needs it)."""
@@ -154,11 +174,12 @@ def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, 
     start at values neither writes), after checking that they agree."""
     agents = arena.agent_chunks.shape[0] - 1
     outputs = []
+    device = arena.grad.device
     for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64),
-                   norm=torch.full((agents,), -1.0, dtype=torch.float64),
-                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64),
-                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8))
+        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64, device=device),
+                   norm=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
+                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
+                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8, device=device))
         impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
              out["nonfinite"])
         outputs.append(out)

@@ -38,11 +38,11 @@ def _hyper(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", UPDATE_CASES)
 @pytest.mark.parametrize("commit", [False, True], ids=["anticipate", "commit"])
-def test_update_matches_reference(commit, case, dtype, layout, nonfinite):
+def test_update_matches_reference(commit, case, dtype, layout, nonfinite, device):
     """float64: the kernel equals the reference to rounding. float32: it is as accurate as the
     float32 reference, both measured against the float64 reference on the same inputs."""
     kind, hyper = _hyper(case)
-    base = Arena(kind, layout, dtype, seed=1, nonfinite=nonfinite).warm_up(kind, hyper)
+    base = Arena(kind, layout, dtype, seed=1, nonfinite=nonfinite, device=device).warm_up(kind, hyper)
     runs = {"kernel": (ops, base), "reference": (reference, copy.deepcopy(base))}
     if dtype != torch.float64:
         runs["truth"] = (reference, base.upcast())
@@ -63,9 +63,9 @@ def test_update_matches_reference(commit, case, dtype, layout, nonfinite):
 
 @pytest.mark.parametrize("case", UPDATE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_anticipate_leaves_base_and_state_bit_identical(case, dtype):
+def test_anticipate_leaves_base_and_state_bit_identical(case, dtype, device):
     kind, hyper = _hyper(case)
-    arena = Arena(kind, LAYOUTS["mixed-with-empty"], dtype, seed=2).warm_up(kind, hyper)
+    arena = Arena(kind, LAYOUTS["mixed-with-empty"], dtype, seed=2, device=device).warm_up(kind, hyper)
     before = {name: t.clone() for name, t in arena.tensors().items()}
     grad_before = arena.grad.clone()
     anticipated = torch.zeros_like(arena.param)
@@ -79,14 +79,14 @@ def test_anticipate_leaves_base_and_state_bit_identical(case, dtype):
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "per-agent-clip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", UPDATE_CASES)
-def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
+def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
     """Our arena + commit against one torch.optim optimizer per agent on separate tensors."""
     kind, hyper = _hyper(case)
     sizes = [1, 7, 300, 4097, 0]
     lrs = [0.01, 0.003, 0.02, 0.001, 0.05]
     max_norms = [0.5, 100.0, 1.0, 2.0, 1.0]
     g = torch.Generator().manual_seed(3)
-    initial = [torch.randn(s, dtype=dtype, generator=g) for s in sizes]
+    initial = [torch.randn(s, dtype=dtype, generator=g).to(device) for s in sizes]
     theirs = [torch.nn.Parameter(t.clone()) for t in initial]
     optimizers = [torch_optimizer(kind, [p], lr, **hyper) for p, lr in zip(theirs, lrs)]
     truth = [torch.nn.Parameter(t.double()) for t in initial]
@@ -95,19 +95,20 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
     offsets = [0]
     for s in sizes:
         offsets.append(offsets[-1] + s)
-    chunks, agent_chunks = ops.chunk_table(offsets)
+    chunks, agent_chunks = ops.chunk_table(offsets, device)
     param = torch.cat(initial)
     grad = torch.zeros_like(param)
     states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
     a = len(sizes)
-    step = torch.zeros(a, dtype=torch.float64)
-    lr = torch.tensor(lrs, dtype=torch.float64)
-    max_norm = torch.tensor(max_norms, dtype=torch.float64)
-    norm, grad_scale = torch.zeros(a, dtype=torch.float64), torch.ones(a, dtype=torch.float64)
-    nonfinite, chunk_sq = torch.zeros(a, dtype=torch.uint8), torch.zeros(chunks.shape[0], dtype=torch.float64)
+    step = torch.zeros(a, dtype=torch.float64, device=device)
+    lr = torch.tensor(lrs, dtype=torch.float64, device=device)
+    max_norm = torch.tensor(max_norms, dtype=torch.float64, device=device)
+    norm, grad_scale = torch.zeros_like(lr), torch.ones_like(lr)
+    nonfinite = torch.zeros(a, dtype=torch.uint8, device=device)
+    chunk_sq = torch.zeros(chunks.shape[0], dtype=torch.float64, device=device)
 
     for _ in range(20):
-        grads = [torch.randn(s, dtype=dtype, generator=g) * 3 for s in sizes]
+        grads = [(torch.randn(s, dtype=dtype, generator=g) * 3).to(device) for s in sizes]
         grad.copy_(torch.cat(grads))
         for p, opt, gr, mn in zip(theirs + truth, optimizers + truth_optimizers, grads + grads, max_norms * 2):
             p.grad = gr.to(p.dtype)
@@ -131,9 +132,9 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("nonfinite", NONFINITE.values(), ids=NONFINITE.keys())
-def test_agent_grad_norms_match_reference(dtype, layout, clip, nonfinite):
-    arena = Arena("sgd", layout, dtype, seed=4, nonfinite=nonfinite)
-    max_norm = torch.rand(len(layout), dtype=torch.float64) * 40 if clip else None
+def test_agent_grad_norms_match_reference(dtype, layout, clip, nonfinite, device):
+    arena = Arena("sgd", layout, dtype, seed=4, nonfinite=nonfinite, device=device)
+    max_norm = (torch.rand(len(layout), dtype=torch.float64) * 40).to(device) if clip else None
     outputs = agent_grad_norms_of_kernel_and_reference(arena, max_norm)
     if nonfinite is not None:
         assert outputs[0]["nonfinite"].sum() >= 1
@@ -156,15 +157,16 @@ def test_clipping_equals_clip_grad_norm_per_agent():
         assert_close_to_scale((g.double() * scale[agent]).float(), p.grad, 1e-6, what=f"agent {agent}")
 
 
-def test_nonfinite_gradient_skips_only_that_agent():
+def test_nonfinite_gradient_skips_only_that_agent(device):
     kind, hyper = _hyper("adam")
-    arena = Arena(kind, [5, 6, 7], torch.float32, seed=5).warm_up(kind, hyper)
+    arena = Arena(kind, [5, 6, 7], torch.float32, seed=5, device=device).warm_up(kind, hyper)
     arena.skip = None
     arena.grad[7] = float("nan")  # agent 1
     before = {k: v.clone() for k, v in arena.tensors().items()}
     a = 3
-    norm, scale = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64)
-    nonfinite, chunk_sq = torch.zeros(a, dtype=torch.uint8), torch.zeros(arena.chunks.shape[0], dtype=torch.float64)
+    norm, scale = torch.zeros(a, dtype=torch.float64, device=device), torch.zeros(a, dtype=torch.float64, device=device)
+    nonfinite = torch.zeros(a, dtype=torch.uint8, device=device)
+    chunk_sq = torch.zeros(arena.chunks.shape[0], dtype=torch.float64, device=device)
     ops.agent_grad_norms(arena.grad, arena.chunks, arena.agent_chunks, chunk_sq, None, norm, scale, nonfinite)
     assert nonfinite.tolist() == [0, 1, 0]
     args = arena.commit_args(skip=False)

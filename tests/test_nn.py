@@ -25,7 +25,7 @@ import kpg.nn as knn
 from kpg import _ops as ops
 from kpg.arena import ParameterArena
 
-from helpers import RTOL, assert_as_accurate_as, assert_close_to_scale
+from helpers import CUDA_SKIP_REASON, RTOL, assert_as_accurate_as, assert_close_to_scale
 
 ROOT = Path(__file__).parents[1]
 RTOL64 = RTOL[torch.float64]
@@ -351,7 +351,7 @@ class Twins:
     """The same agents twice: one agent-batched MLP and the list of per-agent nn.Sequential, with a
     MAPPO rollout and a fixed centralized critic."""
 
-    def __init__(self, dtype=torch.float64, seed=0, layer_norm=False):
+    def __init__(self, dtype=torch.float64, seed=0, layer_norm=False, device="cpu"):
         torch.manual_seed(seed)
         self.batched = knn.AgentMLP(NUM_AGENTS, OBS, ACT, hidden_sizes=(6,), layer_norm=layer_norm, dtype=dtype)
         self.per_agent = knn.unstack(self.batched)
@@ -363,6 +363,11 @@ class Twins:
         self.advantages = torch.randn(NUM_AGENTS, BATCH, dtype=dtype, generator=g)
         self.critic = nn.Sequential(nn.Linear(NUM_AGENTS * ACT, 8), nn.Tanh(), nn.Linear(8, NUM_AGENTS)).to(dtype)
         self.critic.requires_grad_(False)
+        # Drawn on the CPU from the seeds, so every device starts from the same values.
+        for name in ("obs", "actions", "old_log_prob", "advantages"):
+            setattr(self, name, getattr(self, name).to(device))
+        for module in (self.batched, *self.per_agent, self.critic):
+            module.to(device)
 
     def batched_logits(self):
         return self.batched(self.obs)
@@ -443,9 +448,9 @@ MAX_NORMS = [0.05, 1e3, 0.2, 0.1]
 @pytest.mark.parametrize("style", ["mappo-at-base", "mappo-functional-call", "critic", "no-context"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_kpg_step_on_batched_model_equals_per_agent_models(optimizer, k, style):
+def test_kpg_step_on_batched_model_equals_per_agent_models(optimizer, k, style, device):
     name, hyper = OPTIMIZERS[optimizer]
-    twins = Twins(layer_norm=style == "critic")
+    twins = Twins(layer_norm=style == "critic", device=device)
     batched_closure, per_agent_closure = closures(twins, style)
     ours = kpg.KPGOptimizer(twins.batched, k=k, optimizer=name, lr=LRS, max_grad_norm=MAX_NORMS, **hyper)
     theirs = kpg.KPGOptimizer(twins.per_agent, k=k, optimizer=name, lr=LRS, max_grad_norm=MAX_NORMS, **hyper)
@@ -471,8 +476,8 @@ def test_clipping_binds_per_agent():
     assert any(clipped) and not all(clipped)
 
 
-def test_nonfinite_gradient_in_one_agent_skips_only_that_agent():
-    twins = Twins()
+def test_nonfinite_gradient_in_one_agent_skips_only_that_agent(device):
+    twins = Twins(device=device)
     batched_closure, per_agent_closure = closures(twins, "mappo-at-base")
     bad = 2
 
@@ -482,7 +487,7 @@ def test_nonfinite_gradient_in_one_agent_skips_only_that_agent():
     def with_bad_agent(closure, weight):
         def wrapped(ctx):
             losses = closure(ctx)
-            return losses + torch.nn.functional.one_hot(torch.tensor(bad), NUM_AGENTS) * infinite_slope(weight())
+            return losses + torch.nn.functional.one_hot(torch.tensor(bad, device=device), NUM_AGENTS) * infinite_slope(weight())
         return wrapped
 
     ours = kpg.KPGOptimizer(twins.batched, k=2, lr=LRS, max_grad_norm=MAX_NORMS, nonfinite="skip")
@@ -654,13 +659,9 @@ def test_repr_and_segment_name_the_layout():
         opt.arena.segment(opt.arena.param, 0)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and kpg._C.build_info()["cuda"]), reason="needs CUDA kernels and a GPU")
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
 def test_batched_step_on_cuda_equals_cpu():
-    on_cpu, on_cuda = Twins(), Twins()
-    for name in ("obs", "actions", "old_log_prob", "advantages"):
-        setattr(on_cuda, name, getattr(on_cuda, name).cuda())
-    on_cuda.batched.cuda()
-    on_cuda.critic.cuda()
+    on_cpu, on_cuda = Twins(), Twins(device="cuda")
     optimizers = [kpg.KPGOptimizer(t.batched, k=2, lr=LRS, max_grad_norm=MAX_NORMS) for t in (on_cpu, on_cuda)]
     for _ in range(3):
         for t, opt in zip((on_cpu, on_cuda), optimizers):

@@ -350,7 +350,7 @@ def brute_force_loss(trainer, agent, networks, batch, noise):
     for j in range(n):
         x = obs[j]
         if trainer.config.share_actor:
-            x = torch.cat([x, nn.functional.one_hot(torch.tensor(j), n).to(x.dtype).expand(x.shape[0], n)], dim=1)
+            x = torch.cat([x, nn.functional.one_hot(torch.tensor(j, device=x.device), n).to(x.dtype).expand(x.shape[0], n)], dim=1)
         out = networks[j](x)
         rows.append(out if j == agent else out.detach())
     outputs = torch.stack(rows)
@@ -408,13 +408,13 @@ def brute_force_actor_step(trainer, batch, noise, k):
     ("maddpg", "heterogeneous", False), ("maddpg", "simple_spread", False), ("maddpg", "heterogeneous-discrete", True),
     ("facmac", "heterogeneous", True), ("facmac", "simple_spread", False),
 ])
-def test_actor_step_matches_brute_force(float64, algo, env, shared, k):
+def test_actor_step_matches_brute_force(float64, algo, env, shared, k, device):
     discrete = env == "simple_spread" or env.endswith("discrete")
     pool = simple_spread_pool() if env == "simple_spread" else heterogeneous_pool(discrete=discrete)
     trainer_class, _ = TRAINERS[algo]
     # The others' one-hot actions change between levels only where an argmax flips: a large step makes some flip.
     config = small_config(algo, share_actor=shared, max_grad_norm=0.05, actor_lr=0.3 if discrete else 1e-2)
-    trainer = trainer_class(pool, config, k=k, k_until=None, device="cpu", seed=3)
+    trainer = trainer_class(pool, config, k=k, k_until=None, device=str(device), seed=3)
     # Equally sized agents without sharing get one kpg.nn batched network; the heterogeneous ones one network each.
     assert trainer.actor.layout == ("shared" if shared else "batched" if env == "simple_spread" else "per_agent")
     trainer.iteration()  # a real update first, so the Adam state is not the initial one

@@ -32,7 +32,7 @@ class Game:
     """A cooperative continuous game: agent j's policy maps its observation to an action; agent i's
     loss is minus a fixed centralized critic of the joint action in which slot i is its own."""
 
-    def __init__(self, num_agents, dtype, heterogeneous, shared, seed):
+    def __init__(self, num_agents, dtype, heterogeneous, shared, seed, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         self.num_agents, self.shared = num_agents, shared
         self.obs_dims = [3 + (a % 3 if heterogeneous else 0) for a in range(num_agents)]
@@ -47,10 +47,10 @@ class Game:
                 nn.Sequential(nn.Linear(o, 5 + a % 4), nn.Tanh(), nn.Linear(5 + a % 4, d))
                 for a, (o, d) in enumerate(zip(self.obs_dims, self.act_dims))
             ]
-        self.models = [m.to(dtype) for m in self.models]
-        self.observations = [torch.randn(BATCH, o, dtype=dtype, generator=g) for o in self.obs_dims]
+        self.models = [m.to(device, dtype) for m in self.models]
+        self.observations = [torch.randn(BATCH, o, dtype=dtype, generator=g).to(device) for o in self.obs_dims]
         joint = sum(self.act_dims)
-        self.critic = nn.Sequential(nn.Linear(joint, 16), nn.Tanh(), nn.Linear(16, num_agents)).to(dtype)
+        self.critic = nn.Sequential(nn.Linear(joint, 16), nn.Tanh(), nn.Linear(16, num_agents)).to(device, dtype)
         for p in self.critic.parameters():
             p.requires_grad_(False)
 
@@ -58,7 +58,7 @@ class Game:
         obs = self.observations[agent]
         if not self.shared:
             return obs
-        one_hot = torch.zeros(BATCH, self.num_agents, dtype=obs.dtype)
+        one_hot = torch.zeros(BATCH, self.num_agents, dtype=obs.dtype, device=obs.device)
         one_hot[:, agent] = 1
         return torch.cat([obs, one_hot], dim=1)
 
@@ -122,9 +122,9 @@ def brute_force_step(game, optimizers, k, max_norms):
         anticipated = new
 
 
-def run_both(optimizer, k, num_agents, dtype, shared, heterogeneous, closure_style, clip, steps=3, seed=0):
+def run_both(optimizer, k, num_agents, dtype, shared, heterogeneous, closure_style, clip, steps=3, seed=0, device="cpu"):
     name, hyper = OPTIMIZERS[optimizer]
-    ours = Game(num_agents, dtype, heterogeneous, shared, seed)
+    ours = Game(num_agents, dtype, heterogeneous, shared, seed, device)
     theirs = copy.deepcopy(ours)
     segments = len(ours.models)
     lrs = [0.05 / (1 + a) for a in range(segments)]
@@ -149,8 +149,9 @@ def assert_same_models(ours, theirs, dtype):
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_matches_brute_force_two_heterogeneous_agents(optimizer, k, clip):
-    ours, theirs, _, _ = run_both(optimizer, k, 2, torch.float64, shared=False, heterogeneous=True, closure_style="ctx", clip=clip)
+def test_matches_brute_force_two_heterogeneous_agents(optimizer, k, clip, device):
+    ours, theirs, _, _ = run_both(optimizer, k, 2, torch.float64, shared=False, heterogeneous=True, closure_style="ctx",
+                                  clip=clip, device=device)
     assert_same_models(ours, theirs, torch.float64)
 
 
@@ -168,9 +169,9 @@ VARIANTS = {
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("optimizer", ["adam", "sgd-nesterov", "rmsprop-centered-momentum"])
-def test_matches_brute_force_variants(optimizer, variant, k, dtype):
+def test_matches_brute_force_variants(optimizer, variant, k, dtype, device):
     clip = variant.startswith("5")
-    ours, theirs, _, _ = run_both(optimizer, k, dtype=dtype, clip=clip, **VARIANTS[variant])
+    ours, theirs, _, _ = run_both(optimizer, k, dtype=dtype, clip=clip, device=device, **VARIANTS[variant])
     assert_same_models(ours, theirs, dtype)
 
 

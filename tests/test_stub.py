@@ -73,6 +73,7 @@ def _kind(annotation: str) -> str:
         "int": ("int", "typing.SupportsInt | typing.SupportsIndex"),
         "float": ("float", "typing.SupportsFloat | typing.SupportsIndex"),
         "bool": ("bool",),
+        "str": ("str",),
         "None": ("None",),
     }.items():
         if annotation in spellings:

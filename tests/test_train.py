@@ -145,7 +145,7 @@ def test_mappo_k1_actor_step_is_plain_ppo_with_adam():
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["discrete", "continuous"])
-def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous):
+def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous, device):
     """Per-agent actors as one kpg.nn batched network (one forward for all agents, one fused KPG
     pass) train exactly like one module per agent: same initialization, rollouts, losses and
     updates over three K2-MAPPO iterations."""
@@ -153,7 +153,7 @@ def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous):
     for batch_actors in (False, True):
         pool = EnvPool(make_env_factory("simple_spread", agents=3, continuous=continuous), copies=2, seed=0)
         config = dataclasses.replace(SMALL_MAPPO, share_actor=False, batch_actors=batch_actors)
-        trainers[batch_actors] = trainer = MAPPOTrainer(pool, config, k=2, k_until=None, device="cpu", seed=0)
+        trainers[batch_actors] = trainer = MAPPOTrainer(pool, config, k=2, k_until=None, device=str(device), seed=0)
         metrics[batch_actors] = [trainer.iteration() for _ in range(3)]
     per_agent, batched = trainers[False], trainers[True]
     assert per_agent.actor.layout == "per_agent" and batched.actor.layout == "batched"
@@ -164,7 +164,7 @@ def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous):
             assert actual[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
     torch.manual_seed(0)  # the trainers' seed: the actors are the first thing they build
     initial = AgentActors("per_agent", 3, per_agent.pool.spaces.obs_size, per_agent.pool.spaces.action_size,
-                          SMALL_MAPPO.hidden, SMALL_MAPPO.activation, 0.01)
+                          SMALL_MAPPO.hidden, SMALL_MAPPO.activation, 0.01).to(device)
     moved = 0.0
     for start, expected, actual in zip(initial, per_agent.actor.per_agent_networks(), batched.actor.per_agent_networks()):
         for p0, p, q in zip(start.parameters(), expected.parameters(), actual.parameters()):

@@ -1,5 +1,6 @@
 // What the CUDA launchers share: a guard that makes the arena's device current for the launch and
-// restores the caller's, the launch-error check, and 16-byte vector loads and stores.
+// restores the caller's, the launch-error check (with the fix for driver and architecture
+// mismatches), and 16-byte vector loads and stores.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,12 +8,27 @@
 #include <stdexcept>
 #include <string>
 
+#include "kpg/cuda_versions.h"
+
 namespace kpg {
+
+// What to do about errors whose fix lies outside the program: the driver or the build.
+inline std::string cuda_error_hint(cudaError_t status) {
+  if (status == cudaErrorInsufficientDriver) {
+    const CudaVersions versions = cuda_versions();
+    return "; " + cuda_driver_problem(versions.driver, versions.runtime) + " (python -m kpg.info, docs/cuda.md)";
+  }
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorUnsupportedPtxVersion) {
+    return std::string("; this kpg holds kernels for CUDA architectures ") + KPG_BUILD_CUDA_ARCHITECTURES +
+           " only: rebuild it on this machine with KPG_CUDA_ARCHITECTURES=native (docs/cuda.md)";
+  }
+  return "";
+}
 
 inline void check_cuda(cudaError_t status, const char* op) {
   if (status != cudaSuccess) {
     throw std::runtime_error(std::string(op) + ": CUDA error " + cudaGetErrorName(status) + ": " +
-                             cudaGetErrorString(status));
+                             cudaGetErrorString(status) + cuda_error_hint(status));
   }
 }
 

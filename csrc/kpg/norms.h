@@ -1,6 +1,6 @@
 // Entry points of the per-agent gradient-norm reduction that feeds per-agent clipping and the
-// non-finite flags: a sum of squares per chunk (in parallel), then one pass per agent over its
-// chunks in table order, so the result does not depend on the thread count.
+// non-finite flags: a sum of squares per chunk (in parallel), then per agent a fixed-order sum of
+// its chunks' sums, so the result does not depend on the thread count.
 #pragma once
 
 #include <cmath>
@@ -30,13 +30,50 @@ void agent_grad_norms_cpu(const NormBuffers& buffers);
 void agent_grad_norms_cuda(const NormBuffers& buffers, int device, void* stream);
 #endif
 
+// The per-agent finish, the same sums in the same order on the CPU and on CUDA: a CUDA warp per agent
+// (kNormLanes lanes, kNormAgentsPerBlock agents per block); lane l adds the agent's chunk sums
+// l, l + kNormLanes, ... in table order, then the lanes' partials are added in a fixed tree
+// (offsets 16, 8, 4, 2, 1, as warp shuffles do). Serial loads per agent drop from its chunk count
+// to a 32nd of it.
+constexpr int kNormLanes = 32;
+constexpr int kNormAgentsPerBlock = 8;
+
+struct NormLane {
+  int64_t agent;
+  int lane;
+};
+
+KPG_HD NormLane norm_lane_of(int64_t block, int thread) {
+  return {block * kNormAgentsPerBlock + thread / kNormLanes, thread % kNormLanes};
+}
+
+KPG_HD int64_t norm_finish_blocks(int64_t num_agents) {
+  return (num_agents + kNormAgentsPerBlock - 1) / kNormAgentsPerBlock;
+}
+
+// Rows first..last - 1 of the chunk table belong to `agent`; clamped to the table: on CUDA a
+// malformed agent_chunks is not checked on the host.
+KPG_HD void agent_chunk_rows(const NormBuffers& b, int64_t agent, int64_t& first, int64_t& last) {
+  first = b.agent_chunks[agent] > 0 ? b.agent_chunks[agent] : 0;
+  last = b.agent_chunks[agent + 1] < b.num_chunks ? b.agent_chunks[agent + 1] : b.num_chunks;
+}
+
+// Calls visit(row) for each chunk row that lane `lane` of `agent`'s warp adds, in order.
+template <typename Visit>
+KPG_HD void for_each_lane_row(const NormBuffers& b, int64_t agent, int lane, Visit&& visit) {
+  int64_t first = 0, last = 0;
+  agent_chunk_rows(b, agent, first, last);
+  for (int64_t c = first + lane; c < last; c += kNormLanes) visit(c);
+}
+
+KPG_HD double lane_sum_squares(const NormBuffers& b, int64_t agent, int lane) {
+  double sum = 0.0;
+  for_each_lane_row(b, agent, lane, [&](int64_t c) { sum += b.chunk_sq[c]; });
+  return sum;
+}
+
 // torch.nn.utils.clip_grad_norm_'s coefficient, clamped like torch.clamp (NaN stays NaN).
-KPG_HD void finalize_agent_norm(const NormBuffers& b, int64_t agent) {
-  double sum_sq = 0.0;
-  // Clamped to the table: on CUDA a malformed agent_chunks is not checked on the host.
-  const int64_t first = b.agent_chunks[agent] > 0 ? b.agent_chunks[agent] : 0;
-  const int64_t last = b.agent_chunks[agent + 1] < b.num_chunks ? b.agent_chunks[agent + 1] : b.num_chunks;
-  for (int64_t c = first; c < last; ++c) sum_sq += b.chunk_sq[c];
+KPG_HD void write_agent_norm(const NormBuffers& b, int64_t agent, double sum_sq) {
   const double norm = ::sqrt(sum_sq);
   b.norm[agent] = norm;
   b.nonfinite[agent] = !(norm - norm == 0.0);
@@ -46,6 +83,16 @@ KPG_HD void finalize_agent_norm(const NormBuffers& b, int64_t agent) {
     scale = coefficient > 1.0 ? 1.0 : coefficient;
   }
   b.grad_scale[agent] = scale;
+}
+
+// The host's run of one agent's warp: the lanes' partials, then the shuffle tree on lane 0.
+inline void finalize_agent_norm_host(const NormBuffers& b, int64_t agent) {
+  double partial[kNormLanes];
+  for (int lane = 0; lane < kNormLanes; ++lane) partial[lane] = lane_sum_squares(b, agent, lane);
+  for (int offset = kNormLanes / 2; offset > 0; offset /= 2) {
+    for (int lane = 0; lane < offset; ++lane) partial[lane] += partial[lane + offset];
+  }
+  write_agent_norm(b, agent, partial[0]);
 }
 
 }  // namespace kpg

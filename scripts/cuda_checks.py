@@ -1,0 +1,304 @@
+"""The CUDA path checked against the CPU path, with nothing but torch and kpg: what
+scripts/gpu_check.sh runs on a GPU machine whether or not pytest is installed there.
+
+Checks, each printed as PASS or FAIL with what differed (exit status 1 on any FAIL):
+
+    update kernels   every optimizer and option, float32 and float64, commit and anticipate, aligned
+                     and unaligned base addresses, skipped agents, per-agent gradient scales: CUDA
+                     against the CPU kernels on the same inputs. SGD and RMSprop must be bit-identical
+                     (both paths round the same operations, no FMA: docs/cuda.md); Adam's per-agent
+                     bias corrections use pow, which CUDA computes within 2 ulp of glibc, so Adam
+                     must agree to a few units in the last place.
+    norms            per-agent gradient norms, clipping scales and non-finite flags (CUDA sums its
+                     8192-element chunks, the CPU its 16384-element ones: equal to rounding)
+    KPGOptimizer     k=2 steps of an agent-batched MAPPO actor with per-agent clipping, CUDA vs CPU
+    couplings        joint_inputs (both forms) and joint_ratio_loss under torch's sync debug mode
+    capture_step     a captured K-MAPPO minibatch step replays equal to eager steps under a per-step
+                     lr schedule
+
+Run: python scripts/cuda_checks.py [--json PATH]. tests/test_cuda.py runs the comparisons CPU against CPU,
+so that the script's own code is exercised where no GPU is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+import kpg
+import kpg.nn as knn
+from kpg import _C
+from kpg import _ops as ops
+
+UPDATE_CASES = {
+    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
+    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+                                              maximize=False)),
+    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
+    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                          decoupled_weight_decay=False)),
+    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
+                                              maximize=True, decoupled_weight_decay=False)),
+    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
+                           decoupled_weight_decay=True)),
+    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
+    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5,
+                                                     centered=True, maximize=False)),
+}
+# Agent sizes around the vector width and both paths' chunk sizes, with an empty agent.
+SIZES = [0, 1, 3, 4, 5, 8191, 8192, 8193, 1027, 2051, 16385, 7]
+# Adam: units in the last place of the tensor's scale that pow's rounding may move a result.
+ADAM_ULPS = 4
+
+
+def arena_inputs(kind, dtype, offset, seed):
+    """CPU tensors of one update: buffers start `offset` elements into their storage (offset 1
+    makes every base address miss 16-byte alignment, so the kernels take their scalar path)."""
+    g = torch.Generator().manual_seed(seed)
+    n, a = sum(SIZES), len(SIZES)
+
+    def buffer(values):
+        storage = torch.zeros(n + offset, dtype=dtype)
+        storage[offset:] = values
+        return storage[offset:]
+
+    tensors = {
+        "param": buffer(torch.randn(n, dtype=dtype, generator=g)),
+        "grad": buffer(torch.randn(n, dtype=dtype, generator=g)),
+        **{name: buffer(torch.rand(n, dtype=dtype, generator=g)) for name in ops.KERNELS[kind].state_names},
+        "step": (torch.arange(a, dtype=torch.float64) % 4),
+        "lr": torch.rand(a, dtype=torch.float64, generator=g) * 0.1,
+        "grad_scale": torch.rand(a, dtype=torch.float64, generator=g) + 0.25,
+        "skip": (torch.arange(a) % 5 == 2).to(torch.uint8),
+    }
+    if kind == "rmsprop" and "grad_avg" in tensors:  # centered: keep square_avg above grad_avg ** 2
+        tensors["square_avg"] = tensors["square_avg"] + tensors["grad_avg"] ** 2
+    return tensors
+
+
+def run_update(kind, hyper, commit, tensors, device):
+    moved = {name: t.to(device) for name, t in tensors.items()}
+    offsets = [0]
+    for size in SIZES:
+        offsets.append(offsets[-1] + size)
+    chunks, _ = ops.chunk_table(offsets, device)
+    anticipated = torch.full_like(moved["param"], 123.0)
+    args = dict(param=moved["param"], grad=moved["grad"])
+    if not commit:
+        args["anticipated"] = anticipated
+    args.update({name: moved[name] for name in ops.KERNELS[kind].state_names})
+    args.update(step=moved["step"], lr=moved["lr"], grad_scale=moved["grad_scale"], skip=moved["skip"], chunks=chunks)
+    ops.UPDATE_OPS[(kind, commit)](**args, **hyper)
+    written = {"param": moved["param"], "step": moved["step"], "anticipated": anticipated,
+               **{name: moved[name] for name in ops.KERNELS[kind].state_names}}
+    return {name: t.cpu() for name, t in written.items()}
+
+
+def compare(cuda, cpu, exact, dtype):
+    """'' when equal (bit for bit, or within ADAM_ULPS of the scale), else what differs."""
+    problems = []
+    for name, expected in cpu.items():
+        actual = cuda[name]
+        if exact:
+            if not torch.equal(actual, expected):  # the inputs are finite: no NaN to compare
+                largest = (actual - expected).abs().max().item()
+                problems.append(f"{name}: {(actual != expected).sum().item()} elements differ, largest by {largest:.3e}")
+        else:
+            scale = expected.abs().max().clamp_min(1e-30)
+            bound = ADAM_ULPS * torch.finfo(dtype).eps * scale
+            error = (actual.double() - expected.double()).abs().max()
+            if not error <= bound:
+                problems.append(f"{name}: differs by {error.item():.3e} > {bound.item():.3e}")
+    return "; ".join(problems)
+
+
+def check_updates(report, device="cuda"):
+    for seed, (case, (kind, hyper)) in enumerate(UPDATE_CASES.items()):
+        for dtype in (torch.float32, torch.float64):
+            for offset in (0, 1):
+                for commit in (False, True):
+                    label = f"update {case} {str(dtype)[6:]} {'unaligned' if offset else 'aligned'} " \
+                            f"{'commit' if commit else 'anticipate'}"
+                    tensors = arena_inputs(kind, dtype, offset, seed)
+                    cpu = run_update(kind, hyper, commit, tensors, "cpu")
+                    cuda = run_update(kind, hyper, commit, tensors, device)
+                    report(label, compare(cuda, cpu, exact=kind != "adam", dtype=dtype))
+
+
+def check_norms(report, device="cuda"):
+    for dtype in (torch.float32, torch.float64):
+        for clip in (False, True):
+            g = torch.Generator().manual_seed(11)
+            offsets = [0]
+            for size in SIZES:
+                offsets.append(offsets[-1] + size)
+            grad = torch.randn(offsets[-1], dtype=dtype, generator=g) * 5
+            grad[offsets[3] + 1] = float("nan")
+            max_norm = torch.rand(len(SIZES), dtype=torch.float64, generator=g) * 50 if clip else None
+            outputs = {}
+            for label, on in (("cpu", "cpu"), ("cuda", device)):
+                chunks, agent_chunks = ops.chunk_table(offsets, on)
+                a = len(SIZES)
+                out = dict(norm=torch.zeros(a, dtype=torch.float64, device=on),
+                           grad_scale=torch.zeros(a, dtype=torch.float64, device=on),
+                           nonfinite=torch.zeros(a, dtype=torch.uint8, device=on))
+                chunk_sq = torch.zeros(chunks.shape[0], dtype=torch.float64, device=on)
+                ops.agent_grad_norms(grad.to(on), chunks, agent_chunks, chunk_sq,
+                                     None if max_norm is None else max_norm.to(on), out["norm"],
+                                     out["grad_scale"], out["nonfinite"])
+                outputs[label] = {name: t.cpu() for name, t in out.items()}
+            problems = []
+            if not torch.equal(outputs["cuda"]["nonfinite"], outputs["cpu"]["nonfinite"]):
+                problems.append("non-finite flags differ")
+            for name in ("norm", "grad_scale"):
+                a, b = outputs["cuda"][name], outputs["cpu"][name]
+                finite = torch.isfinite(b)
+                if not torch.equal(torch.isfinite(a), finite) or not torch.allclose(a[finite], b[finite], rtol=1e-12):
+                    problems.append(f"{name}: {a.tolist()} vs {b.tolist()}")
+            report(f"norms {str(dtype)[6:]} {'clip' if clip else 'no-clip'}", "; ".join(problems))
+
+
+AGENTS, OBS, ACT, BATCH = 4, 6, 3, 32
+
+
+class KMappoMinibatch:
+    """An agent-batched actor trained by K-MAPPO's joint ratio plus a centralized critic term that
+    reads joint_inputs in its tensor and its list form; inputs live in static buffers."""
+
+    def __init__(self, device):
+        torch.manual_seed(0)
+        self.policy = knn.AgentMLP(AGENTS, OBS, ACT, hidden_sizes=(8,), dtype=torch.float64).to(device)
+        self.critic = nn.Sequential(nn.Linear(AGENTS * ACT, 8), nn.Tanh(), nn.Linear(8, AGENTS)).double().to(device)
+        self.critic.requires_grad_(False)
+        self.obs = torch.zeros(AGENTS, BATCH, OBS, dtype=torch.float64, device=device)
+        self.actions = torch.zeros(AGENTS, BATCH, dtype=torch.int64, device=device)
+        self.old_log_prob = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
+        self.advantages = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
+
+    def refill(self, minibatch):
+        g = torch.Generator().manual_seed(100 + minibatch)
+        self.obs.copy_(torch.randn(self.obs.shape, generator=g, dtype=torch.float64))
+        self.actions.copy_(torch.randint(ACT, self.actions.shape, generator=g))
+        self.old_log_prob.copy_(-torch.rand(self.old_log_prob.shape, generator=g, dtype=torch.float64) - 1)
+        self.advantages.copy_(torch.randn(self.advantages.shape, generator=g, dtype=torch.float64))
+
+    def log_prob(self, logits):
+        return torch.log_softmax(logits, -1).gather(-1, self.actions.unsqueeze(-1)).squeeze(-1)
+
+    def closure(self, ctx):
+        own_logits = ctx.at_base(lambda: self.policy(self.obs))
+        with ctx.anticipated():
+            anticipated_logits = self.policy(self.obs)
+        surrogate = kpg.joint_ratio_loss(self.log_prob(own_logits), self.old_log_prob, self.advantages,
+                                         self.log_prob(anticipated_logits), level=ctx.level).loss
+        own, anticipated = torch.tanh(own_logits), torch.tanh(anticipated_logits)
+        stacked = kpg.joint_inputs(own, anticipated, agent_dim=0)
+        listed = kpg.joint_inputs(list(own.unbind(0)), list(anticipated.unbind(0)))
+        q_stacked = self.critic(stacked.permute(0, 2, 1, 3).reshape(AGENTS, BATCH, AGENTS * ACT))
+        q_listed = self.critic(listed)
+        critic_term = q_stacked.diagonal(dim1=0, dim2=2).mean(0) + q_listed.diagonal(dim1=0, dim2=2).mean(0)
+        return surrogate - 0.1 * critic_term
+
+
+def train(device, k, steps, capture_from=None):
+    """Parameters after `steps` minibatch steps; from step `capture_from` on, replays of a captured step."""
+    problem = KMappoMinibatch(device)
+    opt = kpg.KPGOptimizer(problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3, 5e-3], max_grad_norm=[0.5, 1.0, 0.2, 0.05],
+                           nonfinite="skip")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    replay = None
+    for minibatch in range(steps):
+        problem.refill(minibatch)
+        if capture_from is None or minibatch < capture_from:
+            opt.step(problem.closure)
+        elif replay is None:  # capture_step's warm-up step is a real step: this minibatch's
+            replay = opt.capture_step(problem.closure, warmup_steps=1)
+        else:
+            replay()
+        schedule.step()
+        opt.sync_hyperparameters()
+    if problem.obs.is_cuda:
+        torch.cuda.synchronize()
+    return [p.detach().cpu() for p in problem.policy.parameters()]
+
+
+def largest_difference(a, b):
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+
+def check_optimizer(report, device="cuda"):
+    for k in (1, 2):
+        difference = largest_difference(train(device, k, 6), train("cpu", k, 6))
+        report(f"KPGOptimizer k={k} CUDA vs CPU (6 steps, float64)",
+               "" if difference <= 1e-9 else f"parameters differ by {difference:.3e} of their scale")
+
+
+def check_capture(report):
+    for k in (1, 2):
+        difference = largest_difference(train("cuda", k, 8, capture_from=2), train("cuda", k, 8))
+        report(f"capture_step k={k}: 6 replays vs eager steps, per-step lr schedule",
+               "" if difference <= 1e-12 else f"parameters differ by {difference:.3e} of their scale")
+
+
+def check_couplings_sync_free(report):
+    g = torch.Generator().manual_seed(5)
+    own = [torch.randn(5, w, generator=g).cuda().requires_grad_() for w in (2, 3, 1)]
+    anticipated = [torch.randn(5, w, generator=g).cuda() for w in (2, 3, 1)]
+    log_prob, old, advantages = (torch.randn(3, 7, generator=g).cuda() for _ in range(3))
+    kpg.joint_inputs(own, anticipated)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kpg.joint_inputs(own, anticipated).sum().backward()
+        kpg.joint_inputs(torch.stack(anticipated[:1] * 3), torch.stack(anticipated[:1] * 3), agent_dim=0)
+        kpg.joint_ratio_loss(log_prob, old, advantages, log_prob + 0.1, level=2, others="geometric")
+        problem = ""
+    except RuntimeError as error:
+        problem = f"synchronized: {error}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    report("couplings under torch.cuda.set_sync_debug_mode('error')", problem)
+
+
+CHECKS = (check_updates, check_norms, check_optimizer, check_couplings_sync_free, check_capture)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="write every check's outcome as JSON to PATH")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or not _C.build_info()["cuda"]:
+        sys.exit("cuda_checks: needs kpg's CUDA kernels and a GPU torch can see "
+                 f"(kpg built with CUDA: {_C.build_info()['cuda']}, torch.cuda.is_available(): "
+                 f"{torch.cuda.is_available()})")
+    results = []
+
+    def report(label, problem):
+        results.append({"check": label, "passed": not problem, "problem": problem})
+        print(f"{'PASS' if not problem else 'FAIL'}  {label}{'' if not problem else ': ' + problem}", flush=True)
+
+    started = time.perf_counter()
+    for check in CHECKS:
+        try:
+            check(report)
+        except Exception as error:  # a crashing check is a failed check; the others still run
+            report(check.__name__, f"{type(error).__name__}: {error}")
+            traceback.print_exc()
+    failed = [r for r in results if not r["passed"]]
+    seconds = time.perf_counter() - started
+    print(f"\n{len(results) - len(failed)} of {len(results)} CUDA checks passed in {seconds:.1f} s "
+          f"on {torch.cuda.get_device_name()}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, file, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
