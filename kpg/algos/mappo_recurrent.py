@@ -201,7 +201,7 @@ class RecurrentMAPPOTrainer:
         k = self.actor_optimizer.k  # the schedule switches k only between iterations
         advantages = batch["advantages"]
         if c.advantage_norm == "batch":
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-8)
         clip_fractions: dict[int, list[float]] = {}
         sums = {"actor_loss": 0.0, "entropy": 0.0, "value_loss": 0.0}
         steps = 0
@@ -212,7 +212,7 @@ class RecurrentMAPPOTrainer:
                 mb = {key: value[rows] if key in HIDDEN_KEYS else value[:, rows] for key, value in batch.items()}
                 adv = advantages[:, rows]
                 if c.advantage_norm == "minibatch":
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-8)
                 with self.clock.phase("actor"):
                     actor_loss, entropy = self._actor_step(mb, adv, clip_fractions)
                 with self.clock.phase("critic"):
