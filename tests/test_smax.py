@@ -282,3 +282,38 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
         for name, value in a[part].items():
             assert torch.equal(value, b[part][name]), f"{part}.{name}"
     assert torch.equal(a["hidden"]["actor"], b["hidden"]["actor"])
+
+
+def test_compare_preset_trains_the_authors_preset():
+    from kpg.compare import CompareConfig
+
+    compare = _from_dict(CompareConfig, _read_config_file(PRESET.parent / "smax_compare.toml"))
+    authors = _from_dict(TrainConfig, _read_config_file(PRESET))
+    assert dataclasses.replace(compare.train, progress=True) == authors
+    assert compare.ks == (1, 2) and compare.seeds == (0, 1, 2) and compare.metric == "win_rate"
+
+
+def test_compare_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, monkeypatch):
+    from kpg import compare as compare_module
+    from kpg.compare import CompareConfig, compare
+
+    config = CompareConfig(ks=(2,), seeds=(0,), workers=1, out=tmp_path, metric="win_rate",
+                           train=preset(steps=2 * COPIES * ROLLOUT, checkpoint_every=1))
+    iteration, calls = RecurrentMAPPOTrainer.iteration, []
+
+    def counted(self, stop_at=None):
+        calls.append(self.updates)
+        if stop_at is not None and self.updates == stop_at:
+            raise KeyboardInterrupt
+        return iteration(self)
+
+    monkeypatch.setattr(RecurrentMAPPOTrainer, "iteration", lambda self: counted(self, stop_at=1))
+    with pytest.raises(KeyboardInterrupt):
+        compare(config)
+    monkeypatch.setattr(RecurrentMAPPOTrainer, "iteration", lambda self: counted(self))
+    calls.clear()
+    results = compare(config)
+    assert calls == [1]  # continued from the checkpoint of update 1, not started over
+    assert results["metric"] == "win_rate" and (tmp_path / "curves.png").exists()
+    monkeypatch.setattr(compare_module, "train", lambda config: pytest.fail("a finished run was started again"))
+    compare(config)
