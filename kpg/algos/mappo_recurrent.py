@@ -73,14 +73,14 @@ class RecurrentAgentNet(nn.Module):
         if x.dim() == 3:
             embedded = embedded.unsqueeze(2)
         embedded = self.activation(embedded + weight[:, self.features:].T)  # + the agent id's column
-        steps = embedded.shape[0]
         batch_shape = hidden.shape[:-1]
-        embedded = embedded.expand(steps, *batch_shape, -1).flatten(1, 2)
+        embedded = embedded.expand(embedded.shape[0], *batch_shape, -1).flatten(1, 2)
         keep = (1.0 - resets).flatten(1, 2).unsqueeze(-1)
         state = hidden.flatten(0, 1)
         states = []
-        for t in range(steps):
-            state = self.gru(embedded[t], state * keep[t])
+        # unbind, not embedded[t]: each indexing's backward would write a zero-filled gradient of the whole sequence.
+        for embedded_t, keep_t in zip(embedded.unbind(0), keep.unbind(0)):
+            state = self.gru(embedded_t, state * keep_t)
             states.append(state)
         features = self.activation(self.dense(torch.stack(states)))
         return self.out(features).unflatten(1, batch_shape), state.unflatten(0, batch_shape)
