@@ -42,7 +42,8 @@ class TrainConfig:
     """One training run. Flags override the config file (``--config``), which overrides these defaults."""
 
     algo: Literal["mappo", "maddpg", "facmac"] = "mappo"
-    env: str = "simple_spread"  # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, module:callable
+    # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, smax:MAP (kpg[smax]), module:callable
+    env: str = "simple_spread"
     agents: int | None = 3  # number of agents, for environments that take one (simple_spread)
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm

@@ -51,12 +51,15 @@ class MAPPOConfig:
     normalize_returns: bool = True
     initial_log_std: float = -0.5  # continuous actions
     # The authors' SMAX loop (configs/smax_authors.toml, docs/smax.md); only the recurrent trainer reads these.
-    recurrent: bool = False  # dense-GRU-dense actor and critic (hidden = 3 sizes), BPTT over whole sequences; smax: only
+    # dense-GRU-dense actor and critic (hidden: the 3 sizes), BPTT over whole sequences; environments with masks (smax:)
+    recurrent: bool = False
     lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0 over the run, one value per update
     value_coef: float = 0.5  # weight of the value loss 0.5 * mean squared error (the critic has its own Adam)
     value_clip: float | None = None  # clipped value loss: the worse of V's and V_old + clip(V - V_old)'s errors
-    advantage_norm: Literal["batch", "minibatch"] = "batch"  # batch: once over the rollout; minibatch: per minibatch, inside the loss
-    actor_loss_mean: Literal["agents", "samples"] = "agents"  # agents: a sum of per-agent means; samples: one mean over all agents' samples
+    # batch: once over the rollout; minibatch: per minibatch, inside the loss
+    advantage_norm: Literal["batch", "minibatch"] = "batch"
+    # agents: a sum of per-agent means (N times the gradient with a shared actor); samples: one mean over all samples
+    actor_loss_mean: Literal["agents", "samples"] = "agents"
 
 
 class MAPPOTrainer:

@@ -129,20 +129,25 @@ class SMAXPool:
     def step(self, actions: torch.Tensor) -> SMAXStep:
         expected = (self.copies, self.spaces.num_agents)
         if tuple(actions.shape) != expected:
-            raise ValueError(f"SMAXPool.step got actions of shape {tuple(actions.shape)}; expected {expected} (copies, agents)")
+            raise ValueError(
+                f"SMAXPool.step got actions of shape {tuple(actions.shape)}; expected {expected} (copies, agents)"
+            )
         self._key, self._env_state, self._episode, packed = self._step(
             self._key, self._env_state, self._episode, jnp.asarray(actions.numpy(), dtype=jnp.int32))
         reward, done, episode_done, won, episode_return, episode_length = self._unpack(np.array(packed))
         ended = episode_done[:, 0].nonzero().flatten().tolist()
-        finished = [{"return": float(episode_return[c, 0]), "length": int(episode_length[c, 0]), "won": float(won[c, 0])}
-                    for c in ended]
+        finished = [
+            {"return": float(episode_return[c, 0]), "length": int(episode_length[c, 0]), "won": float(won[c, 0])}
+            for c in ended
+        ]
         return SMAXStep(reward, done, episode_done[:, 0], won[:, 0], finished)
 
     # ---- checkpoints: the whole JAX state, so a resume continues exactly ---------------------
 
     def state_dict(self) -> dict[str, Any]:
         leaves = jax.tree.leaves((self._key, self._env_state, self._episode))
-        return {"map": self.map_name, "copies": self.copies, "seed": self.seed, "leaves": [np.asarray(x) for x in leaves]}
+        leaves = [np.asarray(x) for x in leaves]
+        return {"map": self.map_name, "copies": self.copies, "seed": self.seed, "leaves": leaves}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("map") != self.map_name or state.get("copies") != self.copies:
@@ -151,7 +156,8 @@ class SMAXPool:
                 f"{self.map_name!r} with {self.copies}; resume with the same --env and --copies"
             )
         structure = jax.tree.structure((self._key, self._env_state, self._episode))
-        self._key, self._env_state, self._episode = jax.tree.unflatten(structure, [jnp.asarray(x) for x in state["leaves"]])
+        leaves = [jnp.asarray(x) for x in state["leaves"]]
+        self._key, self._env_state, self._episode = jax.tree.unflatten(structure, leaves)
         obs = jax.vmap(self.env.get_obs)(self._env_state)
         obs["world_state"] = jax.vmap(self.env.get_world_state)(self._env_state)
         self._unpack(np.array(jax.jit(self._pack_reset)(obs, self._env_state)))
