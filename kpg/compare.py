@@ -16,6 +16,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,11 @@ from kpg.train import TrainConfig, train
 
 CURVE_POINTS = 50
 FINAL_FRACTION = 0.1  # the final return averages the recent return over the last 10 % of steps
+# --metric: the metrics.csv column of the curves, its name in the table, the plot's axis label
+CURVE_METRICS = {
+    "return": ("recent_return", "return", "episode return (last 20 episodes)"),
+    "win_rate": ("win_rate", "win rate", "win rate (episodes won / finished, per update)"),
+}
 
 
 @dataclass
@@ -33,6 +39,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     workers: int = 2  # runs in parallel, one process each
     out: Path = Path("results/compare")
+    metric: Literal["return", "win_rate"] = "return"  # what the curves and the final value show (win_rate: SMAX)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
 
 
@@ -40,11 +47,15 @@ def _run(config: TrainConfig) -> dict:
     summary_path = config.run_dir / "summary.json"
     if summary_path.exists():
         try:  # data only (JSON), like every file kpg reads
-            return json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_text())
         except ValueError as error:
             raise ValueError(f"{summary_path} is not valid JSON ({error}); delete it to run {config.run_name} "
                              "again") from None
-    return train(config)
+        if not summary.get("interrupted") and summary["env_steps"] >= config.steps:
+            return summary
+    # A run stopped before its end (its summary says interrupted) continues from its last checkpoint.
+    resume = (config.run_dir / "checkpoint.pt").exists()
+    return train(dataclasses.replace(config, resume=resume))
 
 
 def _t_quantile_95(samples: int) -> float:
@@ -62,13 +73,13 @@ def mean_and_halfwidth(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, n
     return mean, _t_quantile_95(n) * values.std(axis=axis, ddof=1) / math.sqrt(n)
 
 
-def _curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
+def _curve(run_dir: Path, grid: np.ndarray, column: str = "recent_return") -> np.ndarray:
     steps, returns = [], []
     with open(run_dir / "metrics.csv") as file:
         for row in csv.DictReader(file):
-            if row["recent_return"]:
+            if row.get(column):
                 steps.append(float(row["env_steps"]))
-                returns.append(float(row["recent_return"]))
+                returns.append(float(row[column]))
     return np.interp(grid, steps, returns)
 
 
@@ -87,11 +98,12 @@ def compare(config: CompareConfig) -> dict:
     grid = np.linspace(config.train.steps / CURVE_POINTS, config.train.steps, CURVE_POINTS)
     final_from = int(CURVE_POINTS * (1 - FINAL_FRACTION))
     results = {"command": "kpg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else None,
-               "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)), "by_k": {}}
+               "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)), "by_k": {},
+               "metric": config.metric}
     curves = {}
     for k in config.ks:
         mine = [(run, s) for run, s in zip(runs, summaries) if run.k == k]
-        curve = np.stack([_curve(run.run_dir, grid) for run, _ in mine])
+        curve = np.stack([_curve(run.run_dir, grid, CURVE_METRICS[config.metric][0]) for run, _ in mine])
         curves[k] = curve
         final, final_ci = mean_and_halfwidth(curve[:, final_from:].mean(axis=1))
         evals = [s["eval_return"] for _, s in mine if s.get("eval_return") is not None]
@@ -129,7 +141,7 @@ def _markdown(results: dict, base_k: int) -> str:
         "",
         f"Command: `{results['command']}`" if results["command"] else "",
         "",
-        f"| k | seeds | final return (95% CI) | greedy eval return | wall-clock s | overhead vs k={base_k} | "
+        f"| k | seeds | final {CURVE_METRICS[results['metric']][1]} (95% CI) | greedy eval return | wall-clock s | overhead vs k={base_k} | "
         f"CPU s | CPU overhead vs k={base_k} | environment s | critic s | actor s | actor s per level |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -142,8 +154,8 @@ def _markdown(results: dict, base_k: int) -> str:
             f"{e['cpu_seconds']:.0f} ± {e['cpu_seconds_ci95']:.0f} | {100 * e[f'cpu_overhead_vs_k{base_k}']:+.0f}% | "
             f"{e['seconds']['environment']:.0f} | {e['seconds']['critic']:.0f} | {e['seconds']['actor']:.0f} | {levels} |"
         )
-    lines += ["", "Final return: the mean episode return of the last 20 episodes, averaged over the last 10 % of the "
-              "run, then over seeds. Wall-clock and CPU time (of the run's process: its cost whatever else shares the cores) "
+    lines += ["", "Final return: the mean episode return of the last 20 episodes (final win rate: the win rate per "
+              "update), averaged over the last 10 % of the run, then over seeds. Wall-clock and CPU time (of the run's process: its cost whatever else shares the cores) "
               "per run, from start to the end of training, evaluation excluded; the phase split is wall-clock."]
     return "\n".join(lines) + "\n"
 
@@ -162,7 +174,7 @@ def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray]
     t = config.train
     axes.set_title(f"{t.algo} on {t.env} ({t.agents} agents), {len(config.seeds)} seeds, 95% CI")
     axes.set_xlabel("environment steps")
-    axes.set_ylabel("episode return (last 20 episodes)")
+    axes.set_ylabel(CURVE_METRICS[config.metric][2])
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -30,7 +30,7 @@ from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
 from kpg.algos.run_context import RunContext
 from kpg.checkpoint import load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
-from kpg.envs import EnvPool, make_env_factory
+from kpg.envs import SMAX_PREFIX, EnvPool, make_env_factory, make_pool
 
 RECENT_EPISODES = 20
 
@@ -40,7 +40,8 @@ class TrainConfig:
     """One training run. Flags override the config file (``--config``), which overrides these defaults."""
 
     algo: Literal["mappo", "maddpg", "facmac"] = "mappo"
-    env: str = "simple_spread"  # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, module:callable
+    # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, smax:MAP (kpg[smax]), module:callable
+    env: str = "simple_spread"
     agents: int | None = 3  # number of agents, for environments that take one (simple_spread)
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
@@ -71,11 +72,20 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return self.logdir / self.run_name
 
-    def env_factory(self):
+    def env_options_parsed(self) -> dict[str, Any]:
         options: dict[str, Any] = {key: _parse_scalar(value) for key, value in self.env_options.items()}
         if self.agents is not None and self.env == "simple_spread":
             options.setdefault("agents", self.agents)
-        return make_env_factory(self.env, **options)
+        return options
+
+    def env_factory(self):
+        if self.env.startswith(SMAX_PREFIX):
+            raise ValueError(f"{self.env} is a JAX environment without a PettingZoo factory; build it with make_pool")
+        return make_env_factory(self.env, **self.env_options_parsed())
+
+    def make_pool(self, copies: int, seed: int):
+        """``copies`` copies of the environment (an EnvPool, or a SMAXPool for smax:MAP)."""
+        return make_pool(self.env, copies, seed, **self.env_options_parsed())
 
 
 def _config_as_data(config: TrainConfig) -> dict[str, Any]:
@@ -206,13 +216,35 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    pool = EnvPool(config.env_factory(), run.local_copies(config.copies), seed=run.rank_seed(config.seed))
-    trainer_class = ALGORITHMS[config.algo]
+    trainer_class, extra = _trainer_class(config)
+    pool = config.make_pool(run.local_copies(config.copies), run.rank_seed(config.seed))
     distributed = {"process_group": run.group} if run.distributed else {}
     trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, run.device(config.device),
-                            config.seed, **distributed)
+                            config.seed, **distributed, **extra)
     run.seed_rank_streams(config.seed)
     return pool, trainer
+
+
+def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
+    """The trainer class and its extra arguments: the recurrent MAPPO trainer (SMAX) or ALGORITHMS'."""
+    recurrent = config.algo == "mappo" and config.mappo.recurrent
+    if recurrent:
+        from kpg.algos.mappo_recurrent import RecurrentMAPPOTrainer
+
+        return RecurrentMAPPOTrainer, {"total_steps": config.steps}
+    if config.env.startswith(SMAX_PREFIX):
+        raise ValueError(
+            f"{config.env}: SMAX needs its available-action masks, which the recurrent MAPPO trainer applies: "
+            "--algo mappo --mappo.recurrent, or --config configs/smax_authors.toml"
+        )
+    if config.algo == "mappo":
+        defaults, options = MAPPOConfig(), config.mappo
+        recurrent_only = [name for name in ("lr_anneal", "value_clip", "advantage_norm", "actor_loss_mean")
+                          if getattr(options, name) != getattr(defaults, name)]
+        if recurrent_only:
+            raise ValueError(f"--mappo.{recurrent_only[0].replace('_', '-')} is an option of the recurrent trainer; "
+                             "add --mappo.recurrent (SMAX) or leave it at its default")
+    return ALGORITHMS[config.algo], {}
 
 
 def _resume_state(checkpoint_path: Path) -> dict[str, Any]:
@@ -366,7 +398,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "recent_return": float(np.mean(recent)) if recent else None, "interrupted": interrupted,
     }
     if run.is_writer:
-        if config.eval_episodes and not interrupted:
+        # The recurrent trainer has no separate greedy evaluation: its win rate comes from the training episodes.
+        if config.eval_episodes and not interrupted and hasattr(trainer, "act"):
             summary["eval_return"] = evaluate(trainer, config, config.eval_episodes)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if interrupted:

@@ -13,6 +13,7 @@ k=1 is exactly MAPPO. The critic is trained normally.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,16 @@ class MAPPOConfig:
     coupling: str = "joint_clip"  # joint_clip (the authors') or weighted
     normalize_returns: bool = True
     initial_log_std: float = -0.5  # continuous actions
+    # The authors' SMAX loop (configs/smax_authors.toml, docs/smax.md); only the recurrent trainer reads these.
+    # dense-GRU-dense actor and critic (hidden: the 3 sizes), BPTT over whole sequences; environments with masks (smax:)
+    recurrent: bool = False
+    lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0 over the run, one value per update
+    value_coef: float = 0.5  # weight of the value loss 0.5 * mean squared error (the critic has its own Adam)
+    value_clip: float | None = None  # clipped value loss: the worse of V's and V_old + clip(V - V_old)'s errors
+    # batch: once over the rollout; minibatch: per minibatch, inside the loss
+    advantage_norm: Literal["batch", "minibatch"] = "batch"
+    # agents: a sum of per-agent means (N times the gradient with a shared actor); samples: one mean over all samples
+    actor_loss_mean: Literal["agents", "samples"] = "agents"
 
 
 class MAPPOTrainer:
