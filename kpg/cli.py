@@ -1,4 +1,4 @@
-"""The ``kpg`` command (also ``python -m kpg``): ``kpg train`` and ``kpg compare``.
+"""The ``kpg`` command (also ``python -m kpg``): ``kpg train``, ``kpg compare`` and ``kpg games``.
 
 Every option is a flag (``kpg train --help``); ``--config FILE`` (TOML or JSON, keys as the flags'
 names with underscores, sections for nested options such as ``[mappo]``) sets the defaults the
@@ -17,9 +17,10 @@ from typing import Any
 import tyro
 
 from kpg.compare import CompareConfig, compare
+from kpg.games import GamesConfig, games_command
 from kpg.train import TrainConfig, train
 
-COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare)}
+COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare), "games": (GamesConfig, games_command)}
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def _pop_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: kpg {train,compare} [--config FILE] [options]   (kpg train --help for the options)")
+        print("usage: kpg {train,compare,games} [--config FILE] [options]   (kpg train --help for the options)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
     config_class, run = COMMANDS[command]
