@@ -22,10 +22,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import resource
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -99,7 +101,8 @@ class Game:
 
     def sampled_payoffs(self, actions: Tensor) -> Tensor:
         """``[copies, players, batch]`` joint actions -> ``[copies, players, batch]`` payoffs."""
-        strides = torch.tensor([self.actions ** (self.players - 1 - p) for p in range(self.players)], device=actions.device)
+        strides = torch.tensor([self.actions ** (self.players - 1 - p) for p in range(self.players)],
+                               device=actions.device)
         joint = (actions * strides[None, :, None]).sum(dim=1)  # [copies, batch]
         flat = self.payoffs.to(actions.device).reshape(self.players, -1)
         return flat[:, joint].permute(1, 0, 2)
@@ -119,8 +122,10 @@ class Game:
     @property
     def metric(self) -> str:
         if self.equilibrium is None:
-            return f"share of copies at an optimal joint action (expected payoff >= {self.optimum - OPTIMUM_TOLERANCE:g})"
-        return f"share of copies within {EQUILIBRIUM_TOLERANCE} of the mixed equilibrium (largest TV distance of a player)"
+            threshold = self.optimum - OPTIMUM_TOLERANCE
+            return f"share of copies at an optimal joint action (expected payoff >= {threshold:g})"
+        return (f"share of copies within {EQUILIBRIUM_TOLERANCE} of the mixed equilibrium "
+                "(largest TV distance of a player)")
 
     @property
     def value_name(self) -> str:
@@ -214,7 +219,8 @@ class GamePlay:
         self.generator = torch.Generator().manual_seed(seed)
         initial = torch.randn(copies, players, actions, generator=self.generator, dtype=torch.float64) * init_scale
         self.logits = nn.Parameter(initial.repeat(len(lrs), 1, 1).reshape(-1, actions).to(dtype))
-        agent_lrs = torch.tensor([float(lr) for lr in lrs], dtype=torch.float64).repeat_interleave(copies * players).tolist()
+        per_block = torch.tensor([float(lr) for lr in lrs], dtype=torch.float64)
+        agent_lrs = per_block.repeat_interleave(copies * players).tolist()
         name, hyperparameters = OPTIMIZERS[optimizer]
         self.optimizer = KPGOptimizer([self.logits], k=k, optimizer=name, lr=agent_lrs, agent_dim=0, **hyperparameters)
 
@@ -288,19 +294,22 @@ class GamesConfig:
     """A study of KPG on normal-form games: every game x optimizer x k over a learning-rate sweep,
     many copies each; a table with 95 % intervals over copies, JSON and a plot in --out."""
 
-    games: tuple[str, ...] = ("penalty", "penalty-10", "penalty-1000", "penalty3", "pennies", "climbing", "coordination")
-    ks: tuple[int, ...] = (1, 2, 3)
+    games: tuple[str, ...] = (
+        "penalty", "penalty-10", "penalty-1000", "penalty3", "pennies", "climbing", "coordination")
+    ks: tuple[int, ...] = (1, 2, 3)  # KPG levels; 1 is the plain optimizer step
     optimizers: tuple[str, ...] = ("sgd", "momentum", "rmsprop", "adam")  # momentum: SGD with momentum 0.9
-    lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the learning-rate sweep, the same for every optimizer
     copies: int = 200  # independent copies of a game per learning rate
     steps: int = 200  # KPG steps
-    mode: Literal["exact", "sampled"] = "exact"  # closed-form expected payoff, or sampled joint actions (K-MAPPO surrogate)
+    # exact: closed-form expected payoff; sampled: sampled joint actions through the K-MAPPO surrogate
+    mode: Literal["exact", "sampled"] = "exact"
     batch: int = 32  # sampled mode: joint actions sampled per copy and step
     clip_eps: float = 0.2  # sampled mode: the surrogate's clip range
     init_scale: float = 1.0  # initial logits ~ N(0, init_scale^2)
-    seed: int = 0
-    threads: int = 1  # torch CPU threads
-    out: Path = Path("results/games")
+    seed: int = 0  # initial logits and samples; the same initial logits in every cell
+    workers: int = 2  # processes running (game, optimizer, k) cells side by side
+    threads: int = 1  # torch CPU threads per process
+    out: Path = Path("results/games")  # results.md, results.json and games.png
     plot: bool = True
 
 
@@ -311,7 +320,8 @@ def check_config(config: GamesConfig) -> None:
         raise ValueError(f"--games: unknown game(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"choose from {', '.join(GAMES)}")
     if not config.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in config.ks):
-        raise ValueError(f"--ks: every k must be an integer >= 1 (1 is the plain optimizer step), got {list(config.ks)}")
+        raise ValueError(
+            f"--ks: every k must be an integer >= 1 (1 is the plain optimizer step), got {list(config.ks)}")
     bad = [o for o in config.optimizers if o not in OPTIMIZERS]
     if bad or not config.optimizers:
         raise ValueError(f"--optimizers: unknown optimizer(s) {', '.join(map(repr, bad)) or '(none given)'}; "
@@ -320,11 +330,12 @@ def check_config(config: GamesConfig) -> None:
         raise ValueError("--lrs: the learning-rate sweep is empty; give at least one learning rate, e.g. --lrs 0.1 1")
     if any(not (math.isfinite(lr) and lr > 0) for lr in config.lrs):
         raise ValueError(f"--lrs: every learning rate must be a finite number > 0, got {list(config.lrs)}")
-    for name in ("copies", "steps", "threads"):
+    for name in ("copies", "steps", "workers", "threads"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.mode == "sampled" and config.batch < 2:
-        raise ValueError(f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}")
+        raise ValueError(
+            f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}")
     if not config.init_scale >= 0:
         raise ValueError(f"--init-scale must be >= 0, got {config.init_scale}")
 
@@ -333,22 +344,14 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
     """Runs the study, writes ``results.json``, ``results.md`` and ``games.png`` into ``config.out``
     and returns the results."""
     check_config(config)
-    torch.set_num_threads(config.threads)
-    started = time.perf_counter()
-    rows = []
-    for game_name in config.games:
-        game = make_game(game_name)
-        for optimizer in config.optimizers:
-            for k in config.ks:
-                play = GamePlay(game, config.copies, config.lrs, k=k, optimizer=optimizer, mode=config.mode,
-                                batch=config.batch, clip_eps=config.clip_eps, init_scale=config.init_scale,
-                                seed=config.seed)
-                seconds = play.train(config.steps)
-                success, value = game.outcome(play.policies())
-                for index, lr in enumerate(config.lrs):
-                    block = slice(index * config.copies, (index + 1) * config.copies)
-                    rows.append(_row(game, optimizer, k, lr, success[block], value[block], seconds,
-                                     play.optimizer.num_agents))
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    cells = [(config, game, optimizer, k)
+             for game in config.games for optimizer in config.optimizers for k in config.ks]
+    if config.workers > 1:
+        with ProcessPoolExecutor(max_workers=config.workers) as executor:
+            rows = [row for cell in executor.map(_run_cell, cells) for row in cell]
+    else:
+        rows = [row for cell in map(_run_cell, cells) for row in cell]
     results = {
         "command": command,
         "config": json.loads(json.dumps(asdict(config), default=str)),
@@ -357,7 +360,10 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
         "rows": rows,
         "best": _best(rows),
         "total_seconds": time.perf_counter() - started,
+        # CPU time of this process and its workers: the study's cost whatever else shares the cores.
+        "cpu_seconds": _cpu_seconds() - cpu_started,
         "threads": config.threads,
+        "workers": config.workers,
     }
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -365,6 +371,28 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
     if config.plot:
         plot(results, config.out / "games.png")
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _run_cell(cell: tuple[GamesConfig, str, str, int]) -> list[dict]:
+    """One game, optimizer and k over the whole learning-rate sweep (one KPGOptimizer): a row per lr."""
+    config, game_name, optimizer, k = cell
+    torch.set_num_threads(config.threads)
+    game = make_game(game_name)
+    play = GamePlay(game, config.copies, config.lrs, k=k, optimizer=optimizer, mode=config.mode, batch=config.batch,
+                    clip_eps=config.clip_eps, init_scale=config.init_scale, seed=config.seed)
+    seconds = play.train(config.steps)
+    success, value = game.outcome(play.policies())
+    rows = []
+    for index, lr in enumerate(config.lrs):
+        block = slice(index * config.copies, (index + 1) * config.copies)
+        rows.append(_row(game, optimizer, k, lr, success[block], value[block], seconds, play.optimizer.num_agents))
+    return rows
 
 
 def _row(game: Game, optimizer: str, k: int, lr: float, success: Tensor, value: Tensor, seconds: float,
@@ -400,11 +428,13 @@ def markdown(results: dict) -> str:
     config = results["config"]
     lrs = config["lrs"]
     lines = [
-        f"# kpg games: {config['mode']} gradients, {config['copies']} copies per learning rate, {config['steps']} KPG steps",
+        f"# kpg games: {config['mode']} gradients, {config['copies']} copies per learning rate, "
+        f"{config['steps']} KPG steps",
         "",
         f"Command: `{results['command']}`" if results["command"] else "",
         "",
-        f"Total {results['total_seconds']:.1f} s on {results['threads']} torch thread(s). Initial logits "
+        f"Total {results['total_seconds']:.1f} s wall-clock and {results['cpu_seconds']:.1f} CPU seconds, "
+        f"{results['workers']} worker process(es) of {results['threads']} torch thread(s). Initial logits "
         f"~ N(0, {config['init_scale']}^2), seed {config['seed']}, the same in every cell. Shares with 95 % Wilson "
         "intervals over copies.",
         "",
@@ -422,7 +452,8 @@ def markdown(results: dict) -> str:
                      for b in (best[(game, optimizer, k)] for k in config["ks"])]
             lines.append(f"| {game} | {optimizer} | " + " | ".join(cells) + " |")
     lines += ["", "## Every cell: share [95 % interval] per learning rate, mean value, time per KPG step", "",
-              "| game | optimizer | k | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " | mean value per lr | ms per step |",
+              "| game | optimizer | k | " + " | ".join(f"lr={lr:g}" for lr in lrs)
+              + " | mean value per lr | ms per step |",
               "| --- | --- | --- | " + " | ".join("---" for _ in lrs) + " | --- | --- |"]
     cells: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
@@ -434,7 +465,7 @@ def markdown(results: dict) -> str:
                      f"{1000 * group[0]['seconds_per_step']:.2f} ({group[0]['agents_per_step']} agents) |")
     lines += ["", "Value: the mean expected shared payoff (cooperative games) or the mean distance to the mixed "
               "equilibrium (pennies). Time per KPG step: all learning rates' copies in one step (one optimizer), "
-              "wall-clock, k levels."]
+              "wall-clock, k levels, with the other worker processes running beside it."]
     return "\n".join(lines) + "\n"
 
 
@@ -466,9 +497,10 @@ def plot(results: dict, path: Path) -> None:
             if i == len(games) - 1:
                 ax.set_xlabel("learning rate", fontsize=8)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"kpg games ({config['mode']} gradients, {config['copies']} copies per lr, {config['steps']} steps, "
+    figure.suptitle(f"kpg games ({config['mode']} gradients, {config['copies']} copies per lr, "
+                    f"{config['steps']} steps, "
                     "95 % intervals)", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.985))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -39,7 +39,8 @@ def test_penalty_game_payoffs_by_hand(penalty):
     uniform = torch.full((1, 2, 3), 1 / 3, dtype=torch.float64)
     corner = torch.tensor([[[1.0, 0, 0], [0, 0, 1.0]]], dtype=torch.float64)
     collide = torch.tensor([[[0, 0, 1.0], [0, 0, 1.0]]], dtype=torch.float64)
-    assert torch.allclose(game.expected_payoffs(uniform), torch.full((1, 2), (2 * penalty + 22) / 9, dtype=torch.float64))
+    uniform_payoff = torch.full((1, 2), (2 * penalty + 22) / 9, dtype=torch.float64)
+    assert torch.allclose(game.expected_payoffs(uniform), uniform_payoff)
     assert game.expected_payoffs(corner).tolist() == [[10.0, 10.0]]
     assert game.expected_payoffs(collide).tolist() == [[penalty, penalty]]
     # Against a uniform partner, actions 0 and 2 are worth (p + 10) / 3 and action 1 is worth 2 / 3.
@@ -223,6 +224,7 @@ def test_kpg_games_tiny_study(tmp_path, capsys):
         assert row["copies"] == 6 and 0 <= row["share_ci95"][0] <= row["share"] <= row["share_ci95"][1] <= 1
         assert row["seconds_per_step"] > 0
     assert len(results["best"]) == 2 * 2 * 2
+    assert results["cpu_seconds"] > 0 and results["total_seconds"] > 0
     assert (out / "games.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| pennies | adam |" in table and "ms per step" in table
@@ -232,7 +234,8 @@ def test_kpg_games_tiny_study(tmp_path, capsys):
 def test_kpg_games_sampled_mode_runs(tmp_path):
     out = tmp_path / "sampled"
     cli.main(["games", "--games", "penalty", "--ks", "2", "--optimizers", "sgd", "--lrs", "0.1",
-              "--copies", "4", "--steps", "2", "--mode", "sampled", "--batch", "8", "--no-plot", "--out", str(out)])
+              "--copies", "4", "--steps", "2", "--mode", "sampled", "--batch", "8", "--workers", "1", "--no-plot",
+              "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mode"] == "sampled" and len(results["rows"]) == 1
     assert not (out / "games.png").exists()
