@@ -24,6 +24,7 @@ import json
 import math
 import resource
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -269,12 +270,12 @@ class GamePlay:
 
         return closure
 
-    def train(self, steps: int) -> float:
-        """``steps`` KPG steps; returns the wall-clock seconds per step."""
-        started = time.perf_counter()
+    def train(self, steps: int) -> tuple[float, float]:
+        """``steps`` KPG steps; returns the wall-clock and the CPU seconds (this process) per step."""
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - started) / max(steps, 1)
+        return (time.perf_counter() - started) / max(steps, 1), (time.process_time() - cpu_started) / max(steps, 1)
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
@@ -359,6 +360,8 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
                          "value": make_game(name).value_name} for name in config.games},
         "rows": rows,
         "best": _best(rows),
+        "cost_per_k": {k: {"seconds_per_step": wall, "cpu_seconds_per_step": cpu}
+                       for k, (wall, cpu) in _cost_per_k(rows).items()},
         "total_seconds": time.perf_counter() - started,
         # CPU time of this process and its workers: the study's cost whatever else shares the cores.
         "cpu_seconds": _cpu_seconds() - cpu_started,
@@ -386,17 +389,18 @@ def _run_cell(cell: tuple[GamesConfig, str, str, int]) -> list[dict]:
     game = make_game(game_name)
     play = GamePlay(game, config.copies, config.lrs, k=k, optimizer=optimizer, mode=config.mode, batch=config.batch,
                     clip_eps=config.clip_eps, init_scale=config.init_scale, seed=config.seed)
-    seconds = play.train(config.steps)
+    seconds, cpu_seconds = play.train(config.steps)
     success, value = game.outcome(play.policies())
     rows = []
     for index, lr in enumerate(config.lrs):
         block = slice(index * config.copies, (index + 1) * config.copies)
-        rows.append(_row(game, optimizer, k, lr, success[block], value[block], seconds, play.optimizer.num_agents))
+        rows.append(_row(game, optimizer, k, lr, success[block], value[block], seconds, cpu_seconds,
+                         play.optimizer.num_agents))
     return rows
 
 
 def _row(game: Game, optimizer: str, k: int, lr: float, success: Tensor, value: Tensor, seconds: float,
-         agents: int) -> dict:
+         cpu_seconds: float, agents: int) -> dict:
     copies = success.numel()
     low, high = wilson_interval(int(success.sum()), copies)
     value = value.double()
@@ -405,7 +409,7 @@ def _row(game: Game, optimizer: str, k: int, lr: float, success: Tensor, value: 
         "game": game.name, "optimizer": optimizer, "k": k, "lr": lr, "copies": copies,
         "share": float(success.double().mean()), "share_ci95": [low, high],
         "value": float(value.mean()), "value_ci95": value_half,
-        "seconds_per_step": seconds, "agents_per_step": agents,
+        "seconds_per_step": seconds, "cpu_seconds_per_step": cpu_seconds, "agents_per_step": agents,
     }
 
 
@@ -418,6 +422,17 @@ def _best(rows: list[dict]) -> list[dict]:
             best[key] = row
     return [{"game": g, "optimizer": o, "k": k, "lr": r["lr"], "share": r["share"], "share_ci95": r["share_ci95"]}
             for (g, o, k), r in best.items()]
+
+
+def _cost_per_k(rows: list[dict]) -> dict[int, tuple[float, float]]:
+    """k -> (median wall-clock, median CPU seconds per KPG step) over the cells (one row per cell)."""
+    cells = {(r["game"], r["optimizer"], r["k"]): r for r in rows}
+    cost = {}
+    for k in sorted({r["k"] for r in rows}):
+        mine = [r for (_, _, cell_k), r in cells.items() if cell_k == k]
+        cost[k] = (statistics.median(r["seconds_per_step"] for r in mine),
+                   statistics.median(r["cpu_seconds_per_step"] for r in mine))
+    return cost
 
 
 def _share(share: float, interval: Sequence[float]) -> str:
@@ -451,9 +466,15 @@ def markdown(results: dict) -> str:
             cells = [f"{_share(b['share'], b['share_ci95'])} ({b['lr']:g})"
                      for b in (best[(game, optimizer, k)] for k in config["ks"])]
             lines.append(f"| {game} | {optimizer} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost per k: median over the cells of the time per KPG step", "",
+              "| k | wall-clock ms per step | CPU ms per step | CPU relative to k=" + str(min(config["ks"])) + " |",
+              "| --- | --- | --- | --- |"]
+    cost = _cost_per_k(results["rows"])
+    base = cost[min(config["ks"])][1]
+    lines += [f"| {k} | {1000 * wall:.2f} | {1000 * cpu:.2f} | {cpu / base:.2f}x |" for k, (wall, cpu) in cost.items()]
     lines += ["", "## Every cell: share [95 % interval] per learning rate, mean value, time per KPG step", "",
               "| game | optimizer | k | " + " | ".join(f"lr={lr:g}" for lr in lrs)
-              + " | mean value per lr | ms per step |",
+              + " | mean value per lr | ms per step (CPU ms) |",
               "| --- | --- | --- | " + " | ".join("---" for _ in lrs) + " | --- | --- |"]
     cells: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
@@ -462,10 +483,12 @@ def markdown(results: dict) -> str:
         shares = " | ".join(_share(r["share"], r["share_ci95"]) for r in group)
         values = " / ".join(f"{r['value']:.3g}" for r in group)
         lines.append(f"| {game} | {optimizer} | {k} | {shares} | {values} | "
-                     f"{1000 * group[0]['seconds_per_step']:.2f} ({group[0]['agents_per_step']} agents) |")
+                     f"{1000 * group[0]['seconds_per_step']:.2f} ({1000 * group[0]['cpu_seconds_per_step']:.2f}), "
+                     f"{group[0]['agents_per_step']} agents |")
     lines += ["", "Value: the mean expected shared payoff (cooperative games) or the mean distance to the mixed "
               "equilibrium (pennies). Time per KPG step: all learning rates' copies in one step (one optimizer), "
-              "wall-clock, k levels, with the other worker processes running beside it."]
+              "k levels; wall-clock (with the other workers and whatever else runs beside it) and, in brackets, "
+              "the CPU time of the worker's process, which load does not inflate."]
     return "\n".join(lines) + "\n"
 
 

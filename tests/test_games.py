@@ -222,12 +222,12 @@ def test_kpg_games_tiny_study(tmp_path, capsys):
         itertools.product(["pennies", "penalty3"], ["sgd", "adam"], [1, 2], [0.1, 1.0]))
     for row in results["rows"]:
         assert row["copies"] == 6 and 0 <= row["share_ci95"][0] <= row["share"] <= row["share_ci95"][1] <= 1
-        assert row["seconds_per_step"] > 0
+        assert row["seconds_per_step"] > 0 and row["cpu_seconds_per_step"] > 0
     assert len(results["best"]) == 2 * 2 * 2
     assert results["cpu_seconds"] > 0 and results["total_seconds"] > 0
     assert (out / "games.png").stat().st_size > 0
     table = (out / "results.md").read_text()
-    assert "| pennies | adam |" in table and "ms per step" in table
+    assert "| pennies | adam |" in table and "ms per step (CPU ms)" in table
     assert "| penalty3 | sgd |" in capsys.readouterr().out
 
 
