@@ -30,9 +30,13 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC_FILES)
 
-# The main job: K2-MAPPO against MAPPO on simple_spread with 3 agents, 2 seeds each (a few minutes).
+# The main job (about 5 minutes on 2 cores): what KPG changes, then what it costs.
+# 1. kpg games: k = 1, 2, 3 on normal-form games where simultaneous steps collide or rotate (penalty games,
+#    matching pennies) and on controls (climbing, pure coordination), 4 optimizers x 6 learning rates (under a minute).
+# 2. kpg compare: K2-MAPPO against MAPPO on simple_spread, 3 agents, 2 seeds each, with the per-level time split.
 run: setup
-	$(VENV)/bin/kpg compare --ks 1 2 --seeds 0 1 --workers 2 --out results/quickstart --train.steps 60000
+	$(VENV)/bin/kpg games --out results/quickstart/games
+	$(VENV)/bin/kpg compare --ks 1 2 --seeds 0 1 --workers 2 --out results/quickstart/mappo --train.steps 40000
 
 bench: setup
 	$(PY) bench/optimizer.py --json bench/results/optimizer.json

@@ -1,4 +1,4 @@
-"""The ``kpg`` command (also ``python -m kpg``): ``kpg train`` and ``kpg compare``, and
+"""The ``kpg`` command (also ``python -m kpg``): ``kpg train``, ``kpg compare`` and ``kpg games``, and
 ``kpg convert-checkpoint PATH`` for checkpoints of kpg's earlier pickle format (docs/reliability.md).
 
 Every option is a flag (``kpg train --help``); ``--config FILE`` (TOML or JSON, keys as the flags'
@@ -18,9 +18,10 @@ from typing import Any
 from kpg.checkpoint import CheckpointError, ConvertConfig, convert_command
 from kpg.compare import CompareConfig, compare
 from kpg.extras import require_extra
+from kpg.games import GamesConfig, games_command
 from kpg.train import TrainConfig, train
 
-COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare),
+COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare), "games": (GamesConfig, games_command),
             "convert-checkpoint": (ConvertConfig, convert_command)}
 
 
@@ -80,7 +81,7 @@ def _pop_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: kpg {train,compare} [--config FILE] [options]   (kpg train --help for the options)")
+        print("usage: kpg {train,compare,games} [--config FILE] [options]   (kpg train --help for the options)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
     require_extra("train", f"kpg {command}")

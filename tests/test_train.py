@@ -264,7 +264,7 @@ def test_cli_config_file_sets_defaults_and_flags_override(tmp_path):
 
 def test_python_dash_m_kpg_prints_usage():
     result = subprocess.run([sys.executable, "-m", "kpg"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "usage: kpg {train,compare}" in result.stdout
+    assert result.returncode == 2 and "usage: kpg {train,compare,games}" in result.stdout
 
 
 def test_compare_writes_table_plot_and_json(tmp_path):
