@@ -70,7 +70,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizer import CONTENDED_CORES, OtherProcessesCPU, machine_metadata  # noqa: E402
 
 import kpg  # noqa: E402
-from kpg import _C  # noqa: E402
 
 OBSERVATION_SIZE = 16
 HIDDEN_SIZES = (64, 64)
@@ -176,10 +175,18 @@ def log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def agent_losses(rollout: Rollout, log_prob: torch.Tensor, anticipated_log_prob: torch.Tensor | None,
-                 level: int) -> torch.Tensor:
-    return kpg.joint_ratio_loss(log_prob, rollout.old_log_prob, rollout.advantages, anticipated_log_prob,
-                                level=level, clip_eps=CLIP_EPS, others=OTHERS).loss
+def agent_losses(
+    rollout: Rollout, log_prob: torch.Tensor, anticipated_log_prob: torch.Tensor | None, level: int
+) -> torch.Tensor:
+    return kpg.joint_ratio_loss(
+        log_prob,
+        rollout.old_log_prob,
+        rollout.advantages,
+        anticipated_log_prob,
+        level=level,
+        clip_eps=CLIP_EPS,
+        others=OTHERS,
+    ).loss
 
 
 def per_agent_log_probs(models: list[nn.Module], rollout: Rollout) -> torch.Tensor:
@@ -229,8 +236,9 @@ def build_naive_k2(rollout: Rollout) -> Callable[[], object]:
     return update
 
 
-def kpg_actor_step(rollout: Rollout, k: int,
-                   **options) -> tuple[kpg.KPGOptimizer, Callable[[kpg.KPGContext], torch.Tensor]]:
+def kpg_actor_step(
+    rollout: Rollout, k: int, **options
+) -> tuple[kpg.KPGOptimizer, Callable[[kpg.KPGContext], torch.Tensor]]:
     """kpg's optimizer over a fresh agent-batched actor, and the closure of one actor update."""
     actor = initial_actor(rollout.agents, rollout.device)
     optimizer = kpg.KPGOptimizer(actor, k=k, optimizer="adam", lr=LEARNING_RATE, **options)
@@ -268,7 +276,11 @@ def build_matmuls(agents: int, device: torch.device) -> Callable[[], object]:
     products = []
     on = dict(device=device)
     for layer, (i, o) in enumerate(LAYER_SHAPES):
-        x, weight, grad_out = torch.randn(agents, BATCH, i, **on), torch.randn(agents, o, i, **on), torch.randn(agents, BATCH, o, **on)
+        x, weight, grad_out = (
+            torch.randn(agents, BATCH, i, **on),
+            torch.randn(agents, o, i, **on),
+            torch.randn(agents, BATCH, o, **on),
+        )
         products.append((x, weight.transpose(1, 2), torch.empty(agents, BATCH, o, **on)))  # forward
         products.append((grad_out.transpose(1, 2), x, torch.empty(agents, o, i, **on)))  # weight gradient
         if layer > 0:
@@ -299,7 +311,8 @@ def pin_malloc_thresholds() -> bool:
     A training process repeats one update, and after two of them glibc serves it from memory it
     already holds (kpg k2 at 2048 agents, alone: at most 6 page faults per step from its third step
     on). This script times several configurations in turn in one process, and glibc's trimming then
-    hands back what one of them freed, for the next to fault in again: kpg k2 at 2048 agents timed in turn with the 512-agent
+    hands back what one of them freed, for the next to fault in again: kpg k2 at 2048 agents timed in turn with
+    the 512-agent
     case faulted 48 pages per agent and step and took 241 us per agent (512 agents: 208) with the
     default thresholds, against 4.4 faults and 196 us (512 agents: 201) with these. The thresholds
     apply to every method alike; ``--default-malloc`` leaves them as they are.
@@ -356,9 +369,20 @@ def memory_of_case(method: str, agents: int, device: torch.device) -> dict:
 
 def measure_memory(method: str, agents: int, device: torch.device) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-of", method, str(agents), "--device", device.type,
-         "--threads", str(torch.get_num_threads())],
-        capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            __file__,
+            "--memory-of",
+            method,
+            str(agents),
+            "--device",
+            device.type,
+            "--threads",
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -398,8 +422,12 @@ class Timing:
         return rounds_done and self.iqr <= SPREAD_THRESHOLD * self.median
 
 
-def time_side_by_side(steps: dict[str, Callable[[], object]], min_run_time: float, max_run_time: float,
-                      synchronize: Callable[[], object] = lambda: None) -> dict[str, Timing]:
+def time_side_by_side(
+    steps: dict[str, Callable[[], object]],
+    min_run_time: float,
+    max_run_time: float,
+    synchronize: Callable[[], object] = lambda: None,
+) -> dict[str, Timing]:
     """Times every step call by call, visiting the steps in turn, round after round.
 
     The targets are ratios between these steps, so a change in the machine's speed while a case
@@ -468,7 +496,9 @@ def run_case(agents: int, device: torch.device, min_run_time: float, max_run_tim
         print(line, file=sys.stderr)
     print(f"  {'bmm':<10} {timings['bmm'].median * 1e3:10.2f} ms  {matmul_rate / 1e9:.1f} GFLOP/s", file=sys.stderr)
     if REFERENCE_STEP in timings:
-        print(f"  kpg_k2 at {PER_AGENT_REFERENCE} agents {timings[REFERENCE_STEP].median * 1e3:.2f} ms", file=sys.stderr)
+        print(
+            f"  kpg_k2 at {PER_AGENT_REFERENCE} agents {timings[REFERENCE_STEP].median * 1e3:.2f} ms", file=sys.stderr
+        )
     return {
         "agents": agents,
         "seconds": {method: timings[method].median for method in METHODS},
@@ -508,8 +538,9 @@ def step_work(agents: int, device: torch.device) -> dict:
         "kpg_op_calls_per_step": sum(e.name.startswith("kpg::") for e in events) / PROFILED_STEPS,
         "device_operations_per_step": len(on_device) / PROFILED_STEPS if device.type == "cuda" else None,
         "kernels_per_step": len(kernels) / PROFILED_STEPS if device.type == "cuda" else None,
-        "kpg_kernels_per_step": (sum("kpg" in e.name for e in kernels) / PROFILED_STEPS
-                                 if device.type == "cuda" else None),
+        "kpg_kernels_per_step": (
+            sum("kpg" in e.name for e in kernels) / PROFILED_STEPS if device.type == "cuda" else None
+        ),
     }
 
 
@@ -518,14 +549,19 @@ def captured_vs_eager(agents: int, device: torch.device, min_run_time: float, ma
     run eagerly, timed side by side on one optimizer."""
     optimizer, closure = kpg_actor_step(make_rollout(agents, device), k=2, nonfinite="skip")
     replay = optimizer.capture_step(closure)
-    timings = time_side_by_side({"eager": lambda: optimizer.step(closure), "captured": replay}, min_run_time,
-                                max_run_time, lambda: torch.cuda.synchronize(device))
+    timings = time_side_by_side(
+        {"eager": lambda: optimizer.step(closure), "captured": replay},
+        min_run_time,
+        max_run_time,
+        lambda: torch.cuda.synchronize(device),
+    )
     seconds = {name: timing.median for name, timing in timings.items()}
     return {"agents": agents, "seconds": seconds, "eager_over_captured": seconds["eager"] / seconds["captured"]}
 
 
-def step_profile(launch_agents: tuple[int, ...], device: torch.device, min_run_time: float,
-                 max_run_time: float) -> dict:
+def step_profile(
+    launch_agents: tuple[int, ...], device: torch.device, min_run_time: float, max_run_time: float
+) -> dict:
     work = []
     for agents in launch_agents:
         print(f"profiling a kpg k=2 step at {agents} agents on {device} ...", file=sys.stderr)
@@ -534,9 +570,15 @@ def step_profile(launch_agents: tuple[int, ...], device: torch.device, min_run_t
     counts = [w[counted] for w in work]
     targets = []
     if len(counts) > 1:
-        targets.append({"ratio": f"{counted}_most_over_fewest", "limit": 1.0, "at_least": False,
-                        "value": max(counts) / min(counts) if min(counts) else None,
-                        "passed": min(counts) > 0 and max(counts) == min(counts)})
+        targets.append(
+            {
+                "ratio": f"{counted}_most_over_fewest",
+                "limit": 1.0,
+                "at_least": False,
+                "value": max(counts) / min(counts) if min(counts) else None,
+                "passed": min(counts) > 0 and max(counts) == min(counts),
+            }
+        )
     captured = None
     if device.type == "cuda":
         print(f"timing a captured kpg k=2 step at {CAPTURE_AGENTS} agents ...", file=sys.stderr)
@@ -547,17 +589,25 @@ def step_profile(launch_agents: tuple[int, ...], device: torch.device, min_run_t
 def print_step_profile(profile: dict) -> None:
     print("\none kpg k=2 step (torch.profiler): agents, kpg op calls, device operations, kernels, kpg kernels")
     for w in profile["work"]:
-        cells = [w["kpg_op_calls_per_step"], w["device_operations_per_step"], w["kernels_per_step"],
-                 w["kpg_kernels_per_step"]]
+        cells = [
+            w["kpg_op_calls_per_step"],
+            w["device_operations_per_step"],
+            w["kernels_per_step"],
+            w["kpg_kernels_per_step"],
+        ]
         print(f"{w['agents']:>6}  " + "  ".join(f"{'-' if c is None else f'{c:g}':>8}" for c in cells))
     if profile["captured"] is not None:
         c = profile["captured"]
-        print(f"captured step at {c['agents']} agents: eager {c['seconds']['eager'] * 1e3:.3f} ms, captured "
-              f"{c['seconds']['captured'] * 1e3:.3f} ms, eager/captured {c['eager_over_captured']:.2f}")
+        print(
+            f"captured step at {c['agents']} agents: eager {c['seconds']['eager'] * 1e3:.3f} ms, captured "
+            f"{c['seconds']['captured'] * 1e3:.3f} ms, eager/captured {c['eager_over_captured']:.2f}"
+        )
     for result in profile["targets"]:
         value = "n/a" if result["value"] is None else f"{result['value']:.2f}"
-        print(f"target {result['ratio']} <= {result['limit']:g} (constant in the agent count): {value}  "
-              f"{'PASS' if result['passed'] else 'MISS'}")
+        print(
+            f"target {result['ratio']} <= {result['limit']:g} (constant in the agent count): {value}  "
+            f"{'PASS' if result['passed'] else 'MISS'}"
+        )
 
 
 def add_ratios(cases: list[dict]) -> None:
@@ -568,7 +618,8 @@ def add_ratios(cases: list[dict]) -> None:
             "k1_speedup_over_torch": s["torch_k1"] / s["kpg_k1"],
             "kpg_k2_over_k1": s["kpg_k2"] / s["kpg_k1"],
             "kpg_k1_fraction_of_matmul_rate": case["kpg_k1_flops_per_second"] / case["matmul_flops_per_second"],
-            "kpg_k2_time_per_agent_vs_512": (s["kpg_k2"] / case["agents"]) / (case["reference_kpg_k2_seconds"] / PER_AGENT_REFERENCE),
+            "kpg_k2_time_per_agent_vs_512": (s["kpg_k2"] / case["agents"])
+            / (case["reference_kpg_k2_seconds"] / PER_AGENT_REFERENCE),
         }
 
 
@@ -579,8 +630,15 @@ def judge_targets(case: dict) -> list[dict]:
             continue
         value = case["ratios"][target.ratio]
         passed = value is not None and (value >= target.limit if target.at_least else value <= target.limit)
-        results.append({"ratio": target.ratio, "limit": target.limit, "at_least": target.at_least, "value": value,
-                        "passed": passed})
+        results.append(
+            {
+                "ratio": target.ratio,
+                "limit": target.limit,
+                "at_least": target.at_least,
+                "value": value,
+                "passed": passed,
+            }
+        )
     return results
 
 
@@ -589,19 +647,26 @@ def contended_methods(case: dict) -> list[str]:
 
 
 def print_report(cases: list[dict], device: torch.device) -> None:
-    print(f"\none actor update, ms (median); MLP {OBSERVATION_SIZE}-{'-'.join(map(str, HIDDEN_SIZES))}-{ACTIONS} tanh, "
-          f"batch {BATCH} per agent, Adam, float32, {device}, {torch.get_num_threads()} threads")
-    header = (f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS) + f"  {'naive/k2':>8}  {'k2/k1':>6}  "
-              f"{'k1 GFLOP/s':>10}  {'bmm GFLOP/s':>11}  {'k1/bmm':>6}  {'k2 us/agent':>11}  {'others':>6}")
+    print(
+        f"\none actor update, ms (median); MLP {OBSERVATION_SIZE}-{'-'.join(map(str, HIDDEN_SIZES))}-{ACTIONS} tanh, "
+        f"batch {BATCH} per agent, Adam, float32, {device}, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS) + f"  {'naive/k2':>8}  {'k2/k1':>6}  "
+        f"{'k1 GFLOP/s':>10}  {'bmm GFLOP/s':>11}  {'k1/bmm':>6}  {'k2 us/agent':>11}  {'others':>6}"
+    )
     print(header)
     for case in cases:
         s, r = case["seconds"], case["ratios"]
         busiest = max((c for c in case["other_processes_cores"].values() if c is not None), default=None)
-        print(f"{case['agents']:>6}  " + "  ".join(f"{s[m] * 1e3:9.2f}" for m in METHODS)
-              + f"  {r['k2_speedup_over_naive']:8.2f}  {r['kpg_k2_over_k1']:6.2f}  "
-              f"{case['kpg_k1_flops_per_second'] / 1e9:10.1f}  {case['matmul_flops_per_second'] / 1e9:11.1f}  "
-              f"{r['kpg_k1_fraction_of_matmul_rate']:6.2f}  {s['kpg_k2'] / case['agents'] * 1e6:11.1f}  "
-              f"{'-' if busiest is None else f'{busiest:.2f}':>6}")
+        print(
+            f"{case['agents']:>6}  "
+            + "  ".join(f"{s[m] * 1e3:9.2f}" for m in METHODS)
+            + f"  {r['k2_speedup_over_naive']:8.2f}  {r['kpg_k2_over_k1']:6.2f}  "
+            f"{case['kpg_k1_flops_per_second'] / 1e9:10.1f}  {case['matmul_flops_per_second'] / 1e9:11.1f}  "
+            f"{r['kpg_k1_fraction_of_matmul_rate']:6.2f}  {s['kpg_k2'] / case['agents'] * 1e6:11.1f}  "
+            f"{'-' if busiest is None else f'{busiest:.2f}':>6}"
+        )
     if any(case["memory"] for case in cases):
         print("\npeak resident memory above baseline, MiB (one process per case)")
         print(f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS))
@@ -617,52 +682,97 @@ def print_report(cases: list[dict], device: torch.device) -> None:
             value = "n/a" if result["value"] is None else f"{result['value']:.2f}"
             relation = ">=" if result["at_least"] else "<="
             verdict = "PASS" if result["passed"] else "MISS"
-            print(f"target {result['ratio']} {relation} {result['limit']:g} at {case['agents']} agents: {value}  {verdict}")
+            print(
+                f"target {result['ratio']} {relation} {result['limit']:g} at {case['agents']} agents: "
+                f"{value}  {verdict}"
+            )
         contended = contended_methods(case)
         if contended:
-            print(f"WARNING: other processes kept more than {CONTENDED_CORES} cores busy while timing {', '.join(contended)} "
-                  f"at {case['agents']} agents; these numbers are contended, rerun on an idle machine")
+            print(
+                f"WARNING: other processes kept more than {CONTENDED_CORES} cores busy while timing "
+                f"{', '.join(contended)} "
+                f"at {case['agents']} agents; these numbers are contended, rerun on an idle machine"
+            )
     print("\nothers: the most cores other processes kept busy while one of the row's steps was timed (from /proc/stat)")
 
 
 def metadata(args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "question": "one MAPPO actor update at 8..2048 agents: plain torch, naive K=2, kpg k=1 and k=2",
-        "model": {"observation_size": OBSERVATION_SIZE, "hidden_sizes": HIDDEN_SIZES, "actions": ACTIONS,
-                  "activation": "tanh", "batch_per_agent": BATCH, "optimizer": "adam", "lr": LEARNING_RATE,
-                  "others": OTHERS, "dtype": "float32", "device": str(device)},
+        "model": {
+            "observation_size": OBSERVATION_SIZE,
+            "hidden_sizes": HIDDEN_SIZES,
+            "actions": ACTIONS,
+            "activation": "tanh",
+            "batch_per_agent": BATCH,
+            "optimizer": "adam",
+            "lr": LEARNING_RATE,
+            "others": OTHERS,
+            "dtype": "float32",
+            "device": str(device),
+        },
         "cuda_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "malloc_thresholds_pinned": args.malloc_thresholds_pinned,
         "flops_per_sample": {"forward": FORWARD_FLOPS, "backward": BACKWARD_FLOPS},
-        "memory": (f"peak {'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'RSS (VmHWM, reset after setup)'} "
-                   f"minus the same after setup, in a subprocess per case, {MEMORY_STEPS} updates"),
+        "memory": (
+            f"peak {'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'RSS (VmHWM, reset after setup)'} "
+            f"minus the same after setup, in a subprocess per case, {MEMORY_STEPS} updates"
+        ),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         **machine_metadata(args),
     }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agents", nargs="+", type=int, metavar="N",
-                        help="agent counts (default: " + " ".join(map(str, FULL_AGENTS)) + ")")
-    parser.add_argument("--min-run-time", type=float, default=1.0,
-                        help="least seconds of timed runs per method and agent count (default: 1)")
-    parser.add_argument("--max-run-time", type=float, default=10.0,
-                        help="most seconds of timed runs per method and agent count while the spread stays above "
-                             "10%% of the median (default: 10)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        help="device to time on (default: cuda when available, else cpu); the targets are judged on the CPU")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds as they are (see pin_malloc_thresholds)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--agents",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="agent counts (default: " + " ".join(map(str, FULL_AGENTS)) + ")",
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=1.0,
+        help="least seconds of timed runs per method and agent count (default: 1)",
+    )
+    parser.add_argument(
+        "--max-run-time",
+        type=float,
+        default=10.0,
+        help="most seconds of timed runs per method and agent count while the spread stays above "
+        "10%% of the median (default: 10)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="device to time on (default: cuda when available, else cpu); the targets are judged on the CPU",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds as they are (see pin_malloc_thresholds)",
+    )
     parser.add_argument("--threads", type=int, help="torch (and kpg) threads (default: torch's, one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: agents {' '.join(map(str, QUICK_AGENTS))}, "
-                             f"{QUICK_MIN_RUN_TIME}-{QUICK_MAX_RUN_TIME} s per measurement")
-    parser.add_argument("--launch-agents", nargs="*", type=int, metavar="N",
-                        help="agent counts of the step profile (default: 8 512 4096 on CUDA, none on the CPU; "
-                             f"{' '.join(map(str, QUICK_LAUNCH_AGENTS))} with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: agents {' '.join(map(str, QUICK_AGENTS))}, "
+        f"{QUICK_MIN_RUN_TIME}-{QUICK_MAX_RUN_TIME} s per measurement",
+    )
+    parser.add_argument(
+        "--launch-agents",
+        nargs="*",
+        type=int,
+        metavar="N",
+        help="agent counts of the step profile (default: 8 512 4096 on CUDA, none on the CPU; "
+        f"{' '.join(map(str, QUICK_LAUNCH_AGENTS))} with --quick)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--memory-of", nargs=2, metavar=("METHOD", "AGENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

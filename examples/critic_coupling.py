@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     curves = {k: train(k, args.agents, args.steps, args.lr, args.seed) for k in (1, 2)}
-    print(f"team error (mean squared distance of the action sum from the target), {args.agents} agents, SGD lr {args.lr}")
+    print(
+        f"team error (mean squared distance of the action sum from the target), {args.agents} agents, SGD lr {args.lr}"
+    )
     print(f"{'step':>6}{'k=1':>14}{'k=2':>14}")
     for step in sorted({0, args.steps // 4, args.steps // 2, args.steps - 1}):
         print(f"{step + 1:>6}{curves[1][step]:>14.4f}{curves[2][step]:>14.4f}")

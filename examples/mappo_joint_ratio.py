@@ -30,7 +30,9 @@ def train(k: int, num_agents: int, num_actions: int, rounds: int, batch: int, ep
     torch.manual_seed(seed)
     actor = nn.Sequential(nn.Linear(num_agents, 32), nn.Tanh(), nn.Linear(32, num_actions))
     agent_ids = torch.eye(num_agents)  # [agents, agents]: each agent's observation is its id
-    optimizer = kpg.KPGOptimizer(actor, k=k, optimizer="adam", lr=3e-3, max_grad_norm=0.5, num_agents=num_agents, eps=1e-5)
+    optimizer = kpg.KPGOptimizer(
+        actor, k=k, optimizer="adam", lr=3e-3, max_grad_norm=0.5, num_agents=num_agents, eps=1e-5
+    )
     clip_fractions: dict[int, list[float]] = {}
     curve = []
     for _ in range(rounds):
@@ -52,7 +54,12 @@ def train(k: int, num_agents: int, num_actions: int, rounds: int, batch: int, ep
                             anticipated_logits = actor(agent_ids).unsqueeze(1).expand_as(logits)
                             anticipated_log_prob = Categorical(logits=anticipated_logits).log_prob(actions[:, rows])
                     result = kpg.joint_ratio_loss(
-                        log_prob, old_log_prob[:, rows], advantages[rows], anticipated_log_prob, level=ctx.level, clip_eps=0.2
+                        log_prob,
+                        old_log_prob[:, rows],
+                        advantages[rows],
+                        anticipated_log_prob,
+                        level=ctx.level,
+                        clip_eps=0.2,
                     )
                     clip_fractions.setdefault(ctx.level, []).append(result.clip_fraction.mean().item())
                     return result.loss  # one loss per agent
@@ -76,14 +83,17 @@ def main() -> None:
     print(f"P(all {args.agents} agents coordinate) after each round, mean over {args.seeds} seeds")
     results = {}
     for k in (1, 2):
-        runs = [train(k, args.agents, args.actions, args.rounds, args.batch, args.epochs, args.minibatches, seed) for seed in range(args.seeds)]
+        runs = [
+            train(k, args.agents, args.actions, args.rounds, args.batch, args.epochs, args.minibatches, seed)
+            for seed in range(args.seeds)
+        ]
         curve = [sum(run[0][r] for run in runs) / len(runs) for r in range(args.rounds)]
         clip = {level: sum(run[1][level] for run in runs) / len(runs) for level in runs[0][1]}
         results[k] = (curve, clip, runs[-1][2])
     print(f"{'round':>6}{'k=1':>10}{'k=2':>10}")
     for r in sorted({0, args.rounds // 4, args.rounds // 2, args.rounds - 1}):
         print(f"{r + 1:>6}{results[1][0][r]:>10.3f}{results[2][0][r]:>10.3f}")
-    for k, (_, clip, stats) in results.items():
+    for k, (_, clip, _stats) in results.items():
         shares = ", ".join(f"level {level}: {100 * share:.1f}%" for level, share in sorted(clip.items()))
         print(f"k={k}: clipped samples {shares}")
     print(f"\nk=2 step-time split, last seed (seconds):\n{results[2][2].summary()}")

@@ -10,4 +10,3 @@ from kpg.couplings import joint_inputs, joint_ratio_loss
 from kpg.optim import KPGContext, KPGOptimizer, KPGStats, KSchedule
 
 __all__ = ["KPGContext", "KPGOptimizer", "KPGStats", "KSchedule", "joint_inputs", "joint_ratio_loss", "nn"]
-

@@ -65,7 +65,9 @@ class ParameterArena:
         for view in arena.param_views:
             per_agent = view.numel() // num_agents
             begin = view.storage_offset()
-            ranges.extend((agent, begin + agent * per_agent, begin + (agent + 1) * per_agent) for agent in range(num_agents))
+            ranges.extend(
+                (agent, begin + agent * per_agent, begin + (agent + 1) * per_agent) for agent in range(num_agents)
+            )
         arena.chunks, arena.agent_chunks = range_chunk_table(ranges, num_agents, arena.device)
         return arena
 
@@ -111,8 +113,10 @@ class ParameterArena:
     def agent_views(self, buffer: Tensor) -> list[list[Tensor]]:
         """For every agent, views of ``buffer`` shaped like its ``agent_tensors``."""
         views = self.views(buffer)
-        return [[views[index] if agent is None else views[index][agent] for index, agent in pieces]
-                for pieces in self.agent_pieces]
+        return [
+            [views[index] if agent is None else views[index][agent] for index, agent in pieces]
+            for pieces in self.agent_pieces
+        ]
 
     def segment(self, buffer: Tensor, agent: int) -> Tensor:
         """Agent ``agent``'s flat segment of ``buffer`` (agent-by-agent layout only)."""
@@ -133,14 +137,17 @@ class ParameterArena:
             return
         for index, (p, (address, shape)) in enumerate(zip(self.parameters, self._bindings)):
             if held < self.param.nbytes or p.data_ptr() != address or p.shape != shape:
-                owner = (f"parameter {index} of the agent-batched model" if self.is_batched else
-                         f"agent {next(a for a, pieces in enumerate(self.agent_pieces) if any(i == index for i, _ in pieces))}'s "
-                         f"parameter of shape {tuple(shape)}")
+                if self.is_batched:
+                    owner = f"parameter {index} of the agent-batched model"
+                else:
+                    agent = next(a for a, pieces in enumerate(self.agent_pieces) if any(i == index for i, _ in pieces))
+                    owner = f"agent {agent}'s parameter of shape {tuple(shape)}"
                 raise RuntimeError(
                     f"{owner} is no longer a view of the optimizer's arena: its .data was replaced, resized or freed "
-                    "after the optimizer was built (p.data = ..., module.to(...), storage resize_), so a step would train "
-                    "memory the model does not read; change values in place (with torch.no_grad(): p.copy_(new), or "
-                    "load_state_dict) and move or convert models before building the optimizer, or build a new one"
+                    "after the optimizer was built (p.data = ..., module.to(...), storage resize_), so a step would "
+                    "train memory the model does not read; change values in place (with torch.no_grad(): "
+                    "p.copy_(new), or load_state_dict) and move or convert models before building the optimizer, "
+                    "or build a new one"
                 )
 
     def restore_gradient_views(self) -> None:
@@ -172,8 +179,13 @@ def _validated_parameters(agents: list[list[Tensor]]) -> list[Tensor]:
     first = parameters[0]
     for agent, params in enumerate(agents):
         for index, p in enumerate(params):
-            _check_like_first(p, first, f"agent {agent}'s parameter {index}", "the first parameter",
-                              "move every agent to one device and dtype")
+            _check_like_first(
+                p,
+                first,
+                f"agent {agent}'s parameter {index}",
+                "the first parameter",
+                "move every agent to one device and dtype",
+            )
             previous = owner.setdefault(id(p), agent)
             if previous != agent or sum(q is p for q in params) > 1:
                 raise ValueError(
@@ -191,17 +203,23 @@ def batched_num_agents(parameters: Sequence[Tensor]) -> int:
         raise ValueError("ParameterArena.batched got no parameters; pass the agent-batched model's parameters")
     first = parameters[0]
     for index, p in enumerate(parameters):
-        _check_like_first(p, first, f"batched parameter {index}", "parameter 0", "move the model to one device and dtype")
+        _check_like_first(
+            p, first, f"batched parameter {index}", "parameter 0", "move the model to one device and dtype"
+        )
         if p.dim() == 0 or p.shape[0] != first.shape[0]:
             raise ValueError(
                 f"batched parameter {index} has shape {tuple(p.shape)} and parameter 0 {tuple(first.shape)}; every "
                 "parameter of an agent-batched model needs the same leading agent dimension"
             )
         if sum(q is p for q in parameters) > 1:
-            raise ValueError(f"batched parameter {index} of shape {tuple(p.shape)} is listed twice; list each tensor once")
+            raise ValueError(
+                f"batched parameter {index} of shape {tuple(p.shape)} is listed twice; list each tensor once"
+            )
     if first.shape[0] < 1:
-        raise ValueError(f"the batched parameters have an agent dimension of size 0 (shape {tuple(first.shape)}); "
-                         "an agent-batched model needs at least one agent")
+        raise ValueError(
+            f"the batched parameters have an agent dimension of size 0 (shape {tuple(first.shape)}); "
+            "an agent-batched model needs at least one agent"
+        )
     return first.shape[0]
 
 
@@ -215,4 +233,6 @@ def _check_like_first(p: Any, first: Tensor, name: str, first_name: str, fix: st
             ".float() or .double()"
         )
     if p.dtype != first.dtype or p.device != first.device:
-        raise ValueError(f"{name} is {p.dtype} on {p.device} but {first_name} is {first.dtype} on {first.device}; {fix}")
+        raise ValueError(
+            f"{name} is {p.dtype} on {p.device} but {first_name} is {first.dtype} on {first.device}; {fix}"
+        )

@@ -36,10 +36,23 @@ MAGIC = b"kpg-checkpoint-2\n"
 LEGACY_FORMAT = "kpg-checkpoint-1"
 _CHECKSUM_PREFIX = b"sha256:"
 _CHECKSUM_LINE = len(_CHECKSUM_PREFIX) + 64 + 1
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-    torch.float32, torch.float64, torch.complex64, torch.complex128,
-)}
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    )
+}
 _SCALARS = (str, int, float, type(None))  # bool is an int
 PLAIN_DATA = "tensors, numbers, strings, booleans, None, lists, tuples and dicts"
 
@@ -60,8 +73,14 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     table, offset = [], 0
     for tensor in tensors:
         size = tensor.numel() * tensor.element_size()
-        table.append({"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "offset": offset,
-                      "bytes": size})
+        table.append(
+            {
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "shape": list(tensor.shape),
+                "offset": offset,
+                "bytes": size,
+            }
+        )
         offset += size
     header = json.dumps({"tensors": table, "data_bytes": offset, "payload": tree}, separators=(",", ":"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +109,13 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 def _encode(value: Any, tensors: list[torch.Tensor], where: str) -> Any:
     if isinstance(value, torch.Tensor):
         if str(value.dtype).removeprefix("torch.") not in _DTYPES or value.is_sparse:
-            raise TypeError(f"checkpoint entry {where} is a {value.dtype} {value.layout} tensor; checkpoints hold "
-                            f"dense tensors of dtype {', '.join(_DTYPES)}")
+            raise TypeError(
+                f"checkpoint entry {where} is a {value.dtype} {value.layout} tensor; checkpoints hold "
+                f"dense tensors of dtype {', '.join(_DTYPES)}"
+            )
         tensors.append(value.detach().cpu().contiguous())
         return {"tensor": len(tensors) - 1}
-    if isinstance(value, bool) or isinstance(value, _SCALARS):
+    if isinstance(value, (bool, *_SCALARS)):
         return value
     if isinstance(value, list):
         return [_encode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]
@@ -103,16 +124,19 @@ def _encode(value: Any, tensors: list[torch.Tensor], where: str) -> Any:
     if isinstance(value, dict):
         for key in value:
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise TypeError(f"checkpoint entry {where} has a key {key!r} of type {_type_name(key)}; keys are str "
-                                "or int")
+                raise TypeError(
+                    f"checkpoint entry {where} has a key {key!r} of type {_type_name(key)}; keys are str or int"
+                )
         items = [[key, _encode(item, tensors, f"{where}[{key!r}]")] for key, item in value.items()]
         if isinstance(value, OrderedDict):  # a module's state_dict, with its version metadata
             metadata = getattr(value, "_metadata", None)
             metadata = None if metadata is None else _encode(dict(metadata), tensors, where)
             return {"ordered_items": items, "metadata": metadata}
         return {"items": items}
-    raise TypeError(f"checkpoint entry {where} is a {_type_name(value)}; a kpg checkpoint holds only {PLAIN_DATA}: "
-                    "convert it to those in the state_dict() that produced it")
+    raise TypeError(
+        f"checkpoint entry {where} is a {_type_name(value)}; a kpg checkpoint holds only {PLAIN_DATA}: "
+        "convert it to those in the state_dict() that produced it"
+    )
 
 
 def _type_name(value: Any) -> str:
@@ -132,23 +156,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(_not_this_format(path, data))
     trailer = data[-_CHECKSUM_LINE:]
     if not (trailer.startswith(_CHECKSUM_PREFIX) and trailer.endswith(b"\n")):
-        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated or damaged (its closing checksum is "
-                              "missing); restore it or start over")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is truncated or damaged (its closing checksum is "
+            "missing); restore it or start over"
+        )
     body = memoryview(data)[: len(data) - _CHECKSUM_LINE]
-    if hashlib.sha256(body).hexdigest().encode() != trailer[len(_CHECKSUM_PREFIX):-1]:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or "
-                              "start over")
+    if hashlib.sha256(body).hexdigest().encode() != trailer[len(_CHECKSUM_PREFIX) : -1]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over"
+        )
     end_of_header = data.find(b"\n", len(MAGIC), len(body))
     try:
-        header = json.loads(bytes(body[len(MAGIC):end_of_header]))
-        tensors = [_tensor(entry, body[end_of_header + 1:]) for entry in header["tensors"]]
+        header = json.loads(bytes(body[len(MAGIC) : end_of_header]))
+        tensors = [_tensor(entry, body[end_of_header + 1 :]) for entry in header["tensors"]]
         if header["data_bytes"] != len(body) - end_of_header - 1:
-            raise ValueError(f"the data section holds {len(body) - end_of_header - 1} bytes, the header says "
-                             f"{header['data_bytes']}")
+            raise ValueError(
+                f"the data section holds {len(body) - end_of_header - 1} bytes, the header says {header['data_bytes']}"
+            )
         payload = _decode(header["payload"], tensors, "payload")
     except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}; it was not written by kpg (nothing in it "
-                              "was run)") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: {error}; it was not written by kpg (nothing in it was run)"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} cannot be read: its payload is a {_type_name(payload)}, not a dict")
     return payload
@@ -164,14 +193,14 @@ def _tensor(entry: dict[str, Any], data: memoryview) -> torch.Tensor:
         raise ValueError(f"a tensor entry does not fit the data section ({entry})")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data[offset:offset + size]), dtype=dtype).reshape(shape)
+    return torch.frombuffer(bytearray(data[offset : offset + size]), dtype=dtype).reshape(shape)
 
 
 def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
     if isinstance(node, list):
         return [_decode(item, tensors, f"{where}[{i}]") for i, item in enumerate(node)]
     if not isinstance(node, dict):
-        if isinstance(node, bool) or isinstance(node, _SCALARS):
+        if isinstance(node, (bool, *_SCALARS)):
             return node
         raise ValueError(f"{where} is a {_type_name(node)}")
     kind = next(iter(node), None)
@@ -201,11 +230,15 @@ def _not_this_format(path: Path, data: bytes) -> str:
         usual = ("torch.", "collections.", "_codecs.encode")  # what kpg-checkpoint-1 envelopes import
         unexpected = sorted(name for name in imports if not name.startswith(usual))
         held = f" and imports {', '.join(unexpected)}" if unexpected else ""
-        return (f"checkpoint {path} is a pickle{held} (kpg's earlier checkpoint format {LEGACY_FORMAT}, or a file "
-                "made to look like one): reading a pickle can run any code it holds, so kpg does not read it (nothing "
-                f"in it was run). If you wrote it with kpg yourself, convert it once: kpg convert-checkpoint {path}")
-    return (f"checkpoint {path} cannot be read: it is not a kpg checkpoint (it does not start with "
-            f"{MAGIC.decode().strip()!r}); it is damaged or another kind of file")
+        return (
+            f"checkpoint {path} is a pickle{held} (kpg's earlier checkpoint format {LEGACY_FORMAT}, or a file "
+            "made to look like one): reading a pickle can run any code it holds, so kpg does not read it (nothing "
+            f"in it was run). If you wrote it with kpg yourself, convert it once: kpg convert-checkpoint {path}"
+        )
+    return (
+        f"checkpoint {path} cannot be read: it is not a kpg checkpoint (it does not start with "
+        f"{MAGIC.decode().strip()!r}); it is damaged or another kind of file"
+    )
 
 
 def pickle_imports(data: bytes) -> set[str]:
@@ -218,8 +251,7 @@ def pickle_imports(data: bytes) -> set[str]:
                 data = archive.read(name)
         found, strings = set(), []
         for opcode, argument, _ in pickletools.genops(data):
-            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING",
-                               "SHORT_BINSTRING"):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"):
                 strings.append(argument)
             elif opcode.name == "GLOBAL":
                 found.add(argument.replace(" ", "."))
@@ -237,14 +269,21 @@ def _legacy_safe_globals() -> list[Any]:
     """What kpg-checkpoint-1 files hold beyond torch's weights-only defaults: the run's paths and
     numpy's global generator state (an array)."""
     multiarray = getattr(np, "_core", None) or np.core
-    return [pathlib.PosixPath, pathlib.WindowsPath, np.ndarray, np.dtype, multiarray.multiarray._reconstruct,
-            type(np.dtype(np.uint32))]
+    return [
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        np.ndarray,
+        np.dtype,
+        multiarray.multiarray._reconstruct,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def read_legacy_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
     """The payload of a kpg-checkpoint-1 file. Without ``trust``, torch's weights-only unpickler
     with :func:`_legacy_safe_globals` (no code runs; anything else is refused, named); with it,
     the full pickle reader, which runs whatever code the file holds."""
+
     def load(source):
         if trust:
             return torch.load(source, map_location="cpu", weights_only=False)
@@ -270,11 +309,15 @@ def read_legacy_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
                 "--trust-pickle"
             ) from None
         lines = [line.strip() for line in str(error).splitlines() if line.strip() and "documentation" not in line]
-        raise CheckpointError(f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({lines[-1][:300]}); it is "
-                              "damaged or another kind of file") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({lines[-1][:300]}); it is "
+            "damaged or another kind of file"
+        ) from None
     except (RuntimeError, EOFError, KeyError, TypeError) as error:  # not a torch file, or not kpg's envelope
-        raise CheckpointError(f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({type(error).__name__}: "
-                              f"{str(error)[:300]}); it is damaged or another kind of file") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as format {LEGACY_FORMAT} ({type(error).__name__}: "
+            f"{str(error)[:300]}); it is damaged or another kind of file"
+        ) from None
 
 
 def upgrade_legacy_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +329,12 @@ def upgrade_legacy_payload(payload: dict[str, Any]) -> dict[str, Any]:
         rng = holder.get("rng")
         if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
             name, key, position, has_gauss, gauss = rng["numpy"]
-            rng["numpy"] = {"bit_generator": name, "state": {"key": torch.from_numpy(np.asarray(key, np.int64)),
-                                                             "pos": int(position)},
-                            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+            rng["numpy"] = {
+                "bit_generator": name,
+                "state": {"key": torch.from_numpy(np.asarray(key, np.int64)), "pos": int(position)},
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            }
     return payload
 
 
@@ -333,8 +379,11 @@ class ConvertConfig:
 def convert_command(config: ConvertConfig) -> None:
     if not config.path.is_file():
         raise SystemExit(f"kpg convert-checkpoint: {config.path} does not exist")
-    reader = ("Python's full pickle reader, which runs any code the file holds (--trust-pickle)" if config.trust_pickle
-              else "torch's weights-only reader, which runs no code")
+    reader = (
+        "Python's full pickle reader, which runs any code the file holds (--trust-pickle)"
+        if config.trust_pickle
+        else "torch's weights-only reader, which runs no code"
+    )
     print(f"reading {config.path} with {reader}", file=sys.stderr)
     kept = convert_checkpoint(config.path, config.trust_pickle)
     print(f"converted {config.path} to format {MAGIC.decode().strip()}; the original is kept as {kept}")

@@ -21,8 +21,12 @@ from kpg.extras import require_extra
 from kpg.games import GamesConfig, games_command
 from kpg.train import TrainConfig, train
 
-COMMANDS = {"train": (TrainConfig, train), "compare": (CompareConfig, compare), "games": (GamesConfig, games_command),
-            "convert-checkpoint": (ConvertConfig, convert_command)}
+COMMANDS = {
+    "train": (TrainConfig, train),
+    "compare": (CompareConfig, compare),
+    "games": (GamesConfig, games_command),
+    "convert-checkpoint": (ConvertConfig, convert_command),
+}
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -72,9 +76,9 @@ def _from_dict(cls: type, values: dict[str, Any], where: str = "config"):
 def _pop_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            return Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+            return Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
         if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1]), argv[:i] + argv[i + 1:]
+            return Path(arg.split("=", 1)[1]), argv[:i] + argv[i + 1 :]
     return None, argv
 
 
@@ -91,9 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     config_path, rest = _pop_config_flag(rest)
     default = _from_dict(config_class, _read_config_file(config_path)) if config_path else None
     # Required options (convert-checkpoint's PATH) are positional; train and compare have none.
-    config = tyro.cli(config_class, args=rest, default=default, prog=f"kpg {command}",
-                      config=(tyro.conf.PositionalRequiredArgs,),
-                      description=(config_class.__doc__ or "") + " --config FILE (TOML/JSON) sets defaults.")
+    config = tyro.cli(
+        config_class,
+        args=rest,
+        default=default,
+        prog=f"kpg {command}",
+        config=(tyro.conf.PositionalRequiredArgs,),
+        description=(config_class.__doc__ or "") + " --config FILE (TOML/JSON) sets defaults.",
+    )
     try:
         run(config)
     except CheckpointError as error:  # a file kpg refuses to read: the message says why and what to do

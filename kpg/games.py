@@ -102,8 +102,9 @@ class Game:
 
     def sampled_payoffs(self, actions: Tensor) -> Tensor:
         """``[copies, players, batch]`` joint actions -> ``[copies, players, batch]`` payoffs."""
-        strides = torch.tensor([self.actions ** (self.players - 1 - p) for p in range(self.players)],
-                               device=actions.device)
+        strides = torch.tensor(
+            [self.actions ** (self.players - 1 - p) for p in range(self.players)], device=actions.device
+        )
         joint = (actions * strides[None, :, None]).sum(dim=1)  # [copies, batch]
         flat = self.payoffs.to(actions.device).reshape(self.players, -1)
         return flat[:, joint].permute(1, 0, 2)
@@ -125,8 +126,9 @@ class Game:
         if self.equilibrium is None:
             threshold = self.optimum - OPTIMUM_TOLERANCE
             return f"share of copies at an optimal joint action (expected payoff >= {threshold:g})"
-        return (f"share of copies within {EQUILIBRIUM_TOLERANCE} of the mixed equilibrium "
-                "(largest TV distance of a player)")
+        return (
+            f"share of copies within {EQUILIBRIUM_TOLERANCE} of the mixed equilibrium (largest TV distance of a player)"
+        )
 
     @property
     def value_name(self) -> str:
@@ -141,8 +143,12 @@ def _shared(payoff: Sequence, players: int, name: str, summary: str) -> Game:
 def penalty_game(penalty: float = -100.0) -> Game:
     """Claus & Boutilier (1998): [[p, 0, 10], [0, 2, 0], [10, 0, p]], shared by both players."""
     name = "penalty" if penalty == -100.0 else f"penalty{penalty:g}"
-    return _shared([[penalty, 0, 10], [0, 2, 0], [10, 0, penalty]], 2, name,
-                   f"penalty game, p={penalty:g}: optimum 10 at (0,2)/(2,0), p at (0,0)/(2,2), a safe 2 at (1,1)")
+    return _shared(
+        [[penalty, 0, 10], [0, 2, 0], [10, 0, penalty]],
+        2,
+        name,
+        f"penalty game, p={penalty:g}: optimum 10 at (0,2)/(2,0), p at (0,0)/(2,2), a safe 2 at (1,1)",
+    )
 
 
 def three_player_penalty_game(reward: float = 10.0, penalty: float = -100.0, safe: float = 2.0) -> Game:
@@ -158,22 +164,33 @@ def three_player_penalty_game(reward: float = 10.0, penalty: float = -100.0, saf
             table[joint] = reward
         elif not targets:
             table[joint] = safe
-    return Game("penalty3", table.expand(3, 4, 4, 4).clone(),
-                f"3-player penalty game: {reward:g} for distinct targets, {penalty:g} on any collision, "
-                f"{safe:g} all safe, 0 otherwise")
+    return Game(
+        "penalty3",
+        table.expand(3, 4, 4, 4).clone(),
+        f"3-player penalty game: {reward:g} for distinct targets, {penalty:g} on any collision, "
+        f"{safe:g} all safe, 0 otherwise",
+    )
 
 
 def matching_pennies() -> Game:
     """Zero-sum: player 0 wins 1 when the coins match, player 1 when they differ; mixed equilibrium (0.5, 0.5)."""
     table = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
-    return Game("pennies", torch.stack([table, -table]), "matching pennies (zero-sum), mixed equilibrium (0.5, 0.5)",
-                equilibrium=torch.tensor([0.5, 0.5], dtype=torch.float64))
+    return Game(
+        "pennies",
+        torch.stack([table, -table]),
+        "matching pennies (zero-sum), mixed equilibrium (0.5, 0.5)",
+        equilibrium=torch.tensor([0.5, 0.5], dtype=torch.float64),
+    )
 
 
 def climbing_game() -> Game:
     """Claus & Boutilier (1998): optimum 11 at (0,0) guarded by -30, a safe basin around (1,1)-(2,2)."""
-    return _shared([[11, -30, 0], [-30, 7, 6], [0, 0, 5]], 2, "climbing",
-                   "climbing game: optimum 11 at (0,0) next to -30 penalties, 7/6/5 elsewhere")
+    return _shared(
+        [[11, -30, 0], [-30, 7, 6], [0, 0, 5]],
+        2,
+        "climbing",
+        "climbing game: optimum 11 at (0,0) next to -30 penalties, 7/6/5 elsewhere",
+    )
 
 
 def pure_coordination() -> Game:
@@ -205,9 +222,20 @@ class GamePlay:
     all blocks start from the same logits (drawn ``N(0, init_scale^2)`` from ``seed``).
     """
 
-    def __init__(self, game: Game, copies: int, lrs: Sequence[float], k: int = 2, optimizer: str = "sgd",
-                 mode: str = "exact", batch: int = 32, clip_eps: float = 0.2, init_scale: float = 1.0,
-                 seed: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        game: Game,
+        copies: int,
+        lrs: Sequence[float],
+        k: int = 2,
+        optimizer: str = "sgd",
+        mode: str = "exact",
+        batch: int = 32,
+        clip_eps: float = 0.2,
+        init_scale: float = 1.0,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if mode not in MODES:
@@ -262,8 +290,14 @@ class GamePlay:
             log_prob = torch.log_softmax(self.logits, dim=-1).gather(1, actions)
             with ctx.anticipated():
                 anticipated = torch.log_softmax(self.logits, dim=-1).gather(1, actions)
-            surrogate = joint_ratio_loss(by_player(log_prob), by_player(old_log_prob), advantages,
-                                         by_player(anticipated), ctx.level, clip_eps=self.clip_eps)
+            surrogate = joint_ratio_loss(
+                by_player(log_prob),
+                by_player(old_log_prob),
+                advantages,
+                by_player(anticipated),
+                ctx.level,
+                clip_eps=self.clip_eps,
+            )
             # joint_ratio_loss averages over all copies' samples; times copies, every agent's
             # gradient is the mean over its own copy's batch.
             return surrogate.loss.sum() * copies
@@ -281,9 +315,9 @@ class GamePlay:
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     """95 % Wilson score interval of a share."""
     share = successes / trials
-    denominator = 1 + Z_95 ** 2 / trials
-    centre = (share + Z_95 ** 2 / (2 * trials)) / denominator
-    half = Z_95 * math.sqrt(share * (1 - share) / trials + Z_95 ** 2 / (4 * trials ** 2)) / denominator
+    denominator = 1 + Z_95**2 / trials
+    centre = (share + Z_95**2 / (2 * trials)) / denominator
+    half = Z_95 * math.sqrt(share * (1 - share) / trials + Z_95**2 / (4 * trials**2)) / denominator
     # At 0 or all successes the bound is exactly 0 or 1; rounding would put it a hair inside.
     low = 0.0 if successes == 0 else centre - half
     high = 1.0 if successes == trials else centre + half
@@ -296,7 +330,14 @@ class GamesConfig:
     many copies each; a table with 95 % intervals over copies, JSON and a plot in --out."""
 
     games: tuple[str, ...] = (
-        "penalty", "penalty-10", "penalty-1000", "penalty3", "pennies", "climbing", "coordination")
+        "penalty",
+        "penalty-10",
+        "penalty-1000",
+        "penalty3",
+        "pennies",
+        "climbing",
+        "coordination",
+    )
     ks: tuple[int, ...] = (1, 2, 3)  # KPG levels; 1 is the plain optimizer step
     optimizers: tuple[str, ...] = ("sgd", "momentum", "rmsprop", "adam")  # momentum: SGD with momentum 0.9
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the learning-rate sweep, the same for every optimizer
@@ -318,15 +359,20 @@ def check_config(config: GamesConfig) -> None:
     """Raises ValueError naming the first bad option and what it takes."""
     unknown = [g for g in config.games if g not in GAMES]
     if unknown or not config.games:
-        raise ValueError(f"--games: unknown game(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"choose from {', '.join(GAMES)}")
+        raise ValueError(
+            f"--games: unknown game(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(GAMES)}"
+        )
     if not config.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in config.ks):
         raise ValueError(
-            f"--ks: every k must be an integer >= 1 (1 is the plain optimizer step), got {list(config.ks)}")
+            f"--ks: every k must be an integer >= 1 (1 is the plain optimizer step), got {list(config.ks)}"
+        )
     bad = [o for o in config.optimizers if o not in OPTIMIZERS]
     if bad or not config.optimizers:
-        raise ValueError(f"--optimizers: unknown optimizer(s) {', '.join(map(repr, bad)) or '(none given)'}; "
-                         f"choose from {', '.join(OPTIMIZERS)}")
+        raise ValueError(
+            f"--optimizers: unknown optimizer(s) {', '.join(map(repr, bad)) or '(none given)'}; "
+            f"choose from {', '.join(OPTIMIZERS)}"
+        )
     if not config.lrs:
         raise ValueError("--lrs: the learning-rate sweep is empty; give at least one learning rate, e.g. --lrs 0.1 1")
     if any(not (math.isfinite(lr) and lr > 0) for lr in config.lrs):
@@ -336,7 +382,8 @@ def check_config(config: GamesConfig) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.mode == "sampled" and config.batch < 2:
         raise ValueError(
-            f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}")
+            f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}"
+        )
     if not config.init_scale >= 0:
         raise ValueError(f"--init-scale must be >= 0, got {config.init_scale}")
 
@@ -346,8 +393,9 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
     and returns the results."""
     check_config(config)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    cells = [(config, game, optimizer, k)
-             for game in config.games for optimizer in config.optimizers for k in config.ks]
+    cells = [
+        (config, game, optimizer, k) for game in config.games for optimizer in config.optimizers for k in config.ks
+    ]
     if config.workers > 1:
         with ProcessPoolExecutor(max_workers=config.workers) as executor:
             rows = [row for cell in executor.map(_run_cell, cells) for row in cell]
@@ -356,12 +404,19 @@ def run_study(config: GamesConfig, command: str | None = None) -> dict:
     results = {
         "command": command,
         "config": json.loads(json.dumps(asdict(config), default=str)),
-        "games": {name: {"summary": make_game(name).summary, "metric": make_game(name).metric,
-                         "value": make_game(name).value_name} for name in config.games},
+        "games": {
+            name: {
+                "summary": make_game(name).summary,
+                "metric": make_game(name).metric,
+                "value": make_game(name).value_name,
+            }
+            for name in config.games
+        },
         "rows": rows,
         "best": _best(rows),
-        "cost_per_k": {k: {"seconds_per_step": wall, "cpu_seconds_per_step": cpu}
-                       for k, (wall, cpu) in _cost_per_k(rows).items()},
+        "cost_per_k": {
+            k: {"seconds_per_step": wall, "cpu_seconds_per_step": cpu} for k, (wall, cpu) in _cost_per_k(rows).items()
+        },
         "total_seconds": time.perf_counter() - started,
         # CPU time of this process and its workers: the study's cost whatever else shares the cores.
         "cpu_seconds": _cpu_seconds() - cpu_started,
@@ -387,29 +442,57 @@ def _run_cell(cell: tuple[GamesConfig, str, str, int]) -> list[dict]:
     config, game_name, optimizer, k = cell
     torch.set_num_threads(config.threads)
     game = make_game(game_name)
-    play = GamePlay(game, config.copies, config.lrs, k=k, optimizer=optimizer, mode=config.mode, batch=config.batch,
-                    clip_eps=config.clip_eps, init_scale=config.init_scale, seed=config.seed)
+    play = GamePlay(
+        game,
+        config.copies,
+        config.lrs,
+        k=k,
+        optimizer=optimizer,
+        mode=config.mode,
+        batch=config.batch,
+        clip_eps=config.clip_eps,
+        init_scale=config.init_scale,
+        seed=config.seed,
+    )
     seconds, cpu_seconds = play.train(config.steps)
     success, value = game.outcome(play.policies())
     rows = []
     for index, lr in enumerate(config.lrs):
         block = slice(index * config.copies, (index + 1) * config.copies)
-        rows.append(_row(game, optimizer, k, lr, success[block], value[block], seconds, cpu_seconds,
-                         play.optimizer.num_agents))
+        rows.append(
+            _row(game, optimizer, k, lr, success[block], value[block], seconds, cpu_seconds, play.optimizer.num_agents)
+        )
     return rows
 
 
-def _row(game: Game, optimizer: str, k: int, lr: float, success: Tensor, value: Tensor, seconds: float,
-         cpu_seconds: float, agents: int) -> dict:
+def _row(
+    game: Game,
+    optimizer: str,
+    k: int,
+    lr: float,
+    success: Tensor,
+    value: Tensor,
+    seconds: float,
+    cpu_seconds: float,
+    agents: int,
+) -> dict:
     copies = success.numel()
     low, high = wilson_interval(int(success.sum()), copies)
     value = value.double()
     value_half = Z_95 * float(value.std()) / math.sqrt(copies) if copies > 1 else 0.0
     return {
-        "game": game.name, "optimizer": optimizer, "k": k, "lr": lr, "copies": copies,
-        "share": float(success.double().mean()), "share_ci95": [low, high],
-        "value": float(value.mean()), "value_ci95": value_half,
-        "seconds_per_step": seconds, "cpu_seconds_per_step": cpu_seconds, "agents_per_step": agents,
+        "game": game.name,
+        "optimizer": optimizer,
+        "k": k,
+        "lr": lr,
+        "copies": copies,
+        "share": float(success.double().mean()),
+        "share_ci95": [low, high],
+        "value": float(value.mean()),
+        "value_ci95": value_half,
+        "seconds_per_step": seconds,
+        "cpu_seconds_per_step": cpu_seconds,
+        "agents_per_step": agents,
     }
 
 
@@ -420,8 +503,10 @@ def _best(rows: list[dict]) -> list[dict]:
         key = (row["game"], row["optimizer"], row["k"])
         if key not in best or row["share"] > best[key]["share"]:
             best[key] = row
-    return [{"game": g, "optimizer": o, "k": k, "lr": r["lr"], "share": r["share"], "share_ci95": r["share_ci95"]}
-            for (g, o, k), r in best.items()]
+    return [
+        {"game": g, "optimizer": o, "k": k, "lr": r["lr"], "share": r["share"], "share_ci95": r["share_ci95"]}
+        for (g, o, k), r in best.items()
+    ]
 
 
 def _cost_per_k(rows: list[dict]) -> dict[int, tuple[float, float]]:
@@ -430,8 +515,10 @@ def _cost_per_k(rows: list[dict]) -> dict[int, tuple[float, float]]:
     cost = {}
     for k in sorted({r["k"] for r in rows}):
         mine = [r for (_, _, cell_k), r in cells.items() if cell_k == k]
-        cost[k] = (statistics.median(r["seconds_per_step"] for r in mine),
-                   statistics.median(r["cpu_seconds_per_step"] for r in mine))
+        cost[k] = (
+            statistics.median(r["seconds_per_step"] for r in mine),
+            statistics.median(r["cpu_seconds_per_step"] for r in mine),
+        )
     return cost
 
 
@@ -457,38 +544,58 @@ def markdown(results: dict) -> str:
         "",
     ]
     lines += [f"- `{name}`: {g['summary']}; metric: {g['metric']}." for name, g in results["games"].items()]
-    lines += ["", "## Best learning rate per game, optimizer and k", "",
-              "| game | optimizer | " + " | ".join(f"k={k}: share (lr)" for k in config["ks"]) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in config["ks"]) + " |"]
+    lines += [
+        "",
+        "## Best learning rate per game, optimizer and k",
+        "",
+        "| game | optimizer | " + " | ".join(f"k={k}: share (lr)" for k in config["ks"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in config["ks"]) + " |",
+    ]
     best = {(b["game"], b["optimizer"], b["k"]): b for b in results["best"]}
     for game in results["games"]:
         for optimizer in config["optimizers"]:
-            cells = [f"{_share(b['share'], b['share_ci95'])} ({b['lr']:g})"
-                     for b in (best[(game, optimizer, k)] for k in config["ks"])]
+            cells = [
+                f"{_share(b['share'], b['share_ci95'])} ({b['lr']:g})"
+                for b in (best[(game, optimizer, k)] for k in config["ks"])
+            ]
             lines.append(f"| {game} | {optimizer} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost per k: median over the cells of the time per KPG step", "",
-              "| k | wall-clock ms per step | CPU ms per step | CPU relative to k=" + str(min(config["ks"])) + " |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Cost per k: median over the cells of the time per KPG step",
+        "",
+        "| k | wall-clock ms per step | CPU ms per step | CPU relative to k=" + str(min(config["ks"])) + " |",
+        "| --- | --- | --- | --- |",
+    ]
     cost = _cost_per_k(results["rows"])
     base = cost[min(config["ks"])][1]
     lines += [f"| {k} | {1000 * wall:.2f} | {1000 * cpu:.2f} | {cpu / base:.2f}x |" for k, (wall, cpu) in cost.items()]
-    lines += ["", "## Every cell: share [95 % interval] per learning rate, mean value, time per KPG step", "",
-              "| game | optimizer | k | " + " | ".join(f"lr={lr:g}" for lr in lrs)
-              + " | mean value per lr | ms per step (CPU ms) |",
-              "| --- | --- | --- | " + " | ".join("---" for _ in lrs) + " | --- | --- |"]
+    lines += [
+        "",
+        "## Every cell: share [95 % interval] per learning rate, mean value, time per KPG step",
+        "",
+        "| game | optimizer | k | "
+        + " | ".join(f"lr={lr:g}" for lr in lrs)
+        + " | mean value per lr | ms per step (CPU ms) |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in lrs) + " | --- | --- |",
+    ]
     cells: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
         cells.setdefault((row["game"], row["optimizer"], row["k"]), []).append(row)
     for (game, optimizer, k), group in cells.items():
         shares = " | ".join(_share(r["share"], r["share_ci95"]) for r in group)
         values = " / ".join(f"{r['value']:.3g}" for r in group)
-        lines.append(f"| {game} | {optimizer} | {k} | {shares} | {values} | "
-                     f"{1000 * group[0]['seconds_per_step']:.2f} ({1000 * group[0]['cpu_seconds_per_step']:.2f}), "
-                     f"{group[0]['agents_per_step']} agents |")
-    lines += ["", "Value: the mean expected shared payoff (cooperative games) or the mean distance to the mixed "
-              "equilibrium (pennies). Time per KPG step: all learning rates' copies in one step (one optimizer), "
-              "k levels; wall-clock (with the other workers and whatever else runs beside it) and, in brackets, "
-              "the CPU time of the worker's process, which load does not inflate."]
+        lines.append(
+            f"| {game} | {optimizer} | {k} | {shares} | {values} | "
+            f"{1000 * group[0]['seconds_per_step']:.2f} ({1000 * group[0]['cpu_seconds_per_step']:.2f}), "
+            f"{group[0]['agents_per_step']} agents |"
+        )
+    lines += [
+        "",
+        "Value: the mean expected shared payoff (cooperative games) or the mean distance to the mixed "
+        "equilibrium (pennies). Time per KPG step: all learning rates' copies in one step (one optimizer), "
+        "k levels; wall-clock (with the other workers and whatever else runs beside it) and, in brackets, "
+        "the CPU time of the worker's process, which load does not inflate.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -501,8 +608,14 @@ def plot(results: dict, path: Path) -> None:
 
     config = results["config"]
     games, optimizers = list(results["games"]), config["optimizers"]
-    figure, axes = plt.subplots(len(games), len(optimizers), figsize=(3.4 * len(optimizers), 2.6 * len(games)),
-                                squeeze=False, sharex=True, sharey=True)
+    figure, axes = plt.subplots(
+        len(games),
+        len(optimizers),
+        figsize=(3.4 * len(optimizers), 2.6 * len(games)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
     for i, game in enumerate(games):
         for j, optimizer in enumerate(optimizers):
             ax = axes[i][j]
@@ -520,9 +633,12 @@ def plot(results: dict, path: Path) -> None:
             if i == len(games) - 1:
                 ax.set_xlabel("learning rate", fontsize=8)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"kpg games ({config['mode']} gradients, {config['copies']} copies per lr, "
-                    f"{config['steps']} steps, "
-                    "95 % intervals)", fontsize=10)
+    figure.suptitle(
+        f"kpg games ({config['mode']} gradients, {config['copies']} copies per lr, "
+        f"{config['steps']} steps, "
+        "95 % intervals)",
+        fontsize=10,
+    )
     figure.tight_layout(rect=(0, 0, 1, 0.985))
     figure.savefig(path, dpi=110)
     plt.close(figure)

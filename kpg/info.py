@@ -22,7 +22,10 @@ def cuda_readiness() -> tuple[str, str]:
     """
     versions = _C.cuda_versions()
     if versions["runtime"] is None:
-        return "not asked (no CUDA kernels)", "no (this build has no CUDA kernels: reinstall kpg where nvcc is available)"
+        return (
+            "not asked (no CUDA kernels)",
+            "no (this build has no CUDA kernels: reinstall kpg where nvcc is available)",
+        )
     driver = "none found" if versions["driver"] == 0 else f"supports CUDA {_version(versions['driver'])}"
     problem = _C.cuda_driver_problem(versions["driver"], versions["runtime"])
     if problem:
@@ -62,7 +65,9 @@ def collect() -> dict[str, str]:
             f"yes ({torch.cuda.device_count()}: {torch.cuda.get_device_name(0)}; torch built with CUDA "
             f"{torch.version.cuda})"
             if cuda_available
-            else f"no (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else "no (CPU-only torch)"
+            else f"no (torch built with CUDA {torch.version.cuda})"
+            if torch.version.cuda
+            else "no (CPU-only torch)"
         ),
     }
 

@@ -89,8 +89,9 @@ def _batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
-def _batched_layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
-                        eps: float) -> Tensor:
+def _batched_layer_norm(
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """Layer norm of ``x`` ``[agents, batch..., *normalized_shape]`` with agent a's weight and bias."""
     out = F.layer_norm(x, normalized_shape, None, None, eps)
     broadcast = (x.shape[0],) + (1,) * (x.dim() - 1 - len(normalized_shape)) + normalized_shape
@@ -105,8 +106,15 @@ class AgentLinear(AgentModule):
     """``num_agents`` independent ``nn.Linear(in_features, out_features)``: weight ``[A, out, in]``,
     bias ``[A, out]``; ``[A, batch..., in] -> [A, batch..., out]`` in one ``torch.baddbmm``."""
 
-    def __init__(self, num_agents: int, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_agents: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         _check_num_agents(num_agents)
         factory = dict(device=device, dtype=dtype)
@@ -131,17 +139,26 @@ class AgentLinear(AgentModule):
         return out if x.dim() == 3 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"num_agents={self.num_agents}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"num_agents={self.num_agents}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class AgentLayerNorm(AgentModule):
     """``num_agents`` independent ``nn.LayerNorm(normalized_shape)``: weight and bias
     ``[A, *normalized_shape]``; normalizes the trailing dimensions of ``[A, batch..., *normalized_shape]``."""
 
-    def __init__(self, num_agents: int, normalized_shape: int | Sequence[int], eps: float = 1e-5,
-                 elementwise_affine: bool = True, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_agents: int,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         _check_num_agents(num_agents)
         factory = dict(device=device, dtype=dtype)
@@ -168,8 +185,10 @@ class AgentLayerNorm(AgentModule):
         return _batched_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"num_agents={self.num_agents}, {self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+        return (
+            f"num_agents={self.num_agents}, {self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}"
+        )
 
 
 class AgentGRUCell(AgentModule):
@@ -177,8 +196,15 @@ class AgentGRUCell(AgentModule):
     ``(input [A, batch..., input_size], hx [A, batch..., hidden_size] or None) -> h' [A, batch..., hidden_size]``,
     with ``torch.nn.GRUCell``'s gate order (reset, update, new) and parameter names."""
 
-    def __init__(self, num_agents: int, input_size: int, hidden_size: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_agents: int,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         _check_num_agents(num_agents)
         factory = dict(device=device, dtype=dtype)
@@ -203,8 +229,10 @@ class AgentGRUCell(AgentModule):
         if hx is None:
             hx = torch.zeros(hidden_shape, dtype=x.dtype, device=x.device)
         elif tuple(hx.shape) != hidden_shape:
-            raise ValueError(f"AgentGRUCell: hx must have shape {hidden_shape} for an input of shape {tuple(x.shape)}, "
-                             f"got {tuple(hx.shape)}")
+            raise ValueError(
+                f"AgentGRUCell: hx must have shape {hidden_shape} for an input of shape {tuple(x.shape)}, "
+                f"got {tuple(hx.shape)}"
+            )
         flat_h = hx.reshape(self.num_agents, -1, self.hidden_size)
         input_r, input_z, input_n = _batched_linear(flat_x, self.weight_ih, self.bias_ih).chunk(3, dim=-1)
         hidden_r, hidden_z, hidden_n = _batched_linear(flat_h, self.weight_hh, self.bias_hh).chunk(3, dim=-1)
@@ -268,9 +296,17 @@ class AgentMLP(AgentSequential):
     layer), so forward hooks on the hidden layers see their outputs after the activation.
     """
 
-    def __init__(self, num_agents: int, in_features: int, out_features: int, hidden_sizes: Sequence[int] = (64, 64),
-                 activation: str | Callable[[], nn.Module] = "tanh", layer_norm: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_agents: int,
+        in_features: int,
+        out_features: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str | Callable[[], nn.Module] = "tanh",
+        layer_norm: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         _check_num_agents(num_agents)
         make_activation = _activation(activation)
         # The layers are created uninitialised and initialised agent by agent below, so that the
@@ -293,7 +329,8 @@ class AgentMLP(AgentSequential):
         first = self[0]
         flat = first._agent_input(x, first.in_features, "input")
         parameters = [
-            (layer.weight, layer.bias) if isinstance(layer, (AgentLinear, AgentLayerNorm)) else (None, None) for layer in self
+            (layer.weight, layer.bias) if isinstance(layer, (AgentLinear, AgentLayerNorm)) else (None, None)
+            for layer in self
         ]
         width = max(layer.out_features for layer in self if isinstance(layer, AgentLinear))
         per_block = self.num_agents
@@ -304,10 +341,12 @@ class AgentMLP(AgentSequential):
         else:
             # One split per parameter: backward gathers the blocks' gradients with a single cat.
             blocks = [[None if p is None else p.split(per_block) for p in pair] for pair in parameters]
-            out = torch.cat([
-                self._evaluate(h, [tuple(None if p is None else p[block] for p in pair) for pair in blocks])
-                for block, h in enumerate(flat.split(per_block))
-            ])
+            out = torch.cat(
+                [
+                    self._evaluate(h, [tuple(None if p is None else p[block] for p in pair) for pair in blocks])
+                    for block, h in enumerate(flat.split(per_block))
+                ]
+            )
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _evaluate(self, h: Tensor, parameters: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
@@ -318,8 +357,10 @@ class AgentMLP(AgentSequential):
             elif isinstance(layer, AgentLayerNorm):
                 h = _batched_layer_norm(h, layer.normalized_shape, weight, bias, layer.eps)
             elif isinstance(layer, AgentModule):
-                raise TypeError(f"AgentMLP holds AgentLinear, AgentLayerNorm and activations, not {type(layer).__name__}; "
-                                "build an AgentSequential for other layers")
+                raise TypeError(
+                    f"AgentMLP holds AgentLinear, AgentLayerNorm and activations, not {type(layer).__name__}; "
+                    "build an AgentSequential for other layers"
+                )
             else:
                 # A hidden layer's fresh output is not needed by its own backward, so the activation
                 # may overwrite it.
@@ -347,7 +388,9 @@ _IN_PLACE_ACTIVATIONS: dict[type, Callable[[Tensor], Tensor]] = {
 def _activation(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     if isinstance(activation, str):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)} or pass a callable")
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)} or pass a callable"
+            )
         return ACTIVATIONS[activation]
     if not callable(activation):
         raise TypeError(f"activation must be a name or a callable returning a module, got {type(activation).__name__}")
@@ -364,8 +407,11 @@ _LAYERS: dict[type, tuple[type, Callable[[nn.Module], tuple], tuple[str, ...]]] 
         lambda m: (m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None),
         ("weight", "bias"),
     ),
-    nn.GRUCell: (AgentGRUCell, lambda m: (m.input_size, m.hidden_size, m.bias),
-                 ("weight_ih", "weight_hh", "bias_ih", "bias_hh")),
+    nn.GRUCell: (
+        AgentGRUCell,
+        lambda m: (m.input_size, m.hidden_size, m.bias),
+        ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+    ),
 }
 _UNSTACKED = {batched: layer for layer, (batched, _, _) in _LAYERS.items()}
 
@@ -387,14 +433,21 @@ def _stack(modules: list[nn.Module], where: str) -> AgentModule:
     first = modules[0]
     for index, module in enumerate(modules):
         if type(module) is not type(first):
-            raise TypeError(f"{where}[{index}] is a {type(module).__name__} but {where}[0] is a {type(first).__name__}; "
-                            "stack needs identical modules")
+            raise TypeError(
+                f"{where}[{index}] is a {type(module).__name__} but {where}[0] is a {type(first).__name__}; "
+                "stack needs identical modules"
+            )
     if isinstance(first, AgentModule):
-        raise TypeError(f"{where}[0] is already agent-batched ({type(first).__name__}); stack takes per-agent torch.nn modules")
+        raise TypeError(
+            f"{where}[0] is already agent-batched ({type(first).__name__}); stack takes per-agent torch.nn modules"
+        )
     if type(first) is nn.Sequential:
         lengths = {len(m) for m in modules}
         if len(lengths) > 1:
-            raise ValueError(f"the nn.Sequential modules of {where} have different lengths {sorted(lengths)}; stack needs identical modules")
+            raise ValueError(
+                f"the nn.Sequential modules of {where} have different lengths {sorted(lengths)}; "
+                "stack needs identical modules"
+            )
         return AgentSequential(*(_stack_layer([m[i] for m in modules], f"{where}[*][{i}]") for i in range(len(first))))
     if type(first) not in _LAYERS:
         raise TypeError(
@@ -424,8 +477,10 @@ def _stack_layer(layers: list[nn.Module], where: str) -> nn.Module:
         return _stack(layers, where)
     for index, layer in enumerate(layers):
         if type(layer) is not type(layers[0]) or repr(layer) != repr(layers[0]):
-            raise ValueError(f"{where.replace('*', str(index))} is {layer} but the first module's is {layers[0]}; "
-                             "stack needs identical modules")
+            raise ValueError(
+                f"{where.replace('*', str(index))} is {layer} but the first module's is {layers[0]}; "
+                "stack needs identical modules"
+            )
     return copy.deepcopy(layers[0])
 
 
@@ -436,8 +491,10 @@ def _agent_parameters(modules: list[nn.Module], name: str, where: str) -> Tensor
     first = values[0]
     for index, value in enumerate(values):
         if value.dtype != first.dtype or value.device != first.device:
-            raise ValueError(f"{where}[{index}].{name} is {value.dtype} on {value.device} but {where}[0].{name} is "
-                             f"{first.dtype} on {first.device}; move every module to one dtype and device")
+            raise ValueError(
+                f"{where}[{index}].{name} is {value.dtype} on {value.device} but {where}[0].{name} is "
+                f"{first.dtype} on {first.device}; move every module to one dtype and device"
+            )
     return torch.stack([v.detach() for v in values])
 
 
@@ -448,8 +505,12 @@ def unstack(batched: AgentModule) -> list[nn.Module]:
     if not isinstance(batched, AgentModule):
         raise TypeError(f"kpg.nn.unstack takes an agent-batched module (kpg.nn), got {type(batched).__name__}")
     if isinstance(batched, AgentSequential):
-        per_layer = [unstack(layer) if isinstance(layer, AgentModule) else [copy.deepcopy(layer) for _ in range(batched.num_agents)]
-                     for layer in batched]
+        per_layer = [
+            unstack(layer)
+            if isinstance(layer, AgentModule)
+            else [copy.deepcopy(layer) for _ in range(batched.num_agents)]
+            for layer in batched
+        ]
         return [nn.Sequential(*(layers[agent] for layers in per_layer)) for agent in range(batched.num_agents)]
     layer_type = _UNSTACKED[type(batched)]
     _, config_of, names = _LAYERS[layer_type]

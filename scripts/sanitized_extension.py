@@ -19,5 +19,7 @@ sys.modules["kpg._C"] = _module
 
 def pytest_report_header(config):
     with open("/proc/self/maps") as maps:
-        runtimes = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in maps if "libasan" in line or "libubsan" in line})
+        runtimes = sorted(
+            {line.split()[-1].rsplit("/", 1)[-1] for line in maps if "libasan" in line or "libubsan" in line}
+        )
     return f"kpg._C: {_module.__file__} (sanitizer runtimes loaded: {', '.join(runtimes) or 'none'})"

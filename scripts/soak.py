@@ -77,28 +77,49 @@ def main(argv=None) -> int:
         cpu.append(time.thread_time() - began_cpu)
         wall.append(time.perf_counter() - began)
         if step % args.window == 0:
-            windows.append({"steps": step, "rss_mib": resident_mib(), "median_step_ms": 1e3 * statistics.median(wall),
-                            "median_step_cpu_ms": 1e3 * statistics.median(cpu)})
+            windows.append(
+                {
+                    "steps": step,
+                    "rss_mib": resident_mib(),
+                    "median_step_ms": 1e3 * statistics.median(wall),
+                    "median_step_cpu_ms": 1e3 * statistics.median(cpu),
+                }
+            )
             wall, cpu = [], []
             w = windows[-1]
-            print(f"step {step:>7}: resident {w['rss_mib']:7.1f} MiB, median step {w['median_step_ms']:.3f} ms wall, "
-                  f"{w['median_step_cpu_ms']:.3f} ms CPU", flush=True)
+            print(
+                f"step {step:>7}: resident {w['rss_mib']:7.1f} MiB, median step {w['median_step_ms']:.3f} ms wall, "
+                f"{w['median_step_cpu_ms']:.3f} ms CPU",
+                flush=True,
+            )
     first, last = windows[0], windows[-1]
     growth = last["rss_mib"] - first["rss_mib"]
     slowdown = last["median_step_cpu_ms"] / first["median_step_cpu_ms"]
     finite = bool(torch.isfinite(optimizer.arena.param).all())
     report = {
-        "steps": args.steps, "agents": args.agents, "rss_mib_before_first_step": started_rss,
-        "rss_mib_after_first_window": first["rss_mib"], "rss_mib_at_end": last["rss_mib"], "rss_growth_mib": growth,
-        "first_window_median_step_ms": first["median_step_ms"], "last_window_median_step_ms": last["median_step_ms"],
+        "steps": args.steps,
+        "agents": args.agents,
+        "rss_mib_before_first_step": started_rss,
+        "rss_mib_after_first_window": first["rss_mib"],
+        "rss_mib_at_end": last["rss_mib"],
+        "rss_growth_mib": growth,
+        "first_window_median_step_ms": first["median_step_ms"],
+        "last_window_median_step_ms": last["median_step_ms"],
         "first_window_median_step_cpu_ms": first["median_step_cpu_ms"],
-        "last_window_median_step_cpu_ms": last["median_step_cpu_ms"], "cpu_slowdown": slowdown, "parameters_finite": finite, "optimizer_steps": optimizer.stats.steps, "windows": windows,
+        "last_window_median_step_cpu_ms": last["median_step_cpu_ms"],
+        "cpu_slowdown": slowdown,
+        "parameters_finite": finite,
+        "optimizer_steps": optimizer.stats.steps,
+        "windows": windows,
     }
     passed = growth <= args.max_growth_mib and slowdown <= args.max_slowdown and finite
-    print(f"resident {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB ({growth:+.1f} MiB, limit {args.max_growth_mib}); "
-          f"median step CPU {first['median_step_cpu_ms']:.3f} -> {last['median_step_cpu_ms']:.3f} ms ({slowdown:.2f}x, "
-          f"limit {args.max_slowdown}x), wall {first['median_step_ms']:.3f} -> {last['median_step_ms']:.3f} ms; "
-          f"{'PASS' if passed else 'FAIL'}")
+    print(
+        f"resident {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB "
+        f"({growth:+.1f} MiB, limit {args.max_growth_mib}); "
+        f"median step CPU {first['median_step_cpu_ms']:.3f} -> {last['median_step_cpu_ms']:.3f} ms ({slowdown:.2f}x, "
+        f"limit {args.max_slowdown}x), wall {first['median_step_ms']:.3f} -> {last['median_step_ms']:.3f} ms; "
+        f"{'PASS' if passed else 'FAIL'}"
+    )
     if args.json:
         with open(args.json, "w") as file:
             json.dump({**report, "passed": passed}, file, indent=2)

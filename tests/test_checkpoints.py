@@ -26,16 +26,39 @@ from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 SMALL = {
     "mappo": dict(mappo=MAPPOConfig(rollout=25, epochs=1, minibatches=2, hidden=(8,)), k_until=100),
-    "maddpg": dict(maddpg=MADDPGConfig(buffer_size=300, batch_size=8, rollout=25, updates_per_iteration=2,
-                                       learning_starts=50, hidden=(8,))),
-    "facmac": dict(facmac=FACMACConfig(buffer_size=300, batch_size=8, rollout=25, updates_per_iteration=2,
-                                       learning_starts=50, hidden=(8,), mixer_embed=4, hypernet_embed=6)),
+    "maddpg": dict(
+        maddpg=MADDPGConfig(
+            buffer_size=300, batch_size=8, rollout=25, updates_per_iteration=2, learning_starts=50, hidden=(8,)
+        )
+    ),
+    "facmac": dict(
+        facmac=FACMACConfig(
+            buffer_size=300,
+            batch_size=8,
+            rollout=25,
+            updates_per_iteration=2,
+            learning_starts=50,
+            hidden=(8,),
+            mixer_embed=4,
+            hypernet_embed=6,
+        )
+    ),
 }
 
 
 def run_config(logdir: Path, algo: str, name: str, **changes) -> TrainConfig:
-    base = TrainConfig(algo=algo, steps=200, copies=2, logdir=logdir, name=name, progress=False, tensorboard=False,
-                       eval_episodes=0, checkpoint_every=1, **SMALL[algo])
+    base = TrainConfig(
+        algo=algo,
+        steps=200,
+        copies=2,
+        logdir=logdir,
+        name=name,
+        progress=False,
+        tensorboard=False,
+        eval_episodes=0,
+        checkpoint_every=1,
+        **SMALL[algo],
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -64,12 +87,29 @@ def assert_same(expected, actual, where="payload"):
 def test_every_kind_of_data_round_trips_exactly(tmp_path):
     module_state = torch.nn.Linear(3, 2).state_dict()
     payload = {
-        "module": module_state, "tuple": (1, 2.5, "x", None, True), "int_keys": {0: {"step": torch.tensor(3.0)}, 7: []},
-        "floats": [float("nan"), float("inf"), -0.0, 1e-310, 0.1], "big": 2**127 + 12345,
-        "dtypes": [torch.arange(6, dtype=dtype).reshape(2, 3) for dtype in (torch.uint8, torch.int8, torch.int16,
-                   torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64)],
-        "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float64),
-        "empty": torch.zeros(0, 4), "view": torch.arange(20.0).reshape(4, 5)[:, 1::2],
+        "module": module_state,
+        "tuple": (1, 2.5, "x", None, True),
+        "int_keys": {0: {"step": torch.tensor(3.0)}, 7: []},
+        "floats": [float("nan"), float("inf"), -0.0, 1e-310, 0.1],
+        "big": 2**127 + 12345,
+        "dtypes": [
+            torch.arange(6, dtype=dtype).reshape(2, 3)
+            for dtype in (
+                torch.uint8,
+                torch.int8,
+                torch.int16,
+                torch.int32,
+                torch.int64,
+                torch.float16,
+                torch.bfloat16,
+                torch.float32,
+                torch.float64,
+            )
+        ],
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "view": torch.arange(20.0).reshape(4, 5)[:, 1::2],
         "complex": torch.tensor([1 + 2j], dtype=torch.complex64),
     }
     save_checkpoint(tmp_path / "c.pt", payload)
@@ -79,10 +119,17 @@ def test_every_kind_of_data_round_trips_exactly(tmp_path):
     assert (tmp_path / "c.pt").read_bytes().startswith(MAGIC)
 
 
-@pytest.mark.parametrize("value, named", [
-    (np.zeros(3), "numpy.ndarray"), (np.int64(3), "numpy.int64"), (Path("runs"), "PosixPath"),
-    (torch.float32, "torch.dtype"), ({1.5: 2}, "key 1.5"), (lambda: 0, "function"),
-])
+@pytest.mark.parametrize(
+    "value, named",
+    [
+        (np.zeros(3), "numpy.ndarray"),
+        (np.int64(3), "numpy.int64"),
+        (Path("runs"), "PosixPath"),
+        (torch.float32, "torch.dtype"),
+        ({1.5: 2}, "key 1.5"),
+        (lambda: 0, "function"),
+    ],
+)
 def test_saving_anything_but_plain_data_is_refused_before_writing(tmp_path, value, named):
     with pytest.raises(TypeError, match=rf"payload\['trainer'\]\['x'\].*{named}|{named}.*payload\['trainer'\]"):
         save_checkpoint(tmp_path / "c.pt", {"trainer": {"x": value}})
@@ -142,9 +189,29 @@ def test_crafted_pickles_run_no_code_through_the_python_api(tmp_path):
 def test_crafted_pickles_run_no_code_through_kpg_train_resume(tmp_path):
     for kind, (path, marker) in crafted_files(tmp_path).items():
         result = subprocess.run(
-            [sys.executable, "-m", "kpg", "train", "--logdir", str(tmp_path), "--name", kind, "--resume",
-             "--steps", "100", "--copies", "2", "--no-progress", "--no-tensorboard", "--eval-episodes", "0"],
-            capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "kpg",
+                "train",
+                "--logdir",
+                str(tmp_path),
+                "--name",
+                kind,
+                "--resume",
+                "--steps",
+                "100",
+                "--copies",
+                "2",
+                "--no-progress",
+                "--no-tensorboard",
+                "--eval-episodes",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 1 and f"checkpoint {path} is a pickle" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not marker.exists(), f"{kind}: {result.stderr}"
 
@@ -159,6 +226,7 @@ def test_converting_a_crafted_legacy_checkpoint_is_refused_naming_what_it_holds(
 def test_a_crafted_file_in_todays_format_is_refused_naming_what_it_holds(tmp_path):
     """A file in kpg's own format, with a valid checksum, whose header names a callable or an
     unknown dtype: the reader knows no such entries."""
+
     def write(path: Path, header: dict) -> None:
         body = MAGIC + json.dumps(header).encode() + b"\n"
         path.write_bytes(body + b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n")
@@ -167,13 +235,19 @@ def test_a_crafted_file_in_todays_format_is_refused_naming_what_it_holds(tmp_pat
     write(tmp_path / "a.pt", callable_entry)
     with pytest.raises(CheckpointError, match=r"a\.pt cannot be read: payload\['x'\] is an entry of type 'callable'"):
         load_checkpoint(tmp_path / "a.pt")
-    object_tensor = {"tensors": [{"dtype": "object", "shape": [1], "offset": 0, "bytes": 8}], "data_bytes": 0,
-                     "payload": {"items": [["x", {"tensor": 0}]]}}
+    object_tensor = {
+        "tensors": [{"dtype": "object", "shape": [1], "offset": 0, "bytes": 8}],
+        "data_bytes": 0,
+        "payload": {"items": [["x", {"tensor": 0}]]},
+    }
     write(tmp_path / "b.pt", object_tensor)
     with pytest.raises(CheckpointError, match=r"b\.pt cannot be read: it holds a tensor of dtype 'object'"):
         load_checkpoint(tmp_path / "b.pt")
-    overlong = {"tensors": [{"dtype": "float32", "shape": [1000], "offset": 0, "bytes": 4000}], "data_bytes": 0,
-                "payload": {"items": [["x", {"tensor": 0}]]}}
+    overlong = {
+        "tensors": [{"dtype": "float32", "shape": [1000], "offset": 0, "bytes": 4000}],
+        "data_bytes": 0,
+        "payload": {"items": [["x", {"tensor": 0}]]},
+    }
     write(tmp_path / "c.pt", overlong)
     with pytest.raises(CheckpointError, match=r"c\.pt cannot be read: a tensor entry does not fit"):
         load_checkpoint(tmp_path / "c.pt")
@@ -182,8 +256,9 @@ def test_a_crafted_file_in_todays_format_is_refused_naming_what_it_holds(tmp_pat
 # ---- what the trainers write --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo, replay", [("mappo", True), ("maddpg", True), ("maddpg", False), ("facmac", True),
-                                          ("facmac", False)])
+@pytest.mark.parametrize(
+    "algo, replay", [("mappo", True), ("maddpg", True), ("maddpg", False), ("facmac", True), ("facmac", False)]
+)
 def test_every_trainers_checkpoint_round_trips_exactly(tmp_path, algo, replay):
     """What a run checkpoints (trainer, optimizers, replay, generators, KSchedule, every rank's
     streams) is plain data: loading it and saving it again gives the same payload."""
@@ -213,15 +288,24 @@ def test_off_policy_runs_resume_exactly_through_kpg_train(tmp_path, algo):
 def legacy_checkpoint(path: Path, payload: dict) -> None:
     """A checkpoint as kpg wrote them before (format kpg-checkpoint-1): a pickle holding the run's
     paths and numpy's global generator state as an array."""
+
     def legacy_rng(rng):
         state = rng["numpy"]
-        numpy_state = (state["bit_generator"], state["state"]["key"].numpy().astype(np.uint32), state["state"]["pos"],
-                       state["has_gauss"], state["gauss"])
+        numpy_state = (
+            state["bit_generator"],
+            state["state"]["key"].numpy().astype(np.uint32),
+            state["state"]["pos"],
+            state["has_gauss"],
+            state["gauss"],
+        )
         return {**rng, "numpy": numpy_state}
 
-    payload = {**payload, "config": {**payload["config"], "logdir": Path(payload["config"]["logdir"])},
-               "rng": legacy_rng(payload["rng"]),
-               "ranks": [{**rank, "rng": legacy_rng(rank["rng"])} for rank in payload["ranks"]]}
+    payload = {
+        **payload,
+        "config": {**payload["config"], "logdir": Path(payload["config"]["logdir"])},
+        "rng": legacy_rng(payload["rng"]),
+        "ranks": [{**rank, "rng": legacy_rng(rank["rng"])} for rank in payload["ranks"]],
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -252,17 +336,23 @@ def test_toml_config_reads_without_tomllib_as_on_python_3_10(tmp_path, monkeypat
     """Python 3.10 has no tomllib; kpg then reads TOML with tomli (a dependency there)."""
     monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib now fails as on 3.10
     config_file = tmp_path / "run.toml"
-    config_file.write_text(f'steps = 50\ncopies = 2\nlogdir = "{tmp_path}"\nname = "toml"\ntensorboard = false\n'
-                           'eval_episodes = 0\nprogress = false\n[mappo]\nrollout = 25\nhidden = [8]\nepochs = 1\n')
+    config_file.write_text(
+        f'steps = 50\ncopies = 2\nlogdir = "{tmp_path}"\nname = "toml"\ntensorboard = false\n'
+        "eval_episodes = 0\nprogress = false\n[mappo]\nrollout = 25\nhidden = [8]\nepochs = 1\n"
+    )
     cli_main(["train", "--config", str(config_file)])
     saved = json.loads((tmp_path / "toml" / "config.json").read_text())
     assert saved["steps"] == 50 and saved["mappo"]["hidden"] == [8]
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("bad.toml", "steps = = 3", "is not valid TOML"), ("bad.json", "{steps: 3", "is not valid JSON"),
-    ("list.json", "[1, 2]", "must hold a table of options, not a list"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.toml", "steps = = 3", "is not valid TOML"),
+        ("bad.json", "{steps: 3", "is not valid JSON"),
+        ("list.json", "[1, 2]", "must hold a table of options, not a list"),
+    ],
+)
 def test_a_config_file_that_does_not_parse_is_named(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit, match=rf"--config: .*{name} {message}"):
@@ -278,4 +368,3 @@ def test_compare_names_a_damaged_summary(tmp_path):
     summary.write_text('{"run": ')
     with pytest.raises(ValueError, match=rf"{summary} is not valid JSON .*delete it to run mappo-simple_spread-k1-s0"):
         compare(config)
-

@@ -43,8 +43,9 @@ NUM_AGENTS, OBS, ACTIONS, SAMPLES_PER_RANK = 5, 4, 3, 6
 
 def _rank_main(rank: int, world: int, workdir: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
-                            timeout=PROCESS_GROUP_TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world, timeout=PROCESS_GROUP_TIMEOUT
+    )
     findings: dict[str, object] = {}
     out = Path(workdir) / f"rank{rank}.json"
     for name in scenarios:
@@ -124,12 +125,16 @@ def _joint_ratio_closure(policies, batch, gather=None):
         anticipated = None
         if ctx.level > 1:
             with ctx.anticipated():
-                anticipated = gather(ctx) if gather else ctx.gather_agents(
-                    _log_probs(policies, batch["obs"], batch["actions"], agents))
+                anticipated = (
+                    gather(ctx)
+                    if gather
+                    else ctx.gather_agents(_log_probs(policies, batch["obs"], batch["actions"], agents))
+                )
         log_prob = (batch["old_log_prob"] if anticipated is None else anticipated).clone()
         log_prob[agents.start : agents.stop] = own
-        loss = kpg.joint_ratio_loss(log_prob, batch["old_log_prob"], batch["advantages"], anticipated,
-                                    level=ctx.level, clip_eps=0.2).loss
+        loss = kpg.joint_ratio_loss(
+            log_prob, batch["old_log_prob"], batch["advantages"], anticipated, level=ctx.level, clip_eps=0.2
+        ).loss
         return loss[agents.start : agents.stop]
 
     return closure
@@ -164,14 +169,20 @@ def data_parallel_parity(rank, world, workdir):
         reference = [p for m in single for p in m.parameters()]
         states = [t for p in params for t in group_opt.state[p].values()]
         reference_states = [t for p in reference for t in single_opt.state[p].values()]
-        differences.append({"case": case["optimizer"], "parameters": _max_difference(params, reference),
-                            "state": _max_difference(states, reference_states),
-                            "moved": _max_difference(params, [p for m in _policies() for p in m.parameters()])})
+        differences.append(
+            {
+                "case": case["optimizer"],
+                "parameters": _max_difference(params, reference),
+                "state": _max_difference(states, reference_states),
+                "moved": _max_difference(params, [p for m in _policies() for p in m.parameters()]),
+            }
+        )
     return {"differences": differences}
 
 
 def data_parallel_shared_network(rank, world, workdir):
     """One network shared by all agents (agent ids appended), data parallel vs one process."""
+
     def shared_model():
         torch.manual_seed(1)
         return nn.Sequential(nn.Linear(OBS + NUM_AGENTS, 8), nn.Tanh(), nn.Linear(8, ACTIONS)).double()
@@ -186,13 +197,16 @@ def data_parallel_shared_network(rank, world, workdir):
             if ctx.level > 1:
                 with ctx.anticipated():
                     anticipated = Categorical(logits=model(inputs)).log_prob(batch["actions"])
-            return kpg.joint_ratio_loss(own, batch["old_log_prob"], batch["advantages"], anticipated,
-                                        level=ctx.level, clip_eps=0.2).loss
+            return kpg.joint_ratio_loss(
+                own, batch["old_log_prob"], batch["advantages"], anticipated, level=ctx.level, clip_eps=0.2
+            ).loss
+
         return closure
 
     distributed, single = shared_model(), shared_model()
-    group_opt = kpg.KPGOptimizer(distributed, k=2, lr=0.05, num_agents=NUM_AGENTS, max_grad_norm=0.5,
-                                 process_group=dist.group.WORLD)
+    group_opt = kpg.KPGOptimizer(
+        distributed, k=2, lr=0.05, num_agents=NUM_AGENTS, max_grad_norm=0.5, process_group=dist.group.WORLD
+    )
     single_opt = kpg.KPGOptimizer(single, k=2, lr=0.05, num_agents=NUM_AGENTS, max_grad_norm=0.5)
     for step in range(3):
         batch = _batch(world, step)
@@ -210,8 +224,12 @@ def agent_sharded_outputs(rank, world, workdir):
         norms = case.get("max_grad_norm")
         own_norms = norms[mine.start : mine.stop] if isinstance(norms, list) else norms
         sharded_policies, whole = _policies(), _policies()
-        sharded = kpg.KPGOptimizer([sharded_policies[a] for a in mine], process_group=dist.group.WORLD,
-                                   parallel="agents", **{**case, "max_grad_norm": own_norms})
+        sharded = kpg.KPGOptimizer(
+            [sharded_policies[a] for a in mine],
+            process_group=dist.group.WORLD,
+            parallel="agents",
+            **{**case, "max_grad_norm": own_norms},
+        )
         reference = kpg.KPGOptimizer(whole, **case)
         for _ in range(3):
             sharded.step(_joint_ratio_closure(sharded_policies, batch))
@@ -239,7 +257,9 @@ def agent_sharded_parameters(rank, world, workdir):
         def closure(ctx):
             agents = ctx.agents
             obs, actions, old = batch["obs"], batch["actions"], batch["old_log_prob"]
-            own = Categorical(logits=model(obs[agents.start : agents.stop])).log_prob(actions[agents.start : agents.stop])
+            own = Categorical(logits=model(obs[agents.start : agents.stop])).log_prob(
+                actions[agents.start : agents.stop]
+            )
             anticipated = None
             if ctx.level > 1:
                 with ctx.anticipated():
@@ -249,9 +269,12 @@ def agent_sharded_parameters(rank, world, workdir):
             log_prob[agents.start : agents.stop] = own
             loss = kpg.joint_ratio_loss(log_prob, old, batch["advantages"], anticipated, level=ctx.level).loss
             return loss[agents.start : agents.stop]
+
         return closure
 
-    sharded = kpg.KPGOptimizer(local, k=2, lr=0.05, max_grad_norm=0.3, process_group=dist.group.WORLD, parallel="agents")
+    sharded = kpg.KPGOptimizer(
+        local, k=2, lr=0.05, max_grad_norm=0.3, process_group=dist.group.WORLD, parallel="agents"
+    )
     reference = kpg.KPGOptimizer(whole, k=2, lr=0.05, max_grad_norm=0.3)
     for _ in range(3):
         sharded.step(closure_for(local))
@@ -294,8 +317,10 @@ def failures_agree(rank, world, workdir):
         outcomes["k"] = f"{type(error).__name__}: {error}"
     opt.k = 2
     unchanged = _max_difference(before, [p for m in policies for p in m.parameters()]) == 0.0
-    state_unchanged = _max_difference(state_before, [t for m in policies for p in m.parameters()
-                                                     for t in opt.state[p].values()]) == 0.0
+    state_unchanged = (
+        _max_difference(state_before, [t for m in policies for p in m.parameters() for t in opt.state[p].values()])
+        == 0.0
+    )
     opt.step(good)  # the group still works, and verify_replicas checks the ranks agree
     return {**outcomes, "unchanged": unchanged, "state_unchanged": state_unchanged}
 
@@ -349,8 +374,17 @@ def _train_config(workdir: Path, **changes):
     from kpg.algos.mappo import MAPPOConfig
     from kpg.train import TrainConfig
 
-    base = TrainConfig(steps=300, copies=6, logdir=workdir, name="mappo-dp", progress=False, tensorboard=False,
-                       eval_episodes=2, checkpoint_every=1, mappo=MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,)))
+    base = TrainConfig(
+        steps=300,
+        copies=6,
+        logdir=workdir,
+        name="mappo-dp",
+        progress=False,
+        tensorboard=False,
+        eval_episodes=2,
+        checkpoint_every=1,
+        mappo=MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,)),
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -375,7 +409,9 @@ def _off_policy_trainer(algo: str, group):
     from kpg.algos import FACMACConfig, FACMACTrainer, MADDPGConfig, MADDPGTrainer
     from kpg.envs import EnvPool, make_env_factory
 
-    trainer_class, config_class = {"maddpg": (MADDPGTrainer, MADDPGConfig), "facmac": (FACMACTrainer, FACMACConfig)}[algo]
+    trainer_class, config_class = {"maddpg": (MADDPGTrainer, MADDPGConfig), "facmac": (FACMACTrainer, FACMACConfig)}[
+        algo
+    ]
     extra = dict(mixer_embed=4, hypernet_embed=6) if algo == "facmac" else {}
     config = config_class(batch_size=6 * OFF_POLICY_SAMPLES_PER_RANK, hidden=(8,), actor_regularization=0.1, **extra)
     pool = EnvPool(make_env_factory("simple_spread", agents=3), 1, seed=0)
@@ -391,8 +427,10 @@ def _off_policy_minibatch(trainer, world: int, step: int) -> tuple[dict[str, tor
     generator = torch.Generator().manual_seed(200 + step)
     rows = world * OFF_POLICY_SAMPLES_PER_RANK
     spaces = trainer.spaces
-    batch = {name: torch.randn((rows, *shape), generator=generator, dtype=dtype)
-             for name, (shape, dtype) in transition_fields(spaces, torch.float64).items()}
+    batch = {
+        name: torch.randn((rows, *shape), generator=generator, dtype=dtype)
+        for name, (shape, dtype) in transition_fields(spaces, torch.float64).items()
+    }
     choices = torch.randint(0, spaces.action_size, (rows, spaces.num_agents), generator=generator)
     batch["actions"] = nn.functional.one_hot(choices, spaces.action_size).double()
     batch["alive"] = batch["next_present"] = torch.ones(rows, spaces.num_agents, dtype=torch.float64)
@@ -417,11 +455,16 @@ def off_policy_step_parity(rank, world, workdir):
                 single.gradient_step(batch, noise)
             modules = ("actor", "critic", "target_actor", "target_critic")
             differences[algo] = {
-                **{name: _max_difference(list(getattr(distributed, name).parameters()),
-                                         list(getattr(single, name).parameters())) for name in modules},
+                **{
+                    name: _max_difference(
+                        list(getattr(distributed, name).parameters()), list(getattr(single, name).parameters())
+                    )
+                    for name in modules
+                },
                 "critic_optimizer": _max_difference(
                     [t for s in distributed.critic_optimizer.state.values() for t in s.values()],
-                    [t for s in single.critic_optimizer.state.values() for t in s.values()]),
+                    [t for s in single.critic_optimizer.state.values() for t in s.values()],
+                ),
                 "actor_moved": _max_difference(list(distributed.actor.parameters()), initial),
             }
         return differences
@@ -433,10 +476,28 @@ def _facmac_train_config(workdir: Path, **changes):
     from kpg.algos.facmac import FACMACConfig
     from kpg.train import TrainConfig
 
-    facmac = FACMACConfig(buffer_size=400, batch_size=8, rollout=25, updates_per_iteration=2, learning_starts=50,
-                          hidden=(8,), mixer_embed=4, hypernet_embed=6)
-    base = TrainConfig(algo="facmac", steps=300, copies=2, logdir=workdir, name="facmac-dp", progress=False,
-                       tensorboard=False, eval_episodes=0, checkpoint_every=2, facmac=facmac)
+    facmac = FACMACConfig(
+        buffer_size=400,
+        batch_size=8,
+        rollout=25,
+        updates_per_iteration=2,
+        learning_starts=50,
+        hidden=(8,),
+        mixer_embed=4,
+        hypernet_embed=6,
+    )
+    base = TrainConfig(
+        algo="facmac",
+        steps=300,
+        copies=2,
+        logdir=workdir,
+        name="facmac-dp",
+        progress=False,
+        tensorboard=False,
+        eval_episodes=0,
+        checkpoint_every=2,
+        facmac=facmac,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -491,11 +552,26 @@ def facmac_uninterrupted(rank, world, workdir):
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
-SCENARIOS = {f.__name__: f for f in [
-    data_parallel_parity, data_parallel_shared_network, agent_sharded_outputs, agent_sharded_parameters,
-    failures_agree, sharded_nonfinite_agrees, replicas_disagree, rank_crashes, mappo_trains, mappo_resumes,
-    off_policy_step_parity, facmac_trains, facmac_resumes, facmac_uninterrupted, mappo_rank_stops_at_once,
-]}
+SCENARIOS = {
+    f.__name__: f
+    for f in [
+        data_parallel_parity,
+        data_parallel_shared_network,
+        agent_sharded_outputs,
+        agent_sharded_parameters,
+        failures_agree,
+        sharded_nonfinite_agrees,
+        replicas_disagree,
+        rank_crashes,
+        mappo_trains,
+        mappo_resumes,
+        off_policy_step_parity,
+        facmac_trains,
+        facmac_resumes,
+        facmac_uninterrupted,
+        mappo_rank_stops_at_once,
+    ]
+}
 
 
 # ---- the tests -------------------------------------------------------------------------------------
@@ -504,13 +580,29 @@ SCENARIOS = {f.__name__: f for f in [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    two = launch(2, ["data_parallel_parity", "data_parallel_shared_network", "agent_sharded_outputs",
-                     "agent_sharded_parameters", "failures_agree", "sharded_nonfinite_agrees", "replicas_disagree",
-                     "mappo_trains", "mappo_rank_stops_at_once"], root / "two")
-    three = launch(3, ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes",
-                       "rank_crashes"], root / "three")
-    off_policy = launch(2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes", "facmac_uninterrupted"],
-                        root / "off_policy")
+    two = launch(
+        2,
+        [
+            "data_parallel_parity",
+            "data_parallel_shared_network",
+            "agent_sharded_outputs",
+            "agent_sharded_parameters",
+            "failures_agree",
+            "sharded_nonfinite_agrees",
+            "replicas_disagree",
+            "mappo_trains",
+            "mappo_rank_stops_at_once",
+        ],
+        root / "two",
+    )
+    three = launch(
+        3,
+        ["data_parallel_parity", "agent_sharded_outputs", "agent_sharded_parameters", "mappo_resumes", "rank_crashes"],
+        root / "three",
+    )
+    off_policy = launch(
+        2, ["off_policy_step_parity", "facmac_trains", "facmac_resumes", "facmac_uninterrupted"], root / "off_policy"
+    )
     return {2: two, 3: three, "off_policy": off_policy, "root": root}
 
 
@@ -544,7 +636,9 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(runs)
     failing = result(runs[2], 1, "failures_agree")
     other = result(runs[2], 0, "failures_agree")
     assert failing["error"] == "ValueError: boom on rank 1"
-    assert other["error"].startswith("RuntimeError: rank 1 failed at level 2 of the KPG step with ValueError: boom on rank 1")
+    assert other["error"].startswith(
+        "RuntimeError: rank 1 failed at level 2 of the KPG step with ValueError: boom on rank 1"
+    )
     for found in (failing, other):
         assert found["nonfinite"].startswith("FloatingPointError: agent 2's loss is not finite at level 1")
         assert "different k" in found["k"] and "rank 0: k=3" in found["k"]
@@ -553,13 +647,18 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(runs)
 
 def test_agent_sharded_nonfinite_names_the_global_agent_on_every_rank(runs):
     for rank in range(2):
-        assert result(runs[2], rank, "sharded_nonfinite_agrees")["error"].startswith("agent 4's loss is not finite at level 1")
+        assert result(runs[2], rank, "sharded_nonfinite_agrees")["error"].startswith(
+            "agent 4's loss is not finite at level 1"
+        )
 
 
 def test_replicas_that_disagree_are_refused_on_every_rank(runs):
     for rank in range(2):
         error = result(runs[2], rank, "replicas_disagree")["error"]
-        assert "the agents' parameters differ across ranks (rank 1: 1 differing values" in error and "broadcast_parameters" in error
+        assert (
+            "the agents' parameters differ across ranks (rank 1: 1 differing values" in error
+            and "broadcast_parameters" in error
+        )
 
 
 def test_a_rank_that_dies_stops_the_others_quickly(runs):
@@ -594,8 +693,10 @@ def test_ranks_that_cannot_meet_for_a_final_checkpoint_say_so(runs):
     outcomes = {rank: result(runs[2], rank, "mappo_rank_stops_at_once") for rank in range(2)}
     assert outcomes[1]["outcome"] == "KeyboardInterrupt" and outcomes[0]["outcome"] == "CommunicationError", outcomes
     for rank, found in outcomes.items():
-        assert (f"rank {rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or failed); "
-                "the checkpoint of update 1 stands") in found["stderr"], found
+        assert (
+            f"rank {rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or failed); "
+            "the checkpoint of update 1 stands"
+        ) in found["stderr"], found
     assert load_checkpoint(runs["root"] / "mappo-stopped" / "checkpoint.pt")["trainer"]["updates"] == 1
 
 
@@ -623,7 +724,10 @@ def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
     state = load_checkpoint(run_dir / "checkpoint.pt")
     replays = [r["trainer"]["replay"] for r in state["ranks"]]
     # Each rank's own transitions: 200 of the 400 environment steps, half the buffer of 400 rows.
-    assert [replay["capacity"] for replay in replays] == [200, 200] and [replay["size"] for replay in replays] == [200, 200]
+    assert [replay["capacity"] for replay in replays] == [200, 200] and [replay["size"] for replay in replays] == [
+        200,
+        200,
+    ]
     assert not torch.equal(replays[0]["storage"]["obs"], replays[1]["storage"]["obs"])
     assert torch.equal(state["trainer"]["replay"]["storage"]["obs"], replays[0]["storage"]["obs"])
     # Resumed on as many ranks, the run ends exactly where an uninterrupted one does, every rank's state included.

@@ -29,14 +29,40 @@ KILLS = int(os.environ.get("KPG_FAULT_KILLS", "2"))
 STEPS = 100 * max(6, 2 * KILLS)  # updates of 4 copies x 25 steps, enough for every kill to land mid-run
 SMALL_MAPPO = MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,))
 TIMING_COLUMNS = {"wall_seconds", "fps", "seconds_environment", "seconds_critic", "seconds_actor"}
-CLI_FLAGS = ["--steps", str(STEPS), "--copies", "4", "--mappo.epochs", "2", "--mappo.minibatches", "2",
-             "--mappo.hidden", "16", "--checkpoint-every", "1", "--no-progress", "--no-tensorboard",
-             "--eval-episodes", "0", "--threads", "1"]
+CLI_FLAGS = [
+    "--steps",
+    str(STEPS),
+    "--copies",
+    "4",
+    "--mappo.epochs",
+    "2",
+    "--mappo.minibatches",
+    "2",
+    "--mappo.hidden",
+    "16",
+    "--checkpoint-every",
+    "1",
+    "--no-progress",
+    "--no-tensorboard",
+    "--eval-episodes",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def config(logdir: Path, name: str, **changes) -> TrainConfig:
-    base = TrainConfig(steps=STEPS, copies=4, logdir=logdir, name=name, progress=False, tensorboard=False,
-                       eval_episodes=0, checkpoint_every=1, mappo=SMALL_MAPPO)
+    base = TrainConfig(
+        steps=STEPS,
+        copies=4,
+        logdir=logdir,
+        name=name,
+        progress=False,
+        tensorboard=False,
+        eval_episodes=0,
+        checkpoint_every=1,
+        mappo=SMALL_MAPPO,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -80,8 +106,9 @@ def assert_same_run(expected_dir: Path, actual_dir: Path):
 
 def start(logdir: Path, name: str, resume: bool) -> subprocess.Popen:
     command = [sys.executable, "-m", "kpg", "train", "--logdir", str(logdir), "--name", name, *CLI_FLAGS]
-    return subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command + (["--resume"] if resume else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_progress(process: subprocess.Popen, metrics: Path, size_before: int, timeout: float = 120) -> bool:
@@ -119,7 +146,9 @@ def test_sigkill_at_random_moments_resumes_identically(uninterrupted, tmp_path):
         process.communicate()  # waits and closes the stderr pipe (an open one is a ResourceWarning, an error here)
         if process.returncode == -signal.SIGKILL:
             survived += 1
-        if (run_dir / "checkpoint.pt").exists() and load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["env_steps"] >= STEPS:
+        if (run_dir / "checkpoint.pt").exists() and load_checkpoint(run_dir / "checkpoint.pt")["trainer"][
+            "env_steps"
+        ] >= STEPS:
             pytest.fail("the run finished before it could be killed; make it longer")
     print(f"survived {survived} SIGKILLs")
     assert_same_run(uninterrupted, run_dir)
@@ -186,9 +215,12 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
 def test_off_policy_checkpoints_hold_the_replay_buffer_unless_told_not_to(tmp_path, keep_replay):
     from kpg.algos import MADDPGConfig
 
-    maddpg = MADDPGConfig(buffer_size=500, batch_size=16, rollout=25, updates_per_iteration=1, learning_starts=50,
-                          hidden=(8,))
-    run = config(tmp_path, "offpolicy", algo="maddpg", steps=100, copies=2, maddpg=maddpg, checkpoint_replay=keep_replay)
+    maddpg = MADDPGConfig(
+        buffer_size=500, batch_size=16, rollout=25, updates_per_iteration=1, learning_starts=50, hidden=(8,)
+    )
+    run = config(
+        tmp_path, "offpolicy", algo="maddpg", steps=100, copies=2, maddpg=maddpg, checkpoint_replay=keep_replay
+    )
     train(run)
     replay = load_checkpoint(tmp_path / "offpolicy" / "checkpoint.pt")["trainer"]["replay"]
     assert replay["size"] == (100 if keep_replay else 0)
@@ -201,8 +233,12 @@ def tensorboard_steps(run_dir: Path, tag: str = "updates") -> list[int]:
     """The steps of ``tag``'s scalars in every TensorBoard event file of the run, in file order."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    return [event.step for path in sorted(run_dir.glob("events.out.tfevents.*"))
-            for event in EventFileLoader(str(path)).Load() if any(v.tag == tag for v in event.summary.value)]
+    return [
+        event.step
+        for path in sorted(run_dir.glob("events.out.tfevents.*"))
+        for event in EventFileLoader(str(path)).Load()
+        if any(v.tag == tag for v in event.summary.value)
+    ]
 
 
 def test_a_resume_cuts_tensorboard_events_back_to_the_checkpoint(tmp_path, monkeypatch):
@@ -243,8 +279,22 @@ def test_ctrl_c_under_torchrun_writes_a_final_checkpoint_every_rank_agrees_on(tm
     checkpoint together (periodic checkpoints are off, so it is the only one), which resumes."""
     flags = [flag if flag != str(STEPS) else "20000" for flag in CLI_FLAGS]
     flags[flags.index("--checkpoint-every") + 1] = "0"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kpg",
-                "train", "--logdir", str(tmp_path), "--name", "dist", *flags]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kpg",
+        "train",
+        "--logdir",
+        str(tmp_path),
+        "--name",
+        "dist",
+        *flags,
+    ]
     run_dir = tmp_path / "dist"
     process = subprocess.Popen(torchrun, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert wait_for_progress(process, run_dir / "metrics.csv", 0, timeout=180)
@@ -257,8 +307,9 @@ def test_ctrl_c_under_torchrun_writes_a_final_checkpoint_every_rank_agrees_on(tm
     assert len(state["ranks"]) == 2 and 0 < updates < 200
     assert len(metric_rows(run_dir)) == updates, "the checkpoint and metrics.csv disagree"
     flags[flags.index("--steps") + 1] = str(100 * (updates + 1))
-    resumed = subprocess.run(torchrun[:torchrun.index("--name") + 2] + flags + ["--resume"], capture_output=True,
-                             text=True, timeout=180)
+    resumed = subprocess.run(
+        torchrun[: torchrun.index("--name") + 2] + flags + ["--resume"], capture_output=True, text=True, timeout=180
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["updates"] == updates + 1
     assert len(metric_rows(run_dir)) == updates + 1

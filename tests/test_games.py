@@ -124,12 +124,16 @@ class _ReferenceOptimizer:
             return param - self.lr * buffer, dict(state, step=step, momentum_buffer=buffer)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         exp_avg = (1 - beta1) * grad if state["exp_avg"] is None else beta1 * state["exp_avg"] + (1 - beta1) * grad
-        exp_avg_sq = (1 - beta2) * grad * grad if state["exp_avg_sq"] is None else (
-            beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad)
-        bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+        exp_avg_sq = (
+            (1 - beta2) * grad * grad
+            if state["exp_avg_sq"] is None
+            else (beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad)
+        )
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         denominator = exp_avg_sq.sqrt() / math.sqrt(bias2) + eps
-        return param - (self.lr / bias1) * exp_avg / denominator, dict(step=step, momentum_buffer=None, exp_avg=exp_avg,
-                                                                       exp_avg_sq=exp_avg_sq)
+        return param - (self.lr / bias1) * exp_avg / denominator, dict(
+            step=step, momentum_buffer=None, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
+        )
 
 
 def _reference_kpg(game, initial: torch.Tensor, lrs, k: int, optimizer: str, steps: int) -> list[torch.Tensor]:
@@ -142,15 +146,17 @@ def _reference_kpg(game, initial: torch.Tensor, lrs, k: int, optimizer: str, ste
     trajectory = []
     for _ in range(steps):
         anticipated = theta
-        for level in range(1, k + 1):
+        for _level in range(1, k + 1):
             new_theta, new_states = [], []
             for c in range(copies * blocks):
                 row_theta, row_states = [], []
                 for p in range(players):
                     own = theta[c][p].clone().requires_grad_(True)
                     policies = [torch.softmax(own if q == p else anticipated[c][q], dim=0) for q in range(players)]
-                    payoff = sum(math.prod(policies[q][a] for q, a in enumerate(joint)) * game.payoffs[(p, *joint)]
-                                 for joint in itertools.product(range(actions), repeat=players))
+                    payoff = sum(
+                        math.prod(policies[q][a] for q, a in enumerate(joint)) * game.payoffs[(p, *joint)]
+                        for joint in itertools.product(range(actions), repeat=players)
+                    )
                     (grad,) = torch.autograd.grad(-payoff, own)
                     updated, state = opts[c][p].update(theta[c][p], grad, opts[c][p].state)
                     row_theta.append(updated.detach())
@@ -193,8 +199,9 @@ def test_sampled_step_approaches_the_exact_step(k):
     moves the logits as the exact step does; at k=2 the joint ratio carries the anticipation."""
     game = make_game("penalty")
     exact = GamePlay(game, copies=4, lrs=[0.002], k=k, optimizer="sgd", seed=7, dtype=torch.float64)
-    sampled = GamePlay(game, copies=4, lrs=[0.002], k=k, optimizer="sgd", mode="sampled", batch=100_000, seed=7,
-                       dtype=torch.float64)
+    sampled = GamePlay(
+        game, copies=4, lrs=[0.002], k=k, optimizer="sgd", mode="sampled", batch=100_000, seed=7, dtype=torch.float64
+    )
     start = exact.logits.detach().clone()
     exact.step()
     sampled.step()
@@ -214,12 +221,34 @@ def test_sampled_step_approaches_the_exact_step(k):
 
 def test_kpg_games_tiny_study(tmp_path, capsys):
     out = tmp_path / "study"
-    cli.main(["games", "--games", "pennies", "penalty3", "--ks", "1", "2", "--optimizers", "sgd", "adam",
-              "--lrs", "0.1", "1", "--copies", "6", "--steps", "3", "--out", str(out)])
+    cli.main(
+        [
+            "games",
+            "--games",
+            "pennies",
+            "penalty3",
+            "--ks",
+            "1",
+            "2",
+            "--optimizers",
+            "sgd",
+            "adam",
+            "--lrs",
+            "0.1",
+            "1",
+            "--copies",
+            "6",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 2 * 2 * 2 * 2
     assert {(r["game"], r["optimizer"], r["k"], r["lr"]) for r in results["rows"]} == set(
-        itertools.product(["pennies", "penalty3"], ["sgd", "adam"], [1, 2], [0.1, 1.0]))
+        itertools.product(["pennies", "penalty3"], ["sgd", "adam"], [1, 2], [0.1, 1.0])
+    )
     for row in results["rows"]:
         assert row["copies"] == 6 and 0 <= row["share_ci95"][0] <= row["share"] <= row["share_ci95"][1] <= 1
         assert row["seconds_per_step"] > 0 and row["cpu_seconds_per_step"] > 0
@@ -233,9 +262,32 @@ def test_kpg_games_tiny_study(tmp_path, capsys):
 
 def test_kpg_games_sampled_mode_runs(tmp_path):
     out = tmp_path / "sampled"
-    cli.main(["games", "--games", "penalty", "--ks", "2", "--optimizers", "sgd", "--lrs", "0.1",
-              "--copies", "4", "--steps", "2", "--mode", "sampled", "--batch", "8", "--workers", "1", "--no-plot",
-              "--out", str(out)])
+    cli.main(
+        [
+            "games",
+            "--games",
+            "penalty",
+            "--ks",
+            "2",
+            "--optimizers",
+            "sgd",
+            "--lrs",
+            "0.1",
+            "--copies",
+            "4",
+            "--steps",
+            "2",
+            "--mode",
+            "sampled",
+            "--batch",
+            "8",
+            "--workers",
+            "1",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mode"] == "sampled" and len(results["rows"]) == 1
     assert not (out / "games.png").exists()

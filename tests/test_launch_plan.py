@@ -13,8 +13,28 @@ from kpg import _C
 
 CUDA_CHUNK = _C.CUDA_CHUNK_ELEMS
 THREADS = _C.CUDA_THREADS_PER_BLOCK
-EDGE_SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 1025, 1026, 1027, 2049, 2050, 2051, 4097,
-              CUDA_CHUNK - 1, CUDA_CHUNK, CUDA_CHUNK + 1, 2 * CUDA_CHUNK + 3]
+EDGE_SIZES = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    7,
+    8,
+    9,
+    1025,
+    1026,
+    1027,
+    2049,
+    2050,
+    2051,
+    4097,
+    CUDA_CHUNK - 1,
+    CUDA_CHUNK,
+    CUDA_CHUNK + 1,
+    2 * CUDA_CHUNK + 3,
+]
 
 LAYOUTS = {
     **{f"one-agent-{s}": [s] for s in EDGE_SIZES},

@@ -55,16 +55,29 @@ def test_unknown_opponent_names_the_choices():
 
 def test_magent2_battle_trains_one_team_with_batched_actors(tmp_path):
     pytest.importorskip("magent2")
-    factory = make_env_factory("magent2:battle_v4", map_size=16, team="blue", opponent="helpers:opponent_plays_first_action")
+    factory = make_env_factory(
+        "magent2:battle_v4", map_size=16, team="blue", opponent="helpers:opponent_plays_first_action"
+    )
     pool = EnvPool(factory, copies=1, seed=0)
     assert pool.spaces.num_agents == 6 and all(name.startswith("blue_") for name in pool.spaces.names)
     assert pool.spaces.homogeneous and pool.spaces.obs_size == 13 * 13 * 5 and pool.spaces.state_size == 16 * 16 * 5
     step = pool.step(np.zeros((1, 6), dtype=np.int64))  # red plays the scripted opponent
     assert step.reward.shape == (1, 6) and step.alive.all() and len(pool.envs[0].env.agents) == 12
     mappo = MAPPOConfig(rollout=50, epochs=1, minibatches=2, hidden=(16,), share_actor=False, others="geometric")
-    config = TrainConfig(env="magent2:battle_v4", agents=None, env_options={"map_size": "16", "max_cycles": "60"}, k=2,
-                         steps=300, copies=2, logdir=tmp_path, progress=False, tensorboard=False, eval_episodes=1,
-                         checkpoint_every=0, mappo=mappo)
+    config = TrainConfig(
+        env="magent2:battle_v4",
+        agents=None,
+        env_options={"map_size": "16", "max_cycles": "60"},
+        k=2,
+        steps=300,
+        copies=2,
+        logdir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        eval_episodes=1,
+        checkpoint_every=0,
+        mappo=mappo,
+    )
     _, trainer = build_trainer(config)
     assert trainer.actor.layout == "batched" and trainer.actor_optimizer.arena.is_batched
     summary = train(config)

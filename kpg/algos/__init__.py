@@ -14,4 +14,12 @@ from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 
 ALGORITHMS = {"mappo": MAPPOTrainer, "maddpg": MADDPGTrainer, "facmac": FACMACTrainer}
 
-__all__ = ["ALGORITHMS", "FACMACConfig", "FACMACTrainer", "MADDPGConfig", "MADDPGTrainer", "MAPPOConfig", "MAPPOTrainer"]
+__all__ = [
+    "ALGORITHMS",
+    "FACMACConfig",
+    "FACMACTrainer",
+    "MADDPGConfig",
+    "MADDPGTrainer",
+    "MAPPOConfig",
+    "MAPPOTrainer",
+]

@@ -17,7 +17,9 @@ from torch.nn.utils import skip_init
 from kpg import nn as kpg_nn
 
 
-def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: str = "tanh", output_gain: float = 1.0) -> nn.Sequential:
+def mlp(
+    inputs: int, hidden: Sequence[int], outputs: int, activation: str = "tanh", output_gain: float = 1.0
+) -> nn.Sequential:
     """An MLP with orthogonal initialization (the MAPPO/PPO convention); ``output_gain`` scales the
     last layer (0.01 for policy logits keeps the initial policy near uniform)."""
     if activation not in kpg_nn.ACTIVATIONS:
@@ -63,8 +65,16 @@ class AgentActors(nn.ModuleList):
     initialises), so with the same torch seed they hold the same networks.
     """
 
-    def __init__(self, layout: str, num_agents: int, obs_size: int, outputs: int, hidden: Sequence[int],
-                 activation: str, output_gain: float):
+    def __init__(
+        self,
+        layout: str,
+        num_agents: int,
+        obs_size: int,
+        outputs: int,
+        hidden: Sequence[int],
+        activation: str,
+        output_gain: float,
+    ):
         if layout not in ACTOR_LAYOUTS:
             raise ValueError(f"unknown actor layout {layout!r}; choose one of {', '.join(ACTOR_LAYOUTS)}")
         if layout == "shared":
@@ -102,7 +112,8 @@ class AgentActors(nn.ModuleList):
         extra = list(extra)
         if extra and len(extra) != len(self):
             raise ValueError(
-                f"extra holds {len(extra)} parameters but the {self.layout} actors have {len(self)} networks; pass one per network"
+                f"extra holds {len(extra)} parameters but the {self.layout} actors have {len(self)} networks; "
+                "pass one per network"
             )
         per_network = [[*network.parameters(), *extra[i : i + 1]] for i, network in enumerate(self)]
         if self.layout == "shared":
@@ -226,7 +237,10 @@ def actor_level_seconds(optimizer) -> list[float]:
     backward, kernels; the anticipated forward is part of the closure)."""
     seconds = optimizer.stats.seconds
     levels = max((len(v) for v in seconds.values()), default=0)
-    return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]
+    return [
+        sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v))
+        for l in range(levels)
+    ]
 
 
 def clip_member_grad_norms_(network: kpg_nn.AgentModule, max_norm: float) -> Tensor:
@@ -254,14 +268,18 @@ def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
         t.lerp_(s, tau)
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+def gumbel_noise(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device | str, dtype: torch.dtype
+) -> Tensor:
     """Standard Gumbel samples -log(-log U), drawn from ``generator``."""
     uniform = torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
     tiny = torch.finfo(dtype).tiny
     return -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - torch.finfo(dtype).eps)))
 
 
-def straight_through_gumbel_softmax(logits: Tensor, noise: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+def straight_through_gumbel_softmax(
+    logits: Tensor, noise: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
     """Gumbel-softmax with the straight-through estimator (Jang et al., 2017): the forward value is
     the one-hot of argmax(logits + noise), the gradient that of softmax((logits + noise) /
     temperature). ``mask`` (broadcastable to ``logits``, 1 for actions the agent has) keeps padded

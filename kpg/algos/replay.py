@@ -64,11 +64,13 @@ class ReplayBuffer:
         available = _memory_bytes(torch.device(device))
         if capacity * row_bytes > available:
             raise ValueError(
-                f"a replay buffer of {capacity} rows of {row_bytes} bytes needs {capacity * row_bytes / 2**30:.1f} GiB, more than "
-                f"the {available / 2**30:.1f} GiB of {device} memory; lower the buffer size"
+                f"a replay buffer of {capacity} rows of {row_bytes} bytes needs "
+                f"{capacity * row_bytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of {device} "
+                "memory; lower the buffer size"
             )
         self.storage = {
-            name: torch.zeros((capacity, *shape), dtype=dtype, device=device) for name, (shape, dtype) in self.fields.items()
+            name: torch.zeros((capacity, *shape), dtype=dtype, device=device)
+            for name, (shape, dtype) in self.fields.items()
         }
         self.size = 0
         self.position = 0  # the row the next addition writes
@@ -81,19 +83,24 @@ class ReplayBuffer:
         missing, unknown = sorted(set(self.fields) - set(rows)), sorted(set(rows) - set(self.fields))
         if missing or unknown:
             raise ValueError(
-                f"replay rows must have exactly the fields {', '.join(self.fields)}; missing {missing}, unknown {unknown}"
+                f"replay rows must have exactly the fields {', '.join(self.fields)}; "
+                f"missing {missing}, unknown {unknown}"
             )
         count = None
         staged = {}
         for name, (shape, dtype) in self.fields.items():
             value = torch.as_tensor(rows[name], dtype=dtype, device=self.storage[name].device)
             if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape:
-                raise ValueError(f"replay field {name!r} must be [rows, {', '.join(map(str, shape))}], got {tuple(value.shape)}")
+                raise ValueError(
+                    f"replay field {name!r} must be [rows, {', '.join(map(str, shape))}], got {tuple(value.shape)}"
+                )
             if count is None:
                 count = value.shape[0]
             elif value.shape[0] != count:
-                raise ValueError(f"replay fields have different row counts: {name!r} has {value.shape[0]}, others {count}")
-            staged[name] = value[-self.capacity:]
+                raise ValueError(
+                    f"replay fields have different row counts: {name!r} has {value.shape[0]}, others {count}"
+                )
+            staged[name] = value[-self.capacity :]
         written = min(count, self.capacity)
         indices = (self.position + torch.arange(written)) % self.capacity
         for name, value in staged.items():
@@ -123,18 +130,22 @@ class ReplayBuffer:
         """Loads a :meth:`state_dict` (or :func:`without_rows` of one, leaving the buffer empty)."""
         if state["capacity"] != self.capacity:
             raise ValueError(
-                f"the saved replay buffer holds {state['capacity']} rows, this one {self.capacity}; use the same capacity"
+                f"the saved replay buffer holds {state['capacity']} rows, this one {self.capacity}; "
+                "use the same capacity"
             )
         if set(state["storage"]) != set(self.fields):
-            raise ValueError(f"the saved replay buffer has fields {sorted(state['storage'])}, this one {sorted(self.fields)}")
+            raise ValueError(
+                f"the saved replay buffer has fields {sorted(state['storage'])}, this one {sorted(self.fields)}"
+            )
         for name, saved in state["storage"].items():
             if tuple(saved.shape) != (state["size"], *self.fields[name][0]):
                 raise ValueError(
-                    f"saved replay field {name!r} has shape {tuple(saved.shape)}, expected {(state['size'], *self.fields[name][0])}"
+                    f"saved replay field {name!r} has shape {tuple(saved.shape)}, "
+                    f"expected {(state['size'], *self.fields[name][0])}"
                 )
         for name, saved in state["storage"].items():
             self.storage[name][: state["size"]] = saved.to(self.storage[name].device, self.storage[name].dtype)
-            self.storage[name][state["size"]:] = 0
+            self.storage[name][state["size"] :] = 0
         self.size, self.position = state["size"], state["position"]
 
 
@@ -149,8 +160,14 @@ def transition_rows(obs: np.ndarray, state: np.ndarray, alive: np.ndarray, step:
     (the pool's before it) to ``step``, every field except ``actions``, which the caller adds in its
     own encoding. The next observations and state are the step's, taken before any reset."""
     return {
-        "obs": obs, "state": state, "alive": alive, "reward": step.reward * alive, "terminated": step.terminated * alive,
-        "next_obs": step.next_obs, "next_state": step.next_state, "next_present": step.next_present,
+        "obs": obs,
+        "state": state,
+        "alive": alive,
+        "reward": step.reward * alive,
+        "terminated": step.terminated * alive,
+        "next_obs": step.next_obs,
+        "next_state": step.next_state,
+        "next_present": step.next_present,
     }
 
 

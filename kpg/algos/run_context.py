@@ -81,8 +81,11 @@ class RunContext:
                 box[0] = ("result", fn())
             except Exception as error:  # every rank raises it, instead of the others waiting on rank 0
                 box[0] = ("error", error)
-        _collective(lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group),
-                    self.group, "the broadcast from rank 0")
+        _collective(
+            lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group),
+            self.group,
+            "the broadcast from rank 0",
+        )
         kind, value = box[0]
         if kind == "error":
             raise value
@@ -93,7 +96,9 @@ class RunContext:
         if not self.distributed:
             return [value]
         values: list[Any] = [None] * self.world_size
-        _collective(lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states")
+        _collective(
+            lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states"
+        )
         return values
 
     def gather_to_writer(self, value: T) -> list[T] | None:
@@ -102,8 +107,11 @@ class RunContext:
         if not self.distributed:
             return [value]
         values: list[Any] | None = [None] * self.world_size if self.is_writer else None
-        _collective(lambda: dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group),
-                    self.group, "the gather of rank states to rank 0")
+        _collective(
+            lambda: dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group),
+            self.group,
+            "the gather of rank states to rank 0",
+        )
         if values is not None:
             values[0] = value
         return values
@@ -141,5 +149,8 @@ class RunContext:
                 "resume with the same --copies"
             )
         before = pool_states[self.rank] if self.rank < len(pool_states) else None
-        return {"seed": pool.seed, "episodes_started": before["episodes_started"] if before else 0,
-                "episode_seeds": seeds[self.rank * pool.copies : (self.rank + 1) * pool.copies]}
+        return {
+            "seed": pool.seed,
+            "episodes_started": before["episodes_started"] if before else 0,
+            "episode_seeds": seeds[self.rank * pool.copies : (self.rank + 1) * pool.copies],
+        }
