@@ -80,3 +80,19 @@ def assert_as_accurate_as(actual, baseline, truth, rtol: float, what: str = ""):
         f"{what}: error {error.max().item():.3e} against float64 exceeds rtol {rtol} of scale plus twice the "
         f"baseline's error {baseline_error.item():.3e}"
     )
+
+
+def rows(kind: str, hyper: dict, num_agents) -> dict[str, torch.Tensor]:
+    """The ``hyper`` argument of a kpg update op: ``hyper`` (a dict of one family's
+    hyperparameters) as every agent's row; ``num_agents`` an int or the op's step tensor."""
+    from kpg import _ops as ops
+
+    count = num_agents if isinstance(num_agents, int) else num_agents.numel()
+    return {"hyper": ops.hyper_rows(kind, hyper, count)}
+
+
+def no_live(num_agents: int) -> torch.Tensor:
+    """A ``live`` table in which no state tensor holds values yet."""
+    from kpg import _ops as ops
+
+    return torch.zeros(num_agents, ops.MAX_STATES, dtype=torch.uint8)

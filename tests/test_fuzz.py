@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kpg
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
+from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale, rows
 from kpg import _ops as ops
 from kpg import reference
 from test_kernels import Arena, agent_grad_norms_of_kernel_and_reference
@@ -246,9 +246,9 @@ def test_kernels_on_zero_to_hundreds_of_tiny_agents_with_nonfinite_gradients(pro
     for module, arena in ((ops, copy.deepcopy(base)), (reference, copy.deepcopy(base))):
         anticipated = torch.full_like(arena.param, 123.0)
         if commit:
-            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
+            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **rows(kind, hyper, arena.step))
         else:
-            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
         results.append({**arena.tensors(), "anticipated": anticipated})
     dtype = base.param.dtype
     truth = None
@@ -256,7 +256,7 @@ def test_kernels_on_zero_to_hundreds_of_tiny_agents_with_nonfinite_gradients(pro
         upcast = base.upcast()
         anticipated = torch.full_like(upcast.param, 123.0)
         args = upcast.commit_args() if commit else upcast.anticipate_args(anticipated)
-        reference.UPDATE_OPS[(kind, commit)](**args, **hyper)
+        reference.UPDATE_OPS[(kind, commit)](**args, **rows(kind, hyper, upcast.step))
         truth = {**upcast.tensors(), "anticipated": anticipated}
     for name, expected in results[1].items():
         if truth is None:

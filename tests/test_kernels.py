@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
+from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale, no_live, rows
 from kpg import _ops as ops
 from kpg import reference
 
@@ -52,6 +52,7 @@ class Arena:
         self.grad = torch.randn(n, dtype=dtype, generator=g)
         self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
         self.step = torch.zeros(a, dtype=torch.float64)
+        self.live = no_live(a)
         self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
         self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
         self.skip = (torch.rand(a, generator=g) < 0.2).to(torch.uint8)
@@ -65,12 +66,12 @@ class Arena:
         grad = self.grad
         for warm in self.warm_grads:
             self.grad = warm
-            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **hyper)
+            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **rows(kind, hyper, self.step))
         self.grad = grad
         return self
 
     def commit_args(self, skip=True):
-        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, lr=self.lr,
+        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, live=self.live, lr=self.lr,
                     grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
 
     def anticipate_args(self, anticipated):
@@ -106,9 +107,9 @@ def test_update_matches_reference(commit, case, dtype, layout, nonfinite):
     for label, (module, arena) in runs.items():
         anticipated = torch.full_like(arena.param, 123.0)
         if commit:
-            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
+            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **rows(kind, hyper, arena.step))
         else:
-            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
         results[label] = {**arena.tensors(), "anticipated": anticipated}
     for name, expected in results["reference"].items():
         if dtype == torch.float64:
@@ -125,7 +126,7 @@ def test_anticipate_leaves_base_and_state_bit_identical(case, dtype):
     before = {name: t.clone() for name, t in arena.tensors().items()}
     grad_before = arena.grad.clone()
     anticipated = torch.zeros_like(arena.param)
-    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
     for name, tensor in arena.tensors().items():
         assert torch.equal(tensor, before[name]), f"anticipate changed {name}"
     assert torch.equal(arena.grad, grad_before)
@@ -167,6 +168,7 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
     states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
     a = len(sizes)
     step = torch.zeros(a, dtype=torch.float64)
+    live = no_live(a)
     lr = torch.tensor(lrs, dtype=torch.float64)
     max_norm = torch.tensor(max_norms, dtype=torch.float64)
     norm, grad_scale = torch.zeros(a, dtype=torch.float64), torch.ones(a, dtype=torch.float64)
@@ -182,8 +184,8 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
             opt.step()
         if clip:
             ops.agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite)
-        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, lr, grad_scale if clip else None,
-                                      None, chunks, **hyper)
+        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, live, lr, rows(kind, hyper, a)["hyper"],
+                                      grad_scale if clip else None, None, chunks)
     for agent, p in enumerate(theirs):
         ours = param[offsets[agent] : offsets[agent + 1]]
         if dtype == torch.float64:
@@ -254,7 +256,7 @@ def test_nonfinite_gradient_skips_only_that_agent():
     args = arena.commit_args(skip=False)
     args["skip"] = nonfinite
     args["grad_scale"] = None
-    ops.adam_commit(**args, **hyper)
+    ops.adam_commit(**args, **rows(kind, hyper, 3))
     assert arena.step.tolist() == [3.0, 2.0, 3.0]
     for name in ("param", "exp_avg", "exp_avg_sq"):
         tensor = arena.tensors()[name]
@@ -267,7 +269,7 @@ def test_one_step_changes_no_buffer_it_does_not_own():
     kind, hyper = _hyper("rmsprop-centered-momentum-wd")
     arena = Arena(kind, [9, 9], torch.float64, seed=6).warm_up(kind, hyper)
     grad, lr, chunks = arena.grad.clone(), arena.lr.clone(), arena.chunks.clone()
-    ops.rmsprop_commit(**arena.commit_args(), **hyper)
+    ops.rmsprop_commit(**arena.commit_args(), **rows(kind, hyper, 2))
     assert torch.equal(arena.grad, grad) and torch.equal(arena.lr, lr) and torch.equal(arena.chunks, chunks)
 
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale
+from conftest import RTOL, assert_as_accurate_as, assert_close_to_scale, rows
 from kpg import _ops as ops
 from kpg import reference
 from test_kernels import Arena
@@ -104,9 +104,10 @@ def update_problems(draw):
 def _run(module, problem: Problem, arena: Arena) -> dict[str, torch.Tensor]:
     anticipated = torch.full_like(arena.param, 123.0)
     if problem.commit:
-        module.UPDATE_OPS[(problem.kind, True)](**arena.commit_args(), **problem.hyper)
+        module.UPDATE_OPS[(problem.kind, True)](**arena.commit_args(), **rows(problem.kind, problem.hyper, arena.step))
     else:
-        module.UPDATE_OPS[(problem.kind, False)](**arena.anticipate_args(anticipated), **problem.hyper)
+        module.UPDATE_OPS[(problem.kind, False)](**arena.anticipate_args(anticipated),
+                                                  **rows(problem.kind, problem.hyper, arena.step))
     return {**arena.tensors(), "anticipated": anticipated}
 
 
@@ -135,8 +136,9 @@ def test_anticipate_writes_what_commit_would_and_nothing_else(problem):
     before = copy.deepcopy(problem.arena)
     anticipating, committing = copy.deepcopy(before), copy.deepcopy(before)
     anticipated = torch.full_like(before.param, 123.0)
-    ops.UPDATE_OPS[(problem.kind, False)](**anticipating.anticipate_args(anticipated), **problem.hyper)
-    ops.UPDATE_OPS[(problem.kind, True)](**committing.commit_args(), **problem.hyper)
+    ops.UPDATE_OPS[(problem.kind, False)](**anticipating.anticipate_args(anticipated),
+                                          **rows(problem.kind, problem.hyper, anticipating.step))
+    ops.UPDATE_OPS[(problem.kind, True)](**committing.commit_args(), **rows(problem.kind, problem.hyper, committing.step))
     assert torch.equal(_bits(anticipated), _bits(committing.param))
     for name, value in anticipating.tensors().items():
         assert torch.equal(_bits(value), _bits(before.tensors()[name])), f"anticipate changed {name}"

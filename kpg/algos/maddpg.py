@@ -13,8 +13,14 @@ The actor update goes through :class:`kpg.KPGOptimizer`: agent i's loss is
 its base parameters and the others' from their anticipated level l-1 parameters
 (:func:`kpg.joint_inputs`). At level 1 the others' actions are their current policies' (as in
 MADDPG implementations that recompute every agent's action for the policy gradient, rather than
-reusing the replayed ones), so k=1 is exactly MADDPG. The critics are trained with Adam on the
-TD error; a time limit is not a terminal state, so the target bootstraps from the final state of
+reusing the replayed ones), so k=1 is exactly MADDPG. From level 2 on, with discrete actions, the
+others' anticipated actions are their *relaxed* Gumbel-softmax samples (the softmax of the
+perturbed logits, with the same noise as the own action: :meth:`OffPolicyTrainer.anticipated_actions`),
+not the straight-through one-hot forward values: a one-hot changes only where an argmax flips, so
+an anticipation fed as one-hot would carry almost none of the others' level l-1 change and k=2
+would be nearly inert. The critics, trained on one-hot actions, then see the others' relaxed
+actions, which stay on the simplex and equal the one-hot in the low-temperature limit.
+The critics are trained with Adam on the TD error; a time limit is not a terminal state, so the target bootstraps from the final state of
 a time-limited episode.
 
 :class:`OffPolicyTrainer` holds what MADDPG and FACMAC share: actors and their targets, acting and
@@ -196,6 +202,17 @@ class OffPolicyTrainer(abc.ABC):
         mask = self.action_mask[:, None, :]
         if self.discrete:
             return straight_through_gumbel_softmax(outputs, noise, self.config.gumbel_temperature, mask)
+        return torch.tanh(outputs) * mask
+
+    def anticipated_actions(self, outputs: Tensor, noise: Tensor | None) -> Tensor:
+        """The actions the others' anticipation feeds from level 2 on: tanh of the outputs
+        (continuous), or the relaxed Gumbel-softmax of the logits with ``noise`` (discrete: the
+        sample whose one-hot :meth:`policy_actions` takes, so its value moves with the parameters)."""
+        mask = self.action_mask[:, None, :]
+        if self.discrete:
+            perturbed = (outputs + noise) / self.config.gumbel_temperature
+            perturbed = perturbed.masked_fill(mask == 0, torch.finfo(perturbed.dtype).min)
+            return torch.softmax(perturbed, dim=-1)
         return torch.tanh(outputs) * mask
 
     def greedy_actions(self, outputs: Tensor) -> Tensor:
@@ -416,7 +433,7 @@ class MADDPGTrainer(OffPolicyTrainer):
             anticipated = own.detach()  # level l-1 = 0 is the base parameters: the same actions
         else:
             with ctx.anticipated():
-                anticipated = self.policy_actions(self.actor(obs), noise) * alive[..., None]
+                anticipated = self.anticipated_actions(self.actor(obs), noise) * alive[..., None]
         joint = joint_inputs(own, anticipated)  # [agents i, agents j, batch, action]: j's action in i's loss
         q = self.q_values(self.critic, batch["state"], joint.transpose(1, 2).flatten(2))
         policy_value = (q * alive).sum(1) / alive.sum(1).clamp_min(1.0)
