@@ -139,32 +139,22 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
 
 
 def _make(kind: str, commit: bool):
+    """The reference of op ``<kind>_<mode>``: the op's arguments, by position or by name."""
     names = KERNELS[kind].state_names
-    count = len(names)
+    per_agent = ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")
+    arguments = ("param", "grad", *(() if commit else ("anticipated",)), *names, *per_agent)
 
-    def anticipate(param, grad, anticipated, *rest, **kwargs):
-        args = _bind(rest, kwargs, ("anticipated",))
-        _run(kind, False, param, grad, anticipated, args[:count], *args[count:])
+    def update(*args, **kwargs) -> None:
+        values = dict(zip(arguments, args)) | kwargs
+        missing = [name for name in arguments if name not in values]
+        if missing or len(values) != len(arguments):
+            raise TypeError(f"{update.__name__} takes ({', '.join(arguments)}); missing {missing}")
+        _run(kind, commit, values["param"], values["grad"], values.get("anticipated"), [values[n] for n in names],
+             *(values[n] for n in per_agent))
 
-    def commit_(param, grad, *rest, **kwargs):
-        args = _bind(rest, kwargs, ())
-        _run(kind, True, param, grad, None, args[:count], *args[count:])
-
-    def _bind(rest, kwargs, skipped):
-        order = [*names, "step", "live", "lr", "hyper", "grad_scale", "skip", "chunks"]
-        values = dict(zip(order, rest))
-        for name, value in kwargs.items():
-            if name not in skipped:
-                values[name] = value
-        return [values[name] for name in order]
-
-    function = commit_ if commit else anticipate
-    function.__name__ = f"{kind}_{'commit' if commit else 'anticipate'}"
-    function.__doc__ = (
-        f"``kpg._ops.{function.__name__}`` in plain PyTorch: (param, grad, "
-        + ("" if commit else "anticipated, ") + ", ".join(names) + ", step, live, lr, hyper, grad_scale, skip, chunks)."
-    )
-    return function
+    update.__name__ = f"{kind}_{'commit' if commit else 'anticipate'}"
+    update.__doc__ = f"``kpg._ops.{update.__name__}`` in plain PyTorch: ({', '.join(arguments)})."
+    return update
 
 
 UPDATE_OPS = {(kind, commit): _make(kind, commit) for kind in KERNELS for commit in (False, True)}

@@ -21,6 +21,9 @@ UPDATE_CASES = {
     "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
     "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
     "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
+    "adagrad": ("adagrad", dict(lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False)),
+    "adagrad-decay-wd-maximize": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6,
+                                                  maximize=True)),
 }
 
 # Agent segment sizes: an empty agent, a single element, vector width +-1, chunk size +-1 for
@@ -140,6 +143,8 @@ def _torch_optimizer(kind, hyper, params, lr):
         h = dict(hyper)
         h["betas"] = (h.pop("beta1"), h.pop("beta2"))
         return torch.optim.Adam(params, lr=lr, foreach=False, fused=False, **h)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, foreach=False, **hyper)
     return torch.optim.RMSprop(params, lr=lr, foreach=False, **hyper)
 
 
@@ -166,6 +171,9 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip):
     param = torch.cat(initial)
     grad = torch.zeros_like(param)
     states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
+    for name, start in zip(ops.KERNELS[kind].state_names, ops.KERNELS[kind].state_initial):
+        if start >= 0:  # Adagrad's sum starts at initial_accumulator_value, as torch.optim starts it
+            states[name].fill_(ops.KERNELS[kind].row(hyper)[start])
     a = len(sizes)
     step = torch.zeros(a, dtype=torch.float64)
     live = no_live(a)

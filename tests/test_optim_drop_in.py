@@ -423,3 +423,17 @@ def test_reference_agent_segments_follow_the_rows_of_batched_tables():
         results.append(param)
     assert_close_to_scale(results[0], results[1], 1e-12)
 
+
+
+@pytest.mark.parametrize("name", sorted(ops.OPTIMIZERS))
+def test_the_kernels_table_has_torch_optims_defaults(name):
+    """The defaults kpg learns from csrc/kpg/optimizers.h are torch.optim's, key by key."""
+    entry = ops.OPTIMIZERS[name]
+    theirs = TORCH[name]([torch.zeros(1, requires_grad=True)]).defaults
+    assert theirs["lr"] == entry.default_lr
+    for key, value in entry.defaults.items():
+        assert theirs[key] == value, key
+    opt = kpg.KPGOptimizer([nn.Linear(2, 2)], k=1, optimizer=name)
+    assert {key: opt.defaults[key] for key in theirs if key in opt.defaults} == {
+        key: theirs[key] for key in theirs if key in opt.defaults}
+    assert set(opt.state_dict()["param_groups"][0]) >= set(entry.defaults) | {"lr", "max_grad_norm"}
