@@ -187,15 +187,17 @@ class KPGAdam:
         self.anticipated = self.arena.new_buffer()
         self.step = torch.zeros(agents, dtype=torch.float64, device=device)
         self.lr = torch.full((agents,), LEARNING_RATE, dtype=torch.float64, device=device)
+        self.live = torch.zeros(agents, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        self.hyper = ops.hyper_rows("adam", self.HYPER, agents, device=device)
         self.commit()  # the state after one step, as torch_adam leaves it
 
     def commit(self) -> None:
-        ops.adam_commit(self.arena.param, self.arena.grad, self.exp_avg, self.exp_avg_sq, None, self.step, self.lr,
-                        None, None, self.arena.chunks, **self.HYPER)
+        ops.adam_commit(self.arena.param, self.arena.grad, self.exp_avg, self.exp_avg_sq, None, self.step, self.live,
+                        self.lr, self.hyper, None, None, self.arena.chunks)
 
     def anticipate(self) -> None:
         ops.adam_anticipate(self.arena.param, self.arena.grad, self.anticipated, self.exp_avg, self.exp_avg_sq, None,
-                            self.step, self.lr, None, None, self.arena.chunks, **self.HYPER)
+                            self.step, self.live, self.lr, self.hyper, None, None, self.arena.chunks)
 
     def k2(self) -> None:
         self.anticipate()  # level 1 (the level-2 gradients would be taken here)

@@ -1,12 +1,15 @@
 // Python bindings of the kpg extension: raw addresses, counts and dtype codes in (NOTE
-// [Torch-free boundary] in kpg/common.h), calls into the CPU or CUDA entry points, nothing else.
+// [Torch-free boundary] in kpg/common.h) through one UpdateBuffers struct, calls into the CPU or
+// CUDA entry points, and the optimizer table of kpg/optimizers.h out; nothing else.
 // kpg/_C.pyi mirrors this file.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "kpg/launch_plan.h"
 #include "kpg/norms.h"
@@ -34,50 +37,113 @@ void* stream_of(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
                            "reinstall kpg where nvcc is available, or keep the tensors on the CPU");
 }
 
-UpdateBuffers update_buffers(int dtype, bool commit, uintptr_t param, uintptr_t grad,
-                             uintptr_t anticipated, uintptr_t state0, uintptr_t state1,
-                             uintptr_t state2, uintptr_t step, uintptr_t lr, uintptr_t grad_scale,
-                             uintptr_t skip, uintptr_t chunks, int64_t num_chunks,
-                             int64_t num_agents, int64_t numel) {
-  return {address<void>(param),
-          address<const void>(grad),
-          address<void>(anticipated),
-          {address<void>(state0), address<void>(state1), address<void>(state2)},
-          address<double>(step),
-          address<const double>(lr),
-          address<const double>(grad_scale),
-          address<const uint8_t>(skip),
-          address<const int64_t>(chunks),
-          num_chunks,
-          num_agents,
-          numel,
-          dtype,
-          commit};
+const char* hyper_kind_name(HyperKind kind) {
+  switch (kind) {
+    case HyperKind::Real: return "real";
+    case HyperKind::NonNegative: return "non_negative";
+    case HyperKind::Fraction: return "fraction";
+    case HyperKind::Flag: return "flag";
+  }
+  return "unknown";
 }
 
-// Runs the CPU or CUDA entry point of an update without the GIL.
-template <typename Hyper>
-void run_update(int device, uintptr_t stream, const UpdateBuffers& buffers, const Hyper& hyper,
-                void (*cpu)(const UpdateBuffers&, const Hyper&),
-                std::type_identity_t<void (*)(const UpdateBuffers&, const Hyper&, int, void*)> cuda,
-                const char* op) {
-  const std::string op_name = std::string(op) + (buffers.commit ? "_commit" : "_anticipate");
+// Runs the CPU or CUDA update without the GIL; the CPU path checks the chunk table and the rows
+// against the buffers first (a device-resident table cannot be read without a synchronization).
+void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffers) {
+  dispatch_family(family, "update", [](auto) {});
+  std::string name = "update";
+  for (const OptimizerEntry& entry : kOptimizers) {
+    if (static_cast<int>(entry.family) == family) {
+      name = entry.name;
+      break;
+    }
+  }
+  const std::string op_name = name + (buffers.commit ? "_commit" : "_anticipate");
+  const char* op = op_name.c_str();
   py::gil_scoped_release no_gil;
   if (device == kCpuDevice) {
-    check_chunk_table(op_name.c_str(), buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents, buffers.numel);
-    cpu(buffers, hyper);
-  } else if (cuda != nullptr) {
-    cuda(buffers, hyper, device, stream_of(stream));
+    check_chunk_table(op, buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents, buffers.numel);
+    check_update_buffers(family, buffers, op);
+    update_cpu(family, buffers);
   } else {
-    no_cuda_build(op_name.c_str());
+#if defined(KPG_WITH_CUDA)
+    update_cuda(family, buffers, device, stream_of(stream));
+#else
+    (void)stream;
+    no_cuda_build(op);
+#endif
   }
 }
 
-#if defined(KPG_WITH_CUDA)
-#define KPG_CUDA_ENTRY(fn) (&(fn))
-#else
-#define KPG_CUDA_ENTRY(fn) nullptr
-#endif
+// Every named optimizer as Python sees it: family code, torch's default lr, hyperparameters (name,
+// width, kind, default) in row order, state tensor names.
+py::dict optimizers() {
+  py::dict table;
+  for (const OptimizerEntry& entry : kOptimizers) {
+    dispatch_family(static_cast<int>(entry.family), "optimizers", [&](auto traits) {
+      using Traits = decltype(traits);
+      py::list hyper;
+      for (const HyperSpec& spec : Traits::kHyper) {
+        double defaults[2] = {spec.defaults[0], spec.defaults[1]};
+        for (const DefaultOverride& o : entry.overrides) {
+          if (o.name != nullptr && std::string(o.name) == spec.name) defaults[0] = o.value;
+        }
+        py::object value = spec.width == 2 ? py::object(py::make_tuple(defaults[0], defaults[1]))
+                           : spec.kind == HyperKind::Flag ? py::object(py::bool_(defaults[0] != 0.0))
+                                                          : py::object(py::float_(defaults[0]));
+        hyper.append(py::make_tuple(spec.name, spec.width, hyper_kind_name(spec.kind), value));
+      }
+      py::list states;
+      py::list state_initial;
+      for (const char* name : Traits::kStates) states.append(name);
+      for (int row_entry : Traits::kStateInitial) state_initial.append(row_entry);
+      table[entry.name] = py::dict("family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
+                                   "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
+                                   "states"_a = states, "state_initial"_a = state_initial);
+    });
+  }
+  return table;
+}
+
+using Rows = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+template <typename Traits>
+const double* checked_rows(const Rows& rows, const char* op) {
+  if (rows.ndim() != 2 || rows.shape(1) != Traits::kRowWidth) {
+    throw std::invalid_argument(std::string(op) + ": rows must be [agents, " + std::to_string(Traits::kRowWidth) +
+                                "] hyperparameter rows of this optimizer");
+  }
+  return rows.data();
+}
+
+// [agents, states] booleans: which state tensors a commit with each row keeps (and so needs).
+py::array_t<bool> kept_states(int family, const Rows& rows) {
+  return dispatch_family(family, "kept_states", [&](auto traits) -> py::array_t<bool> {
+    using Traits = decltype(traits);
+    const double* data = checked_rows<Traits>(rows, "kept_states");
+    const int64_t agents = rows.shape(0);
+    py::array_t<bool> kept({agents, static_cast<int64_t>(Traits::kNumStates)});
+    bool* out = kept.mutable_data();
+    for (int64_t a = 0; a < agents; ++a) {
+      const double* row = data + a * Traits::kRowWidth;
+      for (int s = 0; s < Traits::kNumStates; ++s) out[a * Traits::kNumStates + s] = Traits::keeps_state(row, s);
+    }
+    return kept;
+  });
+}
+
+// The first row that breaks a rule beyond each hyperparameter's own range, as (agent, message),
+// or (-1, "").
+py::tuple invalid_row(int family, const Rows& rows) {
+  return dispatch_family(family, "invalid_row", [&](auto traits) -> py::tuple {
+    using Traits = decltype(traits);
+    const double* data = checked_rows<Traits>(rows, "invalid_row");
+    for (int64_t a = 0; a < rows.shape(0); ++a) {
+      if (const char* message = Traits::invalid(data + a * Traits::kRowWidth)) return py::make_tuple(a, message);
+    }
+    return py::make_tuple(-1, std::string());
+  });
+}
 
 py::tuple chunk_table(py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets,
                       int64_t chunk_elems) {
@@ -155,60 +221,54 @@ PYBIND11_MODULE(_C, m) {
   m.def("range_chunk_table", &range_chunk_table, "ranges"_a, "num_agents"_a, "chunk_elems"_a);
   m.def("element_visits", &element_visits, "offsets"_a, "chunk_elems"_a, "threads"_a, "vec"_a);
 
-  m.def(
-      "sgd_update",
-      [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
-         uintptr_t anticipated, uintptr_t momentum_buffer, uintptr_t step, uintptr_t lr,
-         uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks, int64_t num_chunks,
-         int64_t num_agents, int64_t numel, double momentum, double dampening, double weight_decay, bool nesterov,
-         bool maximize) {
-        const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, momentum_buffer,
-                                            0, 0, step, lr, grad_scale, skip, chunks, num_chunks,
-                                            num_agents, numel);
-        run_update(device, stream, buffers, SGDHyper{momentum, dampening, weight_decay, nesterov, maximize},
-                   &sgd_update_cpu, KPG_CUDA_ENTRY(sgd_update_cuda), "sgd");
-      },
-      "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
-      "momentum_buffer"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a, "chunks"_a, "num_chunks"_a,
-      "num_agents"_a, "numel"_a, "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a, "maximize"_a);
+  py::dict dtypes;
+  for (DType dtype : kDTypes) dtypes[dtype_name(dtype)] = static_cast<int>(dtype);
+  m.attr("DTYPES") = dtypes;
+  m.attr("OPTIMIZERS") = optimizers();
+  m.attr("MAX_STATES") = kMaxStates;
+  m.def("kept_states", &kept_states, "family"_a, "rows"_a);
+  m.def("invalid_row", &invalid_row, "family"_a, "rows"_a);
 
-  m.def(
-      "adam_update",
-      [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
-         uintptr_t anticipated, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t max_exp_avg_sq,
-         uintptr_t step, uintptr_t lr, uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks,
-         int64_t num_chunks, int64_t num_agents, int64_t numel, double beta1, double beta2, double eps,
-         double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
-        const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, exp_avg,
-                                            exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale, skip,
-                                            chunks, num_chunks, num_agents, numel);
-        run_update(device, stream, buffers,
-                   AdamHyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay},
-                   &adam_update_cpu, KPG_CUDA_ENTRY(adam_update_cuda), "adam");
-      },
-      "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
-      "exp_avg"_a, "exp_avg_sq"_a, "max_exp_avg_sq"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a,
-      "chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
-      "amsgrad"_a, "maximize"_a, "decoupled_weight_decay"_a);
-
-  m.def(
-      "rmsprop_update",
-      [](int device, uintptr_t stream, int dtype, bool commit, uintptr_t param, uintptr_t grad,
-         uintptr_t anticipated, uintptr_t square_avg, uintptr_t momentum_buffer, uintptr_t grad_avg,
-         uintptr_t step, uintptr_t lr, uintptr_t grad_scale, uintptr_t skip, uintptr_t chunks,
-         int64_t num_chunks, int64_t num_agents, int64_t numel, double alpha, double eps, double weight_decay,
-         double momentum, bool centered, bool maximize) {
-        const auto buffers = update_buffers(dtype, commit, param, grad, anticipated, square_avg,
-                                            momentum_buffer, grad_avg, step, lr, grad_scale, skip,
-                                            chunks, num_chunks, num_agents, numel);
-        run_update(device, stream, buffers,
-                   RMSpropHyper{alpha, eps, weight_decay, momentum, centered, maximize},
-                   &rmsprop_update_cpu, KPG_CUDA_ENTRY(rmsprop_update_cuda), "rmsprop");
-      },
-      "device"_a, "stream"_a, "dtype"_a, "commit"_a, "param"_a, "grad"_a, "anticipated"_a,
-      "square_avg"_a, "momentum_buffer"_a, "grad_avg"_a, "step"_a, "lr"_a, "grad_scale"_a, "skip"_a,
-      "chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a, "alpha"_a, "eps"_a, "weight_decay"_a,
-      "momentum"_a, "centered"_a, "maximize"_a);
+  // The boundary of an update: addresses (0 for none), counts, dtype code and mode, by name.
+  py::class_<UpdateBuffers>(m, "UpdateBuffers")
+      .def(py::init<>())
+#define KPG_ADDRESS_FIELD(field, type)                                                                   \
+  def_property(                                                                                         \
+      #field, [](const UpdateBuffers& b) { return reinterpret_cast<uintptr_t>(b.field); },              \
+      [](UpdateBuffers& b, uintptr_t value) { b.field = reinterpret_cast<type>(value); })
+      .KPG_ADDRESS_FIELD(param, void*)
+      .KPG_ADDRESS_FIELD(grad, const void*)
+      .KPG_ADDRESS_FIELD(anticipated, void*)
+      .KPG_ADDRESS_FIELD(step, double*)
+      .KPG_ADDRESS_FIELD(lr, const double*)
+      .KPG_ADDRESS_FIELD(hyper, const double*)
+      .KPG_ADDRESS_FIELD(live, uint8_t*)
+      .KPG_ADDRESS_FIELD(grad_scale, const double*)
+      .KPG_ADDRESS_FIELD(skip, const uint8_t*)
+      .KPG_ADDRESS_FIELD(chunks, const int64_t*)
+#undef KPG_ADDRESS_FIELD
+      .def_property(
+          "state",
+          [](const UpdateBuffers& b) {
+            py::list out;
+            for (void* s : b.state) out.append(reinterpret_cast<uintptr_t>(s));
+            return out;
+          },
+          [](UpdateBuffers& b, const std::vector<uintptr_t>& values) {
+            if (values.size() > static_cast<size_t>(kMaxStates)) {
+              throw std::invalid_argument("UpdateBuffers.state takes at most " + std::to_string(kMaxStates) +
+                                          " addresses");
+            }
+            for (int s = 0; s < kMaxStates; ++s) {
+              b.state[s] = s < static_cast<int>(values.size()) ? address<void>(values[s]) : nullptr;
+            }
+          })
+      .def_readwrite("num_chunks", &UpdateBuffers::num_chunks)
+      .def_readwrite("num_agents", &UpdateBuffers::num_agents)
+      .def_readwrite("numel", &UpdateBuffers::numel)
+      .def_readwrite("dtype", &UpdateBuffers::dtype)
+      .def_readwrite("commit", &UpdateBuffers::commit);
+  m.def("update", &update, "family"_a, "device"_a, "stream"_a, "buffers"_a);
 
   m.def(
       "agent_grad_norms",

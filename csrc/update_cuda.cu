@@ -1,6 +1,7 @@
 // CUDA path of the fused optimizer update (kpg/update.h): one block per chunk of the arena (the
-// mapping of launch_plan.h), the per-element math of optim_math.h, 16-byte vector loads and stores
-// where every base address allows them, on the caller's stream, without synchronizing.
+// mapping of launch_plan.h), the per-element update of the family's traits (optimizers.h), 16-byte
+// vector loads and stores where every base address allows them, on the caller's stream, without
+// synchronizing.
 #include "kpg/cuda_support.cuh"
 #include "kpg/launch_plan.h"
 #include "kpg/update.h"
@@ -8,156 +9,94 @@
 namespace kpg {
 namespace {
 
-__device__ __forceinline__ double grad_scale_of(const UpdateBuffers& b, int64_t agent) {
-  return b.grad_scale != nullptr ? b.grad_scale[agent] : 1.0;
+// V consecutive elements from e: load what the agent's flags use, update, store.
+template <typename Traits, typename T, int V>
+__device__ __forceinline__ void update_elements(const UpdateBuffers& b,
+                                                const typename Traits::template Coefficients<T>& c,
+                                                const RuntimeFlags& f, int64_t e) {
+  Pack<T, V> p = load_pack<V>(static_cast<T*>(b.param), e);
+  const Pack<T, V> g = load_pack<V>(static_cast<const T*>(b.grad), e);
+  Pack<T, V> state[kMaxStates] = {};
+#pragma unroll
+  for (int s = 0; s < Traits::kNumStates; ++s) {
+    if (Traits::uses_state(s, f)) state[s] = load_pack<V>(static_cast<T*>(b.state[s]), e);
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    T lane_state[kMaxStates] = {state[0].lane[i], state[1].lane[i], state[2].lane[i]};
+    Traits::element(p.lane[i], g.lane[i], lane_state, c, f);
+#pragma unroll
+    for (int s = 0; s < kMaxStates; ++s) state[s].lane[i] = lane_state[s];
+  }
+  if (b.commit) {
+    store_pack<V>(static_cast<T*>(b.param), e, p);
+#pragma unroll
+    for (int s = 0; s < Traits::kNumStates; ++s) {
+      if (Traits::uses_state(s, f)) store_pack<V>(static_cast<T*>(b.state[s]), e, state[s]);
+    }
+  } else {
+    store_pack<V>(static_cast<T*>(b.anticipated), e, p);
+  }
 }
 
-template <typename T>
-__device__ __forceinline__ T* buffer(void* base) {
-  return static_cast<T*>(base);
-}
-
-// Each optimizer names its per-agent coefficients and how V consecutive elements are updated.
-struct SGDKernel {
-  using Hyper = SGDHyper;
-  template <typename T>
-  struct Coefficients {
-    SGDCoefficients<T> math;
-    bool first_step;
-  };
-  template <typename T>
-  __device__ static Coefficients<T> coefficients(const UpdateBuffers& b, const Hyper& h, int64_t agent) {
-    return {sgd_coefficients<T>(h, b.lr[agent], grad_scale_of(b, agent)), b.step[agent] == 0.0};
-  }
-  template <typename T, int V>
-  __device__ static void apply(const UpdateBuffers& b, const Hyper& h, const Coefficients<T>& c, int64_t e) {
-    const bool has_momentum = h.momentum != 0.0;
-    Pack<T, V> p = load_pack<V>(buffer<T>(b.param), e);
-    const Pack<T, V> g = load_pack<V>(static_cast<const T*>(b.grad), e);
-    Pack<T, V> buf{};
-    if (has_momentum && !c.first_step) buf = load_pack<V>(buffer<T>(b.state[0]), e);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      sgd_element(p.lane[i], g.lane[i], buf.lane[i], c.math, h.maximize, h.weight_decay != 0.0,
-                  has_momentum, c.first_step, h.nesterov);
-    }
-    if (b.commit) {
-      store_pack<V>(buffer<T>(b.param), e, p);
-      if (has_momentum) store_pack<V>(buffer<T>(b.state[0]), e, buf);
-    } else {
-      store_pack<V>(buffer<T>(b.anticipated), e, p);
-    }
-  }
+template <typename Traits, typename T>
+struct AgentSetup {
+  typename Traits::template Coefficients<T> coefficients;
+  RuntimeFlags flags;
+  bool runnable;  // false where the row needs a state buffer that was not passed
 };
 
-struct AdamKernel {
-  using Hyper = AdamHyper;
-  template <typename T>
-  using Coefficients = AdamCoefficients<T>;
-  template <typename T>
-  __device__ static Coefficients<T> coefficients(const UpdateBuffers& b, const Hyper& h, int64_t agent) {
-    return adam_coefficients<T>(h, b.lr[agent], b.step[agent] + 1.0, grad_scale_of(b, agent));
-  }
-  template <typename T, int V>
-  __device__ static void apply(const UpdateBuffers& b, const Hyper& h, const Coefficients<T>& c, int64_t e) {
-    Pack<T, V> p = load_pack<V>(buffer<T>(b.param), e);
-    const Pack<T, V> g = load_pack<V>(static_cast<const T*>(b.grad), e);
-    Pack<T, V> m = load_pack<V>(buffer<T>(b.state[0]), e);
-    Pack<T, V> v = load_pack<V>(buffer<T>(b.state[1]), e);
-    Pack<T, V> v_max{};
-    if (h.amsgrad) v_max = load_pack<V>(buffer<T>(b.state[2]), e);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      adam_element(p.lane[i], g.lane[i], m.lane[i], v.lane[i], v_max.lane[i], c, h.maximize,
-                   h.weight_decay != 0.0, h.decoupled_weight_decay, h.amsgrad);
-    }
-    if (b.commit) {
-      store_pack<V>(buffer<T>(b.param), e, p);
-      store_pack<V>(buffer<T>(b.state[0]), e, m);
-      store_pack<V>(buffer<T>(b.state[1]), e, v);
-      if (h.amsgrad) store_pack<V>(buffer<T>(b.state[2]), e, v_max);
-    } else {
-      store_pack<V>(buffer<T>(b.anticipated), e, p);
-    }
-  }
-};
-
-struct RMSpropKernel {
-  using Hyper = RMSpropHyper;
-  template <typename T>
-  using Coefficients = RMSpropCoefficients<T>;
-  template <typename T>
-  __device__ static Coefficients<T> coefficients(const UpdateBuffers& b, const Hyper& h, int64_t agent) {
-    return rmsprop_coefficients<T>(h, b.lr[agent], grad_scale_of(b, agent));
-  }
-  template <typename T, int V>
-  __device__ static void apply(const UpdateBuffers& b, const Hyper& h, const Coefficients<T>& c, int64_t e) {
-    const bool has_momentum = h.momentum > 0.0;
-    Pack<T, V> p = load_pack<V>(buffer<T>(b.param), e);
-    const Pack<T, V> g = load_pack<V>(static_cast<const T*>(b.grad), e);
-    Pack<T, V> square_avg = load_pack<V>(buffer<T>(b.state[0]), e);
-    Pack<T, V> buf{};
-    Pack<T, V> grad_avg{};
-    if (has_momentum) buf = load_pack<V>(buffer<T>(b.state[1]), e);
-    if (h.centered) grad_avg = load_pack<V>(buffer<T>(b.state[2]), e);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      rmsprop_element(p.lane[i], g.lane[i], square_avg.lane[i], buf.lane[i], grad_avg.lane[i], c,
-                      h.maximize, h.weight_decay != 0.0, h.centered, has_momentum);
-    }
-    if (b.commit) {
-      store_pack<V>(buffer<T>(b.param), e, p);
-      store_pack<V>(buffer<T>(b.state[0]), e, square_avg);
-      if (has_momentum) store_pack<V>(buffer<T>(b.state[1]), e, buf);
-      if (h.centered) store_pack<V>(buffer<T>(b.state[2]), e, grad_avg);
-    } else {
-      store_pack<V>(buffer<T>(b.anticipated), e, p);
-    }
-  }
-};
-
-template <typename Kernel, typename T, int V>
-__global__ void __launch_bounds__(kCudaThreadsPerBlock)
-    fused_update_kernel(const UpdateBuffers b, const typename Kernel::Hyper h) {
+template <typename Traits, typename T, int V>
+__global__ void __launch_bounds__(kCudaThreadsPerBlock) fused_update_kernel(const UpdateBuffers b) {
   const ChunkRange r = chunk_at(b.chunks, blockIdx.x);
   if (!chunk_in_bounds(r, b.num_agents, b.numel)) return;
   const ChunkSplit split = split_chunk(r.begin, r.end, V);
   const int thread = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
-  // A skipped agent keeps its base parameters; in anticipate mode those are its level parameters.
-  if (b.skip != nullptr && b.skip[r.agent] != 0) {
+  if (agent_skipped(b, r.agent)) {
     if (!b.commit) {
       const T* param = static_cast<const T*>(b.param);
-      T* anticipated = buffer<T>(b.anticipated);
+      T* anticipated = static_cast<T*>(b.anticipated);
       for_each_thread_element(
-          split, V, thread, threads, [&](int64_t e) { anticipated[e] = param[e]; },
+          split, V, thread, threads, [&](int64_t e) { keep_base_parameter<T>(b, e); },
           [&](int64_t e) { store_pack<V>(anticipated, e, load_pack<V>(param, e)); });
     }
     return;
   }
-  __shared__ typename Kernel::template Coefficients<T> shared_coefficients;
-  if (thread == 0) shared_coefficients = Kernel::template coefficients<T>(b, h, r.agent);
+  __shared__ AgentSetup<Traits, T> shared_setup;
+  if (thread == 0) {
+    const double* row = agent_row<Traits>(b, r.agent);
+    AgentSetup<Traits, T> setup{Traits::template coefficients<T>(row, agent_scalars(b, r.agent)),
+                                agent_flags<Traits>(b, r.agent), true};
+    // A device-resident row cannot be checked on the host (check_update_buffers) without a
+    // synchronization; a row that needs a missing buffer leaves its chunk untouched instead.
+    for (int s = 0; s < Traits::kNumStates; ++s) {
+      if (Traits::uses_state(s, setup.flags) && b.state[s] == nullptr) setup.runnable = false;
+    }
+    shared_setup = setup;
+  }
   __syncthreads();
-  const auto c = shared_coefficients;
+  const AgentSetup<Traits, T> setup = shared_setup;
+  if (!setup.runnable) return;
   for_each_thread_element(
-      split, V, thread, threads, [&](int64_t e) { Kernel::template apply<T, 1>(b, h, c, e); },
-      [&](int64_t e) { Kernel::template apply<T, V>(b, h, c, e); });
+      split, V, thread, threads,
+      [&](int64_t e) { update_elements<Traits, T, 1>(b, setup.coefficients, setup.flags, e); },
+      [&](int64_t e) { update_elements<Traits, T, V>(b, setup.coefficients, setup.flags, e); });
 }
 
-__global__ void advance_steps_kernel(double* step, const uint8_t* skip, int64_t num_agents) {
+template <typename Traits>
+__global__ void finish_agents_kernel(const UpdateBuffers b) {
   const int64_t agent = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (agent < num_agents) advance_agent_step(step, skip, agent);
+  if (agent < b.num_agents) finish_agent<Traits>(b, agent);
 }
 
 bool all_bases_vector_aligned(const UpdateBuffers& b) {
-  return is_vector_aligned(b.param) && is_vector_aligned(b.grad) &&
-         is_vector_aligned(b.anticipated) && is_vector_aligned(b.state[0]) &&
-         is_vector_aligned(b.state[1]) && is_vector_aligned(b.state[2]);
+  return is_vector_aligned(b.param) && is_vector_aligned(b.grad) && is_vector_aligned(b.anticipated) &&
+         is_vector_aligned(b.state[0]) && is_vector_aligned(b.state[1]) && is_vector_aligned(b.state[2]);
 }
 
-template <typename Kernel>
-void launch_update(const UpdateBuffers& b, const typename Kernel::Hyper& h, int device,
-                   void* stream, const char* op) {
+template <typename Traits>
+void launch_update(const UpdateBuffers& b, int device, void* stream, const char* op) {
   CudaDeviceGuard guard(device, op);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   dispatch_dtype(b.dtype, op, [&](auto type_tag) {
@@ -166,32 +105,24 @@ void launch_update(const UpdateBuffers& b, const typename Kernel::Hyper& h, int 
     if (b.num_chunks > 0) {
       const unsigned int blocks = grid_size(b.num_chunks, op);
       if (all_bases_vector_aligned(b)) {
-        fused_update_kernel<Kernel, T, kVec><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b, h);
+        fused_update_kernel<Traits, T, kVec><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);
       } else {
-        fused_update_kernel<Kernel, T, 1><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b, h);
+        fused_update_kernel<Traits, T, 1><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);
       }
       check_cuda(cudaGetLastError(), op);
     }
   });
   if (b.commit && b.num_agents > 0) {
     const unsigned int blocks = grid_size((b.num_agents + kCudaThreadsPerBlock - 1) / kCudaThreadsPerBlock, op);
-    advance_steps_kernel<<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b.step, b.skip, b.num_agents);
+    finish_agents_kernel<Traits><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);
     check_cuda(cudaGetLastError(), op);
   }
 }
 
 }  // namespace
 
-void sgd_update_cuda(const UpdateBuffers& b, const SGDHyper& h, int device, void* stream) {
-  launch_update<SGDKernel>(b, h, device, stream, "sgd_update");
-}
-
-void adam_update_cuda(const UpdateBuffers& b, const AdamHyper& h, int device, void* stream) {
-  launch_update<AdamKernel>(b, h, device, stream, "adam_update");
-}
-
-void rmsprop_update_cuda(const UpdateBuffers& b, const RMSpropHyper& h, int device, void* stream) {
-  launch_update<RMSpropKernel>(b, h, device, stream, "rmsprop_update");
+void update_cuda(int family, const UpdateBuffers& b, int device, void* stream) {
+  dispatch_family(family, "update", [&](auto traits) { launch_update<decltype(traits)>(b, device, stream, "update"); });
 }
 
 }  // namespace kpg

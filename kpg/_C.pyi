@@ -2,7 +2,7 @@
 keeps the two in sync).
 
 Tensors cross as raw addresses (``int``, 0 for an absent optional buffer), element counts and a
-dtype code (0 float32, 1 float64); ``device`` is -1 for the CPU or a CUDA device index, ``stream``
+dtype code (``DTYPES``); ``device`` is -1 for the CPU or a CUDA device index, ``stream``
 a ``cudaStream_t`` handle (0 on the CPU). Use ``kpg._ops`` rather than calling these directly.
 """
 
@@ -13,6 +13,12 @@ CPU_CHUNK_ELEMS: int
 CUDA_CHUNK_ELEMS: int
 CUDA_THREADS_PER_BLOCK: int
 VECTOR_BYTES: int
+MAX_STATES: int
+DTYPES: dict
+"""dtype name -> code of the parameter dtypes the kernels take."""
+OPTIMIZERS: dict
+"""name -> family code, default_lr, row_width, hyperparameters (name, width, kind, default) in row
+order, states, state_initial (csrc/kpg/optimizers.h)."""
 
 def build_info() -> dict[str, bool | str]:
     """``cuda`` (bool), ``cuda_version``, ``cuda_architectures``, ``cxx_compiler`` (str)."""
@@ -29,96 +35,36 @@ def range_chunk_table(
 
 def element_visits(offsets: npt.ArrayLike, chunk_elems: int, threads: int, vec: int) -> npt.NDArray[np.int32]: ...
 
-# csrc/device_bindings.cpp: the CUDA side without a GPU.
-NORM_LANES: int
-NORM_AGENTS_PER_BLOCK: int
+def kept_states(family: int, rows: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """[agents, states]: the state tensors a commit with each hyperparameter row keeps."""
 
-def cuda_versions() -> dict[str, int | None]:
-    """``driver`` (CUDA version the NVIDIA driver supports, 0 without a driver) and ``runtime`` (kpg's
-    CUDA runtime), as 1000 * major + 10 * minor; both None in a build without CUDA kernels."""
+def invalid_row(family: int, rows: npt.ArrayLike) -> tuple[int, str]:
+    """(agent, message) of the first row breaking a rule between hyperparameters, or (-1, "")."""
 
-def cuda_driver_problem(driver: int, runtime: int) -> str:
-    """What a driver of CUDA version ``driver`` lacks to run kernels built with ``runtime``; '' if nothing."""
+class UpdateBuffers:
+    """The arena buffers of one update by address (0 for none); csrc/kpg/update.h."""
 
-def norm_finish_readers(agent_chunks: npt.ArrayLike, num_chunks: int) -> npt.NDArray[np.int64]:
-    """For each chunk row, the agent whose norm-finish warp read it (-1: none, -2: read twice)."""
+    param: int
+    grad: int
+    anticipated: int
+    state: list[int]
+    step: int
+    lr: int
+    hyper: int
+    live: int
+    grad_scale: int
+    skip: int
+    chunks: int
+    num_chunks: int
+    num_agents: int
+    numel: int
+    dtype: int
+    commit: bool
+    def __init__(self) -> None: ...
 
-def sgd_update(
-    device: int,
-    stream: int,
-    dtype: int,
-    commit: bool,
-    param: int,
-    grad: int,
-    anticipated: int,
-    momentum_buffer: int,
-    step: int,
-    lr: int,
-    grad_scale: int,
-    skip: int,
-    chunks: int,
-    num_chunks: int,
-    num_agents: int,
-    numel: int,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None: ...
-def adam_update(
-    device: int,
-    stream: int,
-    dtype: int,
-    commit: bool,
-    param: int,
-    grad: int,
-    anticipated: int,
-    exp_avg: int,
-    exp_avg_sq: int,
-    max_exp_avg_sq: int,
-    step: int,
-    lr: int,
-    grad_scale: int,
-    skip: int,
-    chunks: int,
-    num_chunks: int,
-    num_agents: int,
-    numel: int,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-) -> None: ...
-def rmsprop_update(
-    device: int,
-    stream: int,
-    dtype: int,
-    commit: bool,
-    param: int,
-    grad: int,
-    anticipated: int,
-    square_avg: int,
-    momentum_buffer: int,
-    grad_avg: int,
-    step: int,
-    lr: int,
-    grad_scale: int,
-    skip: int,
-    chunks: int,
-    num_chunks: int,
-    num_agents: int,
-    numel: int,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-) -> None: ...
+def update(family: int, device: int, stream: int, buffers: UpdateBuffers) -> None:
+    """One fused update (anticipate or commit, as ``buffers.commit`` says) of optimizer family ``family``."""
+
 def agent_grad_norms(
     device: int,
     stream: int,
@@ -135,3 +81,17 @@ def agent_grad_norms(
     grad_scale: int,
     nonfinite: int,
 ) -> None: ...
+
+# csrc/device_bindings.cpp: the CUDA side without a GPU.
+NORM_LANES: int
+NORM_AGENTS_PER_BLOCK: int
+
+def cuda_versions() -> dict[str, int | None]:
+    """``driver`` (CUDA version the NVIDIA driver supports, 0 without a driver) and ``runtime`` (kpg's
+    CUDA runtime), as 1000 * major + 10 * minor; both None in a build without CUDA kernels."""
+
+def cuda_driver_problem(driver: int, runtime: int) -> str:
+    """What a driver of CUDA version ``driver`` lacks to run kernels built with ``runtime``; '' if nothing."""
+
+def norm_finish_readers(agent_chunks: npt.ArrayLike, num_chunks: int) -> npt.NDArray[np.int64]:
+    """For each chunk row, the agent whose norm-finish warp read it (-1: none, -2: read twice)."""

@@ -1,6 +1,7 @@
 """The fused kernels as ``torch.library`` custom ops: ``torch.ops.kpg.<name>``.
 
-One op per optimizer family and mode, plus the per-agent gradient norms. Every op works on flat
+One op per optimizer family (csrc/kpg/optimizers.h, read through ``kpg._C``) and mode, plus the
+per-agent gradient norms. Every op works on flat
 arena buffers laid out agent by agent (see :class:`kpg.arena.ParameterArena`) and a chunk table
 from :func:`chunk_table`. Mode ``anticipate`` writes one KPG level's parameters to
 ``anticipated`` and changes nothing else; mode ``commit`` updates parameters, optimizer state and
@@ -20,57 +21,95 @@ from torch import Tensor
 
 from kpg import _C
 
-# Codes of csrc/kpg/common.h (enum class DType); the order is part of the boundary.
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+_DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
 SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+MAX_STATES = _C.MAX_STATES
 _CPU_DEVICE = -1
 
 
 @dataclass(frozen=True)
 class OptimizerKernel:
-    """What distinguishes one optimizer family's ops: its state buffers and hyperparameters."""
+    """One optimizer family as its traits type (csrc/kpg/optimizers.h) describes it: state tensors
+    and hyperparameters, whose values reach the kernels as one float64 row per agent (NOTE
+    [Hyperparameter rows] there)."""
 
     name: str
+    code: int
     state_names: tuple[str, ...]
-    hyper_schema: str  # the hyperparameters as they appear in the op schema, in binding order
+    hyperparameters: tuple[tuple[str, int, str, object], ...]  # (group key, row entries, kind, default)
+    state_initial: tuple[int, ...]  # per state: the row entry it starts at, or -1 for zeros
 
     @property
-    def hyper_names(self) -> tuple[str, ...]:
-        return tuple(arg.split()[-1] for arg in self.hyper_schema.split(", "))
-
-    def required_states(self, hyper: dict) -> tuple[str, ...]:
-        """The state buffers these hyperparameters read and write; the others may be None."""
-        if self.name == "sgd":
-            return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
-        if self.name == "adam":
-            return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyper["amsgrad"] else ())
-        return (
-            ("square_avg",)
-            + (("momentum_buffer",) if hyper["momentum"] > 0 else ())
-            + (("grad_avg",) if hyper["centered"] else ())
+    def row_names(self) -> tuple[str, ...]:
+        """The row entries by name: a pair such as ``betas`` fills ``beta1`` and ``beta2``."""
+        return tuple(
+            name if width == 1 else f"{name[:-1]}{i + 1}" for name, width, _, _ in self.hyperparameters for i in range(width)
         )
 
+    def row(self, values: dict) -> list[float]:
+        """One agent's row from group keys (``betas``) or row names (``beta1``, ``beta2``)."""
+        row = []
+        for name, width, _, default in self.hyperparameters:
+            if width == 1:
+                row.append(float(values.get(name, default)))
+            elif name in values:
+                row.extend(float(v) for v in values[name])
+            else:
+                defaults = default if isinstance(default, tuple) else (default,) * width
+                row.extend(float(values.get(f"{name[:-1]}{i + 1}", defaults[i])) for i in range(width))
+        return row
 
-KERNELS = {
-    "sgd": OptimizerKernel(
-        "sgd",
-        ("momentum_buffer",),
-        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize",
-    ),
-    "adam": OptimizerKernel(
-        "adam",
-        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-        "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-        "bool decoupled_weight_decay",
-    ),
-    "rmsprop": OptimizerKernel(
-        "rmsprop",
-        ("square_avg", "momentum_buffer", "grad_avg"),
-        "float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize",
-    ),
-}
+    def kept_states(self, rows: np.ndarray) -> np.ndarray:
+        """[agents, states] booleans: the state tensors a commit with each row keeps (and needs)."""
+        return _C.kept_states(self.code, rows)
 
-_BINDINGS = {"sgd": _C.sgd_update, "adam": _C.adam_update, "rmsprop": _C.rmsprop_update}
+    def required_states(self, values: dict) -> tuple[str, ...]:
+        """The state buffers a row of these values reads and writes; the others may be None."""
+        kept = self.kept_states(np.asarray([self.row(values)], dtype=np.float64))[0]
+        return tuple(name for name, keep in zip(self.state_names, kept) if keep)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """A named torch.optim optimizer kpg offers: its family, defaults and torch's default lr."""
+
+    name: str
+    kernel: OptimizerKernel
+    defaults: dict
+    default_lr: float
+
+
+def _table() -> tuple[dict[str, OptimizerKernel], dict[str, OptimizerEntry]]:
+    kernels: dict[str, OptimizerKernel] = {}
+    entries = {}
+    for name, info in _C.OPTIMIZERS.items():
+        hyper = tuple((h, width, kind, default) for h, width, kind, default in info["hyperparameters"])
+        family = next((k for k in kernels.values() if k.code == info["family"]), None)
+        if family is None:
+            family = kernels[name] = OptimizerKernel(name, info["family"], tuple(info["states"]), hyper,
+                                                     tuple(info["state_initial"]))
+        entries[name] = OptimizerEntry(name, family, {h: default for h, _, _, default in hyper}, info["default_lr"])
+    return kernels, entries
+
+
+KERNELS, OPTIMIZERS = _table()
+
+
+def invalid_row(kernel: OptimizerKernel, rows: np.ndarray) -> tuple[int, str]:
+    """(agent, message) of the first row that breaks a rule between hyperparameters (SGD's
+    Nesterov needs momentum and no dampening), or (-1, "")."""
+    return _C.invalid_row(kernel.code, rows)
+
+
+def hyper_rows(kind: str, values: dict | list[dict], num_agents: int | None = None,
+               device: torch.device | str = "cpu") -> Tensor:
+    """The float64 ``[agents, row width]`` hyperparameter rows of family ``kind``: one dict per agent,
+    or one dict for ``num_agents`` agents; keys are group keys or row names, missing ones default."""
+    kernel = KERNELS[kind]
+    if isinstance(values, dict):
+        values = [values] * (num_agents if num_agents is not None else 1)
+    rows = [kernel.row(v) for v in values]
+    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(rows), len(kernel.row_names))
 
 
 def chunk_table(
@@ -191,7 +230,7 @@ def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: 
 def _check_chunks(op: str, device: torch.device, chunks: Tensor, name: str = "chunks"):
     if chunks.dtype != torch.int64 or chunks.device != device or chunks.dim() != 2 or chunks.shape[1] != 3:
         raise ValueError(
-            f"{op}: {name} must be an int64 [num_chunks, 3] table on {device} from kpg.ops.chunk_table, "
+            f"{op}: {name} must be an int64 [num_chunks, 3] table on {device} from kpg._ops.chunk_table, "
             f"got {chunks.dtype} {tuple(chunks.shape)} on {chunks.device}"
         )
     if not chunks.is_contiguous():
@@ -214,23 +253,19 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
     mode = "commit" if commit else "anticipate"
     op = f"{kernel.name}_{mode}"
     if commit:
-        written = ("param", *kernel.state_names, "step")
+        written = ("param", *kernel.state_names, "step", "live")
         states = ", ".join(f"Tensor({chr(98 + i)}!)? {s}" for i, s in enumerate(kernel.state_names))
-        buffers = f"Tensor(a!) param, Tensor grad, {states}, Tensor(z!) step"
+        buffers = f"Tensor(a!) param, Tensor grad, {states}, Tensor(z!) step, Tensor(y!) live"
     else:
         written = ("anticipated",)
         states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
-        buffers = f"Tensor param, Tensor grad, Tensor(a!) anticipated, {states}, Tensor step"
-    schema = f"({buffers}, Tensor lr, Tensor? grad_scale, Tensor? skip, Tensor chunks, {kernel.hyper_schema}) -> ()"
+        buffers = f"Tensor param, Tensor grad, Tensor(a!) anticipated, {states}, Tensor step, Tensor live"
+    schema = f"({buffers}, Tensor lr, Tensor hyper, Tensor? grad_scale, Tensor? skip, Tensor chunks) -> ()"
     arg_names = [arg.split()[-1] for arg in schema[1 : schema.index(") ->")].split(", ")]
-    binding = _BINDINGS[kernel.name]
+    width = len(kernel.row_names)
 
     def impl(*args):
         a = dict(zip(arg_names, args))
-        hyper = {name: a[name] for name in kernel.hyper_names}
-        for state in kernel.required_states(hyper):
-            if a[state] is None:
-                raise ValueError(f"{op}: these hyperparameters need the state buffer {state}; pass it")
         param = a["param"]
         arena = {"grad": a["grad"], **{s: a[s] for s in kernel.state_names}}
         if not commit:
@@ -248,30 +283,30 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
                 "skip": (a["skip"], torch.uint8),
             },
         )
+        for name, dtype, columns in (("hyper", torch.float64, width), ("live", torch.uint8, _C.MAX_STATES)):
+            t = a[name]
+            if t.dtype != dtype or t.device != param.device or t.shape != (num_agents, columns) or not t.is_contiguous():
+                raise ValueError(
+                    f"{op}: {name} must be a contiguous {dtype} tensor of shape ({num_agents}, {columns}) on "
+                    f"{param.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
         _check_chunks(op, param.device, a["chunks"])
-        everything = {"param": param, **arena, **{name: a[name] for name in ("step", "lr", "grad_scale", "skip", "chunks")}}
+        everything = {"param": param, **arena,
+                      **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")}}
         _check_storage(op, everything)
         _check_disjoint(op, everything, written)
         device, stream = _device_and_stream(param)
-        binding(
-            device,
-            stream,
-            _DTYPE_CODES[param.dtype],
-            commit,
-            param.data_ptr(),
-            a["grad"].data_ptr(),
-            _address(a.get("anticipated")),
-            *(_address(a[s]) for s in kernel.state_names),
-            a["step"].data_ptr(),
-            a["lr"].data_ptr(),
-            _address(a["grad_scale"]),
-            _address(a["skip"]),
-            a["chunks"].data_ptr(),
-            a["chunks"].shape[0],
-            num_agents,
-            param.numel(),
-            *hyper.values(),
-        )
+        buffers = _C.UpdateBuffers()
+        buffers.param, buffers.grad = param.data_ptr(), a["grad"].data_ptr()
+        buffers.anticipated = _address(a.get("anticipated"))
+        buffers.state = [_address(a[s]) for s in kernel.state_names]
+        buffers.step, buffers.live = a["step"].data_ptr(), a["live"].data_ptr()
+        buffers.lr, buffers.hyper = a["lr"].data_ptr(), a["hyper"].data_ptr()
+        buffers.grad_scale, buffers.skip = _address(a["grad_scale"]), _address(a["skip"])
+        buffers.chunks, buffers.num_chunks = a["chunks"].data_ptr(), a["chunks"].shape[0]
+        buffers.num_agents, buffers.numel = num_agents, param.numel()
+        buffers.dtype, buffers.commit = _DTYPE_CODES[param.dtype], commit
+        _C.update(kernel.code, device, stream, buffers)
 
     qualname = f"kpg::{op}"
     torch.library.define(qualname, schema)
@@ -280,12 +315,12 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
     return getattr(torch.ops.kpg, op)
 
 
-sgd_anticipate = _define_update_op(KERNELS["sgd"], commit=False)
-sgd_commit = _define_update_op(KERNELS["sgd"], commit=True)
-adam_anticipate = _define_update_op(KERNELS["adam"], commit=False)
-adam_commit = _define_update_op(KERNELS["adam"], commit=True)
-rmsprop_anticipate = _define_update_op(KERNELS["rmsprop"], commit=False)
-rmsprop_commit = _define_update_op(KERNELS["rmsprop"], commit=True)
+UPDATE_OPS = {(kind, commit): _define_update_op(kernel, commit) for kind, kernel in KERNELS.items()
+              for commit in (False, True)}
+sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
+adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
+rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]
+adagrad_anticipate, adagrad_commit = UPDATE_OPS[("adagrad", False)], UPDATE_OPS[("adagrad", True)]
 
 
 @torch.library.custom_op("kpg::agent_grad_norms", mutates_args=("chunk_sq", "norm", "grad_scale", "nonfinite"))
@@ -361,11 +396,3 @@ def _(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinit
                                           max_norm=max_norm, norm=norm, grad_scale=grad_scale, nonfinite=nonfinite))
 
 
-UPDATE_OPS = {
-    ("sgd", False): sgd_anticipate,
-    ("sgd", True): sgd_commit,
-    ("adam", False): adam_anticipate,
-    ("adam", True): adam_commit,
-    ("rmsprop", False): rmsprop_anticipate,
-    ("rmsprop", True): rmsprop_commit,
-}

@@ -94,15 +94,19 @@ def joint_ratio_loss(
         raise ValueError(
             f"log_prob and old_log_prob must both be [agents, batch], got {tuple(log_prob.shape)} and {tuple(old_log_prob.shape)}"
         )
+    # Masked samples are selected away (torch.where), never multiplied by zero: a padded or dead
+    # agent's log-probability may be inf or NaN, and NaN * 0 is NaN.
     valid = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
-    own_log_ratio = log_prob - old_log_prob
+    keep = valid != 0
+    old_log_prob = old_log_prob.detach()
+    own_log_ratio = torch.where(keep, log_prob - old_log_prob, 0.0)
     others_log_ratio = torch.zeros_like(own_log_ratio)
     if level >= 2 and log_prob.shape[0] > 1:
         if anticipated_log_prob is None or anticipated_log_prob.shape != log_prob.shape:
             raise ValueError(
                 f"level {level} needs anticipated_log_prob of shape {tuple(log_prob.shape)}, computed inside ctx.anticipated()"
             )
-        anticipated_log_ratio = (anticipated_log_prob - old_log_prob).detach() * valid
+        anticipated_log_ratio = torch.where(keep, (anticipated_log_prob - old_log_prob).detach(), 0.0)
         others_log_ratio = anticipated_log_ratio.sum(dim=0, keepdim=True) - anticipated_log_ratio
         if others == "geometric":
             others_alive = (valid.sum(dim=0, keepdim=True) - valid).clamp_min(1.0)
@@ -116,6 +120,6 @@ def joint_ratio_loss(
         clipped = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
         surrogate = torch.exp(others_log_ratio) * clipped
     count = valid.sum(dim=1).clamp_min(1.0)
-    loss = -(surrogate * valid).sum(dim=1) / count
-    clipped_share = (((ratio.detach() - 1).abs() > clip_eps).to(valid.dtype) * valid).sum(dim=1) / count
+    loss = -torch.where(keep, surrogate * valid, 0.0).sum(dim=1) / count
+    clipped_share = torch.where(keep, ((ratio.detach() - 1).abs() > clip_eps).to(valid.dtype) * valid, 0.0).sum(dim=1) / count
     return JointRatioLoss(loss, clipped_share)

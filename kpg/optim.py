@@ -14,11 +14,13 @@ import contextlib
 import functools
 import inspect
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,28 +32,6 @@ from kpg.nn import AgentModule
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
-
-# name -> (kernel family, torch.optim defaults other than lr, torch's default lr)
-_OPTIMIZERS: dict[str, tuple[str, dict[str, Any], float]] = {
-    "sgd": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False), 1e-3),
-    "adam": (
-        "adam",
-        dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-             decoupled_weight_decay=False),
-        1e-3,
-    ),
-    "adamw": (
-        "adam",
-        dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
-             decoupled_weight_decay=True),
-        1e-3,
-    ),
-    "rmsprop": (
-        "rmsprop",
-        dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
-        1e-2,
-    ),
-}
 
 
 @dataclass
@@ -229,9 +209,11 @@ class KPGOptimizer(torch.optim.Optimizer):
             agents (parameter sharing); or one agent-batched model: a module built from
             :mod:`kpg.nn` layers (detected), whose slice ``[a]`` of every parameter is agent ``a``.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``, with ``torch.optim``'s
-            hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``, ``momentum``, ...).
-        lr: learning rate, or one per agent. Defaults to ``torch.optim``'s for the optimizer.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``, with
+            ``torch.optim``'s hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``,
+            ``momentum``, ...; ``kpg._ops.OPTIMIZERS`` lists them, read from the kernels' table).
+        lr: learning rate (a float or a one-element tensor, as torch.optim takes), or one per agent.
+            Defaults to ``torch.optim``'s for the optimizer.
         max_grad_norm: per-agent gradient-norm clipping threshold (``clip_grad_norm_`` applied to
             each agent's gradient at every level), or one per agent, or None.
         nonfinite: what a non-finite loss or gradient does: ``"raise"`` (the step is rolled back and
@@ -261,6 +243,31 @@ class KPGOptimizer(torch.optim.Optimizer):
     base parameters and every other agent at level l-1, so its cost grows with the number of
     agents. The closure returns the loss: a scalar, or a 1-D tensor with one loss per agent. kpg
     runs the backward pass itself, only into the agents' parameters.
+
+    torch.optim conventions it follows (at k=1 a step equals the torch.optim optimizer's
+    single-tensor step, ``foreach=False, fused=False``; tests/test_optim_drop_in.py):
+
+    - one parameter group per agent holding every hyperparameter (``lr``, ``betas``,
+      ``weight_decay``, ...) plus ``max_grad_norm``, in ``param_groups`` and ``defaults``; each step
+      reads them, so edits, schedulers (``StepLR`` ... ``OneCycleLR``, ``CyclicLR`` with
+      ``cycle_momentum``, ``ReduceLROnPlateau``, chained) and loaded state dicts act at the next
+      step, per agent. A bad value raises at that step, naming the agent, before anything changes.
+    - a setting that needs a state tensor (amsgrad, momentum, centered) creates it when turned on:
+      SGD's momentum buffer starts from the gradient at its first use, as torch's; where torch.optim
+      raises ``KeyError`` (amsgrad, RMSprop momentum or centering turned on after its state exists)
+      kpg starts the buffer at zeros, where torch would have started it at construction.
+    - a tensor ``lr`` is read on the device at every step (a scheduler's ``fill_`` acts; keep it on
+      the parameters' device so no host copy is needed, and under :meth:`capture_step`).
+    - ``state_dict()`` and ``load_state_dict()`` use torch.optim's layout and names (``step``,
+      ``exp_avg``, ``momentum_buffer``, ``sum``, ...): state dicts move both ways between kpg and
+      torch.optim of the same optimizer over the same parameters, settings included.
+
+    What it cannot follow: parameters are fixed at construction (``add_param_group`` raises: they
+    live in one arena); ``zero_grad(set_to_none=True)`` zeroes (gradients stay arena views);
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` group keys loaded from a torch.optim
+    state dict are kept but have no effect (kpg has one fused path and is not differentiable);
+    sparse gradients and complex parameters are not supported (float32 and float64 only); with a
+    float32 tensor lr torch computes Adam's step size in float32 while kpg uses float64.
 
     Parameters become views into one flat arena (and their ``.grad`` views into its gradient
     buffer): keep using the same modules; do not replace their ``.data`` or ``.grad``. An
@@ -302,11 +309,12 @@ class KPGOptimizer(torch.optim.Optimizer):
             given = f"the agent-batched model has {segments} agents" if batched_params is not None else f"{segments} agents were given"
             raise ValueError(f"num_agents={num_agents} but {given}")
         _check_k(k)
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(_OPTIMIZERS)}")
+        if optimizer not in ops.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(ops.OPTIMIZERS)}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {nonfinite!r}")
-        family, defaults, default_lr = _OPTIMIZERS[optimizer]
+        entry = ops.OPTIMIZERS[optimizer]
+        defaults, default_lr = entry.defaults, entry.default_lr
         unknown = sorted(set(hyperparameters) - set(defaults))
         if unknown:
             raise TypeError(
@@ -315,33 +323,40 @@ class KPGOptimizer(torch.optim.Optimizer):
             )
         lrs = _per_agent("lr", default_lr if lr is None else lr, segments, self.shared)
         max_norms = _per_agent("max_grad_norm", max_grad_norm, segments, self.shared)
-        self.hyperparameters = {**defaults, **hyperparameters}
-        _validate_hyperparameters(optimizer, lrs, max_norms, self.hyperparameters)
+        hyperparameters = {**defaults, **hyperparameters}
+        _validate_groups(entry.kernel, [{"lr": lr_a, "max_grad_norm": m, **hyperparameters} for lr_a, m in zip(lrs, max_norms)])
 
         self.arena = ParameterArena.batched(batched_params) if batched_params is not None else ParameterArena(agent_params)
         self.k = k
         self.optimizer_name = optimizer
         self.nonfinite = nonfinite
         self.num_agents = num_agents if self.shared else segments
-        self._family = family
+        self._kernel = entry.kernel
         self._constructing = True
         super().__init__(
             [
-                {"params": params, "lr": lr_a, "max_grad_norm": norm_a}
+                {"params": params, "lr": lr_a, "max_grad_norm": norm_a, **hyperparameters}
                 for params, lr_a, norm_a in zip(self.arena.agent_tensors, lrs, max_norms)
             ],
-            {"lr": lrs[0], "max_grad_norm": max_norms[0]},
+            {"lr": lrs[0], "max_grad_norm": max_norms[0], **hyperparameters},
         )
         self._constructing = False
 
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
-        required = ops.KERNELS[family].required_states(self._kernel_hyperparameters())
-        self._state_buffers = {name: arena.new_buffer() if name in required else None for name in ops.KERNELS[family].state_names}
+        self._state_buffers: dict[str, Tensor | None] = {name: None for name in self._kernel.state_names}
         self._step = torch.zeros(segments, **f64)
-        self._lr = torch.tensor(lrs, **f64)
-        self._max_norm = torch.tensor([math.inf if m is None else m for m in max_norms], **f64)
-        self._lr_values, self._max_norm_values = list(lrs), list(max_norms)
+        # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
+        width = len(self._kernel.row_names)
+        self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in self._kernel.hyperparameters))
+        self._read_groups = operator.itemgetter(*self._group_keys)
+        self._values = torch.zeros(segments * (2 + width), **f64)
+        self._lr = self._values[:segments]
+        self._max_norm = self._values[segments : 2 * segments]
+        self._hyper = self._values[2 * segments :].view(segments, width)
+        self._live = torch.zeros(segments, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        self._synced_groups: list[tuple] | None = None
+        self._tensor_lrs: tuple[list[Tensor], Tensor, Tensor] | None = None
         self._norm = torch.zeros(segments, **f64)
         self._grad_scale = torch.ones(segments, **f64)
         self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
@@ -352,7 +367,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._arena_index = {id(p): index for index, p in enumerate(arena.parameters)}
         self._at_base_outputs: list[tuple[Any, Any]] = []
         self._inside_anticipated = False
+        self.sync_hyperparameters()
         self._expose_state()
+        self._initialize_states(range(segments))
         self.stats = KPGStats(skipped_agent_steps_tensor=torch.zeros((), dtype=torch.int64, device=device))
         self.verify_replicas = verify_replicas
         self._communicator = None
@@ -388,21 +405,30 @@ class KPGOptimizer(torch.optim.Optimizer):
         self.arena.grad.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout (per-parameter ``step``, ``exp_avg``, ... and ``param_groups``),
-        with tensors copied out of the arena, plus a ``kpg`` entry (k, optimizer, hyperparameters)."""
+        """torch.optim's layout (per-parameter ``step``, ``exp_avg``, ... and ``param_groups`` with
+        every hyperparameter), with tensors copied out of the arena, plus a ``kpg`` entry (k,
+        optimizer). A state tensor an agent has not used yet (SGD's momentum buffer before momentum
+        was on) is left out, as torch.optim keeps none."""
         state = super().state_dict()
-        state["state"] = {i: {name: t.clone() for name, t in s.items()} for i, s in state["state"].items()}
-        state["kpg"] = {
-            "k": self.k,
-            "optimizer": self.optimizer_name,
-            "nonfinite": self.nonfinite,
-            "hyperparameters": dict(self.hyperparameters),
-        }
+        live = self._live.cpu()
+        names = self._kernel.state_names
+        index = 0
+        for agent, group in enumerate(self.param_groups):
+            for _ in group["params"]:
+                entry = state["state"].get(index, {})
+                state["state"][index] = {
+                    name: t.clone() for name, t in entry.items()
+                    if name == "step" or (name in names and live[agent, names.index(name)])
+                }
+                index += 1
+        state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a :meth:`state_dict`, or a torch.optim state dict of the same optimizer over the
-        same parameters, by copying into the arena; every check runs before anything changes."""
+        same parameters, by copying into the arena: its ``param_groups`` hyperparameters act from
+        the next step, and the state buffers they or the saved state need are created. Every check
+        runs before anything changes."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) or not isinstance(
                 state_dict.get("state"), dict):
             raise ValueError(
@@ -419,55 +445,71 @@ class KPGOptimizer(torch.optim.Optimizer):
             raise ValueError(f"the state dict is for optimizer {extra['optimizer']!r}, this one is {self.optimizer_name!r}")
         if "k" in extra:
             _check_k(extra["k"])
-        _validate_hyperparameters(
-            self.optimizer_name, [float(g.get("lr", own["lr"])) for g, own in zip(groups, self.param_groups)],
-            [g.get("max_grad_norm", own["max_grad_norm"]) for g, own in zip(groups, self.param_groups)],
-            {**self.hyperparameters, **extra.get("hyperparameters", {})})
-        staged: list[tuple[Tensor, Tensor | None]] = []
+        merged = [{**own, **{key: value for key, value in saved.items() if key != "params"}}
+                  for own, saved in zip(self.param_groups, groups)]
+        for group in merged:
+            if isinstance(group["lr"], (int, float)) and not isinstance(group["lr"], bool):
+                group["lr"] = float(group["lr"])
+        _validate_groups(self._kernel, merged)
+        names = self._kernel.state_names
+        staged: list[tuple[int, str, int, Tensor]] = []
         steps = torch.zeros_like(self._step, device="cpu")
+        live = torch.zeros_like(self._live, device="cpu")
         for agent, (group, saved_group) in enumerate(zip(self.param_groups, groups)):
             if len(saved_group["params"]) != len(group["params"]):
                 raise ValueError(
                     f"agent {agent} has {len(group['params'])} parameters, the state dict {len(saved_group['params'])}"
                 )
-            agent_steps = set()
-            for p, saved_id in zip(group["params"], saved_group["params"]):
+            agent_steps, agent_live = set(), set()
+            for position, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
                 saved = {n: v for n, v in state_dict["state"].get(saved_id, {}).items() if v is not None}
-                buffers = {n: t for n, t in self.state[p].items() if n != "step"}
-                if any(n in saved for n in buffers):
+                present = frozenset(n for n in names if n in saved)
+                agent_live.add(present)
+                if present:
                     # torch.optim's SGD keeps no step count: a saved momentum buffer means "stepped".
                     agent_steps.add(float(saved.get("step", 1.0)))
-                for name, ours in buffers.items():
-                    if not saved:
-                        staged.append((ours, None))
-                        continue
-                    if name not in saved:
-                        raise ValueError(f"the state dict lacks {name!r} for agent {agent}'s parameter of shape {tuple(p.shape)}")
+                elif "step" in saved:
+                    agent_steps.add(float(saved["step"]))
+                for name in present:
                     value = torch.as_tensor(saved[name])
-                    if value.shape != ours.shape:
+                    if value.shape != p.shape:
                         raise ValueError(
-                            f"{name!r} of agent {agent}'s parameter has shape {tuple(value.shape)}, expected {tuple(ours.shape)}"
+                            f"{name!r} of agent {agent}'s parameter has shape {tuple(value.shape)}, "
+                            f"expected {tuple(p.shape)}"
                         )
                     if not bool(torch.isfinite(value).all()):
                         raise ValueError(
                             f"{name!r} of agent {agent}'s parameter of shape {tuple(p.shape)} holds inf or NaN: the saved run had "
                             "already diverged; load an earlier state dict"
                         )
-                    staged.append((ours, value))
+                    staged.append((agent, name, position, value))
             if len(agent_steps) > 1:
                 raise ValueError(f"agent {agent}'s parameters have different step counts {sorted(agent_steps)}; kpg steps an agent as a whole")
+            if len(agent_live) > 1:
+                raise ValueError(
+                    f"agent {agent}'s parameters hold different state tensors ({sorted(map(sorted, agent_live))}); kpg "
+                    "steps an agent as a whole"
+                )
             steps[agent] = agent_steps.pop() if agent_steps else 0.0
+            for name in (agent_live.pop() if agent_live else ()):
+                live[agent, names.index(name)] = 1
+        # Everything is checked: from here on nothing raises.
+        for group, merged_group in zip(self.param_groups, merged):
+            group.update({key: value for key, value in merged_group.items() if key != "params"})
+        self.sync_hyperparameters()
+        for name in {name for _, name, _, _ in staged}:
+            if self._state_buffers[name] is None:
+                self._state_buffers[name] = self.arena.new_buffer()
+                self._expose_state()
         with torch.no_grad():
-            for ours, value in staged:
-                ours.zero_() if value is None else ours.copy_(value)
+            self._initialize_states(range(len(self.param_groups)))
+            views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
+            for agent, name, position, value in staged:
+                views[name][agent][position].copy_(value)
             self._step.copy_(steps)
-        for group, saved_group in zip(self.param_groups, groups):
-            for key, value in saved_group.items():
-                if key != "params":
-                    group[key] = value
+            self._live.copy_(live)
         if "k" in extra:
             self.k = extra["k"]
-        self.hyperparameters.update(extra.get("hyperparameters", {}))
 
     # ---- the KPG step -------------------------------------------------------------------------
 
@@ -660,7 +702,7 @@ class KPGOptimizer(torch.optim.Optimizer):
     def _update(self, level: int, commit: bool) -> None:
         with self._timed("update", level):
             check = self.nonfinite != "propagate"
-            clipping = self._max_norm_values.count(None) != len(self._max_norm_values)
+            clipping = self._clipping
             if check or clipping:
                 ops.agent_grad_norms(
                     self.arena.grad, self.arena.chunks, self.arena.agent_chunks, self._chunk_sq,
@@ -668,18 +710,21 @@ class KPGOptimizer(torch.optim.Optimizer):
                 )
             skip = None
             if check:
-                torch.logical_or(self._nonfinite.bool(), self._loss_nonfinite, out=self._skip.view(torch.bool))
+                # An agent non-finite at any level of the step is skipped from then on, commit included.
+                flags = torch.logical_or(self._nonfinite.bool(), self._loss_nonfinite)
+                if level == 1:
+                    self._skip.copy_(flags)
+                else:
+                    self._skip.logical_or_(flags)
                 if self.nonfinite == "raise":
                     self._raise_if_nonfinite(level)
                 else:
                     skip = self._skip
                     if commit:
                         self.stats.skipped_agent_steps_tensor += self._skip.sum()
-            kernel = ops.UPDATE_OPS[(self._family, commit)]
-            common = dict(
-                step=self._step, lr=self._lr, grad_scale=self._grad_scale if clipping else None, skip=skip,
-                chunks=self.arena.chunks, **self._kernel_hyperparameters(),
-            )
+            kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
+            common = dict(step=self._step, live=self._live, lr=self._lr, hyper=self._hyper,
+                          grad_scale=self._grad_scale if clipping else None, skip=skip, chunks=self.arena.chunks)
             if commit:
                 kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
             else:
@@ -704,28 +749,83 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _kernel_hyperparameters(self) -> dict[str, Any]:
-        h = dict(self.hyperparameters)
-        if self._family == "adam":
-            beta1, beta2 = h.pop("betas")
-            h = dict(beta1=float(beta1), beta2=float(beta2), **h)
-        names = ops.KERNELS[self._family].hyper_names
-        return {name: h[name] for name in names}
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Agent 0's hyperparameters other than lr and max_grad_norm; every agent's are in
+        ``param_groups``, which the kernels read at every step."""
+        return {name: self.param_groups[0][name] for name in self._group_keys[2:]}
 
     def sync_hyperparameters(self) -> None:
-        """Copies per-agent lr and max_grad_norm from param_groups (schedulers change them) to the
-        device tensors the kernels read. step() calls it; call it yourself between replays of a
-        captured step (:meth:`capture_step`)."""
-        lrs = [group["lr"] for group in self.param_groups]
-        max_norms = [group["max_grad_norm"] for group in self.param_groups]
-        if lrs != self._lr_values:
-            _validate_hyperparameters(self.optimizer_name, lrs, self._max_norm_values, self.hyperparameters)
-            self._lr.copy_(torch.tensor(lrs, dtype=torch.float64))
-            self._lr_values = lrs
-        if max_norms != self._max_norm_values:
-            _validate_hyperparameters(self.optimizer_name, lrs, max_norms, self.hyperparameters)
-            self._max_norm.copy_(torch.tensor([math.inf if m is None else m for m in max_norms], dtype=torch.float64))
-            self._max_norm_values = max_norms
+        """Copies every agent's lr, max_grad_norm and hyperparameters from ``param_groups`` (edits,
+        schedulers and loaded state dicts change them) to the device tensors the kernels read, and
+        creates the state buffers a newly enabled setting needs; a bad value raises, naming the
+        agent, before anything changes. step() calls it; call it yourself between replays of a
+        captured step (:meth:`capture_step`).
+
+        Plain numbers travel in one copy, and only when some value changed (on CUDA from pinned
+        memory, without waiting for the device); a tensor ``lr`` is copied on the device at every
+        call, so that in-place changes (schedulers ``fill_`` it) act without a synchronization.
+        """
+        current = list(map(self._read_groups, self.param_groups))
+        if current != self._synced_groups:
+            self._upload_groups(current)
+        if self._tensor_lrs is not None:
+            tensors, agents, which = self._tensor_lrs
+            values = torch.stack([t.detach().reshape(()) for t in tensors]).to(self._lr, non_blocking=True)
+            self._lr.index_copy_(0, agents, values.index_select(0, which))
+
+    def _upload_groups(self, current: list[tuple]) -> None:
+        groups = [dict(zip(self._group_keys, values)) for values in current]
+        _validate_groups(self._kernel, groups)
+        rows = np.array([self._kernel.row(g) for g in groups], dtype=np.float64).reshape(len(groups), -1)
+        kept = self._kernel.kept_states(rows)
+        new_states = [name for name, needed in zip(self._kernel.state_names, kept.any(axis=0))
+                      if needed and self._state_buffers[name] is None]
+        tensor_agents = [agent for agent, g in enumerate(groups) if isinstance(g["lr"], Tensor)]
+        lrs = [0.0 if isinstance(g["lr"], Tensor) else float(g["lr"]) for g in groups]
+        max_norms = [math.inf if g["max_grad_norm"] is None else float(g["max_grad_norm"]) for g in groups]
+        values = np.concatenate([np.asarray(lrs), np.asarray(max_norms), rows.reshape(-1)])
+        if self._values.device.type == "cuda":
+            # A fresh pinned block per upload: the caching host allocator keeps it until the copy ran.
+            staging = torch.empty(values.size, dtype=torch.float64, pin_memory=True)
+            staging.numpy()[:] = values
+            self._values.copy_(staging, non_blocking=True)
+        else:
+            self._values.copy_(torch.from_numpy(values))
+        self._tensor_lrs = None
+        if tensor_agents:
+            tensors: list[Tensor] = []
+            which = []
+            for agent in tensor_agents:
+                lr = groups[agent]["lr"]
+                index = next((i for i, t in enumerate(tensors) if t is lr), None)
+                if index is None:
+                    index = len(tensors)
+                    tensors.append(lr)
+                which.append(index)
+            device = self._lr.device
+            self._tensor_lrs = (tensors, torch.tensor(tensor_agents, device=device), torch.tensor(which, device=device))
+        self._clipping = any(g["max_grad_norm"] is not None for g in groups)
+        self._synced_groups = current
+        for name in new_states:
+            self._state_buffers[name] = self.arena.new_buffer()
+        if new_states:
+            self._expose_state()
+
+    def _initialize_states(self, agents: Iterable[int]) -> None:
+        """Sets the agents' state to where torch.optim starts it (zeros, or a hyperparameter's value:
+        Adagrad's initial_accumulator_value) and marks it not live."""
+        for name, start in zip(self._kernel.state_names, self._kernel.state_initial):
+            buffer = self._state_buffers[name]
+            if buffer is None:
+                continue
+            views = self.arena.agent_views(buffer)
+            for agent in agents:
+                value = 0.0 if start < 0 else self._kernel.row(self.param_groups[agent])[start]
+                for view in views[agent]:
+                    view.fill_(value)
+        for agent in agents:
+            self._live[agent].zero_()
 
     def _bind_parameters(self, views: Sequence[Tensor]) -> None:
         for p, view in zip(self.arena.parameters, views):
@@ -734,14 +834,15 @@ class KPGOptimizer(torch.optim.Optimizer):
     def _expose_state(self) -> None:
         """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
         state, with ``step`` a view of the agent's step count; for an agent-batched model ``p`` is an
-        agent's slice of a parameter (the tensors of the parameter groups)."""
+        agent's slice of a parameter (the tensors of the parameter groups). A state tensor that an
+        agent's settings never used holds its starting value (:meth:`state_dict` leaves it out)."""
         buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
         for agent, tensors in enumerate(self.arena.agent_tensors):
             for index, p in enumerate(tensors):
                 self.state[p] = {"step": self._step[agent], **{name: views[agent][index] for name, views in buffer_views.items()}}
 
     def _range(self, phase: str, level: int):
-        if torch.autograd.profiler._is_profiler_enabled:
+        if _profiler_active():
             return torch.profiler.record_function(f"kpg/level{level}/{phase}")
         return contextlib.nullcontext()
 
@@ -809,18 +910,27 @@ class KSchedule:
         self.optimizer.k = self.current_k()
 
 
+def _profiler_active() -> bool:
+    """Whether a torch profiler records: the ranges cost ~30 us each otherwise. torch has no public
+    query; torch.autograd._profiler_enabled is the state the profiler itself consults, and where a
+    torch lacks it every range is recorded."""
+    enabled = getattr(torch.autograd, "_profiler_enabled", None)
+    return True if enabled is None else bool(enabled())
+
+
 def _check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1 (k=1 is the plain optimizer step, k=2 the practical default), got {k!r}")
 
 
 def _closure_takes_context(closure: Callable) -> bool:
+    """Whether ``closure`` takes the context: any positional parameter (``ctx``, ``ctx=None``) or
+    ``*args``; a closure without parameters, or with keyword-only ones, does not."""
     try:
         parameters = inspect.signature(closure).parameters.values()
     except (TypeError, ValueError):
         return True
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    return bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
 def _agent_parameters(agents: Any, agent_dim: int | None) -> tuple[list[list[Tensor]] | None, bool, list[Tensor] | None]:
@@ -895,6 +1005,8 @@ def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
 
 
 def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return [value] * segments  # one tensor for every agent, as torch.optim gives every group the default
     if value is None or isinstance(value, (int, float)):
         return [None if value is None else float(value)] * segments
     values = list(value)
@@ -902,32 +1014,47 @@ def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
         raise ValueError(f"{name} is per agent but the agents share one network; pass a single {name}")
     if len(values) != segments:
         raise ValueError(f"{name} has {len(values)} entries but there are {segments} agents; pass one per agent or a single value")
-    return [None if v is None else float(v) for v in values]
+    return [None if v is None else v if isinstance(v, Tensor) else float(v) for v in values]
 
 
-def _validate_hyperparameters(optimizer: str, lrs, max_norms, h: dict[str, Any]) -> None:
-    for agent, lr in enumerate(lrs):
-        if not (isinstance(lr, float) and lr >= 0.0 and math.isfinite(lr)):
+def _validate_groups(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]]) -> None:
+    """torch.optim's checks of every agent's group, and the values kpg cannot take: a bad value
+    raises naming the agent; infinite or NaN coefficients would turn every parameter into inf or
+    NaN in one step, and no gradient check sees it coming."""
+    for agent, group in enumerate(groups):
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"Invalid learning rate for agent {agent}: a tensor lr must hold one "
+                                 f"floating-point value, got {lr.dtype} of shape {tuple(lr.shape)}")
+            if lr.device.type == "cpu" and not (float(lr) >= 0.0 and math.isfinite(float(lr))):
+                raise ValueError(
+                    f"Invalid learning rate {float(lr)!r} for agent {agent}: it must be a finite number >= 0")
+        elif isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"Invalid learning rate {lr!r} for agent {agent}: it must be a finite number >= 0")
-    for agent, m in enumerate(max_norms):
-        if m is not None and not (m > 0.0):
+        m = group["max_grad_norm"]
+        if m is not None and not (isinstance(m, (int, float)) and m > 0.0):
             raise ValueError(f"Invalid max_grad_norm {m!r} for agent {agent}: it must be > 0, or None for no clipping")
-    # Infinite or NaN coefficients turn every parameter into inf or NaN in one step, and no
-    # gradient check sees it coming.
-    for name in ("eps", "weight_decay", "momentum", "dampening", "alpha"):
-        if name in h and not (isinstance(h[name], (int, float)) and math.isfinite(h[name])):
-            raise ValueError(f"Invalid {name} value: {h[name]!r}; it must be a finite number")
-    if "eps" in h and not h["eps"] >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {h['eps']}")
-    if "betas" in h:
-        for i, beta in enumerate(h["betas"]):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-    if not h.get("weight_decay", 0.0) >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {h['weight_decay']}")
-    if not h.get("momentum", 0.0) >= 0.0:
-        raise ValueError(f"Invalid momentum value: {h['momentum']}")
-    if "alpha" in h and not h["alpha"] >= 0.0:
-        raise ValueError(f"Invalid alpha value: {h['alpha']}")
-    if optimizer == "sgd" and h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        for name, width, kind, _ in kernel.hyperparameters:
+            value = group[name]
+            if width > 1:
+                if not (isinstance(value, (tuple, list)) and len(value) == width):
+                    raise ValueError(f"Invalid {name} value {value!r} for agent {agent}: expected {width} numbers")
+                for i, v in enumerate(value):
+                    if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                        raise ValueError(f"Invalid beta parameter at index {i}: {v} (agent {agent}'s {name})")
+            elif kind == "flag":
+                if value not in (True, False):
+                    raise ValueError(f"Invalid {name} value {value!r} for agent {agent}: it must be True or False")
+            elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be a finite number (agent {agent})")
+            elif kind == "non_negative" and not value >= 0.0:
+                raise ValueError(f"Invalid {name} value: {value} (agent {agent}); it must be >= 0")
+    agent, message = _invalid_row(kernel, groups)
+    if agent >= 0:
+        raise ValueError(f"{message} (agent {agent})")
+
+
+def _invalid_row(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]]) -> tuple[int, str]:
+    rows = np.array([kernel.row(g) for g in groups], dtype=np.float64).reshape(len(groups), -1)
+    return ops.invalid_row(kernel, rows)

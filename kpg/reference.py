@@ -2,10 +2,14 @@
 
 Every function has the name and the arguments of its op in ``kpg._ops`` (``torch.ops.kpg``) and
 does, agent by agent, what ``torch.optim``'s single-tensor code does to one parameter tensor:
-``_single_tensor_sgd``, ``_single_tensor_adam`` and ``_single_tensor_rmsprop``, after the
-gradient is multiplied by the agent's ``grad_scale`` (per-agent ``clip_grad_norm_``). Agents whose
-``skip`` flag is set are left as they are (in anticipate mode their level parameters are their base
-parameters) and their step count does not advance.
+``_single_tensor_sgd``, ``_single_tensor_adam``, ``_single_tensor_rmsprop`` and
+``_single_tensor_adagrad``, with the agent's own hyperparameter row (``hyper``, one row per agent
+in the order of :attr:`kpg._ops.OptimizerKernel.row_names`), after the gradient is multiplied by the
+agent's ``grad_scale`` (per-agent ``clip_grad_norm_``). Agents whose ``skip`` flag is set are left
+as they are (in anticipate mode their level parameters are their base parameters), their step
+count does not advance and their state stays as it was. ``live[agent, s]`` says whether state
+tensor s holds values: SGD's momentum buffer starts from the gradient where it does not, as torch's
+does the first time momentum is on; a commit marks the state tensors the agent's row keeps.
 """
 
 from __future__ import annotations
@@ -15,24 +19,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from kpg._ops import KERNELS
+
 
 def agent_segments(chunks: Tensor, num_agents: int) -> Iterator[tuple[int, slice]]:
-    """(agent, slice of the arena) for every agent, from a chunk table of (agent, begin, end) rows."""
-    bounds: dict[int, list[int]] = {}
+    """(agent, slice of the arena) for every row of a chunk table of (agent, begin, end) rows, in
+    table order: an agent of an agent-batched arena owns several separate ranges, one per row."""
+    del num_agents  # every row names its agent
     for agent, begin, end in chunks.cpu().tolist():
-        lo_hi = bounds.setdefault(agent, [begin, end])
-        lo_hi[0], lo_hi[1] = min(lo_hi[0], begin), max(lo_hi[1], end)
-    for agent in range(num_agents):
-        begin, end = bounds.get(agent, (0, 0))
         yield agent, slice(begin, end)
-
-
-def _agent_values(step: Tensor, lr: Tensor, grad_scale: Tensor | None, skip: Tensor | None):
-    steps = step.cpu().tolist()
-    lrs = lr.cpu().tolist()
-    scales = grad_scale.cpu().tolist() if grad_scale is not None else [None] * len(steps)
-    skips = skip.cpu().tolist() if skip is not None else [0] * len(steps)
-    return steps, lrs, scales, skips
 
 
 def _scaled_grad(grad: Tensor, scale: float | None, maximize: bool) -> Tensor:
@@ -41,159 +36,145 @@ def _scaled_grad(grad: Tensor, scale: float | None, maximize: bool) -> Tensor:
     return -grad if maximize else grad
 
 
-def _advance_steps(step: Tensor, skip: Tensor | None) -> None:
-    step += 1.0 if skip is None else (skip == 0).to(step.dtype)
+def _sgd(p, g, states, h, lr, steps_taken, scale, live):
+    (buf,) = states
+    g = _scaled_grad(g, scale, h["maximize"])
+    if h["weight_decay"] != 0:
+        g = g.add(p, alpha=h["weight_decay"])
+    if h["momentum"] != 0:
+        if not live[0]:
+            buf.copy_(g)
+        else:
+            buf.mul_(h["momentum"]).add_(g, alpha=1 - h["dampening"])
+        g = g.add(buf, alpha=h["momentum"]) if h["nesterov"] else buf
+    p.add_(g, alpha=-lr)
 
 
-def _run(commit: bool, param, grad, anticipated, states, step, lr, grad_scale, skip, chunks, update_agent):
-    """Applies update_agent(agent, param slice, grad slice, state slices, lr, step, scale) per agent.
+def _adam(p, g, states, h, lr, steps_taken, scale, live):
+    m, v, v_max = states
+    beta1, beta2, eps, weight_decay = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
+    g = _scaled_grad(g, scale, h["maximize"])
+    if weight_decay != 0:
+        if h["decoupled_weight_decay"]:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    t = steps_taken + 1
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    if h["amsgrad"]:
+        torch.maximum(v_max, v, out=v_max)
+        denom = (v_max.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
 
-    Commit mode updates the slices in place; anticipate mode updates clones and writes only the
-    parameters, to ``anticipated``.
-    """
-    steps, lrs, scales, skips = _agent_values(step, lr, grad_scale, skip)
+
+def _rmsprop(p, g, states, h, lr, steps_taken, scale, live):
+    sq, buf, g_avg = states
+    alpha = h["alpha"]
+    g = _scaled_grad(g, scale, h["maximize"])
+    if h["weight_decay"] != 0:
+        g = g.add(p, alpha=h["weight_decay"])
+    sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    if h["centered"]:
+        g_avg.lerp_(g, 1 - alpha)
+        avg = sq.addcmul(g_avg, g_avg, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(h["eps"])
+    if h["momentum"] > 0:
+        buf.mul_(h["momentum"]).addcdiv_(g, avg)
+        p.add_(buf, alpha=-lr)
+    else:
+        p.addcdiv_(g, avg, value=-lr)
+
+
+def _adagrad(p, g, states, h, lr, steps_taken, scale, live):
+    (state_sum,) = states
+    g = _scaled_grad(g, scale, h["maximize"])
+    if h["weight_decay"] != 0:
+        g = g.add(p, alpha=h["weight_decay"])
+    clr = lr / (1 + steps_taken * h["lr_decay"])
+    state_sum.addcmul_(g, g, value=1)
+    std = state_sum.sqrt().add_(h["eps"])
+    p.addcdiv_(g, std, value=-clr)
+
+
+_UPDATES = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad}
+
+
+def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, grad_scale, skip, chunks):
+    """Applies the family's update to every chunk row with its agent's values. Commit mode updates
+    the slices in place; anticipate mode updates clones and writes only the parameters."""
+    kernel = KERNELS[kind]
+    rows = [dict(zip(kernel.row_names, row)) for row in hyper.cpu().tolist()]
+    steps, lrs, lives = step.cpu().tolist(), lr.cpu().tolist(), live.cpu().tolist()
+    scales = grad_scale.cpu().tolist() if grad_scale is not None else [None] * len(steps)
+    skips = skip.cpu().tolist() if skip is not None else [0] * len(steps)
     for agent, segment in agent_segments(chunks, step.numel()):
         if skips[agent]:
             if not commit:
                 anticipated[segment] = param[segment]
             continue
         p = param[segment] if commit else param[segment].clone()
-        agent_states = [
-            None if s is None else (s[segment] if commit else s[segment].clone()) for s in states
-        ]
-        update_agent(p, grad[segment], agent_states, lrs[agent], steps[agent], scales[agent])
+        agent_states = [None if s is None else (s[segment] if commit else s[segment].clone()) for s in states]
+        _UPDATES[kind](p, grad[segment], agent_states, rows[agent], lrs[agent], steps[agent], scales[agent],
+                       lives[agent])
         if not commit:
             anticipated[segment] = p
     if commit:
-        _advance_steps(step, skip)
+        for agent, row in enumerate(hyper.cpu().numpy()):
+            if skips[agent]:
+                continue
+            step[agent] += 1.0
+            kept = kernel.kept_states(row.reshape(1, -1))[0]
+            for s, keep in enumerate(kept):
+                if keep:
+                    live[agent, s] = 1
 
 
-def _sgd(commit, param, grad, anticipated, momentum_buffer, step, lr, grad_scale, skip, chunks,
-         momentum, dampening, weight_decay, nesterov, maximize):
-    def update_agent(p, g, states, agent_lr, steps_taken, scale):
-        (buf,) = states
-        g = _scaled_grad(g, scale, maximize)
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
-        if momentum != 0:
-            if steps_taken == 0:
-                buf.copy_(g)
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-agent_lr)
+def _make(kind: str, commit: bool):
+    """The reference of op ``<kind>_<mode>``: the op's arguments, by position or by name."""
+    names = KERNELS[kind].state_names
+    per_agent = ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")
+    arguments = ("param", "grad", *(() if commit else ("anticipated",)), *names, *per_agent)
 
-    _run(commit, param, grad, anticipated, [momentum_buffer], step, lr, grad_scale, skip, chunks, update_agent)
+    def update(*args, **kwargs) -> None:
+        values = dict(zip(arguments, args)) | kwargs
+        missing = [name for name in arguments if name not in values]
+        if missing or len(values) != len(arguments):
+            raise TypeError(f"{update.__name__} takes ({', '.join(arguments)}); missing {missing}")
+        _run(kind, commit, values["param"], values["grad"], values.get("anticipated"), [values[n] for n in names],
+             *(values[n] for n in per_agent))
 
-
-def _adam(commit, param, grad, anticipated, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale,
-          skip, chunks, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay):
-    def update_agent(p, g, states, agent_lr, steps_taken, scale):
-        m, v, v_max = states
-        g = _scaled_grad(g, scale, maximize)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p.mul_(1 - agent_lr * weight_decay)
-            else:
-                g = g.add(p, alpha=weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        t = steps_taken + 1
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-        step_size = agent_lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        if amsgrad:
-            torch.maximum(v_max, v, out=v_max)
-            denom = (v_max.sqrt() / bias_correction2_sqrt).add_(eps)
-        else:
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-step_size)
-
-    _run(commit, param, grad, anticipated, [exp_avg, exp_avg_sq, max_exp_avg_sq], step, lr, grad_scale,
-         skip, chunks, update_agent)
+    update.__name__ = f"{kind}_{'commit' if commit else 'anticipate'}"
+    update.__doc__ = f"``kpg._ops.{update.__name__}`` in plain PyTorch: ({', '.join(arguments)})."
+    return update
 
 
-def _rmsprop(commit, param, grad, anticipated, square_avg, momentum_buffer, grad_avg, step, lr, grad_scale,
-             skip, chunks, alpha, eps, weight_decay, momentum, centered, maximize):
-    def update_agent(p, g, states, agent_lr, steps_taken, scale):
-        sq, buf, g_avg = states
-        g = _scaled_grad(g, scale, maximize)
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
-        sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-        if centered:
-            g_avg.lerp_(g, 1 - alpha)
-            avg = sq.addcmul(g_avg, g_avg, value=-1).sqrt_()
-        else:
-            avg = sq.sqrt()
-        avg = avg.add_(eps)
-        if momentum > 0:
-            buf.mul_(momentum).addcdiv_(g, avg)
-            p.add_(buf, alpha=-agent_lr)
-        else:
-            p.addcdiv_(g, avg, value=-agent_lr)
-
-    _run(commit, param, grad, anticipated, [square_avg, momentum_buffer, grad_avg], step, lr, grad_scale,
-         skip, chunks, update_agent)
-
-
-def sgd_anticipate(param, grad, anticipated, momentum_buffer, step, lr, grad_scale, skip, chunks, momentum,
-                   dampening, weight_decay, nesterov, maximize) -> None:
-    _sgd(False, param, grad, anticipated, momentum_buffer, step, lr, grad_scale, skip, chunks, momentum,
-         dampening, weight_decay, nesterov, maximize)
-
-
-def sgd_commit(param, grad, momentum_buffer, step, lr, grad_scale, skip, chunks, momentum, dampening,
-               weight_decay, nesterov, maximize) -> None:
-    _sgd(True, param, grad, None, momentum_buffer, step, lr, grad_scale, skip, chunks, momentum, dampening,
-         weight_decay, nesterov, maximize)
-
-
-def adam_anticipate(param, grad, anticipated, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale,
-                    skip, chunks, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                    decoupled_weight_decay) -> None:
-    _adam(False, param, grad, anticipated, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale, skip,
-          chunks, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
-
-
-def adam_commit(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale, skip, chunks, beta1,
-                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay) -> None:
-    _adam(True, param, grad, None, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, grad_scale, skip, chunks,
-          beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
-
-
-def rmsprop_anticipate(param, grad, anticipated, square_avg, momentum_buffer, grad_avg, step, lr, grad_scale,
-                       skip, chunks, alpha, eps, weight_decay, momentum, centered, maximize) -> None:
-    _rmsprop(False, param, grad, anticipated, square_avg, momentum_buffer, grad_avg, step, lr, grad_scale, skip,
-             chunks, alpha, eps, weight_decay, momentum, centered, maximize)
-
-
-def rmsprop_commit(param, grad, square_avg, momentum_buffer, grad_avg, step, lr, grad_scale, skip, chunks,
-                   alpha, eps, weight_decay, momentum, centered, maximize) -> None:
-    _rmsprop(True, param, grad, None, square_avg, momentum_buffer, grad_avg, step, lr, grad_scale, skip, chunks,
-             alpha, eps, weight_decay, momentum, centered, maximize)
+UPDATE_OPS = {(kind, commit): _make(kind, commit) for kind in KERNELS for commit in (False, True)}
+sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
+adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
+rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]
+adagrad_anticipate, adagrad_commit = UPDATE_OPS[("adagrad", False)], UPDATE_OPS[("adagrad", True)]
 
 
 def agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite) -> None:
     """Per-agent 2-norm of the gradient (summed in float64), torch's clipping coefficient, flags."""
-    for c, (_, begin, end) in enumerate(chunks.cpu().tolist()):
+    squares = [torch.zeros((), dtype=torch.float64) for _ in range(norm.numel())]
+    for c, (agent, begin, end) in enumerate(chunks.cpu().tolist()):
         chunk_sq[c] = grad[begin:end].double().square().sum()
-    for agent, segment in agent_segments(chunks, norm.numel()):
-        agent_norm = grad[segment].double().square().sum().sqrt()
+        squares[agent] = squares[agent] + grad[begin:end].double().square().sum()
+    for agent, square in enumerate(squares):
+        agent_norm = square.sqrt()
         norm[agent] = agent_norm
         nonfinite[agent] = int(not torch.isfinite(agent_norm))
         if max_norm is None:
             grad_scale[agent] = 1.0
         else:
             grad_scale[agent] = torch.clamp(max_norm[agent] / (agent_norm + 1e-6), max=1.0)
-
-
-UPDATE_OPS = {
-    ("sgd", False): sgd_anticipate,
-    ("sgd", True): sgd_commit,
-    ("adam", False): adam_anticipate,
-    ("adam", True): adam_commit,
-    ("rmsprop", False): rmsprop_anticipate,
-    ("rmsprop", True): rmsprop_commit,
-}

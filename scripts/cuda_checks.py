@@ -5,8 +5,9 @@ Checks, each printed as PASS or FAIL with what differed (exit status 1 on any FA
 
     update kernels   every optimizer and option, float32 and float64, commit and anticipate, aligned
                      and unaligned base addresses, skipped agents, per-agent gradient scales: CUDA
-                     against the CPU kernels on the same inputs. SGD and RMSprop must be bit-identical
-                     (both paths round the same operations, no FMA: docs/cuda.md); Adam's per-agent
+                     against the CPU kernels on the same inputs, agents with and without live state.
+                     SGD, RMSprop and Adagrad must be bit-identical (both paths round the same
+                     operations, no FMA: docs/cuda.md); Adam's per-agent
                      bias corrections use pow, which CUDA computes within 2 ulp of glibc, so Adam
                      must agree to a few units in the last place.
     norms            per-agent gradient norms, clipping scales and non-finite flags (CUDA sums its
@@ -50,6 +51,8 @@ UPDATE_CASES = {
     "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
     "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5,
                                                      centered=True, maximize=False)),
+    "adagrad-decay-wd-maximize": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5,
+                                                  eps=1e-6, maximize=True)),
 }
 # Agent sizes around the vector width and both paths' chunk sizes, with an empty agent.
 SIZES = [0, 1, 3, 4, 5, 8191, 8192, 8193, 1027, 2051, 16385, 7]
@@ -73,6 +76,8 @@ def arena_inputs(kind, dtype, offset, seed):
         "grad": buffer(torch.randn(n, dtype=dtype, generator=g)),
         **{name: buffer(torch.rand(n, dtype=dtype, generator=g)) for name in ops.KERNELS[kind].state_names},
         "step": (torch.arange(a, dtype=torch.float64) % 4),
+        # Agents that have stepped hold live state; the others take their first-step path.
+        "live": (torch.arange(a) % 4 != 0).to(torch.uint8)[:, None].expand(a, ops.MAX_STATES).contiguous(),
         "lr": torch.rand(a, dtype=torch.float64, generator=g) * 0.1,
         "grad_scale": torch.rand(a, dtype=torch.float64, generator=g) + 0.25,
         "skip": (torch.arange(a) % 5 == 2).to(torch.uint8),
@@ -93,9 +98,11 @@ def run_update(kind, hyper, commit, tensors, device):
     if not commit:
         args["anticipated"] = anticipated
     args.update({name: moved[name] for name in ops.KERNELS[kind].state_names})
-    args.update(step=moved["step"], lr=moved["lr"], grad_scale=moved["grad_scale"], skip=moved["skip"], chunks=chunks)
-    ops.UPDATE_OPS[(kind, commit)](**args, **hyper)
-    written = {"param": moved["param"], "step": moved["step"], "anticipated": anticipated,
+    args.update(step=moved["step"], live=moved["live"], lr=moved["lr"], grad_scale=moved["grad_scale"],
+                skip=moved["skip"], chunks=chunks)
+    hyper_rows = ops.hyper_rows(kind, hyper, len(SIZES), device=device)
+    ops.UPDATE_OPS[(kind, commit)](**args, hyper=hyper_rows)
+    written = {"param": moved["param"], "step": moved["step"], "live": moved["live"], "anticipated": anticipated,
                **{name: moved[name] for name in ops.KERNELS[kind].state_names}}
     return {name: t.cpu() for name, t in written.items()}
 
@@ -105,7 +112,7 @@ def compare(cuda, cpu, exact, dtype):
     problems = []
     for name, expected in cpu.items():
         actual = cuda[name]
-        if exact:
+        if exact or not expected.is_floating_point():
             if not torch.equal(actual, expected):  # the inputs are finite: no NaN to compare
                 largest = (actual - expected).abs().max().item()
                 problems.append(f"{name}: {(actual != expected).sum().item()} elements differ, largest by {largest:.3e}")

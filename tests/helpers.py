@@ -1,5 +1,5 @@
 """What the test modules share, so that no test module imports another: tolerances and comparisons,
-the torch.optim builder the parity tests compare with, the kernel test problems, drawn
+the torch.optim builder the parity tests compare with, the brute-force KPG, the kernel test problems, drawn
 hyperparameters, a GIL probe and tiny PettingZoo environments (``helpers:uneven_agents`` as an
 ``--env``)."""
 
@@ -13,7 +13,10 @@ import torch
 from gymnasium import spaces
 from hypothesis import strategies as st
 from pettingzoo import ParallelEnv
+from torch import nn
+from torch.func import functional_call
 
+import kpg
 from kpg import _C
 from kpg import _ops as ops
 from kpg import reference
@@ -83,7 +86,8 @@ def assert_as_accurate_as(actual, baseline, truth, rtol: float, what: str = ""):
 
 # ---- the torch.optim references -------------------------------------------------------------------
 
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                    "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
 
 
 def torch_optimizer(name, params, lr, **hyper):
@@ -95,6 +99,107 @@ def torch_optimizer(name, params, lr, **hyper):
         hyper["betas"] = (hyper.pop("beta1"), hyper.pop("beta2"))
     extra = {"fused": False} if name in ("adam", "adamw") else {}
     return TORCH_OPTIMIZERS[name](params, lr=lr, foreach=False, **extra, **hyper)
+
+
+# ---- the brute-force KPG (plain PyTorch) ----------------------------------------------------------
+
+BATCH = 6
+
+
+class Game:
+    """A cooperative continuous game: agent j's policy maps its observation to an action; agent i's
+    loss is minus a fixed centralized critic of the joint action in which slot i is its own."""
+
+    def __init__(self, num_agents, dtype, heterogeneous, shared, seed, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.num_agents, self.shared = num_agents, shared
+        self.obs_dims = [3 + (a % 3 if heterogeneous else 0) for a in range(num_agents)]
+        self.act_dims = [2 + (a % 2 if heterogeneous else 0) for a in range(num_agents)]
+        torch.manual_seed(seed)
+        if shared:
+            self.obs_dims = [self.obs_dims[0]] * num_agents
+            self.act_dims = [self.act_dims[0]] * num_agents
+            self.models = [nn.Sequential(nn.Linear(self.obs_dims[0] + num_agents, 8), nn.Tanh(), nn.Linear(8, self.act_dims[0]))]
+        else:
+            self.models = [
+                nn.Sequential(nn.Linear(o, 5 + a % 4), nn.Tanh(), nn.Linear(5 + a % 4, d))
+                for a, (o, d) in enumerate(zip(self.obs_dims, self.act_dims))
+            ]
+        self.models = [m.to(device, dtype) for m in self.models]
+        self.observations = [torch.randn(BATCH, o, dtype=dtype, generator=g).to(device) for o in self.obs_dims]
+        joint = sum(self.act_dims)
+        self.critic = nn.Sequential(nn.Linear(joint, 16), nn.Tanh(), nn.Linear(16, num_agents)).to(device, dtype)
+        for p in self.critic.parameters():
+            p.requires_grad_(False)
+
+    def policy_input(self, agent):
+        obs = self.observations[agent]
+        if not self.shared:
+            return obs
+        one_hot = torch.zeros(BATCH, self.num_agents, dtype=obs.dtype, device=obs.device)
+        one_hot[:, agent] = 1
+        return torch.cat([obs, one_hot], dim=1)
+
+    def actions(self, params=None):
+        """Every agent's action; params: per optimizer-agent parameter dicts, or None for the modules."""
+        out = []
+        for a in range(self.num_agents):
+            m = 0 if self.shared else a
+            x = self.policy_input(a)
+            out.append(self.models[m](x) if params is None else functional_call(self.models[m], params[m], (x,)))
+        return out
+
+    def agent_losses(self, joint):
+        """joint: [agents, batch, sum of action sizes]; agent i's loss reads critic head i."""
+        q = self.critic(joint)  # [agents, batch, agents]
+        return -torch.stack([q[i, :, i].mean() for i in range(self.num_agents)])
+
+    def closure_with_context(self, ctx):
+        own = self.actions()
+        with ctx.anticipated():
+            anticipated = self.actions()
+        return self.agent_losses(kpg.joint_inputs(own, anticipated))
+
+    def closure_without_context(self):
+        actions = self.actions()
+        joint = torch.cat(actions, dim=-1).expand(self.num_agents, BATCH, -1)
+        return self.agent_losses(joint)
+
+    def brute_force_loss(self, segment, own, anticipated):
+        """The loss of optimizer agent `segment` with its own parameters and the others' anticipated."""
+        if self.shared:
+            own_actions = self.actions([own])
+            anticipated_actions = [a.detach() for a in self.actions([anticipated[0]])]
+            return self.agent_losses(kpg.joint_inputs(own_actions, anticipated_actions)).sum()
+        params = [own if j == segment else anticipated[j] for j in range(self.num_agents)]
+        joint = torch.cat(self.actions(params), dim=-1).expand(self.num_agents, BATCH, -1)
+        return self.agent_losses(joint)[segment]
+
+
+def brute_force_step(game, optimizers, k, max_norms):
+    """One KPG step of ``game`` by brute force: every agent's gradient at the mixed point, one
+    torch.optim optimizer per agent stepped from the base parameters, its state restored below level k."""
+    models = game.models
+    base = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    anticipated = base
+    for level in range(1, k + 1):
+        new = []
+        for i, (model, opt) in enumerate(zip(models, optimizers)):
+            own = {n: t.clone().requires_grad_() for n, t in base[i].items()}
+            loss = game.brute_force_loss(i, own, anticipated)
+            grads = torch.autograd.grad(loss, list(own.values()))
+            saved = copy.deepcopy(opt.state_dict())
+            with torch.no_grad():
+                for p, b, g in zip(model.parameters(), base[i].values(), grads):
+                    p.copy_(b)
+                    p.grad = g.clone()
+            if max_norms is not None:
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norms[i], foreach=False)
+            opt.step()
+            new.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            if level < k:
+                opt.load_state_dict(saved)
+        anticipated = new
 
 
 # ---- kernel test problems --------------------------------------------------------------------------
@@ -111,7 +216,25 @@ UPDATE_CASES = {
     "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
     "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
     "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
+    "adagrad": ("adagrad", dict(lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False)),
+    "adagrad-decay-wd-maximize": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6,
+                                                  maximize=True)),
 }
+
+
+def rows(kind: str, hyper: dict, num_agents) -> dict[str, torch.Tensor]:
+    """The ``hyper`` argument of a kpg update op: ``hyper`` (a dict of one family's
+    hyperparameters) as every agent's row; ``num_agents`` an int (rows on the CPU) or the op's step
+    tensor (rows on its device)."""
+    if isinstance(num_agents, int):
+        return {"hyper": ops.hyper_rows(kind, hyper, num_agents)}
+    return {"hyper": ops.hyper_rows(kind, hyper, num_agents.numel(), device=num_agents.device)}
+
+
+def no_live(num_agents: int, device="cpu") -> torch.Tensor:
+    """A ``live`` table in which no state tensor holds values yet."""
+    return torch.zeros(num_agents, ops.MAX_STATES, dtype=torch.uint8, device=device)
+
 
 class Arena:
     """Flat buffers of one test problem, created twice from one seed for the two implementations."""
@@ -127,6 +250,7 @@ class Arena:
         self.grad = torch.randn(n, dtype=dtype, generator=g)
         self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
         self.step = torch.zeros(a, dtype=torch.float64)
+        self.live = no_live(a)
         self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
         self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
         self.skip = (torch.rand(a, generator=g) < 0.2).to(torch.uint8)
@@ -135,7 +259,7 @@ class Arena:
             for value, index in zip(nonfinite, (0, n // 2, n - 1)):
                 self.grad[index] = value
         # Drawn on the CPU from the seed, so every device sees the same values.
-        for name in ("param", "grad", "step", "lr", "grad_scale", "skip"):
+        for name in ("param", "grad", "step", "live", "lr", "grad_scale", "skip"):
             setattr(self, name, getattr(self, name).to(device))
         self.states = {name: state.to(device) for name, state in self.states.items()}
         self.warm_grads = [warm.to(device) for warm in self.warm_grads]
@@ -145,12 +269,12 @@ class Arena:
         grad = self.grad
         for warm in self.warm_grads:
             self.grad = warm
-            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **hyper)
+            reference.UPDATE_OPS[(kind, True)](**self.commit_args(), **rows(kind, hyper, self.step))
         self.grad = grad
         return self
 
     def commit_args(self, skip=True):
-        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, lr=self.lr,
+        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, live=self.live, lr=self.lr,
                     grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
 
     def anticipate_args(self, anticipated):
@@ -225,7 +349,15 @@ def rmsprop_hyper(draw):
                 momentum=draw(st.sampled_from([0.0, 0.5, 0.99])), centered=centered, maximize=draw(st.booleans()))
 
 
-HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper()}
+ADAGRAD_HYPER = st.fixed_dictionaries(dict(
+    lr_decay=st.sampled_from([0.0, 0.1, 10.0]),
+    weight_decay=WEIGHT_DECAY,
+    initial_accumulator_value=st.sampled_from([0.0, 0.1, 1e6]),
+    eps=EPS,
+    maximize=st.booleans(),
+))
+
+HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper(), "adagrad": ADAGRAD_HYPER}
 
 
 # ---- threads ----------------------------------------------------------------------------------------

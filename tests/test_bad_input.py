@@ -17,7 +17,7 @@ from kpg import _ops as ops
 from kpg.envs import EnvPool
 from kpg.train import load_checkpoint, save_checkpoint
 
-from helpers import UPDATE_CASES, Arena
+from helpers import UPDATE_CASES, Arena, rows
 
 SIZES = [3, 0, 17, 5]
 F64 = torch.float64
@@ -26,7 +26,7 @@ F64 = torch.float64
 def _commit_call(case: str, dtype=torch.float32):
     kind, hyper = UPDATE_CASES[case]
     arena = Arena(kind, SIZES, dtype, seed=3).warm_up(kind, hyper)
-    return ops.UPDATE_OPS[(kind, True)], {**arena.commit_args(), **hyper}
+    return ops.UPDATE_OPS[(kind, True)], {**arena.commit_args(), **rows(kind, hyper, arena.step)}
 
 
 def _norms_call():
@@ -108,8 +108,8 @@ def test_ops_reject_freed_and_aliased_memory_without_touching_it(call, breaks, m
 def test_ops_on_zero_agents_do_nothing(case):
     kind, hyper = UPDATE_CASES[case]
     arena = Arena(kind, [], torch.float32, seed=0)
-    ops.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
-    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(torch.empty(0)), **hyper)
+    ops.UPDATE_OPS[(kind, True)](**arena.commit_args(), **rows(kind, hyper, arena.step))
+    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(torch.empty(0)), **rows(kind, hyper, arena.step))
     assert arena.param.numel() == 0 and arena.step.numel() == 0
 
 
@@ -215,7 +215,8 @@ STATE_DICT_ERRORS = [
     ("lr-nan", _state_with(lambda s: s["param_groups"][1].update(lr=math.nan)), r"Invalid learning rate nan for agent 1"),
     ("moments-nan", _state_with(lambda s: s["state"][2]["exp_avg_sq"].fill_(math.nan)),
      r"'exp_avg_sq' of agent 1's parameter of shape \(1, 3\) holds inf or NaN"),
-    ("beta-one", _state_with(lambda s: s["kpg"]["hyperparameters"].update(betas=(0.9, 1.0))), r"Invalid beta parameter at index 1"),
+    ("beta-one", _state_with(lambda s: s["param_groups"][1].update(betas=(0.9, 1.0))),
+     r"Invalid beta parameter at index 1: 1.0 \(agent 1's betas\)"),
 ]
 
 

@@ -31,6 +31,7 @@ from helpers import (
     agent_grad_norms_of_kernel_and_reference,
     assert_as_accurate_as,
     assert_close_to_scale,
+    rows,
     torch_optimizer,
 )
 
@@ -52,6 +53,9 @@ def optimizer_settings(draw, dtype):
     elif name in ("adam", "adamw"):
         betas = (draw(st.sampled_from([0.0, 0.5, 0.9, 0.999999])), draw(st.sampled_from([0.0, 0.9, 0.999, 0.999999])))
         hyper = dict(betas=betas, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY), amsgrad=draw(st.booleans()))
+    elif name == "adagrad":
+        hyper = dict(lr_decay=draw(st.sampled_from([0.0, 0.1])), weight_decay=draw(WEIGHT_DECAY),
+                     initial_accumulator_value=draw(st.sampled_from([0.0, 0.1, 2.0])), eps=draw(EPS))
     else:
         centered = draw(st.booleans())
         # Centered with alpha 0 takes the square root of g*g - g*g: zero or -1 ulp, see test_properties.py.
@@ -246,9 +250,9 @@ def test_kernels_on_zero_to_hundreds_of_tiny_agents_with_nonfinite_gradients(pro
     for module, arena in ((ops, copy.deepcopy(base)), (reference, copy.deepcopy(base))):
         anticipated = torch.full_like(arena.param, 123.0)
         if commit:
-            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
+            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **rows(kind, hyper, arena.step))
         else:
-            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
         results.append({**arena.tensors(), "anticipated": anticipated})
     dtype = base.param.dtype
     truth = None
@@ -256,7 +260,7 @@ def test_kernels_on_zero_to_hundreds_of_tiny_agents_with_nonfinite_gradients(pro
         upcast = base.upcast()
         anticipated = torch.full_like(upcast.param, 123.0)
         args = upcast.commit_args() if commit else upcast.anticipate_args(anticipated)
-        reference.UPDATE_OPS[(kind, commit)](**args, **hyper)
+        reference.UPDATE_OPS[(kind, commit)](**args, **rows(kind, hyper, upcast.step))
         truth = {**upcast.tensors(), "anticipated": anticipated}
     for name, expected in results[1].items():
         if truth is None:

@@ -15,6 +15,8 @@ from helpers import (
     agent_grad_norms_of_kernel_and_reference,
     assert_as_accurate_as,
     assert_close_to_scale,
+    no_live,
+    rows,
     torch_optimizer,
 )
 
@@ -50,9 +52,9 @@ def test_update_matches_reference(commit, case, dtype, layout, nonfinite, device
     for label, (module, arena) in runs.items():
         anticipated = torch.full_like(arena.param, 123.0)
         if commit:
-            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **hyper)
+            module.UPDATE_OPS[(kind, True)](**arena.commit_args(), **rows(kind, hyper, arena.step))
         else:
-            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+            module.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
         results[label] = {**arena.tensors(), "anticipated": anticipated}
     for name, expected in results["reference"].items():
         if dtype == torch.float64:
@@ -69,7 +71,7 @@ def test_anticipate_leaves_base_and_state_bit_identical(case, dtype, device):
     before = {name: t.clone() for name, t in arena.tensors().items()}
     grad_before = arena.grad.clone()
     anticipated = torch.zeros_like(arena.param)
-    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **hyper)
+    ops.UPDATE_OPS[(kind, False)](**arena.anticipate_args(anticipated), **rows(kind, hyper, arena.step))
     for name, tensor in arena.tensors().items():
         assert torch.equal(tensor, before[name]), f"anticipate changed {name}"
     assert torch.equal(arena.grad, grad_before)
@@ -99,8 +101,12 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
     param = torch.cat(initial)
     grad = torch.zeros_like(param)
     states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
+    for name, start in zip(ops.KERNELS[kind].state_names, ops.KERNELS[kind].state_initial):
+        if start >= 0:  # Adagrad's sum starts at initial_accumulator_value, as torch.optim starts it
+            states[name].fill_(ops.KERNELS[kind].row(hyper)[start])
     a = len(sizes)
     step = torch.zeros(a, dtype=torch.float64, device=device)
+    live = no_live(a, device)
     lr = torch.tensor(lrs, dtype=torch.float64, device=device)
     max_norm = torch.tensor(max_norms, dtype=torch.float64, device=device)
     norm, grad_scale = torch.zeros_like(lr), torch.ones_like(lr)
@@ -117,8 +123,8 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
             opt.step()
         if clip:
             ops.agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite)
-        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, lr, grad_scale if clip else None,
-                                      None, chunks, **hyper)
+        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, live, lr, rows(kind, hyper, step)["hyper"],
+                                      grad_scale if clip else None, None, chunks)
     for agent, p in enumerate(theirs):
         ours = param[offsets[agent] : offsets[agent + 1]]
         if dtype == torch.float64:
@@ -172,7 +178,7 @@ def test_nonfinite_gradient_skips_only_that_agent(device):
     args = arena.commit_args(skip=False)
     args["skip"] = nonfinite
     args["grad_scale"] = None
-    ops.adam_commit(**args, **hyper)
+    ops.adam_commit(**args, **rows(kind, hyper, arena.step))
     assert arena.step.tolist() == [3.0, 2.0, 3.0]
     for name in ("param", "exp_avg", "exp_avg_sq"):
         tensor = arena.tensors()[name]
@@ -185,7 +191,7 @@ def test_one_step_changes_no_buffer_it_does_not_own():
     kind, hyper = _hyper("rmsprop-centered-momentum-wd")
     arena = Arena(kind, [9, 9], torch.float64, seed=6).warm_up(kind, hyper)
     grad, lr, chunks = arena.grad.clone(), arena.lr.clone(), arena.chunks.clone()
-    ops.rmsprop_commit(**arena.commit_args(), **hyper)
+    ops.rmsprop_commit(**arena.commit_args(), **rows(kind, hyper, arena.step))
     assert torch.equal(arena.grad, grad) and torch.equal(arena.lr, lr) and torch.equal(arena.chunks, chunks)
 
 

@@ -33,8 +33,9 @@ def _large_anticipate():
     chunks, _ = ops.chunk_table([0, N // 3, N])
     step, lr = torch.zeros(2, dtype=F64), torch.full((2,), 1e-2, dtype=F64)
     buffer = torch.zeros(N)
-    return lambda: ops.sgd_anticipate(param, grad, anticipated, buffer, step, lr, None, None, chunks, momentum=0.9,
-                                      dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+    hyper = ops.hyper_rows("sgd", dict(momentum=0.9), 2)
+    live = torch.zeros(2, ops.MAX_STATES, dtype=torch.uint8)
+    return lambda: ops.sgd_anticipate(param, grad, anticipated, buffer, step, live, lr, hyper, None, None, chunks)
 
 
 @pytest.mark.parametrize("make_call", [_large_norms, _large_anticipate], ids=["agent_grad_norms", "sgd_anticipate"])

@@ -7,6 +7,7 @@ actor a deep copy stepped one level earlier by a torch.optim.Adam copy of the ba
 state; only the last level is committed.
 """
 
+import contextlib
 import copy
 import math
 import types
@@ -341,9 +342,10 @@ def test_actor_losses_by_hand_at_level_one(float64):
 # ---- the KPG coupling against a brute force ---------------------------------------------------------
 
 
-def brute_force_loss(trainer, agent, networks, batch, noise):
+def brute_force_loss(trainer, agent, networks, batch, noise, level=1):
     """Agent ``agent``'s actor loss where agent j's outputs come from ``networks[j]``; only the
-    agent's own network keeps its gradient."""
+    agent's own network keeps its gradient. From level 2 the others' actions are their anticipated
+    (relaxed, for discrete actions) ones."""
     obs, alive = batch["obs"].transpose(0, 1), batch["alive"].T
     n = trainer.num_agents
     rows = []
@@ -354,7 +356,11 @@ def brute_force_loss(trainer, agent, networks, batch, noise):
         out = networks[j](x)
         rows.append(out if j == agent else out.detach())
     outputs = torch.stack(rows)
-    actions = trainer.policy_actions(outputs, noise) * alive[..., None]
+    actions = trainer.policy_actions(outputs, noise)
+    if level >= 2:
+        others = trainer.anticipated_actions(outputs.detach(), noise)
+        actions = torch.stack([actions[j] if j == agent else others[j] for j in range(n)])
+    actions = actions * alive[..., None]
     penalty = trainer.config.actor_regularization * trainer.output_penalty(outputs, alive)[agent]
     if isinstance(trainer, MADDPGTrainer):
         q = trainer.q_values(trainer.critic, batch["state"], actions.transpose(0, 1).flatten(1))[agent]
@@ -396,7 +402,7 @@ def brute_force_actor_step(trainer, batch, noise, k):
         for agent in range(n):
             own = copy.deepcopy(base[network_of(agent)])
             networks = [own if j == agent else anticipated[network_of(j)] for j in range(n)]
-            loss = brute_force_loss(trainer, agent, networks, batch, noise)
+            loss = brute_force_loss(trainer, agent, networks, batch, noise, level)
             for total, g in zip(grads[network_of(agent)], torch.autograd.grad(loss, list(own.parameters()))):
                 total += g
         anticipated = [adam_step_from_base(trainer, m, base[m], grads[m]) for m in range(len(base))]
@@ -532,3 +538,43 @@ def test_bad_configuration_is_reported():
         FACMACTrainer(simple_spread_pool(), FACMACConfig(batch_size=0), k=1, k_until=None, device="cpu", seed=0)
     with pytest.raises(ValueError, match="Gumbel-softmax temperature"):
         straight_through_gumbel_softmax(torch.zeros(1, 2), gumbel_noise((1, 2), torch.Generator(), "cpu", torch.float32), 0.0)
+
+
+@pytest.mark.parametrize("algo", ["maddpg", "facmac"])
+def test_discrete_anticipation_moves_with_the_others_parameters(float64, algo):
+    """Issue 14 item 10: from level 2 the others' anticipated discrete actions are relaxed
+    Gumbel-softmax samples, so a small change of their level l-1 parameters (no argmax flips)
+    changes agent i's loss; fed as one-hot forward values it would change nothing."""
+    trainer_class, _ = TRAINERS[algo]
+    trainer = trainer_class(heterogeneous_pool(discrete=True), small_config(algo), k=2, k_until=None, device="cpu",
+                            seed=1)
+    trainer.iteration()
+    batch = trainer.buffer.sample(8, np.random.default_rng(2))
+    noise = trainer.actor_noise(8)
+    opt = trainer.actor_optimizer
+
+    class Level2:
+        level, k = 2, 2
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        @contextlib.contextmanager
+        def anticipated(self):
+            with torch.no_grad():
+                saved = [p.detach().clone() for p in opt.arena.parameters]
+                for p in opt.arena.parameters:
+                    p.add_(self.shift)
+                try:
+                    yield self
+                finally:
+                    for p, s in zip(opt.arena.parameters, saved):
+                        p.copy_(s)
+
+    with torch.no_grad():
+        losses = [trainer.actor_losses(Level2(shift), batch, noise) for shift in (0.0, 1e-3)]
+    assert not torch.equal(losses[0], losses[1])
+    outputs = trainer.actor(batch["obs"].transpose(0, 1))
+    relaxed = trainer.anticipated_actions(outputs, noise)
+    assert torch.allclose(relaxed.sum(-1), torch.ones_like(relaxed.sum(-1)))
+    assert not torch.equal(relaxed, trainer.policy_actions(outputs, noise))

@@ -13,7 +13,7 @@ import torch._dynamo.testing
 from kpg import _C
 from kpg import _ops as ops
 
-from helpers import UPDATE_CASES, Arena, python_thread_progress
+from helpers import UPDATE_CASES, Arena, no_live, python_thread_progress, rows
 
 # An empty agent between others, segments that are not multiples of the vector width.
 SIZES = [3, 0, 17, 5]
@@ -35,7 +35,7 @@ def _update_call(case: str, commit: bool, dtype=torch.float32, optional_tensors:
         args.update(grad_scale=None, skip=None)
         needed = ops.KERNELS[kind].required_states(hyper)
         args.update({state: None for state in ops.KERNELS[kind].state_names if state not in needed})
-    return ops.UPDATE_OPS[(kind, commit)], {**args, **hyper}
+    return ops.UPDATE_OPS[(kind, commit)], {**args, **rows(kind, hyper, arena.step)}
 
 
 def _norms_call(with_max_norm: bool = True):
@@ -109,10 +109,11 @@ def test_opcheck(call):
 def _level_then_commit(param, grad, exp_avg, exp_avg_sq, step, lr, chunks, anticipated):
     """One KPG level's parameters, then the committed step; the level must see the base values."""
     hyper = UPDATE_CASES["adamw"][1]
-    torch.ops.kpg.adam_anticipate(param, grad, anticipated, exp_avg, exp_avg_sq, None, step, lr, None, None, chunks,
-                                  **hyper)
+    live, rows_ = no_live(step.numel()), rows("adam", hyper, step)["hyper"]
+    torch.ops.kpg.adam_anticipate(param, grad, anticipated, exp_avg, exp_avg_sq, None, step, live, lr, rows_, None, None,
+                                  chunks)
     level_grad = grad * 0.5 + anticipated
-    torch.ops.kpg.adam_commit(param, level_grad, exp_avg, exp_avg_sq, None, step, lr, None, None, chunks, **hyper)
+    torch.ops.kpg.adam_commit(param, level_grad, exp_avg, exp_avg_sq, None, step, live, lr, rows_, None, None, chunks)
     return anticipated - param
 
 
@@ -205,7 +206,7 @@ ERROR_CASES = [
     ErrorCase("grad-scale-float32", "adam-amsgrad-commit", _with(grad_scale=lambda a: a["grad_scale"].float()),
               ValueError, r"grad_scale must be a contiguous torch\.float64 tensor"),
     ErrorCase("chunks-int32", "adam-amsgrad-commit", _with(chunks=lambda a: a["chunks"].int()), ValueError,
-              r"chunks must be an int64 \[num_chunks, 3\] table on cpu from kpg\.ops\.chunk_table, got torch\.int32"),
+              r"chunks must be an int64 \[num_chunks, 3\] table on cpu from kpg\._ops\.chunk_table, got torch\.int32"),
     ErrorCase("chunks-flat", "adam-anticipate", _with(chunks=lambda a: a["chunks"].flatten()), ValueError,
               r"chunks must be an int64 \[num_chunks, 3\] table .*, got torch\.int64 \(9,\)"),
     ErrorCase("chunks-two-columns", "sgd-momentum-anticipate", _with(chunks=lambda a: a["chunks"][:, :2].clone()),
@@ -280,8 +281,8 @@ def test_chunk_table_of_a_larger_arena_is_rejected():
     larger_chunks, _ = ops.chunk_table([0, 2 * NUMEL])
     raised = False
     try:
-        ops.sgd_commit(**halves, step=torch.zeros(1, dtype=F64), lr=torch.ones(1, dtype=F64), grad_scale=None,
-                       skip=None, chunks=larger_chunks, **hyper)
+        ops.sgd_commit(**halves, step=torch.zeros(1, dtype=F64), live=no_live(1), lr=torch.ones(1, dtype=F64),
+                       grad_scale=None, skip=None, chunks=larger_chunks, **rows(kind, hyper, 1))
     except ValueError:
         raised = True
     assert raised and torch.equal(storage["param"][NUMEL:], beyond), "the kernel wrote past the end of param"
@@ -300,7 +301,8 @@ def test_cpu_update_releases_the_gil():
     exp_avg, exp_avg_sq = torch.zeros(n), torch.zeros(n)
     step, lr = torch.zeros(2, dtype=F64), torch.full((2,), 1e-3, dtype=F64)
     during = python_thread_progress(
-        lambda: ops.adam_commit(param, grad, exp_avg, exp_avg_sq, None, step, lr, None, None, chunks, **hyper))
+        lambda: ops.adam_commit(param, grad, exp_avg, exp_avg_sq, None, step, no_live(2), lr, rows(kind, hyper, 2)["hyper"],
+                                None, None, chunks))
     assert step.tolist() == [3.0, 3.0]
     assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
 
@@ -325,7 +327,7 @@ def test_update_bits_do_not_depend_on_thread_count(case, commit):
             arena = copy.deepcopy(base)
             anticipated = torch.zeros_like(arena.param)
             args = arena.commit_args() if commit else arena.anticipate_args(anticipated)
-            ops.UPDATE_OPS[(kind, commit)](**args, **hyper)
+            ops.UPDATE_OPS[(kind, commit)](**args, **rows(kind, hyper, arena.step))
             assert _C.get_num_threads() == threads, "the kernels did not follow torch.set_num_threads"
             results.append({name: _bits(t) for name, t in {**arena.tensors(), "anticipated": anticipated}.items()})
     finally:
@@ -356,7 +358,7 @@ def test_grad_norm_bits_do_not_depend_on_thread_count():
 def _commit_in_child(arena_args, hyper, result, kernel_threads):
     # Through numpy: torch's own intra-op pool (OpenMP) hangs in a forked child once the parent
     # used it, a torch limitation this test does not measure.
-    ops.adam_commit(**arena_args, **hyper)
+    ops.adam_commit(**arena_args, **rows("adam", hyper, arena_args["step"]))
     result.numpy()[:] = arena_args["param"].numpy()
     kernel_threads.numpy()[0] = _C.get_num_threads()
 
@@ -370,7 +372,7 @@ def test_fork_after_the_thread_pool_started():
     threads_before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ops.adam_commit(**parent.commit_args(), **hyper)
+        ops.adam_commit(**parent.commit_args(), **rows(kind, hyper, parent.step))
         assert _C.get_num_threads() == 2
         result = torch.full_like(base.param, float("nan")).share_memory_()
         kernel_threads = torch.zeros(1, dtype=torch.int64).share_memory_()

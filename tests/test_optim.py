@@ -12,11 +12,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import kpg
 
-from helpers import RTOL, assert_close_to_scale, torch_optimizer
+from helpers import RTOL, Game, assert_close_to_scale, brute_force_step, torch_optimizer
 
 OPTIMIZERS = {
     "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
@@ -25,103 +24,6 @@ OPTIMIZERS = {
     "adamw-amsgrad": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
     "rmsprop-centered-momentum": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)),
 }
-BATCH = 6
-
-
-class Game:
-    """A cooperative continuous game: agent j's policy maps its observation to an action; agent i's
-    loss is minus a fixed centralized critic of the joint action in which slot i is its own."""
-
-    def __init__(self, num_agents, dtype, heterogeneous, shared, seed, device="cpu"):
-        g = torch.Generator().manual_seed(seed)
-        self.num_agents, self.shared = num_agents, shared
-        self.obs_dims = [3 + (a % 3 if heterogeneous else 0) for a in range(num_agents)]
-        self.act_dims = [2 + (a % 2 if heterogeneous else 0) for a in range(num_agents)]
-        torch.manual_seed(seed)
-        if shared:
-            self.obs_dims = [self.obs_dims[0]] * num_agents
-            self.act_dims = [self.act_dims[0]] * num_agents
-            self.models = [nn.Sequential(nn.Linear(self.obs_dims[0] + num_agents, 8), nn.Tanh(), nn.Linear(8, self.act_dims[0]))]
-        else:
-            self.models = [
-                nn.Sequential(nn.Linear(o, 5 + a % 4), nn.Tanh(), nn.Linear(5 + a % 4, d))
-                for a, (o, d) in enumerate(zip(self.obs_dims, self.act_dims))
-            ]
-        self.models = [m.to(device, dtype) for m in self.models]
-        self.observations = [torch.randn(BATCH, o, dtype=dtype, generator=g).to(device) for o in self.obs_dims]
-        joint = sum(self.act_dims)
-        self.critic = nn.Sequential(nn.Linear(joint, 16), nn.Tanh(), nn.Linear(16, num_agents)).to(device, dtype)
-        for p in self.critic.parameters():
-            p.requires_grad_(False)
-
-    def policy_input(self, agent):
-        obs = self.observations[agent]
-        if not self.shared:
-            return obs
-        one_hot = torch.zeros(BATCH, self.num_agents, dtype=obs.dtype, device=obs.device)
-        one_hot[:, agent] = 1
-        return torch.cat([obs, one_hot], dim=1)
-
-    def actions(self, params=None):
-        """Every agent's action; params: per optimizer-agent parameter dicts, or None for the modules."""
-        out = []
-        for a in range(self.num_agents):
-            m = 0 if self.shared else a
-            x = self.policy_input(a)
-            out.append(self.models[m](x) if params is None else functional_call(self.models[m], params[m], (x,)))
-        return out
-
-    def agent_losses(self, joint):
-        """joint: [agents, batch, sum of action sizes]; agent i's loss reads critic head i."""
-        q = self.critic(joint)  # [agents, batch, agents]
-        return -torch.stack([q[i, :, i].mean() for i in range(self.num_agents)])
-
-    def closure_with_context(self, ctx):
-        own = self.actions()
-        with ctx.anticipated():
-            anticipated = self.actions()
-        return self.agent_losses(kpg.joint_inputs(own, anticipated))
-
-    def closure_without_context(self):
-        actions = self.actions()
-        joint = torch.cat(actions, dim=-1).expand(self.num_agents, BATCH, -1)
-        return self.agent_losses(joint)
-
-    def brute_force_loss(self, segment, own, anticipated):
-        """The loss of optimizer agent `segment` with its own parameters and the others' anticipated."""
-        if self.shared:
-            own_actions = self.actions([own])
-            anticipated_actions = [a.detach() for a in self.actions([anticipated[0]])]
-            return self.agent_losses(kpg.joint_inputs(own_actions, anticipated_actions)).sum()
-        params = [own if j == segment else anticipated[j] for j in range(self.num_agents)]
-        joint = torch.cat(self.actions(params), dim=-1).expand(self.num_agents, BATCH, -1)
-        return self.agent_losses(joint)[segment]
-
-
-def brute_force_step(game, optimizers, k, max_norms):
-    models = game.models
-    base = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
-    anticipated = base
-    for level in range(1, k + 1):
-        new = []
-        for i, (model, opt) in enumerate(zip(models, optimizers)):
-            own = {n: t.clone().requires_grad_() for n, t in base[i].items()}
-            loss = game.brute_force_loss(i, own, anticipated)
-            grads = torch.autograd.grad(loss, list(own.values()))
-            saved = copy.deepcopy(opt.state_dict())
-            with torch.no_grad():
-                for p, b, g in zip(model.parameters(), base[i].values(), grads):
-                    p.copy_(b)
-                    p.grad = g.clone()
-            if max_norms is not None:
-                torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norms[i], foreach=False)
-            opt.step()
-            new.append({n: p.detach().clone() for n, p in model.named_parameters()})
-            if level < k:
-                opt.load_state_dict(saved)
-        anticipated = new
-
-
 def run_both(optimizer, k, num_agents, dtype, shared, heterogeneous, closure_style, clip, steps=3, seed=0, device="cpu"):
     name, hyper = OPTIMIZERS[optimizer]
     ours = Game(num_agents, dtype, heterogeneous, shared, seed, device)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kpg import _ops as ops
 from kpg import reference
 
-from helpers import HYPER, RTOL, Arena, assert_as_accurate_as, assert_close_to_scale
+from helpers import HYPER, RTOL, Arena, assert_as_accurate_as, assert_close_to_scale, rows
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 # Any size up to 3000; sizes next to multiples of 4 (the float32 vector width) and tiny ones are
@@ -67,9 +67,10 @@ def update_problems(draw):
 def _run(module, problem: Problem, arena: Arena) -> dict[str, torch.Tensor]:
     anticipated = torch.full_like(arena.param, 123.0)
     if problem.commit:
-        module.UPDATE_OPS[(problem.kind, True)](**arena.commit_args(), **problem.hyper)
+        module.UPDATE_OPS[(problem.kind, True)](**arena.commit_args(), **rows(problem.kind, problem.hyper, arena.step))
     else:
-        module.UPDATE_OPS[(problem.kind, False)](**arena.anticipate_args(anticipated), **problem.hyper)
+        module.UPDATE_OPS[(problem.kind, False)](**arena.anticipate_args(anticipated),
+                                                  **rows(problem.kind, problem.hyper, arena.step))
     return {**arena.tensors(), "anticipated": anticipated}
 
 
@@ -98,8 +99,9 @@ def test_anticipate_writes_what_commit_would_and_nothing_else(problem):
     before = copy.deepcopy(problem.arena)
     anticipating, committing = copy.deepcopy(before), copy.deepcopy(before)
     anticipated = torch.full_like(before.param, 123.0)
-    ops.UPDATE_OPS[(problem.kind, False)](**anticipating.anticipate_args(anticipated), **problem.hyper)
-    ops.UPDATE_OPS[(problem.kind, True)](**committing.commit_args(), **problem.hyper)
+    ops.UPDATE_OPS[(problem.kind, False)](**anticipating.anticipate_args(anticipated),
+                                          **rows(problem.kind, problem.hyper, anticipating.step))
+    ops.UPDATE_OPS[(problem.kind, True)](**committing.commit_args(), **rows(problem.kind, problem.hyper, committing.step))
     assert torch.equal(_bits(anticipated), _bits(committing.param))
     for name, value in anticipating.tensors().items():
         assert torch.equal(_bits(value), _bits(before.tensors()[name])), f"anticipate changed {name}"

@@ -24,6 +24,10 @@ def _stub_functions() -> dict[str, ast.FunctionDef]:
     return {node.name: node for node in _stub_tree().body if isinstance(node, ast.FunctionDef)}
 
 
+def _stub_classes() -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in _stub_tree().body if isinstance(node, ast.ClassDef)}
+
+
 def _stub_constants() -> dict[str, str]:
     return {
         node.target.id: ast.unparse(node.annotation)
@@ -64,6 +68,8 @@ def _doc_signature(name: str) -> tuple[list[tuple[str, str]], str]:
 
 def _kind(annotation: str) -> str:
     """The kind of a type as either side spells it."""
+    if annotation.endswith("UpdateBuffers"):
+        return "UpdateBuffers"
     container = re.match(r"(dict|tuple)\b", annotation)
     if container:
         return container[1]
@@ -82,7 +88,7 @@ def _kind(annotation: str) -> str:
 
 
 def test_stub_declares_exactly_the_public_names_of_the_module():
-    declared = set(_stub_functions()) | set(_stub_constants())
+    declared = set(_stub_functions()) | set(_stub_constants()) | set(_stub_classes())
     assert declared == _public(dir(_C)), (
         f"missing from kpg/_C.pyi: {sorted(_public(dir(_C)) - declared)}; "
         f"in the stub but not the module: {sorted(declared - _public(dir(_C)))}"
@@ -103,3 +109,11 @@ def test_stub_signature_matches_pybind11_docstring(name):
     assert [arg for arg, _ in stub_args] == [arg for arg, _ in doc_args], f"{name}: argument names differ"
     assert stub_args == [(arg, _kind(t)) for arg, t in doc_args], f"{name}: argument types differ"
     assert _kind(ast.unparse(function.returns)) == _kind(doc_return), f"{name}: return types differ"
+
+
+@pytest.mark.parametrize("name", sorted(_stub_classes()))
+def test_stub_class_declares_exactly_the_attributes_of_the_module(name):
+    declared = {node.target.id for node in _stub_classes()[name].body if isinstance(node, ast.AnnAssign)}
+    compiled = getattr(_C, name)
+    properties = {attr for attr in dir(compiled) if isinstance(getattr(compiled, attr), property)}
+    assert declared == _public(properties), f"{name}: stub {sorted(declared)} != module {sorted(properties)}"

@@ -28,8 +28,9 @@
 
 namespace kpg {
 
-// Codes shared with kpg/_ops.py (_DTYPE_CODES); the order is part of the boundary.
+// Codes of the parameter dtypes; kpg/_ops.py reads them from kpg._C.DTYPES (built from kDTypes).
 enum class DType : int { Float32 = 0, Float64 = 1 };
+constexpr DType kDTypes[] = {DType::Float32, DType::Float64};
 
 inline const char* dtype_name(DType dtype) {
   switch (dtype) {
@@ -46,8 +47,10 @@ decltype(auto) dispatch_dtype(int code, const char* op, Fn&& fn) {
     case DType::Float32: return fn(float{});
     case DType::Float64: return fn(double{});
   }
+  std::string supported;
+  for (DType dtype : kDTypes) supported += std::string(supported.empty() ? "" : ", ") + dtype_name(dtype);
   throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(code) +
-                              "; supported parameter dtypes are float32 and float64");
+                              "; supported parameter dtypes are " + supported);
 }
 
 // Calls fn(std::integral_constant<bool, flag>{}) so loops can be specialised on a runtime flag.

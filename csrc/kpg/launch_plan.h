@@ -102,12 +102,6 @@ KPG_HD void for_each_thread_element(const ChunkSplit& split, int vec, int thread
   if (thread < split.end - split.aligned_end) scalar(split.aligned_end + thread);
 }
 
-// Elements per vector load for a buffer of `element_bytes`-sized values, or 1 when some base
-// address is not aligned to kVectorBytes.
-inline int vector_width(int element_bytes, bool all_bases_aligned) {
-  return all_bases_aligned ? kVectorBytes / element_bytes : 1;
-}
-
 inline bool is_vector_aligned(const void* address) {
   return reinterpret_cast<uintptr_t>(address) % kVectorBytes == 0;
 }
@@ -116,8 +110,6 @@ inline bool is_vector_aligned(const void* address) {
 
 namespace kpg {
 
-// How often a CUDA launch over the chunk table of `offsets` visits each element, every block and
-// thread simulated with the kernels' own mapping; the coverage test expects all ones.
 // Throws std::invalid_argument naming the first row of `chunks` outside an arena of `numel`
 // elements and `num_agents` agents, and, when `agent_chunks` is given, the first agent whose rows
 // are not a range of the table.
@@ -134,6 +126,8 @@ void check_element_ranges(const int64_t* ranges, int64_t num_ranges, int64_t num
 void fill_range_chunk_table(const int64_t* ranges, int64_t num_ranges, int64_t num_agents,
                             int64_t chunk_elems, int64_t* chunks, int64_t* agent_chunks);
 
+// How often a CUDA launch over the chunk table of `offsets` visits each element, every block and
+// thread simulated with the kernels' own mapping; the coverage test expects all ones.
 void count_element_visits(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems,
                           int threads, int vec, int32_t* visits);
 

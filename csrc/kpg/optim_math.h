@@ -1,5 +1,6 @@
-// The per-element arithmetic of SGD, Adam/AdamW and RMSprop: one function per optimizer, called by
-// the CPU loops (update_cpu.cpp) and the CUDA kernels (update_cuda.cu). Each mirrors the
+// The per-element arithmetic of SGD, Adam/AdamW, RMSprop and Adagrad: one function per optimizer,
+// called through its traits type (optimizers.h) by the CPU loops (update_cpu.cpp) and the CUDA
+// kernels (update_cuda.cu). Each mirrors the
 // single-tensor path of torch.optim (foreach=False, fused=False, capturable=False) operation by
 // operation: per-agent scalars are computed in double, as torch does with Python floats, then cast
 // to the parameter type, as torch casts a Scalar argument.
@@ -10,21 +11,6 @@
 #include "kpg/common.h"
 
 namespace kpg {
-
-// Hyperparameters every agent shares; per-agent values (lr, step count, gradient scale) arrive
-// through UpdateBuffers and become the per-agent coefficients below.
-struct SGDHyper {
-  double momentum, dampening, weight_decay;
-  bool nesterov, maximize;
-};
-struct AdamHyper {
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled_weight_decay;  // decoupled_weight_decay: AdamW
-};
-struct RMSpropHyper {
-  double alpha, eps, weight_decay, momentum;
-  bool centered, maximize;
-};
 
 template <typename T>
 KPG_HD T math_sqrt(T x) {
@@ -54,11 +40,13 @@ struct SGDCoefficients {
 };
 
 template <typename T>
-KPG_HD SGDCoefficients<T> sgd_coefficients(const SGDHyper& h, double lr, double grad_scale) {
-  return {T(grad_scale), T(h.weight_decay), T(h.momentum), T(1.0 - h.dampening), T(-lr)};
+KPG_HD SGDCoefficients<T> sgd_coefficients(double momentum, double dampening, double weight_decay,
+                                           double lr, double grad_scale) {
+  return {T(grad_scale), T(weight_decay), T(momentum), T(1.0 - dampening), T(-lr)};
 }
 
-// first_step: the momentum buffer does not exist yet in torch (it is cloned from the gradient).
+// first_step: the momentum buffer does not exist yet in torch (it is cloned from the gradient): the
+// first step with momentum on, which need not be the optimizer's first step.
 template <typename T>
 KPG_HD void sgd_element(T& param, T grad, T& momentum_buffer, const SGDCoefficients<T>& c,
                         bool maximize, bool has_weight_decay, bool has_momentum, bool first_step,
@@ -83,19 +71,20 @@ struct AdamCoefficients {
 
 // step: the step being taken, counted from 1, as torch's state["step"] after its increment.
 template <typename T>
-KPG_HD AdamCoefficients<T> adam_coefficients(const AdamHyper& h, double lr, double step,
+KPG_HD AdamCoefficients<T> adam_coefficients(double beta1, double beta2, double eps,
+                                             double weight_decay, double lr, double step,
                                              double grad_scale) {
-  const double bias_correction1 = 1.0 - ::pow(h.beta1, step);
-  const double bias_correction2 = 1.0 - ::pow(h.beta2, step);
-  const T one_minus_beta1 = T(1.0 - h.beta1);
+  const double bias_correction1 = 1.0 - ::pow(beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(beta2, step);
+  const T one_minus_beta1 = T(1.0 - beta1);
   return {T(grad_scale),
-          T(h.weight_decay),
-          T(1.0 - lr * h.weight_decay),
+          T(weight_decay),
+          T(1.0 - lr * weight_decay),
           one_minus_beta1,
-          T(h.beta2),
-          T(1.0 - h.beta2),
+          T(beta2),
+          T(1.0 - beta2),
           T(::sqrt(bias_correction2)),
-          T(h.eps),
+          T(eps),
           T(-(lr / bias_correction1)),
           (one_minus_beta1 < T(0) ? -one_minus_beta1 : one_minus_beta1) < T(0.5)};
 }
@@ -132,11 +121,11 @@ struct RMSpropCoefficients {
 };
 
 template <typename T>
-KPG_HD RMSpropCoefficients<T> rmsprop_coefficients(const RMSpropHyper& h, double lr,
-                                                   double grad_scale) {
-  const T one_minus_alpha = T(1.0 - h.alpha);
-  return {T(grad_scale), T(h.weight_decay), T(h.alpha), one_minus_alpha, T(h.eps),
-          T(h.momentum),  T(-lr),
+KPG_HD RMSpropCoefficients<T> rmsprop_coefficients(double alpha, double eps, double weight_decay,
+                                                   double momentum, double lr, double grad_scale) {
+  const T one_minus_alpha = T(1.0 - alpha);
+  return {T(grad_scale), T(weight_decay), T(alpha), one_minus_alpha, T(eps),
+          T(momentum),    T(-lr),
           (one_minus_alpha < T(0) ? -one_minus_alpha : one_minus_alpha) < T(0.5)};
 }
 
@@ -162,6 +151,31 @@ KPG_HD void rmsprop_element(T& param, T grad, T& square_avg, T& momentum_buffer,
   } else {
     param = param + c.neg_lr * grad / avg;
   }
+}
+
+// ---- Adagrad: torch.optim.adagrad._single_tensor_adagrad (dense gradients) --------------------
+template <typename T>
+struct AdagradCoefficients {
+  T grad_scale, weight_decay, eps, neg_clr;
+};
+
+// step: the step being taken, counted from 1, as torch's state["step"] after its increment.
+template <typename T>
+KPG_HD AdagradCoefficients<T> adagrad_coefficients(double lr_decay, double weight_decay, double eps,
+                                                   double lr, double step, double grad_scale) {
+  const double clr = lr / (1.0 + (step - 1.0) * lr_decay);
+  return {T(grad_scale), T(weight_decay), T(eps), T(-clr)};
+}
+
+template <typename T>
+KPG_HD void adagrad_element(T& param, T grad, T& state_sum, const AdagradCoefficients<T>& c,
+                            bool maximize, bool has_weight_decay) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) grad = grad + c.weight_decay * param;
+  state_sum = state_sum + grad * grad;
+  const T std = math_sqrt(state_sum) + c.eps;
+  param = param + c.neg_clr * grad / std;
 }
 
 }  // namespace kpg

@@ -1,50 +1,83 @@
 // Entry points of the fused optimizer update: one call updates every agent of an arena for one KPG
 // level. Mode anticipate reads the base parameters and base state and writes the level's
 // parameters to `anticipated`, changing nothing else: the optimizer-state reset of KPG without a
-// copy. Mode commit updates parameters and state in place and advances each agent's step count.
+// copy. Mode commit updates parameters and state in place, advances each agent's step count and
+// marks the state tensors its row keeps as live.
 #pragma once
 
 #include <cstdint>
 
-#include "kpg/optim_math.h"
+#include "kpg/optimizers.h"
 
 namespace kpg {
 
-// Flat buffers of one arena (one dtype, one device), all laid out agent by agent. The meaning of
-// state[0..2] is the optimizer's: SGD (momentum_buffer), Adam (exp_avg, exp_avg_sq,
-// max_exp_avg_sq), RMSprop (square_avg, momentum_buffer, grad_avg); unused ones are null.
+// Flat buffers of one arena (one dtype, one device), all laid out agent by agent. state[s] is the
+// optimizer's state tensor s (its traits' kStates order); unused ones are null.
 struct UpdateBuffers {
-  void* param;
-  const void* grad;
-  void* anticipated;      // written in anticipate mode only
-  void* state[3];
-  double* step;           // [agents] steps taken so far; commit adds one where not skipped
-  const double* lr;       // [agents]
-  const double* grad_scale;  // [agents] gradient multiplier (clipping), or null for 1
-  const uint8_t* skip;    // [agents] nonzero: leave the agent as it is, or null
-  const int64_t* chunks;  // [num_chunks, kChunkColumns], see launch_plan.h
-  int64_t num_chunks;
-  int64_t num_agents;
-  int64_t numel;          // elements of every arena buffer
-  int dtype;              // DType code
-  bool commit;
+  void* param = nullptr;
+  const void* grad = nullptr;
+  void* anticipated = nullptr;       // written in anticipate mode only
+  void* state[kMaxStates] = {};
+  double* step = nullptr;            // [agents] steps taken so far; commit adds one where not skipped
+  const double* lr = nullptr;        // [agents]
+  const double* hyper = nullptr;     // [agents, row width] (NOTE [Hyperparameter rows])
+  uint8_t* live = nullptr;           // [agents, kMaxStates] 1 where state s holds values; commit sets
+  const double* grad_scale = nullptr;  // [agents] gradient multiplier (clipping), or null for 1
+  const uint8_t* skip = nullptr;     // [agents] nonzero: leave the agent as it is, or null
+  const int64_t* chunks = nullptr;   // [num_chunks, kChunkColumns], see launch_plan.h
+  int64_t num_chunks = 0;
+  int64_t num_agents = 0;
+  int64_t numel = 0;                 // elements of every arena buffer
+  int dtype = 0;                     // DType code
+  bool commit = false;
 };
 
-void sgd_update_cpu(const UpdateBuffers& buffers, const SGDHyper& hyper);
-void adam_update_cpu(const UpdateBuffers& buffers, const AdamHyper& hyper);
-void rmsprop_update_cpu(const UpdateBuffers& buffers, const RMSpropHyper& hyper);
+// Checks on the host that every agent's row finds the state tensors it needs (CPU path).
+void check_update_buffers(int family, const UpdateBuffers& buffers, const char* op);
+
+void update_cpu(int family, const UpdateBuffers& buffers);
 
 #if defined(KPG_WITH_CUDA)
 // Launch on `stream` (a cudaStream_t) of CUDA device `device`; no synchronization, no allocation.
-void sgd_update_cuda(const UpdateBuffers& buffers, const SGDHyper& hyper, int device, void* stream);
-void adam_update_cuda(const UpdateBuffers& buffers, const AdamHyper& hyper, int device, void* stream);
-void rmsprop_update_cuda(const UpdateBuffers& buffers, const RMSpropHyper& hyper, int device,
-                         void* stream);
+void update_cuda(int family, const UpdateBuffers& buffers, int device, void* stream);
 #endif
 
-// The step count after a commit, shared by both paths.
-KPG_HD void advance_agent_step(double* step, const uint8_t* skip, int64_t agent) {
-  if (skip == nullptr || skip[agent] == 0) step[agent] += 1.0;
+// What both paths share per agent.
+KPG_HD bool agent_skipped(const UpdateBuffers& b, int64_t agent) {
+  return b.skip != nullptr && b.skip[agent] != 0;
+}
+
+template <typename Traits>
+KPG_HD const double* agent_row(const UpdateBuffers& b, int64_t agent) {
+  return b.hyper + agent * Traits::kRowWidth;
+}
+
+KPG_HD AgentScalars agent_scalars(const UpdateBuffers& b, int64_t agent) {
+  return {b.lr[agent], b.step[agent] + 1.0, b.grad_scale != nullptr ? b.grad_scale[agent] : 1.0};
+}
+
+template <typename Traits>
+KPG_HD RuntimeFlags agent_flags(const UpdateBuffers& b, int64_t agent) {
+  RuntimeFlags f{};
+  Traits::flags(agent_row<Traits>(b, agent), b.live + agent * kMaxStates, f.values);
+  return f;
+}
+
+// A skipped agent keeps its base parameters; in anticipate mode those are its level parameters.
+template <typename T>
+KPG_HD void keep_base_parameter(const UpdateBuffers& b, int64_t element) {
+  static_cast<T*>(b.anticipated)[element] = static_cast<const T*>(b.param)[element];
+}
+
+// After a commit: the step count advances and the state tensors the row kept become live.
+template <typename Traits>
+KPG_HD void finish_agent(const UpdateBuffers& b, int64_t agent) {
+  if (agent_skipped(b, agent)) return;
+  b.step[agent] += 1.0;
+  const double* row = agent_row<Traits>(b, agent);
+  for (int s = 0; s < Traits::kNumStates; ++s) {
+    if (Traits::keeps_state(row, s)) b.live[agent * kMaxStates + s] = 1;
+  }
 }
 
 }  // namespace kpg

@@ -144,7 +144,8 @@ class FACMACTrainer(OffPolicyTrainer):
         if ctx.level == 1:
             return -self.critic["mixer"](own_utilities.T, batch["state"]).mean() + penalty.sum()
         with ctx.anticipated():
-            anticipated = self.policy_actions(self.actor(obs), noise) * alive[..., None]
+            # Relaxed actions for discrete agents (see the note in kpg/algos/maddpg.py's docstring).
+            anticipated = self.anticipated_actions(self.actor(obs), noise) * alive[..., None]
             anticipated_utilities = self.utilities(self.critic, obs, anticipated) * alive
         joint = joint_inputs(own_utilities, anticipated_utilities)  # [agents i, agents j, batch]
         q_tot = self.critic["mixer"](joint.transpose(1, 2), batch["state"])  # [agents i, batch]

@@ -13,9 +13,16 @@ The actor update goes through :class:`kpg.KPGOptimizer`: agent i's loss is
 its base parameters and the others' from their anticipated level l-1 parameters
 (:func:`kpg.joint_inputs`). At level 1 the others' actions are their current policies' (as in
 MADDPG implementations that recompute every agent's action for the policy gradient, rather than
-reusing the replayed ones), so k=1 is exactly MADDPG. The critics are trained with Adam on the
-TD error; a time limit is not a terminal state, so the target bootstraps from the final state of
-a time-limited episode.
+reusing the replayed ones), so k=1 is exactly MADDPG. From level 2 on, with discrete actions, the
+others' anticipated actions are their *relaxed* Gumbel-softmax samples (the softmax of the
+perturbed logits, with the same noise as the own action:
+:meth:`kpg.algos.off_policy.OffPolicyTrainer.anticipated_actions`), not the straight-through
+one-hot forward values: a one-hot changes only where an argmax flips, so an anticipation fed as
+one-hot would carry almost none of the others' level l-1 change and k=2 would be nearly inert.
+The critics, trained on one-hot actions, then see the others' relaxed actions, which stay on the
+simplex and equal the one-hot in the low-temperature limit. The critics are trained with Adam on
+the TD error; a time limit is not a terminal state, so the target bootstraps from the final state
+of a time-limited episode.
 
 What MADDPG and FACMAC share (acting, replay, the iteration loop, data parallel under
 ``torchrun``) is :class:`kpg.algos.off_policy.OffPolicyTrainer`.
@@ -111,7 +118,7 @@ class MADDPGTrainer(OffPolicyTrainer):
             anticipated = own.detach()  # level l-1 = 0 is the base parameters: the same actions
         else:
             with ctx.anticipated():
-                anticipated = self.policy_actions(self.actor(obs), noise) * alive[..., None]
+                anticipated = self.anticipated_actions(self.actor(obs), noise) * alive[..., None]
         joint = joint_inputs(own, anticipated)  # [agents i, agents j, batch, action]: j's action in i's loss
         q = self.q_values(self.critic, batch["state"], joint.transpose(1, 2).flatten(2))
         policy_value = (q * alive).sum(1) / alive.sum(1).clamp_min(1.0)

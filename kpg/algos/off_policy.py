@@ -156,6 +156,17 @@ class OffPolicyTrainer(abc.ABC):
             return straight_through_gumbel_softmax(outputs, noise, self.config.gumbel_temperature, mask)
         return torch.tanh(outputs) * mask
 
+    def anticipated_actions(self, outputs: Tensor, noise: Tensor | None) -> Tensor:
+        """The actions the others' anticipation feeds from level 2 on: tanh of the outputs
+        (continuous), or the relaxed Gumbel-softmax of the logits with ``noise`` (discrete: the
+        sample whose one-hot :meth:`policy_actions` takes, so its value moves with the parameters)."""
+        mask = self.action_mask[:, None, :]
+        if self.discrete:
+            perturbed = (outputs + noise) / self.config.gumbel_temperature
+            perturbed = perturbed.masked_fill(mask == 0, torch.finfo(perturbed.dtype).min)
+            return torch.softmax(perturbed, dim=-1)
+        return torch.tanh(outputs) * mask
+
     def greedy_actions(self, outputs: Tensor) -> Tensor:
         """Deterministic actions in the critics' encoding: one-hot argmax, or tanh of the outputs."""
         mask = self.action_mask[:, None, :]
