@@ -20,6 +20,9 @@ non-finite value on one rank is shared through the control all-reduce, every ran
 nothing changed anywhere. A rank that dies makes the others' collective fail (connection lost, or
 the process group's timeout): kpg raises a clear error and, on gloo, shuts the group down so that
 ranks waiting on a third one stop at once instead of at the timeout.
+
+Without a process group a KPGOptimizer holds a :class:`LocalCommunicator`, which exchanges nothing,
+so that the step reads the same with and without torch.distributed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "agent_counts",
+    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "LocalCommunicator", "agent_counts",
     "agent_range", "all_gather_agents", "average_gradients", "broadcast_parameters", "check_replicas_agree",
     "gather_samples", "init_from_environment",
 ]
@@ -257,19 +260,57 @@ class Communicator:
             return tensor.detach()
         return all_gather_agents(tensor, self.counts, self.group)
 
-    def nonfinite_agents(self, skip: Tensor, loss_nonfinite: Tensor) -> tuple[list[int], list[bool]]:
-        """(agents whose loss or gradient is not finite, whether it was the loss), in global agent
-        indices and the same on every rank."""
+    def nonfinite_agents(self, skip: Tensor, loss_nonfinite: Tensor) -> tuple[list[int], bool]:
+        """(agents whose loss or gradient is not finite, whether the first one's loss was), in
+        global agent indices and the same on every rank."""
         flags = torch.stack([skip.to(torch.float64), loss_nonfinite.to(torch.float64)], dim=1)
         if self.sharded:
             flags = all_gather_agents(flags, self.counts, self.group)
         flags = flags.tolist()
         bad = [agent for agent, (skipped, _) in enumerate(flags) if skipped]
-        return bad, [bool(flags[agent][1]) for agent in bad]
+        return bad, bool(bad) and bool(flags[bad[0]][1])
 
     def check_replicas(self, tensors: Sequence[Tensor], what: str) -> None:
         if not self.sharded:
             check_replicas_agree(tensors, self.group, what)
+
+    def check_capturable(self) -> None:
+        raise ValueError(
+            "capture_step cannot capture a distributed step: the ranks agree on failures on the host every level"
+        )
+
+
+class LocalCommunicator:
+    """:class:`Communicator`'s interface for a KPGOptimizer without a process group: one rank holds
+    every agent, so there is nothing to exchange and a failure is raised as it is."""
+
+    sharded = False
+    first_agent = 0
+
+    def __init__(self, local_agents: int):
+        self.local_agents = local_agents
+
+    def agree_on_level(self, level: int, k: int, error: BaseException | None,
+                       loss_nonfinite: Tensor | None) -> Tensor | None:
+        if error is not None:
+            raise error
+        return loss_nonfinite
+
+    def average_gradients(self, grad: Tensor, level: int) -> None:
+        pass
+
+    def gather_agents(self, tensor: Tensor) -> Tensor:
+        return tensor.detach()
+
+    def nonfinite_agents(self, skip: Tensor, loss_nonfinite: Tensor) -> tuple[list[int], bool]:
+        bad = skip.nonzero().flatten().tolist()
+        return bad, bool(bad) and bool(loss_nonfinite[bad[0]])
+
+    def check_replicas(self, tensors: Sequence[Tensor], what: str) -> None:
+        pass
+
+    def check_capturable(self) -> None:
+        pass
 
 
 def _average_(buffer: Tensor, group: dist.ProcessGroup, bucket_bytes: int, what: str) -> None:
