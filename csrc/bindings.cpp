@@ -39,10 +39,14 @@ void* stream_of(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
 const char* hyper_kind_name(HyperKind kind) {
   switch (kind) {
-    case HyperKind::Real: return "real";
-    case HyperKind::NonNegative: return "non_negative";
-    case HyperKind::Fraction: return "fraction";
-    case HyperKind::Flag: return "flag";
+    case HyperKind::Real:
+      return "real";
+    case HyperKind::NonNegative:
+      return "non_negative";
+    case HyperKind::Fraction:
+      return "fraction";
+    case HyperKind::Flag:
+      return "flag";
   }
   return "unknown";
 }
@@ -62,7 +66,8 @@ void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffe
   const char* op = op_name.c_str();
   py::gil_scoped_release no_gil;
   if (device == kCpuDevice) {
-    check_chunk_table(op, buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents, buffers.numel);
+    check_chunk_table(op, buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents,
+                      buffers.numel);
     check_update_buffers(family, buffers, op);
     update_cpu(family, buffers);
   } else {
@@ -89,17 +94,19 @@ py::dict optimizers() {
           if (o.name != nullptr && std::string(o.name) == spec.name) defaults[0] = o.value;
         }
         py::object value = spec.width == 2 ? py::object(py::make_tuple(defaults[0], defaults[1]))
-                           : spec.kind == HyperKind::Flag ? py::object(py::bool_(defaults[0] != 0.0))
-                                                          : py::object(py::float_(defaults[0]));
+                           : spec.kind == HyperKind::Flag
+                               ? py::object(py::bool_(defaults[0] != 0.0))
+                               : py::object(py::float_(defaults[0]));
         hyper.append(py::make_tuple(spec.name, spec.width, hyper_kind_name(spec.kind), value));
       }
       py::list states;
       py::list state_initial;
       for (const char* name : Traits::kStates) states.append(name);
       for (int row_entry : Traits::kStateInitial) state_initial.append(row_entry);
-      table[entry.name] = py::dict("family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
-                                   "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
-                                   "states"_a = states, "state_initial"_a = state_initial);
+      table[entry.name] =
+          py::dict("family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
+                   "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
+                   "states"_a = states, "state_initial"_a = state_initial);
     });
   }
   return table;
@@ -110,7 +117,8 @@ using Rows = py::array_t<double, py::array::c_style | py::array::forcecast>;
 template <typename Traits>
 const double* checked_rows(const Rows& rows, const char* op) {
   if (rows.ndim() != 2 || rows.shape(1) != Traits::kRowWidth) {
-    throw std::invalid_argument(std::string(op) + ": rows must be [agents, " + std::to_string(Traits::kRowWidth) +
+    throw std::invalid_argument(std::string(op) + ": rows must be [agents, " +
+                                std::to_string(Traits::kRowWidth) +
                                 "] hyperparameter rows of this optimizer");
   }
   return rows.data();
@@ -126,7 +134,8 @@ py::array_t<bool> kept_states(int family, const Rows& rows) {
     bool* out = kept.mutable_data();
     for (int64_t a = 0; a < agents; ++a) {
       const double* row = data + a * Traits::kRowWidth;
-      for (int s = 0; s < Traits::kNumStates; ++s) out[a * Traits::kNumStates + s] = Traits::keeps_state(row, s);
+      for (int s = 0; s < Traits::kNumStates; ++s)
+        out[a * Traits::kNumStates + s] = Traits::keeps_state(row, s);
     }
     return kept;
   });
@@ -139,7 +148,8 @@ py::tuple invalid_row(int family, const Rows& rows) {
     using Traits = decltype(traits);
     const double* data = checked_rows<Traits>(rows, "invalid_row");
     for (int64_t a = 0; a < rows.shape(0); ++a) {
-      if (const char* message = Traits::invalid(data + a * Traits::kRowWidth)) return py::make_tuple(a, message);
+      if (const char* message = Traits::invalid(data + a * Traits::kRowWidth))
+        return py::make_tuple(a, message);
     }
     return py::make_tuple(-1, std::string());
   });
@@ -148,13 +158,15 @@ py::tuple invalid_row(int family, const Rows& rows) {
 py::tuple chunk_table(py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets,
                       int64_t chunk_elems) {
   if (offsets.ndim() != 1 || offsets.shape(0) < 1 || chunk_elems < 1) {
-    throw std::invalid_argument("chunk_table: offsets must be 1-D with num_agents + 1 entries and chunk_elems >= 1");
+    throw std::invalid_argument(
+        "chunk_table: offsets must be 1-D with num_agents + 1 entries and chunk_elems >= 1");
   }
   const int64_t num_agents = offsets.shape(0) - 1;
   const int64_t* o = offsets.data();
   for (int64_t a = 0; a < num_agents; ++a) {
     if (o[a + 1] < o[a]) {
-      throw std::invalid_argument("chunk_table: offsets must not decrease (agent " + std::to_string(a) + ")");
+      throw std::invalid_argument("chunk_table: offsets must not decrease (agent " +
+                                  std::to_string(a) + ")");
     }
   }
   const int64_t num_chunks = count_chunks(o, num_agents, chunk_elems);
@@ -168,7 +180,8 @@ py::tuple range_chunk_table(py::array_t<int64_t, py::array::c_style | py::array:
                             int64_t num_agents, int64_t chunk_elems) {
   if (ranges.ndim() != 2 || ranges.shape(1) != kChunkColumns || num_agents < 0 || chunk_elems < 1) {
     throw std::invalid_argument(
-        "range_chunk_table: ranges must be [num_ranges, 3] rows of agent, begin, end, num_agents >= 0 and "
+        "range_chunk_table: ranges must be [num_ranges, 3] rows of agent, begin, end, num_agents "
+        ">= 0 and "
         "chunk_elems >= 1");
   }
   const int64_t num_ranges = ranges.shape(0);
@@ -181,12 +194,14 @@ py::tuple range_chunk_table(py::array_t<int64_t, py::array::c_style | py::array:
   return py::make_tuple(chunks, agent_chunks);
 }
 
-py::array_t<int32_t> element_visits(py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets,
-                                    int64_t chunk_elems, int threads, int vec) {
+py::array_t<int32_t> element_visits(
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets, int64_t chunk_elems,
+    int threads, int vec) {
   const int64_t num_agents = offsets.shape(0) - 1;
   py::array_t<int32_t> visits(offsets.data()[num_agents]);
   std::fill_n(visits.mutable_data(), visits.size(), 0);
-  count_element_visits(offsets.data(), num_agents, chunk_elems, threads, vec, visits.mutable_data());
+  count_element_visits(offsets.data(), num_agents, chunk_elems, threads, vec,
+                       visits.mutable_data());
   return visits;
 }
 
@@ -208,7 +223,8 @@ void bind_device_info(py::module_& m);  // csrc/device_bindings.cpp
 
 PYBIND11_MODULE(_C, m) {
   using namespace kpg;
-  m.doc() = "kpg's fused multi-agent optimizer kernels (CPU and CUDA); use kpg._ops, not this module";
+  m.doc() =
+      "kpg's fused multi-agent optimizer kernels (CPU and CUDA); use kpg._ops, not this module";
   m.attr("CPU_CHUNK_ELEMS") = kCpuChunkElems;
   m.attr("CUDA_CHUNK_ELEMS") = kCudaChunkElems;
   m.attr("CUDA_THREADS_PER_BLOCK") = kCudaThreadsPerBlock;
@@ -232,9 +248,9 @@ PYBIND11_MODULE(_C, m) {
   // The boundary of an update: addresses (0 for none), counts, dtype code and mode, by name.
   py::class_<UpdateBuffers>(m, "UpdateBuffers")
       .def(py::init<>())
-#define KPG_ADDRESS_FIELD(field, type)                                                                   \
-  def_property(                                                                                         \
-      #field, [](const UpdateBuffers& b) { return reinterpret_cast<uintptr_t>(b.field); },              \
+#define KPG_ADDRESS_FIELD(field, type)                                                     \
+  def_property(                                                                            \
+      #field, [](const UpdateBuffers& b) { return reinterpret_cast<uintptr_t>(b.field); }, \
       [](UpdateBuffers& b, uintptr_t value) { b.field = reinterpret_cast<type>(value); })
       .KPG_ADDRESS_FIELD(param, void*)
       .KPG_ADDRESS_FIELD(grad, const void*)
@@ -256,8 +272,8 @@ PYBIND11_MODULE(_C, m) {
           },
           [](UpdateBuffers& b, const std::vector<uintptr_t>& values) {
             if (values.size() > static_cast<size_t>(kMaxStates)) {
-              throw std::invalid_argument("UpdateBuffers.state takes at most " + std::to_string(kMaxStates) +
-                                          " addresses");
+              throw std::invalid_argument("UpdateBuffers.state takes at most " +
+                                          std::to_string(kMaxStates) + " addresses");
             }
             for (int s = 0; s < kMaxStates; ++s) {
               b.state[s] = s < static_cast<int>(values.size()) ? address<void>(values[s]) : nullptr;
@@ -273,16 +289,25 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "agent_grad_norms",
       [](int device, uintptr_t stream, int dtype, uintptr_t grad, uintptr_t chunks,
-         uintptr_t agent_chunks, int64_t num_chunks, int64_t num_agents, int64_t numel, uintptr_t chunk_sq,
-         uintptr_t max_norm, uintptr_t norm, uintptr_t grad_scale, uintptr_t nonfinite) {
-        const NormBuffers buffers{address<const void>(grad),    address<const int64_t>(chunks),
-                                  address<const int64_t>(agent_chunks), num_chunks, num_agents, numel,
-                                  address<double>(chunk_sq),   address<const double>(max_norm),
-                                  address<double>(norm),       address<double>(grad_scale),
-                                  address<uint8_t>(nonfinite), dtype};
+         uintptr_t agent_chunks, int64_t num_chunks, int64_t num_agents, int64_t numel,
+         uintptr_t chunk_sq, uintptr_t max_norm, uintptr_t norm, uintptr_t grad_scale,
+         uintptr_t nonfinite) {
+        const NormBuffers buffers{address<const void>(grad),
+                                  address<const int64_t>(chunks),
+                                  address<const int64_t>(agent_chunks),
+                                  num_chunks,
+                                  num_agents,
+                                  numel,
+                                  address<double>(chunk_sq),
+                                  address<const double>(max_norm),
+                                  address<double>(norm),
+                                  address<double>(grad_scale),
+                                  address<uint8_t>(nonfinite),
+                                  dtype};
         py::gil_scoped_release no_gil;
         if (device == kCpuDevice) {
-          check_chunk_table("agent_grad_norms", buffers.chunks, num_chunks, buffers.agent_chunks, num_agents, numel);
+          check_chunk_table("agent_grad_norms", buffers.chunks, num_chunks, buffers.agent_chunks,
+                            num_agents, numel);
           agent_grad_norms_cpu(buffers);
         } else {
 #if defined(KPG_WITH_CUDA)
@@ -294,5 +319,6 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "device"_a, "stream"_a, "dtype"_a, "grad"_a, "chunks"_a, "agent_chunks"_a, "num_chunks"_a,
-      "num_agents"_a, "numel"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a, "nonfinite"_a);
+      "num_agents"_a, "numel"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a,
+      "nonfinite"_a);
 }

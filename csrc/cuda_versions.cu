@@ -1,4 +1,5 @@
-// The CUDA versions kpg runs with: the driver's (no device needed) and the runtime's it was built with.
+// The CUDA versions kpg runs with: the driver's (no device needed) and the runtime's it was built
+// with.
 #include "kpg/cuda_support.cuh"
 
 namespace kpg {

@@ -17,18 +17,21 @@ void check_chunk_table(const char* op, const int64_t* chunks, int64_t num_chunks
     const ChunkRange r = chunk_at(chunks, c);
     if (!chunk_in_bounds(r, num_agents, numel)) {
       throw std::invalid_argument(
-          std::string(op) + ": chunk row " + std::to_string(c) + " (agent " + std::to_string(r.agent) +
-          ", elements " + std::to_string(r.begin) + ".." + std::to_string(r.end) +
-          ") lies outside this arena of " + std::to_string(num_agents) + " agents and " +
-          std::to_string(numel) + " elements; build the table from this arena's offsets with chunk_table");
+          std::string(op) + ": chunk row " + std::to_string(c) + " (agent " +
+          std::to_string(r.agent) + ", elements " + std::to_string(r.begin) + ".." +
+          std::to_string(r.end) + ") lies outside this arena of " + std::to_string(num_agents) +
+          " agents and " + std::to_string(numel) +
+          " elements; build the table from this arena's offsets with chunk_table");
     }
   }
   if (agent_chunks == nullptr) return;
   for (int64_t a = 0; a < num_agents; ++a) {
-    if (agent_chunks[a] < 0 || agent_chunks[a] > agent_chunks[a + 1] || agent_chunks[a + 1] > num_chunks) {
-      throw std::invalid_argument(std::string(op) + ": agent_chunks of agent " + std::to_string(a) +
-                                  " is not a range of the " + std::to_string(num_chunks) +
-                                  "-row chunk table; pass the agent_chunks that chunk_table returned with it");
+    if (agent_chunks[a] < 0 || agent_chunks[a] > agent_chunks[a + 1] ||
+        agent_chunks[a + 1] > num_chunks) {
+      throw std::invalid_argument(
+          std::string(op) + ": agent_chunks of agent " + std::to_string(a) +
+          " is not a range of the " + std::to_string(num_chunks) +
+          "-row chunk table; pass the agent_chunks that chunk_table returned with it");
     }
   }
 }
@@ -38,11 +41,12 @@ void check_element_ranges(const int64_t* ranges, int64_t num_ranges, int64_t num
   begin_and_row.reserve(static_cast<size_t>(num_ranges));
   for (int64_t r = 0; r < num_ranges; ++r) {
     const ChunkRange range = chunk_at(ranges, r);
-    if (range.agent < 0 || range.agent >= num_agents || range.begin < 0 || range.begin > range.end) {
-      throw std::invalid_argument("range_chunk_table: row " + std::to_string(r) + " (agent " +
-                                  std::to_string(range.agent) + ", elements " + std::to_string(range.begin) +
-                                  ".." + std::to_string(range.end) + ") needs 0 <= agent < " +
-                                  std::to_string(num_agents) + " and 0 <= begin <= end");
+    if (range.agent < 0 || range.agent >= num_agents || range.begin < 0 ||
+        range.begin > range.end) {
+      throw std::invalid_argument(
+          "range_chunk_table: row " + std::to_string(r) + " (agent " + std::to_string(range.agent) +
+          ", elements " + std::to_string(range.begin) + ".." + std::to_string(range.end) +
+          ") needs 0 <= agent < " + std::to_string(num_agents) + " and 0 <= begin <= end");
     }
     begin_and_row.emplace_back(range.begin, r);
   }
@@ -54,8 +58,9 @@ void check_element_ranges(const int64_t* ranges, int64_t num_ranges, int64_t num
     const ChunkRange current = chunk_at(ranges, row);
     if (current.begin == current.end) continue;
     if (previous_row >= 0 && current.begin < chunk_at(ranges, previous_row).end) {
-      throw std::invalid_argument("range_chunk_table: rows " + std::to_string(previous_row) + " and " +
-                                  std::to_string(row) + " share elements from " + std::to_string(current.begin) +
+      throw std::invalid_argument("range_chunk_table: rows " + std::to_string(previous_row) +
+                                  " and " + std::to_string(row) + " share elements from " +
+                                  std::to_string(current.begin) +
                                   "; every element belongs to at most one range");
     }
     previous_row = row;
@@ -85,9 +90,10 @@ void fill_range_chunk_table(const int64_t* ranges, int64_t num_ranges, int64_t n
 void count_element_visits(const int64_t* offsets, int64_t num_agents, int64_t chunk_elems,
                           int threads, int vec, int32_t* visits) {
   if (chunk_elems < 1 || threads < 1 || vec < 1 || vec > threads) {
-    throw std::invalid_argument("count_element_visits: need chunk_elems >= 1 and 1 <= vec <= threads, got chunk_elems=" +
-                                std::to_string(chunk_elems) + " threads=" + std::to_string(threads) +
-                                " vec=" + std::to_string(vec));
+    throw std::invalid_argument(
+        "count_element_visits: need chunk_elems >= 1 and 1 <= vec <= threads, got chunk_elems=" +
+        std::to_string(chunk_elems) + " threads=" + std::to_string(threads) +
+        " vec=" + std::to_string(vec));
   }
   const int64_t num_chunks = count_chunks(offsets, num_agents, chunk_elems);
   std::vector<int64_t> chunks(static_cast<size_t>(num_chunks * kChunkColumns));

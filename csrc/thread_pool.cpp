@@ -31,7 +31,8 @@ class ThreadPool {
     std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
     std::lock_guard<std::mutex> lock(mutex_);
     const int wanted_workers = std::max(num_threads, 1) - 1;
-    if (static_cast<int>(blocks_.size()) < wanted_workers + 1) blocks_ = std::vector<Block>(wanted_workers + 1);
+    if (static_cast<int>(blocks_.size()) < wanted_workers + 1)
+      blocks_ = std::vector<Block>(wanted_workers + 1);
     for (; started_workers_ < wanted_workers; ++started_workers_) {
       std::thread([this, index = started_workers_] { worker_loop(index); }).detach();
     }

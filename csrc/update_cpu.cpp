@@ -17,13 +17,15 @@ void dispatch_flags(const bool* f, Fn&& fn) {
   if constexpr (sizeof...(B) == N) {
     fn(StaticFlags<B...>{});
   } else {
-    dispatch_bool(f[sizeof...(B)], [&](auto flag) { dispatch_flags<N, B..., decltype(flag)::value>(f, fn); });
+    dispatch_bool(f[sizeof...(B)],
+                  [&](auto flag) { dispatch_flags<N, B..., decltype(flag)::value>(f, fn); });
   }
 }
 
 template <typename Traits, typename T, bool kCommit, typename F>
-KPG_CPU_CLONES void update_chunk(const UpdateBuffers& b, const typename Traits::template Coefficients<T>& c,
-                                 F flags, const ChunkRange& r) {
+KPG_CPU_CLONES void update_chunk(const UpdateBuffers& b,
+                                 const typename Traits::template Coefficients<T>& c, F flags,
+                                 const ChunkRange& r) {
   T* __restrict param = static_cast<T*>(b.param);
   const T* __restrict grad = static_cast<const T*>(b.grad);
   T* __restrict anticipated = static_cast<T*>(b.anticipated);
@@ -36,7 +38,8 @@ KPG_CPU_CLONES void update_chunk(const UpdateBuffers& b, const typename Traits::
   constexpr bool kUses2 = kStates > 2 && Traits::uses_state(2, F{});
   for (int64_t i = r.begin; i < r.end; ++i) {
     T p = param[i];
-    T s[kMaxStates] = {kUses0 ? state0[i] : T(0), kUses1 ? state1[i] : T(0), kUses2 ? state2[i] : T(0)};
+    T s[kMaxStates] = {kUses0 ? state0[i] : T(0), kUses1 ? state1[i] : T(0),
+                       kUses2 ? state2[i] : T(0)};
     Traits::element(p, grad[i], s, c, flags);
     if constexpr (kCommit) {
       param[i] = p;
@@ -57,7 +60,8 @@ void update_chunk_of_agent(const UpdateBuffers& b, const ChunkRange& r) {
     }
     return;
   }
-  const auto c = Traits::template coefficients<T>(agent_row<Traits>(b, r.agent), agent_scalars(b, r.agent));
+  const auto c =
+      Traits::template coefficients<T>(agent_row<Traits>(b, r.agent), agent_scalars(b, r.agent));
   const RuntimeFlags f = agent_flags<Traits>(b, r.agent);
   dispatch_bool(b.commit, [&](auto commit) {
     dispatch_flags<Traits::kNumFlags>(f.values, [&](auto flags) {
@@ -76,8 +80,9 @@ void check_update_buffers(int family, const UpdateBuffers& b, const char* op) {
       const double* row = agent_row<Traits>(b, a);
       for (int s = 0; s < Traits::kNumStates; ++s) {
         if (b.state[s] == nullptr && Traits::keeps_state(row, s)) {
-          throw std::invalid_argument(std::string(op) + ": these hyperparameters need the state buffer " +
-                                      Traits::kStates[s] + " (agent " + std::to_string(a) + "'s row); pass it");
+          throw std::invalid_argument(
+              std::string(op) + ": these hyperparameters need the state buffer " +
+              Traits::kStates[s] + " (agent " + std::to_string(a) + "'s row); pass it");
         }
       }
     }

@@ -91,8 +91,9 @@ __global__ void finish_agents_kernel(const UpdateBuffers b) {
 }
 
 bool all_bases_vector_aligned(const UpdateBuffers& b) {
-  return is_vector_aligned(b.param) && is_vector_aligned(b.grad) && is_vector_aligned(b.anticipated) &&
-         is_vector_aligned(b.state[0]) && is_vector_aligned(b.state[1]) && is_vector_aligned(b.state[2]);
+  return is_vector_aligned(b.param) && is_vector_aligned(b.grad) &&
+         is_vector_aligned(b.anticipated) && is_vector_aligned(b.state[0]) &&
+         is_vector_aligned(b.state[1]) && is_vector_aligned(b.state[2]);
 }
 
 template <typename Traits>
@@ -113,7 +114,8 @@ void launch_update(const UpdateBuffers& b, int device, void* stream, const char*
     }
   });
   if (b.commit && b.num_agents > 0) {
-    const unsigned int blocks = grid_size((b.num_agents + kCudaThreadsPerBlock - 1) / kCudaThreadsPerBlock, op);
+    const unsigned int blocks =
+        grid_size((b.num_agents + kCudaThreadsPerBlock - 1) / kCudaThreadsPerBlock, op);
     finish_agents_kernel<Traits><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);
     check_cuda(cudaGetLastError(), op);
   }
@@ -122,7 +124,9 @@ void launch_update(const UpdateBuffers& b, int device, void* stream, const char*
 }  // namespace
 
 void update_cuda(int family, const UpdateBuffers& b, int device, void* stream) {
-  dispatch_family(family, "update", [&](auto traits) { launch_update<decltype(traits)>(b, device, stream, "update"); });
+  dispatch_family(family, "update", [&](auto traits) {
+    launch_update<decltype(traits)>(b, device, stream, "update");
+  });
 }
 
 }  // namespace kpg

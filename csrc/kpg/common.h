@@ -18,8 +18,8 @@
 #endif
 
 // The CPU element loops are compiled twice, for AVX2 and for the build's baseline ISA; the dynamic
-// loader picks one per machine (GNU ifunc). Neither clone may use FMA: contracting a*b+c would round
-// differently from torch.optim's separate operations, and from the other clone.
+// loader picks one per machine (GNU ifunc). Neither clone may use FMA: contracting a*b+c would
+// round differently from torch.optim's separate operations, and from the other clone.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__CUDACC__)
 #define KPG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -34,8 +34,10 @@ constexpr DType kDTypes[] = {DType::Float32, DType::Float64};
 
 inline const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::Float32: return "float32";
-    case DType::Float64: return "float64";
+    case DType::Float32:
+      return "float32";
+    case DType::Float64:
+      return "float64";
   }
   return "unknown";
 }
@@ -44,11 +46,14 @@ inline const char* dtype_name(DType dtype) {
 template <typename Fn>
 decltype(auto) dispatch_dtype(int code, const char* op, Fn&& fn) {
   switch (static_cast<DType>(code)) {
-    case DType::Float32: return fn(float{});
-    case DType::Float64: return fn(double{});
+    case DType::Float32:
+      return fn(float{});
+    case DType::Float64:
+      return fn(double{});
   }
   std::string supported;
-  for (DType dtype : kDTypes) supported += std::string(supported.empty() ? "" : ", ") + dtype_name(dtype);
+  for (DType dtype : kDTypes)
+    supported += std::string(supported.empty() ? "" : ", ") + dtype_name(dtype);
   throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(code) +
                               "; supported parameter dtypes are " + supported);
 }

@@ -16,10 +16,12 @@ namespace kpg {
 inline std::string cuda_error_hint(cudaError_t status) {
   if (status == cudaErrorInsufficientDriver) {
     const CudaVersions versions = cuda_versions();
-    return "; " + cuda_driver_problem(versions.driver, versions.runtime) + " (python -m kpg.info, docs/cuda.md)";
+    return "; " + cuda_driver_problem(versions.driver, versions.runtime) +
+           " (python -m kpg.info, docs/cuda.md)";
   }
   if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorUnsupportedPtxVersion) {
-    return std::string("; this kpg holds kernels for CUDA architectures ") + KPG_BUILD_CUDA_ARCHITECTURES +
+    return std::string("; this kpg holds kernels for CUDA architectures ") +
+           KPG_BUILD_CUDA_ARCHITECTURES +
            " only: rebuild it on this machine with KPG_CUDA_ARCHITECTURES=native (docs/cuda.md)";
   }
   return "";

@@ -52,7 +52,8 @@ inline void fill_chunk_table(const int64_t* offsets, int64_t num_agents, int64_t
   for (int64_t a = 0; a < num_agents; ++a) {
     agent_chunks[a] = row;
     for (int64_t begin = offsets[a]; begin < offsets[a + 1]; begin += chunk_elems, ++row) {
-      const int64_t end = begin + chunk_elems < offsets[a + 1] ? begin + chunk_elems : offsets[a + 1];
+      const int64_t end =
+          begin + chunk_elems < offsets[a + 1] ? begin + chunk_elems : offsets[a + 1];
       chunks[row * kChunkColumns + 0] = a;
       chunks[row * kChunkColumns + 1] = begin;
       chunks[row * kChunkColumns + 2] = end;

@@ -16,12 +16,12 @@ struct NormBuffers {
   const int64_t* agent_chunks;  // [num_agents + 1]
   int64_t num_chunks;
   int64_t num_agents;
-  int64_t numel;                // elements of grad
-  double* chunk_sq;             // [num_chunks] workspace
-  const double* max_norm;       // [agents] clipping threshold, or null for no clipping
-  double* norm;                 // [agents] out: 2-norm of the agent's gradient
-  double* grad_scale;           // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
-  uint8_t* nonfinite;           // [agents] out: 1 where the norm is not finite
+  int64_t numel;           // elements of grad
+  double* chunk_sq;        // [num_chunks] workspace
+  const double* max_norm;  // [agents] clipping threshold, or null for no clipping
+  double* norm;            // [agents] out: 2-norm of the agent's gradient
+  double* grad_scale;      // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
+  uint8_t* nonfinite;      // [agents] out: 1 where the norm is not finite
   int dtype;
 };
 
@@ -30,9 +30,9 @@ void agent_grad_norms_cpu(const NormBuffers& buffers);
 void agent_grad_norms_cuda(const NormBuffers& buffers, int device, void* stream);
 #endif
 
-// The per-agent finish, the same sums in the same order on the CPU and on CUDA: a CUDA warp per agent
-// (kNormLanes lanes, kNormAgentsPerBlock agents per block); lane l adds the agent's chunk sums
-// l, l + kNormLanes, ... in table order, then the lanes' partials are added in a fixed tree
+// The per-agent finish, the same sums in the same order on the CPU and on CUDA: a CUDA warp per
+// agent (kNormLanes lanes, kNormAgentsPerBlock agents per block); lane l adds the agent's chunk
+// sums l, l + kNormLanes, ... in table order, then the lanes' partials are added in a fixed tree
 // (offsets 16, 8, 4, 2, 1, as warp shuffles do). Serial loads per agent drop from its chunk count
 // to a 32nd of it.
 constexpr int kNormLanes = 32;

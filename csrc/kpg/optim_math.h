@@ -55,7 +55,8 @@ KPG_HD void sgd_element(T& param, T grad, T& momentum_buffer, const SGDCoefficie
   if (maximize) grad = -grad;
   if (has_weight_decay) grad = grad + c.weight_decay * param;
   if (has_momentum) {
-    momentum_buffer = first_step ? grad : momentum_buffer * c.momentum + c.one_minus_dampening * grad;
+    momentum_buffer =
+        first_step ? grad : momentum_buffer * c.momentum + c.one_minus_dampening * grad;
     grad = nesterov ? grad + c.momentum * momentum_buffer : momentum_buffer;
   }
   param = param + c.neg_lr * grad;
@@ -124,9 +125,10 @@ template <typename T>
 KPG_HD RMSpropCoefficients<T> rmsprop_coefficients(double alpha, double eps, double weight_decay,
                                                    double momentum, double lr, double grad_scale) {
   const T one_minus_alpha = T(1.0 - alpha);
-  return {T(grad_scale), T(weight_decay), T(alpha), one_minus_alpha, T(eps),
-          T(momentum),    T(-lr),
-          (one_minus_alpha < T(0) ? -one_minus_alpha : one_minus_alpha) < T(0.5)};
+  return {T(grad_scale), T(weight_decay),
+          T(alpha),      one_minus_alpha,
+          T(eps),        T(momentum),
+          T(-lr),        (one_minus_alpha < T(0) ? -one_minus_alpha : one_minus_alpha) < T(0.5)};
 }
 
 template <typename T>

@@ -67,7 +67,14 @@ struct SGDTraits {
   static constexpr const char* kStates[] = {"momentum_buffer"};
   static constexpr int kStateInitial[] = {-1};  // the row entry a state starts at, or -1 for zeros
   static constexpr int kNumStates = 1;
-  enum Flag { kFlagMaximize, kFlagWeightDecay, kFlagMomentum, kFlagFirst, kFlagNesterov, kNumFlags };
+  enum Flag {
+    kFlagMaximize,
+    kFlagWeightDecay,
+    kFlagMomentum,
+    kFlagFirst,
+    kFlagNesterov,
+    kNumFlags
+  };
 
   // The momentum buffer holds values once a committed step ran with momentum on; until then torch
   // keeps no buffer and the first step with momentum starts it from the gradient.
@@ -94,7 +101,8 @@ struct SGDTraits {
   using Coefficients = SGDCoefficients<T>;
   template <typename T>
   KPG_HD static Coefficients<T> coefficients(const double* row, const AgentScalars& a) {
-    return sgd_coefficients<T>(row[kMomentum], row[kDampening], row[kWeightDecay], a.lr, a.grad_scale);
+    return sgd_coefficients<T>(row[kMomentum], row[kDampening], row[kWeightDecay], a.lr,
+                               a.grad_scale);
   }
   template <typename T, typename F>
   KPG_HD static void element(T& param, T grad, T* state, const Coefficients<T>& c, const F& f) {
@@ -119,7 +127,9 @@ struct AdamTraits {
   static constexpr int kNumStates = 3;
   enum Flag { kFlagMaximize, kFlagWeightDecay, kFlagDecoupled, kFlagAmsgrad, kNumFlags };
 
-  KPG_HD static bool keeps_state(const double* row, int state) { return state < 2 || row[kAmsgrad] != 0.0; }
+  KPG_HD static bool keeps_state(const double* row, int state) {
+    return state < 2 || row[kAmsgrad] != 0.0;
+  }
   KPG_HD static void flags(const double* row, const uint8_t*, bool* f) {
     f[kFlagMaximize] = row[kMaximize] != 0.0;
     f[kFlagWeightDecay] = row[kWeightDecay] != 0.0;
@@ -136,13 +146,13 @@ struct AdamTraits {
   using Coefficients = AdamCoefficients<T>;
   template <typename T>
   KPG_HD static Coefficients<T> coefficients(const double* row, const AgentScalars& a) {
-    return adam_coefficients<T>(row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], a.lr, a.step,
-                                a.grad_scale);
+    return adam_coefficients<T>(row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], a.lr,
+                                a.step, a.grad_scale);
   }
   template <typename T, typename F>
   KPG_HD static void element(T& param, T grad, T* state, const Coefficients<T>& c, const F& f) {
-    adam_element(param, grad, state[0], state[1], state[2], c, f[kFlagMaximize], f[kFlagWeightDecay],
-                 f[kFlagDecoupled], f[kFlagAmsgrad]);
+    adam_element(param, grad, state[0], state[1], state[2], c, f[kFlagMaximize],
+                 f[kFlagWeightDecay], f[kFlagDecoupled], f[kFlagAmsgrad]);
   }
 };
 
@@ -163,7 +173,8 @@ struct RMSpropTraits {
   enum Flag { kFlagMaximize, kFlagWeightDecay, kFlagCentered, kFlagMomentum, kNumFlags };
 
   KPG_HD static bool keeps_state(const double* row, int state) {
-    return state == 0 || (state == 1 && row[kMomentum] > 0.0) || (state == 2 && row[kCentered] != 0.0);
+    return state == 0 || (state == 1 && row[kMomentum] > 0.0) ||
+           (state == 2 && row[kCentered] != 0.0);
   }
   KPG_HD static void flags(const double* row, const uint8_t*, bool* f) {
     f[kFlagMaximize] = row[kMaximize] != 0.0;
@@ -186,8 +197,8 @@ struct RMSpropTraits {
   }
   template <typename T, typename F>
   KPG_HD static void element(T& param, T grad, T* state, const Coefficients<T>& c, const F& f) {
-    rmsprop_element(param, grad, state[0], state[1], state[2], c, f[kFlagMaximize], f[kFlagWeightDecay],
-                    f[kFlagCentered], f[kFlagMomentum]);
+    rmsprop_element(param, grad, state[0], state[1], state[2], c, f[kFlagMaximize],
+                    f[kFlagWeightDecay], f[kFlagCentered], f[kFlagMomentum]);
   }
 };
 
@@ -221,7 +232,8 @@ struct AdagradTraits {
   using Coefficients = AdagradCoefficients<T>;
   template <typename T>
   KPG_HD static Coefficients<T> coefficients(const double* row, const AgentScalars& a) {
-    return adagrad_coefficients<T>(row[kLrDecay], row[kWeightDecay], row[kEps], a.lr, a.step, a.grad_scale);
+    return adagrad_coefficients<T>(row[kLrDecay], row[kWeightDecay], row[kEps], a.lr, a.step,
+                                   a.grad_scale);
   }
   template <typename T, typename F>
   KPG_HD static void element(T& param, T grad, T* state, const Coefficients<T>& c, const F& f) {
@@ -237,13 +249,18 @@ constexpr int kNumFamilies = 4;
 template <typename Fn>
 decltype(auto) dispatch_family(int family, const char* op, Fn&& fn) {
   switch (static_cast<Family>(family)) {
-    case Family::SGD: return fn(SGDTraits{});
-    case Family::Adam: return fn(AdamTraits{});
-    case Family::RMSprop: return fn(RMSpropTraits{});
-    case Family::Adagrad: return fn(AdagradTraits{});
+    case Family::SGD:
+      return fn(SGDTraits{});
+    case Family::Adam:
+      return fn(AdamTraits{});
+    case Family::RMSprop:
+      return fn(RMSpropTraits{});
+    case Family::Adagrad:
+      return fn(AdagradTraits{});
   }
-  throw std::invalid_argument(std::string(op) + ": unknown optimizer family code " + std::to_string(family) +
-                              "; valid codes are 0 to " + std::to_string(kNumFamilies - 1));
+  throw std::invalid_argument(std::string(op) + ": unknown optimizer family code " +
+                              std::to_string(family) + "; valid codes are 0 to " +
+                              std::to_string(kNumFamilies - 1));
 }
 
 struct DefaultOverride {

@@ -16,19 +16,19 @@ namespace kpg {
 struct UpdateBuffers {
   void* param = nullptr;
   const void* grad = nullptr;
-  void* anticipated = nullptr;       // written in anticipate mode only
+  void* anticipated = nullptr;  // written in anticipate mode only
   void* state[kMaxStates] = {};
-  double* step = nullptr;            // [agents] steps taken so far; commit adds one where not skipped
-  const double* lr = nullptr;        // [agents]
-  const double* hyper = nullptr;     // [agents, row width] (NOTE [Hyperparameter rows])
-  uint8_t* live = nullptr;           // [agents, kMaxStates] 1 where state s holds values; commit sets
+  double* step = nullptr;         // [agents] steps taken so far; commit adds one where not skipped
+  const double* lr = nullptr;     // [agents]
+  const double* hyper = nullptr;  // [agents, row width] (NOTE [Hyperparameter rows])
+  uint8_t* live = nullptr;        // [agents, kMaxStates] 1 where state s holds values; commit sets
   const double* grad_scale = nullptr;  // [agents] gradient multiplier (clipping), or null for 1
-  const uint8_t* skip = nullptr;     // [agents] nonzero: leave the agent as it is, or null
-  const int64_t* chunks = nullptr;   // [num_chunks, kChunkColumns], see launch_plan.h
+  const uint8_t* skip = nullptr;       // [agents] nonzero: leave the agent as it is, or null
+  const int64_t* chunks = nullptr;     // [num_chunks, kChunkColumns], see launch_plan.h
   int64_t num_chunks = 0;
   int64_t num_agents = 0;
-  int64_t numel = 0;                 // elements of every arena buffer
-  int dtype = 0;                     // DType code
+  int64_t numel = 0;  // elements of every arena buffer
+  int dtype = 0;      // DType code
   bool commit = false;
 };
 
