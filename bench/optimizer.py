@@ -192,12 +192,37 @@ class KPGAdam:
         self.commit()  # the state after one step, as torch_adam leaves it
 
     def commit(self) -> None:
-        ops.adam_commit(self.arena.param, self.arena.grad, self.exp_avg, self.exp_avg_sq, None, self.step, self.live,
-                        self.lr, self.hyper, None, None, self.arena.chunks)
+        ops.adam_commit(
+            self.arena.param,
+            self.arena.grad,
+            self.exp_avg,
+            self.exp_avg_sq,
+            None,
+            self.step,
+            self.live,
+            self.lr,
+            self.hyper,
+            None,
+            None,
+            self.arena.chunks,
+        )
 
     def anticipate(self) -> None:
-        ops.adam_anticipate(self.arena.param, self.arena.grad, self.anticipated, self.exp_avg, self.exp_avg_sq, None,
-                            self.step, self.live, self.lr, self.hyper, None, None, self.arena.chunks)
+        ops.adam_anticipate(
+            self.arena.param,
+            self.arena.grad,
+            self.anticipated,
+            self.exp_avg,
+            self.exp_avg_sq,
+            None,
+            self.step,
+            self.live,
+            self.lr,
+            self.hyper,
+            None,
+            None,
+            self.arena.chunks,
+        )
 
     def k2(self) -> None:
         self.anticipate()  # level 1 (the level-2 gradients would be taken here)
@@ -330,8 +355,15 @@ def judge_targets(case: dict) -> list[dict]:
             continue
         value = case["ratios"][target.ratio]
         passed = value is not None and (value >= target.limit if target.at_least else value <= target.limit)
-        results.append({"ratio": target.ratio, "limit": target.limit, "at_least": target.at_least, "value": value,
-                        "passed": passed})
+        results.append(
+            {
+                "ratio": target.ratio,
+                "limit": target.limit,
+                "at_least": target.at_least,
+                "value": value,
+                "passed": passed,
+            }
+        )
     return results
 
 
@@ -344,10 +376,13 @@ def contended_methods(case: dict) -> list[str]:
 def print_report(cases: list[dict]) -> None:
     name_width = max(map(len, METHODS))
     for case in cases:
-        print(f"\n{case['device']}  agents={case['agents']}  params_per_agent={case['params_per_agent']}  "
-              f"({case['agents'] * case['params_per_agent'] / 1e6:.1f}M {case['dtype']} parameters)")
-        print(f"  {'method':<{name_width}}  {'median ms':>10}  {'IQR ms':>8}  {'GB/s':>7}  {'of copy':>7}  "
-              f"{'others':>6}")
+        print(
+            f"\n{case['device']}  agents={case['agents']}  params_per_agent={case['params_per_agent']}  "
+            f"({case['agents'] * case['params_per_agent'] / 1e6:.1f}M {case['dtype']} parameters)"
+        )
+        print(
+            f"  {'method':<{name_width}}  {'median ms':>10}  {'IQR ms':>8}  {'GB/s':>7}  {'of copy':>7}  {'others':>6}"
+        )
         copy_gbps = case["gbps"].get("copy")
         for method in METHODS:
             if method in case["unavailable"]:
@@ -355,9 +390,11 @@ def print_report(cases: list[dict]) -> None:
                 continue
             fraction = f"{case['gbps'][method] / copy_gbps:7.2f}" if copy_gbps else f"{'-':>7}"
             others = case["other_processes_cores"][method]
-            print(f"  {method:<{name_width}}  {case['seconds'][method] * 1e3:10.3f}  "
-                  f"{case['iqr_seconds'][method] * 1e3:8.3f}  {case['gbps'][method]:7.2f}  {fraction}  "
-                  f"{'-' if others is None else f'{others:.2f}':>6}")
+            print(
+                f"  {method:<{name_width}}  {case['seconds'][method] * 1e3:10.3f}  "
+                f"{case['iqr_seconds'][method] * 1e3:8.3f}  {case['gbps'][method]:7.2f}  {fraction}  "
+                f"{'-' if others is None else f'{others:.2f}':>6}"
+            )
         for name, value in case["ratios"].items():
             print(f"  {name:<38} {'n/a' if value is None else f'{value:.2f}'}")
         for result in case["targets"]:
@@ -367,8 +404,10 @@ def print_report(cases: list[dict]) -> None:
             print(f"  target {result['ratio']} {relation} {result['limit']:g}: {value}  {verdict}")
         contended = contended_methods(case)
         if contended:
-            print(f"  WARNING: other processes kept more than {CONTENDED_CORES} cores busy while timing "
-                  f"{', '.join(contended)}; these numbers are contended, rerun on an idle machine")
+            print(
+                f"  WARNING: other processes kept more than {CONTENDED_CORES} cores busy while timing "
+                f"{', '.join(contended)}; these numbers are contended, rerun on an idle machine"
+            )
     print("\nothers: cores other processes kept busy during the measurement (from /proc/stat)")
 
 
@@ -404,27 +443,44 @@ def parse_case(text: str) -> tuple[int, int]:
     try:
         agents, params_per_agent = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a case is AGENTSxPARAMS_PER_AGENT such as 4096x4096, got {text!r}")
+        raise argparse.ArgumentTypeError(f"a case is AGENTSxPARAMS_PER_AGENT such as 4096x4096, got {text!r}") from None
     if agents < 1 or params_per_agent < 1:
         raise argparse.ArgumentTypeError(f"a case needs at least one agent and one parameter, got {text!r}")
     return agents, params_per_agent
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", type=parse_case, metavar="AxP",
-                        help="cases as AGENTSxPARAMS_PER_AGENT (default: " +
-                             " ".join(f"{a}x{p}" for a, p in FULL_CASES) + ")")
-    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
-                        help="device to time on, repeatable (default: cpu, and cuda when available)")
-    parser.add_argument("--min-run-time", type=float, default=0.5,
-                        help="least seconds of timed runs per method and case (default: 0.5)")
-    parser.add_argument("--max-run-time", type=float, default=5.0,
-                        help="most seconds of timed runs per method and case while the spread stays above "
-                             "10%% of the median (default: 5)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: tiny cache-resident cases, {QUICK_MIN_RUN_TIME}-{QUICK_MAX_RUN_TIME} s per measurement")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        metavar="AxP",
+        help="cases as AGENTSxPARAMS_PER_AGENT (default: " + " ".join(f"{a}x{p}" for a, p in FULL_CASES) + ")",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        choices=("cpu", "cuda"),
+        help="device to time on, repeatable (default: cpu, and cuda when available)",
+    )
+    parser.add_argument(
+        "--min-run-time", type=float, default=0.5, help="least seconds of timed runs per method and case (default: 0.5)"
+    )
+    parser.add_argument(
+        "--max-run-time",
+        type=float,
+        default=5.0,
+        help="most seconds of timed runs per method and case while the spread stays above "
+        "10%% of the median (default: 5)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: tiny cache-resident cases, {QUICK_MIN_RUN_TIME}-{QUICK_MAX_RUN_TIME} s per measurement",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if args.quick:

@@ -50,9 +50,16 @@ def time_ours(map_name: str, k: int, updates: int) -> dict:
         trainer.iteration()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     phases = {name: seconds / updates for name, seconds in trainer.clock.take().items()}
-    levels = [(after - before) / updates for after, before in zip(trainer.actor_level_seconds(), levels_before + [0.0] * k)]
-    return {"wall": wall / updates, "cpu": cpu / updates, "phases": phases, "actor_levels": levels,
-            "env_steps_per_s": 64 * 128 / phases["environment"]}
+    levels = [
+        (after - before) / updates for after, before in zip(trainer.actor_level_seconds(), levels_before + [0.0] * k)
+    ]
+    return {
+        "wall": wall / updates,
+        "cpu": cpu / updates,
+        "phases": phases,
+        "actor_levels": levels,
+        "env_steps_per_s": 64 * 128 / phases["environment"],
+    }
 
 
 class _UpdateClock:
@@ -81,8 +88,12 @@ def time_theirs(authors: Path, kind: str, map_name: str, updates: int) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = OmegaConf.to_container(OmegaConf.load(path.parent / config_name))
-    config.update(MAP_NAME=map_name, NUM_SEEDS=1, WANDB_MODE="disabled",
-                  TOTAL_TIMESTEPS=(updates + 1) * config["NUM_ENVS"] * config["NUM_STEPS"])
+    config.update(
+        MAP_NAME=map_name,
+        NUM_SEEDS=1,
+        WANDB_MODE="disabled",
+        TOTAL_TIMESTEPS=(updates + 1) * config["NUM_ENVS"] * config["NUM_STEPS"],
+    )
     clock = module.LOGGER = _UpdateClock()
     train = jax.jit(jax.vmap(module.make_train(config)))
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
@@ -101,13 +112,25 @@ def child(args) -> None:
 
 
 def run_child(kind: str, k: int, args) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--k", str(k), "--map", args.map, "--updates", str(args.updates),
-               "--authors", str(args.authors)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--k",
+        str(k),
+        "--map",
+        args.map,
+        "--updates",
+        str(args.updates),
+        "--authors",
+        str(args.authors),
+    ]
     out = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"{kind} k={k} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -129,7 +152,9 @@ def main() -> None:
         for kind, k in kinds:
             results[f"{kind} k={k}"].append(run_child(kind, k, args))
             print(f"round {round_ + 1} {kind} k={k}: {results[f'{kind} k={k}'][-1]}", flush=True)
-    median = {name: {m: statistics.median(r[m] for r in runs) for m in ("wall", "cpu")} for name, runs in results.items()}
+    median = {
+        name: {m: statistics.median(r[m] for r in runs) for m in ("wall", "cpu")} for name, runs in results.items()
+    }
     print(f"\n{args.map}, 64 copies x 128 steps, median of {args.rounds} rounds x {args.updates} updates")
     print("| implementation | wall s / update | CPU s / update | 2M-step run, CPU h |")
     print("|---|---|---|---|")
@@ -139,8 +164,10 @@ def main() -> None:
     ours1, ours2 = median["ours k=1"]["cpu"], median["ours k=2"]["cpu"]
     print(f"ours k=2 / k=1 (CPU): {ours2 / ours1:.2f} (target <= 1.5)")
     if args.authors:
-        print(f"theirs K2 / MAPPO (CPU): {median['k2 k=2']['cpu'] / median['mappo k=1']['cpu']:.2f}; "
-              f"ours k=2 / theirs K2 (CPU): {ours2 / median['k2 k=2']['cpu']:.2f} (target <= 1)")
+        print(
+            f"theirs K2 / MAPPO (CPU): {median['k2 k=2']['cpu'] / median['mappo k=1']['cpu']:.2f}; "
+            f"ours k=2 / theirs K2 (CPU): {ours2 / median['k2 k=2']['cpu']:.2f} (target <= 1)"
+        )
     if args.json:
         args.json.write_text(json.dumps({"map": args.map, "runs": results, "median": median}, indent=2))
 

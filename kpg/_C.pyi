@@ -34,7 +34,6 @@ def range_chunk_table(
     """Like ``chunk_table``, from rows (agent, begin, end) in any order; the rows come grouped by agent."""
 
 def element_visits(offsets: npt.ArrayLike, chunk_elems: int, threads: int, vec: int) -> npt.NDArray[np.int32]: ...
-
 def kept_states(family: int, rows: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """[agents, states]: the state tensors a commit with each hyperparameter row keeps."""
 

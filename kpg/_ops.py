@@ -43,7 +43,9 @@ class OptimizerKernel:
     def row_names(self) -> tuple[str, ...]:
         """The row entries by name: a pair such as ``betas`` fills ``beta1`` and ``beta2``."""
         return tuple(
-            name if width == 1 else f"{name[:-1]}{i + 1}" for name, width, _, _ in self.hyperparameters for i in range(width)
+            name if width == 1 else f"{name[:-1]}{i + 1}"
+            for name, width, _, _ in self.hyperparameters
+            for i in range(width)
         )
 
     def row(self, values: dict) -> list[float]:
@@ -86,8 +88,9 @@ def _table() -> tuple[dict[str, OptimizerKernel], dict[str, OptimizerEntry]]:
         hyper = tuple((h, width, kind, default) for h, width, kind, default in info["hyperparameters"])
         family = next((k for k in kernels.values() if k.code == info["family"]), None)
         if family is None:
-            family = kernels[name] = OptimizerKernel(name, info["family"], tuple(info["states"]), hyper,
-                                                     tuple(info["state_initial"]))
+            family = kernels[name] = OptimizerKernel(
+                name, info["family"], tuple(info["states"]), hyper, tuple(info["state_initial"])
+            )
         entries[name] = OptimizerEntry(name, family, {h: default for h, _, _, default in hyper}, info["default_lr"])
     return kernels, entries
 
@@ -101,8 +104,9 @@ def invalid_row(kernel: OptimizerKernel, rows: np.ndarray) -> tuple[int, str]:
     return _C.invalid_row(kernel.code, rows)
 
 
-def hyper_rows(kind: str, values: dict | list[dict], num_agents: int | None = None,
-               device: torch.device | str = "cpu") -> Tensor:
+def hyper_rows(
+    kind: str, values: dict | list[dict], num_agents: int | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
     """The float64 ``[agents, row width]`` hyperparameter rows of family ``kind``: one dict per agent,
     or one dict for ``num_agents`` agents; keys are group keys or row names, missing ones default."""
     kernel = KERNELS[kind]
@@ -215,12 +219,22 @@ def _check_arena_tensors(op: str, param: Tensor, named: dict[str, Tensor | None]
             raise ValueError(f"{op}: {name} must be contiguous; pass a buffer laid out like the arena")
 
 
-def _check_agent_tensors(op: str, device: torch.device, num_agents: int, named: dict[str, tuple[Tensor | None, torch.dtype]],
-                         per: str = "agent"):
+def _check_agent_tensors(
+    op: str,
+    device: torch.device,
+    num_agents: int,
+    named: dict[str, tuple[Tensor | None, torch.dtype]],
+    per: str = "agent",
+):
     for name, (tensor, dtype) in named.items():
         if tensor is None:
             continue
-        if tensor.dtype != dtype or tensor.device != device or tensor.numel() != num_agents or not tensor.is_contiguous():
+        if (
+            tensor.dtype != dtype
+            or tensor.device != device
+            or tensor.numel() != num_agents
+            or not tensor.is_contiguous()
+        ):
             raise ValueError(
                 f"{op}: {name} must be a contiguous {dtype} tensor with one entry per {per} ({num_agents}) on "
                 f"{device}, got {tensor.dtype} with {tensor.numel()} entries on {tensor.device}"
@@ -285,14 +299,22 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
         )
         for name, dtype, columns in (("hyper", torch.float64, width), ("live", torch.uint8, _C.MAX_STATES)):
             t = a[name]
-            if t.dtype != dtype or t.device != param.device or t.shape != (num_agents, columns) or not t.is_contiguous():
+            if (
+                t.dtype != dtype
+                or t.device != param.device
+                or t.shape != (num_agents, columns)
+                or not t.is_contiguous()
+            ):
                 raise ValueError(
                     f"{op}: {name} must be a contiguous {dtype} tensor of shape ({num_agents}, {columns}) on "
                     f"{param.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
                 )
         _check_chunks(op, param.device, a["chunks"])
-        everything = {"param": param, **arena,
-                      **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")}}
+        everything = {
+            "param": param,
+            **arena,
+            **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")},
+        }
         _check_storage(op, everything)
         _check_disjoint(op, everything, written)
         device, stream = _device_and_stream(param)
@@ -315,8 +337,9 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
     return getattr(torch.ops.kpg, op)
 
 
-UPDATE_OPS = {(kind, commit): _define_update_op(kernel, commit) for kind, kernel in KERNELS.items()
-              for commit in (False, True)}
+UPDATE_OPS = {
+    (kind, commit): _define_update_op(kernel, commit) for kind, kernel in KERNELS.items() for commit in (False, True)
+}
 sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
 adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
 rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]
@@ -347,7 +370,11 @@ def agent_grad_norms(
         raise ValueError(f"{op}: grad must be a contiguous flat buffer")
     _check_chunks(op, grad.device, chunks)
     num_agents = norm.numel()
-    if agent_chunks.dtype != torch.int64 or agent_chunks.device != grad.device or agent_chunks.numel() != num_agents + 1:
+    if (
+        agent_chunks.dtype != torch.int64
+        or agent_chunks.device != grad.device
+        or agent_chunks.numel() != num_agents + 1
+    ):
         raise ValueError(
             f"{op}: agent_chunks must be the int64 table of num_agents + 1 entries ({num_agents + 1}, one agent per "
             f"norm entry) on {grad.device} from chunk_table, got {agent_chunks.dtype} with {agent_chunks.numel()} "
@@ -367,8 +394,16 @@ def agent_grad_norms(
         },
     )
     _check_agent_tensors(op, grad.device, chunks.shape[0], {"chunk_sq": (chunk_sq, torch.float64)}, per="chunk")
-    everything = dict(grad=grad, chunks=chunks, agent_chunks=agent_chunks, chunk_sq=chunk_sq, max_norm=max_norm, norm=norm,
-                      grad_scale=grad_scale, nonfinite=nonfinite)
+    everything = dict(
+        grad=grad,
+        chunks=chunks,
+        agent_chunks=agent_chunks,
+        chunk_sq=chunk_sq,
+        max_norm=max_norm,
+        norm=norm,
+        grad_scale=grad_scale,
+        nonfinite=nonfinite,
+    )
     _check_storage(op, everything)
     _check_disjoint(op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"))
     device, stream = _device_and_stream(grad)
@@ -392,7 +427,16 @@ def agent_grad_norms(
 
 @agent_grad_norms.register_fake
 def _(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite) -> None:
-    _reject_meta("agent_grad_norms", dict(grad=grad, chunks=chunks, agent_chunks=agent_chunks, chunk_sq=chunk_sq,
-                                          max_norm=max_norm, norm=norm, grad_scale=grad_scale, nonfinite=nonfinite))
-
-
+    _reject_meta(
+        "agent_grad_norms",
+        dict(
+            grad=grad,
+            chunks=chunks,
+            agent_chunks=agent_chunks,
+            chunk_sq=chunk_sq,
+            max_norm=max_norm,
+            norm=norm,
+            grad_scale=grad_scale,
+            nonfinite=nonfinite,
+        ),
+    )

@@ -49,8 +49,9 @@ def _run(config: TrainConfig) -> dict:
         try:  # data only (JSON), like every file kpg reads
             summary = json.loads(summary_path.read_text())
         except ValueError as error:
-            raise ValueError(f"{summary_path} is not valid JSON ({error}); delete it to run {config.run_name} "
-                             "again") from None
+            raise ValueError(
+                f"{summary_path} is not valid JSON ({error}); delete it to run {config.run_name} again"
+            ) from None
         if not summary.get("interrupted") and summary["env_steps"] >= config.steps:
             return summary
     # A run stopped before its end (its summary says interrupted) continues from its last checkpoint.
@@ -87,8 +88,11 @@ def compare(config: CompareConfig) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     # A seed's k values run next to each other, so with --workers len(ks) they share the machine's load alike.
     runs = [
-        dataclasses.replace(config.train, k=k, seed=seed, logdir=config.out / "runs", name=None, resume=False, progress=False)
-        for seed in config.seeds for k in config.ks
+        dataclasses.replace(
+            config.train, k=k, seed=seed, logdir=config.out / "runs", name=None, resume=False, progress=False
+        )
+        for seed in config.seeds
+        for k in config.ks
     ]
     if config.workers > 1:
         with ProcessPoolExecutor(max_workers=config.workers) as executor:
@@ -97,9 +101,14 @@ def compare(config: CompareConfig) -> dict:
         summaries = [_run(run) for run in runs]
     grid = np.linspace(config.train.steps / CURVE_POINTS, config.train.steps, CURVE_POINTS)
     final_from = int(CURVE_POINTS * (1 - FINAL_FRACTION))
-    results = {"command": "kpg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else None,
-               "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)), "by_k": {},
-               "metric": config.metric}
+    results = {
+        "command": "kpg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["compare"]
+        else None,
+        "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)),
+        "by_k": {},
+        "metric": config.metric,
+    }
     curves = {}
     for k in config.ks:
         mine = [(run, s) for run, s in zip(runs, summaries) if run.k == k]
@@ -109,22 +118,32 @@ def compare(config: CompareConfig) -> dict:
         evals = [s["eval_return"] for _, s in mine if s.get("eval_return") is not None]
         wall, wall_ci = mean_and_halfwidth(np.array([s["wall_seconds"] for _, s in mine]))
         cpu, cpu_ci = mean_and_halfwidth(np.array([s.get("cpu_seconds", np.nan) for _, s in mine]))
-        split = {phase: float(np.mean([s["seconds"].get(phase, 0.0) for _, s in mine])) for phase in ("environment", "critic", "actor")}
+        split = {
+            phase: float(np.mean([s["seconds"].get(phase, 0.0) for _, s in mine]))
+            for phase in ("environment", "critic", "actor")
+        }
         levels = max(len(s["actor_level_seconds"]) for _, s in mine)
-        split_levels = [float(np.mean([s["actor_level_seconds"][l] if l < len(s["actor_level_seconds"]) else 0.0 for _, s in mine]))
-                        for l in range(levels)]
+        split_levels = [
+            float(np.mean([s["actor_level_seconds"][l] if l < len(s["actor_level_seconds"]) else 0.0 for _, s in mine]))
+            for l in range(levels)
+        ]
         results["by_k"][k] = {
-            "seeds": [s["seed"] for _, s in mine], "final_return": float(final), "final_return_ci95": float(final_ci),
+            "seeds": [s["seed"] for _, s in mine],
+            "final_return": float(final),
+            "final_return_ci95": float(final_ci),
             "final_return_per_seed": [float(v) for v in curve[:, final_from:].mean(axis=1)],
             "eval_return": float(np.mean(evals)) if evals else None,
-            "wall_seconds": float(wall), "wall_seconds_ci95": float(wall_ci),
-            "cpu_seconds": float(cpu), "cpu_seconds_ci95": float(cpu_ci), "seconds": split,
+            "wall_seconds": float(wall),
+            "wall_seconds_ci95": float(wall_ci),
+            "cpu_seconds": float(cpu),
+            "cpu_seconds_ci95": float(cpu_ci),
+            "seconds": split,
             "actor_level_seconds": split_levels,
         }
     base_k = min(config.ks)
-    for k, entry in results["by_k"].items():
-        entry["wall_overhead_vs_k%d" % base_k] = entry["wall_seconds"] / results["by_k"][base_k]["wall_seconds"] - 1.0
-        entry["cpu_overhead_vs_k%d" % base_k] = entry["cpu_seconds"] / results["by_k"][base_k]["cpu_seconds"] - 1.0
+    for entry in results["by_k"].values():
+        entry[f"wall_overhead_vs_k{base_k}"] = entry["wall_seconds"] / results["by_k"][base_k]["wall_seconds"] - 1.0
+        entry[f"cpu_overhead_vs_k{base_k}"] = entry["cpu_seconds"] / results["by_k"][base_k]["cpu_seconds"] - 1.0
     (config.out / "results.json").write_text(json.dumps(results, indent=2))
     (config.out / "results.md").write_text(_markdown(results, base_k))
     _plot(config, grid, curves)
@@ -141,7 +160,8 @@ def _markdown(results: dict, base_k: int) -> str:
         "",
         f"Command: `{results['command']}`" if results["command"] else "",
         "",
-        f"| k | seeds | final {CURVE_METRICS[results['metric']][1]} (95% CI) | greedy eval return | wall-clock s | overhead vs k={base_k} | "
+        f"| k | seeds | final {CURVE_METRICS[results['metric']][1]} (95% CI) | greedy eval return | wall-clock s | "
+        f"overhead vs k={base_k} | "
         f"CPU s | CPU overhead vs k={base_k} | environment s | critic s | actor s | actor s per level |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -150,13 +170,19 @@ def _markdown(results: dict, base_k: int) -> str:
         evaluation = "-" if e["eval_return"] is None else f"{e['eval_return']:.2f}"
         lines.append(
             f"| {k} | {len(e['seeds'])} | {e['final_return']:.2f} ± {e['final_return_ci95']:.2f} | {evaluation} | "
-            f"{e['wall_seconds']:.0f} ± {e['wall_seconds_ci95']:.0f} | {100 * e[f'wall_overhead_vs_k{base_k}']:+.0f}% | "
+            f"{e['wall_seconds']:.0f} ± {e['wall_seconds_ci95']:.0f} | "
+            f"{100 * e[f'wall_overhead_vs_k{base_k}']:+.0f}% | "
             f"{e['cpu_seconds']:.0f} ± {e['cpu_seconds_ci95']:.0f} | {100 * e[f'cpu_overhead_vs_k{base_k}']:+.0f}% | "
-            f"{e['seconds']['environment']:.0f} | {e['seconds']['critic']:.0f} | {e['seconds']['actor']:.0f} | {levels} |"
+            f"{e['seconds']['environment']:.0f} | {e['seconds']['critic']:.0f} | {e['seconds']['actor']:.0f} | "
+            f"{levels} |"
         )
-    lines += ["", "Final return: the mean episode return of the last 20 episodes (final win rate: the win rate per "
-              "update), averaged over the last 10 % of the run, then over seeds. Wall-clock and CPU time (of the run's process: its cost whatever else shares the cores) "
-              "per run, from start to the end of training, evaluation excluded; the phase split is wall-clock."]
+    lines += [
+        "",
+        "Final return: the mean episode return of the last 20 episodes (final win rate: the win rate per "
+        "update), averaged over the last 10 % of the run, then over seeds. Wall-clock and CPU time (of the run's "
+        "process: its cost whatever else shares the cores) "
+        "per run, from start to the end of training, evaluation excluded; the phase split is wall-clock.",
+    ]
     return "\n".join(lines) + "\n"
 
 

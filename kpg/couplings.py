@@ -36,7 +36,9 @@ def joint_inputs(own: Tensor | Sequence[Tensor], anticipated: Tensor | Sequence[
         own_slot = own_slot.view(len(own), *([1] * (own_cat.dim() - 1)), own_cat.shape[-1])
         return torch.where(own_slot, own_cat.unsqueeze(0), anticipated_cat.detach().unsqueeze(0))
     if own.shape != anticipated.shape:
-        raise ValueError(f"joint_inputs: own {tuple(own.shape)} and anticipated {tuple(anticipated.shape)} differ in shape")
+        raise ValueError(
+            f"joint_inputs: own {tuple(own.shape)} and anticipated {tuple(anticipated.shape)} differ in shape"
+        )
     agent_dim = agent_dim % own.dim()
     num_agents = own.shape[agent_dim]
     eye = torch.eye(num_agents, dtype=torch.bool, device=own.device)
@@ -92,7 +94,8 @@ def joint_ratio_loss(
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if log_prob.dim() != 2 or old_log_prob.shape != log_prob.shape:
         raise ValueError(
-            f"log_prob and old_log_prob must both be [agents, batch], got {tuple(log_prob.shape)} and {tuple(old_log_prob.shape)}"
+            f"log_prob and old_log_prob must both be [agents, batch], got {tuple(log_prob.shape)} and "
+            f"{tuple(old_log_prob.shape)}"
         )
     # Masked samples are selected away (torch.where), never multiplied by zero: a padded or dead
     # agent's log-probability may be inf or NaN, and NaN * 0 is NaN.
@@ -104,7 +107,8 @@ def joint_ratio_loss(
     if level >= 2 and log_prob.shape[0] > 1:
         if anticipated_log_prob is None or anticipated_log_prob.shape != log_prob.shape:
             raise ValueError(
-                f"level {level} needs anticipated_log_prob of shape {tuple(log_prob.shape)}, computed inside ctx.anticipated()"
+                f"level {level} needs anticipated_log_prob of shape {tuple(log_prob.shape)}, computed inside "
+                "ctx.anticipated()"
             )
         anticipated_log_ratio = torch.where(keep, (anticipated_log_prob - old_log_prob).detach(), 0.0)
         others_log_ratio = anticipated_log_ratio.sum(dim=0, keepdim=True) - anticipated_log_ratio
@@ -121,5 +125,7 @@ def joint_ratio_loss(
         surrogate = torch.exp(others_log_ratio) * clipped
     count = valid.sum(dim=1).clamp_min(1.0)
     loss = -torch.where(keep, surrogate * valid, 0.0).sum(dim=1) / count
-    clipped_share = torch.where(keep, ((ratio.detach() - 1).abs() > clip_eps).to(valid.dtype) * valid, 0.0).sum(dim=1) / count
+    clipped_share = (
+        torch.where(keep, ((ratio.detach() - 1).abs() > clip_eps).to(valid.dtype) * valid, 0.0).sum(dim=1) / count
+    )
     return JointRatioLoss(loss, clipped_share)

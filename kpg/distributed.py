@@ -37,9 +37,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "PARALLEL_MODES", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "LocalCommunicator", "agent_counts",
-    "agent_range", "all_gather_agents", "average_gradients", "broadcast_parameters", "check_replicas_agree",
-    "gather_samples", "init_from_environment",
+    "PARALLEL_MODES",
+    "DEFAULT_BUCKET_BYTES",
+    "DEFAULT_TIMEOUT",
+    "Communicator",
+    "LocalCommunicator",
+    "agent_counts",
+    "agent_range",
+    "all_gather_agents",
+    "average_gradients",
+    "broadcast_parameters",
+    "check_replicas_agree",
+    "gather_samples",
+    "init_from_environment",
 ]
 
 PARALLEL_MODES = ("data", "agents")
@@ -104,7 +114,9 @@ def all_gather_agents(tensor: Tensor, counts: Sequence[int], group: dist.Process
     padded = tensor.new_zeros((widest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in counts]
-    _collective(lambda: dist.all_gather(gathered, padded.contiguous(), group=group), group, "the all-gather of agent values")
+    _collective(
+        lambda: dist.all_gather(gathered, padded.contiguous(), group=group), group, "the all-gather of agent values"
+    )
     return torch.cat([part[:count] for part, count in zip(gathered, counts)])
 
 
@@ -118,8 +130,9 @@ def gather_samples(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return torch.cat(parts)
 
 
-def average_gradients(parameters: Iterable[Tensor], group: dist.ProcessGroup | None,
-                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def average_gradients(
+    parameters: Iterable[Tensor], group: dist.ProcessGroup | None, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
     """Replaces every parameter's ``.grad`` by its mean over the ranks (for models trained beside
     the KPG actor, such as a critic); a missing gradient counts as zero."""
     if group is None:
@@ -140,8 +153,11 @@ def broadcast_parameters(parameters: Iterable[Tensor], group: dist.ProcessGroup 
         return
     with torch.no_grad():
         for p in parameters:
-            _collective(lambda p=p: dist.broadcast(p.data, src=dist.get_global_rank(group, src), group=group),
-                        group, "the broadcast of parameters")
+            _collective(
+                lambda p=p: dist.broadcast(p.data, src=dist.get_global_rank(group, src), group=group),
+                group,
+                "the broadcast of parameters",
+            )
 
 
 def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.ProcessGroup | None, what: str) -> None:
@@ -151,8 +167,11 @@ def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.Process
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
     reference = flat.clone()
-    _collective(lambda: dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group), group,
-                f"the agreement check of {what}")
+    _collective(
+        lambda: dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group),
+        group,
+        f"the agreement check of {what}",
+    )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     differing = ~((flat == reference) | (flat.isnan() & reference.isnan()))
     report = torch.zeros(2 * world, dtype=torch.float64, device=flat.device)
@@ -162,7 +181,9 @@ def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.Process
     counts, gaps = report[:world].tolist(), report[world:].tolist()
     bad = [r for r in range(world) if counts[r] > 0]
     if bad:
-        details = ", ".join(f"rank {r}: {int(counts[r])} differing values, largest difference {gaps[r]:.3g}" for r in bad)
+        details = ", ".join(
+            f"rank {r}: {int(counts[r])} differing values, largest difference {gaps[r]:.3g}" for r in bad
+        )
         raise ValueError(
             f"{what} differ across ranks ({details}); every rank must start from the same values: seed every rank "
             "alike before building the models, or call kpg.distributed.broadcast_parameters(model.parameters(), group)"
@@ -176,7 +197,9 @@ class Communicator:
     mode, its own range under agent sharding).
     """
 
-    def __init__(self, group: dist.ProcessGroup, parallel: str, local_agents: int, bucket_bytes: int, device: torch.device):
+    def __init__(
+        self, group: dist.ProcessGroup, parallel: str, local_agents: int, bucket_bytes: int, device: torch.device
+    ):
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL_MODES))}, got {parallel!r}")
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
@@ -206,24 +229,30 @@ class Communicator:
         elif len(set(counts)) > 1 or len(set(sizes)) > 1:
             raise ValueError(
                 f"data-parallel ranks built different optimizers ({describe}; agents per rank {counts}, parameters per "
-                f"rank {sizes}); every rank needs every agent with the same networks, or pass parallel='agents' to shard "
+                f"rank {sizes}); every rank needs every agent with the same networks, or pass parallel='agents' to "
+                "shard "
                 "agents over the ranks"
             )
 
-    def agree_on_level(self, level: int, k: int, error: BaseException | None, loss_nonfinite: Tensor | None) -> Tensor | None:
+    def agree_on_level(
+        self, level: int, k: int, error: BaseException | None, loss_nonfinite: Tensor | None
+    ) -> Tensor | None:
         """The control all-reduce of a level: raises on every rank if any rank failed or the ranks
         run different k; returns the loss non-finite flags of all ranks combined (data parallel) or
         this rank's own (agent sharding, where each rank owns its agents' losses)."""
         world = self.world_size
         # Every rank sends the same size, a failed one zeros for its loss flags.
         combine_losses = not self.sharded
-        control = torch.zeros(2 * world + (self.local_agents if combine_losses else 0), dtype=torch.float64,
-                              device=self._device)
+        control = torch.zeros(
+            2 * world + (self.local_agents if combine_losses else 0), dtype=torch.float64, device=self._device
+        )
         control[self.rank] = float(error is not None)
         control[world + self.rank] = float(k)
         if combine_losses and loss_nonfinite is not None:
             control[2 * world :] = loss_nonfinite.to(torch.float64)
-        _collective(lambda: dist.all_reduce(control, group=self.group), self.group, f"the control all-reduce of level {level}")
+        _collective(
+            lambda: dist.all_reduce(control, group=self.group), self.group, f"the control all-reduce of level {level}"
+        )
         summary = control[: 2 * world].tolist()
         failed = [r for r in range(world) if summary[r] > 0]
         if failed:
@@ -231,7 +260,8 @@ class Communicator:
         ks = [int(v) for v in summary[world:]]
         if len(set(ks)) > 1:
             raise ValueError(
-                f"the ranks step with different k ({', '.join(f'rank {r}: k={v}' for r, v in enumerate(ks))}); set k alike "
+                f"the ranks step with different k ({', '.join(f'rank {r}: k={v}' for r, v in enumerate(ks))}); set k "
+                "alike "
                 "on every rank (KSchedule steps the same way everywhere); the step was rolled back on every rank"
             )
         if combine_losses:
@@ -241,15 +271,19 @@ class Communicator:
     def _raise_agreed_failure(self, level: int, failed: list[int], error: BaseException | None) -> None:
         messages: list[Any] = [None] * self.world_size
         mine = None if error is None else f"{type(error).__name__}: {error}"
-        _collective(lambda: dist.all_gather_object(messages, mine, group=self.group), self.group,
-                    f"the exchange of error messages at level {level}")
+        _collective(
+            lambda: dist.all_gather_object(messages, mine, group=self.group),
+            self.group,
+            f"the exchange of error messages at level {level}",
+        )
         if error is not None:
             raise error
         first = failed[0]
         others = f" (and ranks {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
         raise RuntimeError(
             f"rank {first}{others} failed at level {level} of the KPG step with {messages[first]}; the step was rolled "
-            f"back on every rank (rank {self.rank} included), so parameters and optimizer state are unchanged everywhere"
+            f"back on every rank (rank {self.rank} included), so parameters and optimizer state are unchanged "
+            "everywhere"
         )
 
     def average_gradients(self, grad: Tensor, level: int) -> None:
@@ -290,8 +324,9 @@ class LocalCommunicator:
     def __init__(self, local_agents: int):
         self.local_agents = local_agents
 
-    def agree_on_level(self, level: int, k: int, error: BaseException | None,
-                       loss_nonfinite: Tensor | None) -> Tensor | None:
+    def agree_on_level(
+        self, level: int, k: int, error: BaseException | None, loss_nonfinite: Tensor | None
+    ) -> Tensor | None:
         if error is not None:
             raise error
         return loss_nonfinite

@@ -129,8 +129,10 @@ class KPGContext:
         rows = torch.cat([t.reshape(agents, -1) for t in named.values()], dim=1)
         gathered = communicator.gather_agents(rows)
         widths = [t[0].numel() for t in named.values()]
-        return {name: part.reshape(-1, *t.shape[1:])
-                for (name, t), part in zip(named.items(), gathered.split(widths, dim=1))}
+        return {
+            name: part.reshape(-1, *t.shape[1:])
+            for (name, t), part in zip(named.items(), gathered.split(widths, dim=1))
+        }
 
 
 class LevelEvaluator:
@@ -141,8 +143,15 @@ class LevelEvaluator:
     whether one network serves every agent.
     """
 
-    def __init__(self, arena: ParameterArena, anticipated: Tensor, num_agents: int | None, shared: bool,
-                 communicator: Communicator | LocalCommunicator, timer: PhaseTimer):
+    def __init__(
+        self,
+        arena: ParameterArena,
+        anticipated: Tensor,
+        num_agents: int | None,
+        shared: bool,
+        communicator: Communicator | LocalCommunicator,
+        timer: PhaseTimer,
+    ):
         self.arena = arena
         self.anticipated_buffer = anticipated
         self.num_agents, self.shared = num_agents, shared
@@ -272,8 +281,13 @@ class LevelEvaluator:
     def _mixed_point(self) -> _MixedPoint:
         """The buffer and views of the mixed points a closure without parameters is evaluated at."""
         buffer = self.arena.new_buffer()
-        return _MixedPoint(buffer, self.arena.views(buffer), self.arena.agent_views(buffer),
-                           self.arena.agent_views(self.arena.param), self.arena.agent_views(self.anticipated_buffer))
+        return _MixedPoint(
+            buffer,
+            self.arena.views(buffer),
+            self.arena.agent_views(buffer),
+            self.arena.agent_views(self.arena.param),
+            self.arena.agent_views(self.anticipated_buffer),
+        )
 
     def _checked_loss(self, loss: Any, level: int) -> Tensor:
         """The loss per optimizer agent (arena segment), after checking type and shape."""

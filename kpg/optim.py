@@ -131,7 +131,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL_MODES))}, got {parallel!r}")
         if parallel == "agents" and process_group is None:
-            raise ValueError("parallel='agents' shards the agents over the ranks of a process group; pass process_group=")
+            raise ValueError(
+                "parallel='agents' shards the agents over the ranks of a process group; pass process_group="
+            )
         agent_params, self.shared, batched_params = _agent_parameters(agents, agent_dim)
         if parallel == "agents" and self.shared:
             raise ValueError(
@@ -142,7 +144,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         if self.shared and num_agents is not None and (not isinstance(num_agents, int) or num_agents < 1):
             raise ValueError(f"num_agents must be a positive int, got {num_agents!r}")
         if not self.shared and num_agents is not None and num_agents != segments:
-            given = f"the agent-batched model has {segments} agents" if batched_params is not None else f"{segments} agents were given"
+            given = (
+                f"the agent-batched model has {segments} agents"
+                if batched_params is not None
+                else f"{segments} agents were given"
+            )
             raise ValueError(f"num_agents={num_agents} but {given}")
         check_k(k)
         if optimizer not in ops.OPTIMIZERS:
@@ -160,9 +166,13 @@ class KPGOptimizer(torch.optim.Optimizer):
         lrs = _per_agent("lr", default_lr if lr is None else lr, segments, self.shared)
         max_norms = _per_agent("max_grad_norm", max_grad_norm, segments, self.shared)
         hyperparameters = {**defaults, **hyperparameters}
-        validate_groups(entry.kernel, [{"lr": lr_a, "max_grad_norm": m, **hyperparameters} for lr_a, m in zip(lrs, max_norms)])
+        validate_groups(
+            entry.kernel, [{"lr": lr_a, "max_grad_norm": m, **hyperparameters} for lr_a, m in zip(lrs, max_norms)]
+        )
 
-        self.arena = ParameterArena.batched(batched_params) if batched_params is not None else ParameterArena(agent_params)
+        self.arena = (
+            ParameterArena.batched(batched_params) if batched_params is not None else ParameterArena(agent_params)
+        )
         self.k = k
         self.optimizer_name = optimizer
         self.nonfinite = nonfinite
@@ -180,7 +190,7 @@ class KPGOptimizer(torch.optim.Optimizer):
 
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
-        self._state_buffers: dict[str, Tensor | None] = {name: None for name in self._kernel.state_names}
+        self._state_buffers: dict[str, Tensor | None] = dict.fromkeys(self._kernel.state_names)
         self._step = torch.zeros(segments, **f64)
         # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
         width = len(self._kernel.row_names)
@@ -211,8 +221,9 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._communicator = Communicator(process_group, parallel, segments, bucket_bytes, device)
             self._communicator.check_layout(arena.numel, repr(self))
             self._communicator.check_replicas([arena.param], "the agents' parameters")
-        self._levels = LevelEvaluator(arena, self._anticipated, self.num_agents, self.shared, self._communicator,
-                                      self._timer)
+        self._levels = LevelEvaluator(
+            arena, self._anticipated, self.num_agents, self.shared, self._communicator, self._timer
+        )
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
@@ -225,7 +236,9 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._constructing:
-            raise RuntimeError("KPGOptimizer's agents are fixed at construction; build a new KPGOptimizer to add parameters")
+            raise RuntimeError(
+                "KPGOptimizer's agents are fixed at construction; build a new KPGOptimizer to add parameters"
+            )
         # The groups come complete from the arena, which has checked that no tensor belongs to two
         # agents; torch.optim's own check compares each group with every earlier one, which is
         # quadratic in the number of agents (seconds at a few thousand).
@@ -309,7 +322,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         self.stats.steps += 1
         if self.verify_replicas:
             states = [b for b in self._state_buffers.values() if b is not None]
-            self._communicator.check_replicas([self.arena.param, *states, self._step], "parameters and optimizer state after a step")
+            self._communicator.check_replicas(
+                [self.arena.param, *states, self._step], "parameters and optimizer state after a step"
+            )
         return loss.detach()
 
     def capture_step(self, closure: Callable[..., Tensor], warmup_steps: int = 3) -> Callable[[], None]:
@@ -324,7 +339,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         if self.arena.device.type != "cuda":
             raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
         if self.nonfinite == "raise":
-            raise ValueError("capture_step needs nonfinite='skip' or 'propagate': nonfinite='raise' synchronizes with the host")
+            raise ValueError(
+                "capture_step needs nonfinite='skip' or 'propagate': nonfinite='raise' synchronizes with the host"
+            )
         self._communicator.check_capturable()
         side_stream = torch.cuda.Stream(self.arena.device)
         side_stream.wait_stream(torch.cuda.current_stream(self.arena.device))
@@ -343,8 +360,14 @@ class KPGOptimizer(torch.optim.Optimizer):
             clipping = self._clipping
             if check or clipping:
                 ops.agent_grad_norms(
-                    self.arena.grad, self.arena.chunks, self.arena.agent_chunks, self._chunk_sq,
-                    self._max_norm if clipping else None, self._norm, self._grad_scale, self._nonfinite,
+                    self.arena.grad,
+                    self.arena.chunks,
+                    self.arena.agent_chunks,
+                    self._chunk_sq,
+                    self._max_norm if clipping else None,
+                    self._norm,
+                    self._grad_scale,
+                    self._nonfinite,
                 )
             skip = None
             if check:
@@ -361,8 +384,15 @@ class KPGOptimizer(torch.optim.Optimizer):
                     if commit:
                         self.stats.skipped_agent_steps_tensor += self._skip.sum()
             kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
-            common = dict(step=self._step, live=self._live, lr=self._lr, hyper=self._hyper,
-                          grad_scale=self._grad_scale if clipping else None, skip=skip, chunks=self.arena.chunks)
+            common = dict(
+                step=self._step,
+                live=self._live,
+                lr=self._lr,
+                hyper=self._hyper,
+                grad_scale=self._grad_scale if clipping else None,
+                skip=skip,
+                chunks=self.arena.chunks,
+            )
             if commit:
                 kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
             else:
@@ -413,8 +443,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         validate_groups(self._kernel, groups)
         rows = np.array([self._kernel.row(g) for g in groups], dtype=np.float64).reshape(len(groups), -1)
         kept = self._kernel.kept_states(rows)
-        new_states = [name for name, needed in zip(self._kernel.state_names, kept.any(axis=0))
-                      if needed and self._state_buffers[name] is None]
+        new_states = [
+            name
+            for name, needed in zip(self._kernel.state_names, kept.any(axis=0))
+            if needed and self._state_buffers[name] is None
+        ]
         tensor_agents = [agent for agent, g in enumerate(groups) if isinstance(g["lr"], Tensor)]
         lrs = [0.0 if isinstance(g["lr"], Tensor) else float(g["lr"]) for g in groups]
         max_norms = [math.inf if g["max_grad_norm"] is None else float(g["max_grad_norm"]) for g in groups]
@@ -469,7 +502,10 @@ class KPGOptimizer(torch.optim.Optimizer):
         buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
         for agent, tensors in enumerate(self.arena.agent_tensors):
             for index, p in enumerate(tensors):
-                self.state[p] = {"step": self._step[agent], **{name: views[agent][index] for name, views in buffer_views.items()}}
+                self.state[p] = {
+                    "step": self._step[agent],
+                    **{name: views[agent][index] for name, views in buffer_views.items()},
+                }
 
     @property
     def _at_base_outputs(self) -> list[tuple[Any, Any]]:
@@ -512,7 +548,12 @@ class KSchedule:
         self.optimizer.k = self.current_k()
 
     def state_dict(self) -> dict[str, int]:
-        return {"steps_done": self.steps_done, "switch_step": self.switch_step, "early_k": self.early_k, "late_k": self.late_k}
+        return {
+            "steps_done": self.steps_done,
+            "switch_step": self.switch_step,
+            "early_k": self.early_k,
+            "late_k": self.late_k,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
@@ -530,12 +571,17 @@ def _closure_takes_context(closure: Callable) -> bool:
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
-def _agent_parameters(agents: Any, agent_dim: int | None) -> tuple[list[list[Tensor]] | None, bool, list[Tensor] | None]:
+def _agent_parameters(
+    agents: Any, agent_dim: int | None
+) -> tuple[list[list[Tensor]] | None, bool, list[Tensor] | None]:
     """(parameters of each agent, shared, agent-batched parameters): a module or a flat iterable of
     tensors is one network shared by all agents, unless it is agent-batched (kpg.nn layers, or
     ``agent_dim=0``); a sequence of modules or of iterables is one entry per agent."""
     if isinstance(agents, Tensor):
-        raise TypeError("agents must be a sequence of modules or parameter iterables, or one module; got a single tensor: wrap it in a list")
+        raise TypeError(
+            "agents must be a sequence of modules or parameter iterables, or one module; got a single tensor: wrap "
+            "it in a list"
+        )
     if agent_dim is not None:
         if isinstance(agent_dim, bool) or agent_dim != 0:
             raise ValueError(
@@ -557,7 +603,8 @@ def _agent_parameters(agents: Any, agent_dim: int | None) -> tuple[list[list[Ten
     for index, entry in enumerate(entries):
         if isinstance(entry, Tensor):
             raise TypeError(
-                f"agents[{index}] is a tensor while other entries are modules or iterables; give every agent as a module "
+                f"agents[{index}] is a tensor while other entries are modules or iterables; give every agent as a "
+                "module "
                 "or a list of parameters"
             )
         if isinstance(entry, nn.Module) and _is_agent_batched(entry):
@@ -578,12 +625,15 @@ def _batched_trainable(module: nn.Module) -> list[Tensor]:
     """The trainable parameters of a model built from kpg.nn layers, each held by one of them."""
     counts = sorted({m.num_agents for m in module.modules() if isinstance(m, AgentModule)})
     if len(counts) > 1:
-        raise ValueError(f"the agent-batched model mixes layers of {counts} agents; every kpg.nn layer needs the same num_agents")
+        raise ValueError(
+            f"the agent-batched model mixes layers of {counts} agents; every kpg.nn layer needs the same num_agents"
+        )
     batched = {id(p) for m in module.modules() if isinstance(m, AgentModule) for p in m.parameters(recurse=False)}
     for name, p in module.named_parameters():
         if p.requires_grad and id(p) not in batched:
             raise ValueError(
-                f"parameter {name!r} of shape {tuple(p.shape)} is outside the kpg.nn layers of this agent-batched model, "
+                f"parameter {name!r} of shape {tuple(p.shape)} is outside the kpg.nn layers of this agent-batched "
+                "model, "
                 "so it has no agent dimension; batch its layer with kpg.nn.stack, freeze it (requires_grad_(False)), "
                 "or pass agent_dim=0 if its dim 0 indexes the agents"
             )
@@ -610,5 +660,7 @@ def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
     if shared:
         raise ValueError(f"{name} is per agent but the agents share one network; pass a single {name}")
     if len(values) != segments:
-        raise ValueError(f"{name} has {len(values)} entries but there are {segments} agents; pass one per agent or a single value")
+        raise ValueError(
+            f"{name} has {len(values)} entries but there are {segments} agents; pass one per agent or a single value"
+        )
     return [None if v is None else v if isinstance(v, Tensor) else float(v) for v in values]

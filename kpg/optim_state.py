@@ -33,11 +33,14 @@ def validate_groups(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point():
-                raise ValueError(f"Invalid learning rate for agent {agent}: a tensor lr must hold one "
-                                 f"floating-point value, got {lr.dtype} of shape {tuple(lr.shape)}")
+                raise ValueError(
+                    f"Invalid learning rate for agent {agent}: a tensor lr must hold one "
+                    f"floating-point value, got {lr.dtype} of shape {tuple(lr.shape)}"
+                )
             if lr.device.type == "cpu" and not (float(lr) >= 0.0 and math.isfinite(float(lr))):
                 raise ValueError(
-                    f"Invalid learning rate {float(lr)!r} for agent {agent}: it must be a finite number >= 0")
+                    f"Invalid learning rate {float(lr)!r} for agent {agent}: it must be a finite number >= 0"
+                )
         elif isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"Invalid learning rate {lr!r} for agent {agent}: it must be a finite number >= 0")
         m = group["max_grad_norm"]
@@ -68,8 +71,9 @@ def _invalid_row(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]]) 
     return ops.invalid_row(kernel, rows)
 
 
-def exported_state(state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor,
-                   state_names: Sequence[str]) -> dict[str, Any]:
+def exported_state(
+    state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor, state_names: Sequence[str]
+) -> dict[str, Any]:
     """torch.optim's ``state`` entries of ``Optimizer.state_dict()`` with tensors copied out of the
     arena; a state tensor an agent has not used yet (``live`` [agents, states] is 0) is left out,
     as torch.optim keeps none."""
@@ -80,7 +84,8 @@ def exported_state(state: dict[str, Any], param_groups: Sequence[dict[str, Any]]
         for _ in group["params"]:
             entry = state.get(index, {})
             exported[index] = {
-                name: t.clone() for name, t in entry.items()
+                name: t.clone()
+                for name, t in entry.items()
                 if name == "step" or (name in state_names and live[agent, state_names.index(name)])
             }
             index += 1
@@ -98,12 +103,16 @@ class StagedState:
     k: int | None  # the saved k, if any
 
 
-def stage_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]], kernel: ops.OptimizerKernel,
-                     optimizer_name: str) -> StagedState:
+def stage_state_dict(
+    state_dict: Any, param_groups: Sequence[dict[str, Any]], kernel: ops.OptimizerKernel, optimizer_name: str
+) -> StagedState:
     """Checks a KPGOptimizer or torch.optim state dict of optimizer ``optimizer_name`` against the
     optimizer's ``param_groups`` (one per agent) and stages what loading it copies in."""
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) or not isinstance(
-            state_dict.get("state"), dict):
+    if (
+        not isinstance(state_dict, dict)
+        or not isinstance(state_dict.get("param_groups"), list)
+        or not isinstance(state_dict.get("state"), dict)
+    ):
         keys = f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""
         raise ValueError(
             f"load_state_dict needs an optimizer state dict (a dict with 'state' and 'param_groups', as state_dict() "
@@ -119,8 +128,10 @@ def stage_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]], ke
         raise ValueError(f"the state dict is for optimizer {extra['optimizer']!r}, this one is {optimizer_name!r}")
     if "k" in extra:
         check_k(extra["k"])
-    merged = [{**own, **{key: value for key, value in saved.items() if key != "params"}}
-              for own, saved in zip(param_groups, groups)]
+    merged = [
+        {**own, **{key: value for key, value in saved.items() if key != "params"}}
+        for own, saved in zip(param_groups, groups)
+    ]
     for group in merged:
         if isinstance(group["lr"], (int, float)) and not isinstance(group["lr"], bool):
             group["lr"] = float(group["lr"])
@@ -168,6 +179,6 @@ def stage_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]], ke
                 "steps an agent as a whole"
             )
         steps[agent] = agent_steps.pop() if agent_steps else 0.0
-        for name in (agent_live.pop() if agent_live else ()):
+        for name in agent_live.pop() if agent_live else ():
             live[agent, names.index(name)] = 1
     return StagedState(merged, staged, steps, live, extra.get("k"))

@@ -123,8 +123,9 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
             continue
         p = param[segment] if commit else param[segment].clone()
         agent_states = [None if s is None else (s[segment] if commit else s[segment].clone()) for s in states]
-        _UPDATES[kind](p, grad[segment], agent_states, rows[agent], lrs[agent], steps[agent], scales[agent],
-                       lives[agent])
+        _UPDATES[kind](
+            p, grad[segment], agent_states, rows[agent], lrs[agent], steps[agent], scales[agent], lives[agent]
+        )
         if not commit:
             anticipated[segment] = p
     if commit:
@@ -149,8 +150,15 @@ def _make(kind: str, commit: bool):
         missing = [name for name in arguments if name not in values]
         if missing or len(values) != len(arguments):
             raise TypeError(f"{update.__name__} takes ({', '.join(arguments)}); missing {missing}")
-        _run(kind, commit, values["param"], values["grad"], values.get("anticipated"), [values[n] for n in names],
-             *(values[n] for n in per_agent))
+        _run(
+            kind,
+            commit,
+            values["param"],
+            values["grad"],
+            values.get("anticipated"),
+            [values[n] for n in names],
+            *(values[n] for n in per_agent),
+        )
 
     update.__name__ = f"{kind}_{'commit' if commit else 'anticipate'}"
     update.__doc__ = f"``kpg._ops.{update.__name__}`` in plain PyTorch: ({', '.join(arguments)})."

@@ -39,20 +39,50 @@ from kpg import _ops as ops
 
 UPDATE_CASES = {
     "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
-    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
-                                              maximize=False)),
+    "sgd-momentum-dampening-wd": (
+        "sgd",
+        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False),
+    ),
     "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
-    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                          decoupled_weight_decay=False)),
-    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
-                                              maximize=True, decoupled_weight_decay=False)),
-    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
-                           decoupled_weight_decay=True)),
+    "adam": (
+        "adam",
+        dict(
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            amsgrad=False,
+            maximize=False,
+            decoupled_weight_decay=False,
+        ),
+    ),
+    "adam-l2-amsgrad-maximize": (
+        "adam",
+        dict(
+            beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False
+        ),
+    ),
+    "adamw": (
+        "adam",
+        dict(
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            amsgrad=False,
+            maximize=False,
+            decoupled_weight_decay=True,
+        ),
+    ),
     "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
-    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5,
-                                                     centered=True, maximize=False)),
-    "adagrad-decay-wd-maximize": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5,
-                                                  eps=1e-6, maximize=True)),
+    "rmsprop-centered-momentum-wd": (
+        "rmsprop",
+        dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False),
+    ),
+    "adagrad-decay-wd-maximize": (
+        "adagrad",
+        dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6, maximize=True),
+    ),
 }
 # Agent sizes around the vector width and both paths' chunk sizes, with an empty agent.
 SIZES = [0, 1, 3, 4, 5, 8191, 8192, 8193, 1027, 2051, 16385, 7]
@@ -98,12 +128,23 @@ def run_update(kind, hyper, commit, tensors, device):
     if not commit:
         args["anticipated"] = anticipated
     args.update({name: moved[name] for name in ops.KERNELS[kind].state_names})
-    args.update(step=moved["step"], live=moved["live"], lr=moved["lr"], grad_scale=moved["grad_scale"],
-                skip=moved["skip"], chunks=chunks)
+    args.update(
+        step=moved["step"],
+        live=moved["live"],
+        lr=moved["lr"],
+        grad_scale=moved["grad_scale"],
+        skip=moved["skip"],
+        chunks=chunks,
+    )
     hyper_rows = ops.hyper_rows(kind, hyper, len(SIZES), device=device)
     ops.UPDATE_OPS[(kind, commit)](**args, hyper=hyper_rows)
-    written = {"param": moved["param"], "step": moved["step"], "live": moved["live"], "anticipated": anticipated,
-               **{name: moved[name] for name in ops.KERNELS[kind].state_names}}
+    written = {
+        "param": moved["param"],
+        "step": moved["step"],
+        "live": moved["live"],
+        "anticipated": anticipated,
+        **{name: moved[name] for name in ops.KERNELS[kind].state_names},
+    }
     return {name: t.cpu() for name, t in written.items()}
 
 
@@ -115,7 +156,9 @@ def compare(cuda, cpu, exact, dtype):
         if exact or not expected.is_floating_point():
             if not torch.equal(actual, expected):  # the inputs are finite: no NaN to compare
                 largest = (actual - expected).abs().max().item()
-                problems.append(f"{name}: {(actual != expected).sum().item()} elements differ, largest by {largest:.3e}")
+                problems.append(
+                    f"{name}: {(actual != expected).sum().item()} elements differ, largest by {largest:.3e}"
+                )
         else:
             scale = expected.abs().max().clamp_min(1e-30)
             bound = ADAM_ULPS * torch.finfo(dtype).eps * scale
@@ -130,8 +173,10 @@ def check_updates(report, device="cuda"):
         for dtype in (torch.float32, torch.float64):
             for offset in (0, 1):
                 for commit in (False, True):
-                    label = f"update {case} {str(dtype)[6:]} {'unaligned' if offset else 'aligned'} " \
-                            f"{'commit' if commit else 'anticipate'}"
+                    label = (
+                        f"update {case} {str(dtype)[6:]} {'unaligned' if offset else 'aligned'} "
+                        f"{'commit' if commit else 'anticipate'}"
+                    )
                     tensors = arena_inputs(kind, dtype, offset, seed)
                     cpu = run_update(kind, hyper, commit, tensors, "cpu")
                     cuda = run_update(kind, hyper, commit, tensors, device)
@@ -152,13 +197,22 @@ def check_norms(report, device="cuda"):
             for label, on in (("cpu", "cpu"), ("cuda", device)):
                 chunks, agent_chunks = ops.chunk_table(offsets, on)
                 a = len(SIZES)
-                out = dict(norm=torch.zeros(a, dtype=torch.float64, device=on),
-                           grad_scale=torch.zeros(a, dtype=torch.float64, device=on),
-                           nonfinite=torch.zeros(a, dtype=torch.uint8, device=on))
+                out = dict(
+                    norm=torch.zeros(a, dtype=torch.float64, device=on),
+                    grad_scale=torch.zeros(a, dtype=torch.float64, device=on),
+                    nonfinite=torch.zeros(a, dtype=torch.uint8, device=on),
+                )
                 chunk_sq = torch.zeros(chunks.shape[0], dtype=torch.float64, device=on)
-                ops.agent_grad_norms(grad.to(on), chunks, agent_chunks, chunk_sq,
-                                     None if max_norm is None else max_norm.to(on), out["norm"],
-                                     out["grad_scale"], out["nonfinite"])
+                ops.agent_grad_norms(
+                    grad.to(on),
+                    chunks,
+                    agent_chunks,
+                    chunk_sq,
+                    None if max_norm is None else max_norm.to(on),
+                    out["norm"],
+                    out["grad_scale"],
+                    out["nonfinite"],
+                )
                 outputs[label] = {name: t.cpu() for name, t in out.items()}
             problems = []
             if not torch.equal(outputs["cuda"]["nonfinite"], outputs["cpu"]["nonfinite"]):
@@ -202,8 +256,13 @@ class KMappoMinibatch:
         own_logits = ctx.at_base(lambda: self.policy(self.obs))
         with ctx.anticipated():
             anticipated_logits = self.policy(self.obs)
-        surrogate = kpg.joint_ratio_loss(self.log_prob(own_logits), self.old_log_prob, self.advantages,
-                                         self.log_prob(anticipated_logits), level=ctx.level).loss
+        surrogate = kpg.joint_ratio_loss(
+            self.log_prob(own_logits),
+            self.old_log_prob,
+            self.advantages,
+            self.log_prob(anticipated_logits),
+            level=ctx.level,
+        ).loss
         own, anticipated = torch.tanh(own_logits), torch.tanh(anticipated_logits)
         stacked = kpg.joint_inputs(own, anticipated, agent_dim=0)
         listed = kpg.joint_inputs(list(own.unbind(0)), list(anticipated.unbind(0)))
@@ -216,8 +275,9 @@ class KMappoMinibatch:
 def train(device, k, steps, capture_from=None):
     """Parameters after `steps` minibatch steps; from step `capture_from` on, replays of a captured step."""
     problem = KMappoMinibatch(device)
-    opt = kpg.KPGOptimizer(problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3, 5e-3], max_grad_norm=[0.5, 1.0, 0.2, 0.05],
-                           nonfinite="skip")
+    opt = kpg.KPGOptimizer(
+        problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3, 5e-3], max_grad_norm=[0.5, 1.0, 0.2, 0.05], nonfinite="skip"
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     replay = None
     for minibatch in range(steps):
@@ -242,15 +302,19 @@ def largest_difference(a, b):
 def check_optimizer(report, device="cuda"):
     for k in (1, 2):
         difference = largest_difference(train(device, k, 6), train("cpu", k, 6))
-        report(f"KPGOptimizer k={k} CUDA vs CPU (6 steps, float64)",
-               "" if difference <= 1e-9 else f"parameters differ by {difference:.3e} of their scale")
+        report(
+            f"KPGOptimizer k={k} CUDA vs CPU (6 steps, float64)",
+            "" if difference <= 1e-9 else f"parameters differ by {difference:.3e} of their scale",
+        )
 
 
 def check_capture(report):
     for k in (1, 2):
         difference = largest_difference(train("cuda", k, 8, capture_from=2), train("cuda", k, 8))
-        report(f"capture_step k={k}: 6 replays vs eager steps, per-step lr schedule",
-               "" if difference <= 1e-12 else f"parameters differ by {difference:.3e} of their scale")
+        report(
+            f"capture_step k={k}: 6 replays vs eager steps, per-step lr schedule",
+            "" if difference <= 1e-12 else f"parameters differ by {difference:.3e} of their scale",
+        )
 
 
 def check_couplings_sync_free(report):
@@ -281,9 +345,11 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write every check's outcome as JSON to PATH")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not _C.build_info()["cuda"]:
-        sys.exit("cuda_checks: needs kpg's CUDA kernels and a GPU torch can see "
-                 f"(kpg built with CUDA: {_C.build_info()['cuda']}, torch.cuda.is_available(): "
-                 f"{torch.cuda.is_available()})")
+        sys.exit(
+            "cuda_checks: needs kpg's CUDA kernels and a GPU torch can see "
+            f"(kpg built with CUDA: {_C.build_info()['cuda']}, torch.cuda.is_available(): "
+            f"{torch.cuda.is_available()})"
+        )
     results = []
 
     def report(label, problem):
@@ -299,8 +365,10 @@ def main(argv=None):
             traceback.print_exc()
     failed = [r for r in results if not r["passed"]]
     seconds = time.perf_counter() - started
-    print(f"\n{len(results) - len(failed)} of {len(results)} CUDA checks passed in {seconds:.1f} s "
-          f"on {torch.cuda.get_device_name()}")
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} CUDA checks passed in {seconds:.1f} s "
+        f"on {torch.cuda.get_device_name()}"
+    )
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, file, indent=2)

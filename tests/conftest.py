@@ -2,20 +2,29 @@ import os
 
 import pytest
 import torch
-from helpers import CUDA_SKIP_REASON
 from hypothesis import HealthCheck, settings
+
+from helpers import CUDA_SKIP_REASON
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
 # Random (not derandomized) examples, so successive nightly runs explore new inputs; a failure
 # prints the blob that reproduces it (@reproduce_failure).
-settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "nightly",
+    max_examples=2000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("KPG_HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--nightly", action="store_true",
-                     help="run the property tests with the nightly hypothesis profile (2000 examples each)")
+    parser.addoption(
+        "--nightly",
+        action="store_true",
+        help="run the property tests with the nightly hypothesis profile (2000 examples each)",
+    )
 
 
 def pytest_configure(config):
@@ -26,7 +35,9 @@ def pytest_configure(config):
 # Every device-parametrized test is collected for CUDA too, and skipped with the reason without one.
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))),
+    pytest.param(
+        "cuda", id="cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+    ),
 ]
 
 

@@ -17,11 +17,11 @@ from torch import nn
 from torch.func import functional_call
 
 import kpg
-from kpg import _C
+from kpg import _C, reference
 from kpg import _ops as ops
-from kpg import reference
 
 # ---- devices -------------------------------------------------------------------------------------
+
 
 def _cuda_skip_reason() -> str | None:
     """Why CUDA tests cannot run here, or None where they can."""
@@ -86,8 +86,13 @@ def assert_as_accurate_as(actual, baseline, truth, rtol: float, what: str = ""):
 
 # ---- the torch.optim references -------------------------------------------------------------------
 
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-                    "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+TORCH_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
 
 
 def torch_optimizer(name, params, lr, **hyper):
@@ -119,7 +124,9 @@ class Game:
         if shared:
             self.obs_dims = [self.obs_dims[0]] * num_agents
             self.act_dims = [self.act_dims[0]] * num_agents
-            self.models = [nn.Sequential(nn.Linear(self.obs_dims[0] + num_agents, 8), nn.Tanh(), nn.Linear(8, self.act_dims[0]))]
+            self.models = [
+                nn.Sequential(nn.Linear(self.obs_dims[0] + num_agents, 8), nn.Tanh(), nn.Linear(8, self.act_dims[0]))
+            ]
         else:
             self.models = [
                 nn.Sequential(nn.Linear(o, 5 + a % 4), nn.Tanh(), nn.Linear(5 + a % 4, d))
@@ -207,18 +214,64 @@ def brute_force_step(game, optimizers, k, max_norms):
 # (optimizer, hyperparameters) cases, each id naming what it exercises.
 UPDATE_CASES = {
     "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
-    "sgd-momentum-dampening-wd": ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False)),
+    "sgd-momentum-dampening-wd": (
+        "sgd",
+        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False),
+    ),
     "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
-    "adam": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)),
-    "adam-l2-amsgrad-maximize": ("adam", dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False)),
-    "adamw": ("adam", dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False, decoupled_weight_decay=True)),
-    "adamw-amsgrad-beta1-large-weight": ("adam", dict(beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True)),
+    "adam": (
+        "adam",
+        dict(
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            amsgrad=False,
+            maximize=False,
+            decoupled_weight_decay=False,
+        ),
+    ),
+    "adam-l2-amsgrad-maximize": (
+        "adam",
+        dict(
+            beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False
+        ),
+    ),
+    "adamw": (
+        "adam",
+        dict(
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            amsgrad=False,
+            maximize=False,
+            decoupled_weight_decay=True,
+        ),
+    ),
+    "adamw-amsgrad-beta1-large-weight": (
+        "adam",
+        dict(
+            beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True
+        ),
+    ),
     "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
-    "rmsprop-centered-momentum-wd": ("rmsprop", dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False)),
-    "rmsprop-alpha-small-maximize": ("rmsprop", dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True)),
-    "adagrad": ("adagrad", dict(lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False)),
-    "adagrad-decay-wd-maximize": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6,
-                                                  maximize=True)),
+    "rmsprop-centered-momentum-wd": (
+        "rmsprop",
+        dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False),
+    ),
+    "rmsprop-alpha-small-maximize": (
+        "rmsprop",
+        dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True),
+    ),
+    "adagrad": (
+        "adagrad",
+        dict(lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False),
+    ),
+    "adagrad-decay-wd-maximize": (
+        "adagrad",
+        dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6, maximize=True),
+    ),
 }
 
 
@@ -274,8 +327,17 @@ class Arena:
         return self
 
     def commit_args(self, skip=True):
-        return dict(param=self.param, grad=self.grad, **self.states, step=self.step, live=self.live, lr=self.lr,
-                    grad_scale=self.grad_scale, skip=self.skip if skip else None, chunks=self.chunks)
+        return dict(
+            param=self.param,
+            grad=self.grad,
+            **self.states,
+            step=self.step,
+            live=self.live,
+            lr=self.lr,
+            grad_scale=self.grad_scale,
+            skip=self.skip if skip else None,
+            chunks=self.chunks,
+        )
 
     def anticipate_args(self, anticipated):
         args = self.commit_args()
@@ -300,12 +362,22 @@ def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, 
     outputs = []
     device = arena.grad.device
     for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64, device=device),
-                   norm=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
-                   grad_scale=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
-                   nonfinite=torch.full((agents,), 7, dtype=torch.uint8, device=device))
-        impl(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
-             out["nonfinite"])
+        out = dict(
+            chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64, device=device),
+            norm=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
+            grad_scale=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
+            nonfinite=torch.full((agents,), 7, dtype=torch.uint8, device=device),
+        )
+        impl(
+            arena.grad,
+            arena.chunks,
+            arena.agent_chunks,
+            out["chunk_sq"],
+            max_norm,
+            out["norm"],
+            out["grad_scale"],
+            out["nonfinite"],
+        )
         outputs.append(out)
     for name in outputs[0]:
         assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
@@ -324,19 +396,27 @@ def sgd_hyper(draw):
     dampening = draw(st.sampled_from([0.0, 0.1, 1.0]))
     # torch.optim.SGD accepts nesterov only with momentum > 0 and zero dampening.
     nesterov = draw(st.booleans()) if momentum > 0 and dampening == 0 else False
-    return dict(momentum=momentum, dampening=dampening, weight_decay=draw(WEIGHT_DECAY), nesterov=nesterov,
-                maximize=draw(st.booleans()))
+    return dict(
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=draw(WEIGHT_DECAY),
+        nesterov=nesterov,
+        maximize=draw(st.booleans()),
+    )
 
 
-ADAM_HYPER = st.fixed_dictionaries(dict(
-    beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
-    beta2=st.sampled_from([0.0, 0.9, 0.999, 0.999999]),
-    eps=EPS,
-    weight_decay=WEIGHT_DECAY,
-    amsgrad=st.booleans(),
-    maximize=st.booleans(),
-    decoupled_weight_decay=st.booleans(),
-))
+ADAM_HYPER = st.fixed_dictionaries(
+    dict(
+        beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
+        beta2=st.sampled_from([0.0, 0.9, 0.999, 0.999999]),
+        eps=EPS,
+        weight_decay=WEIGHT_DECAY,
+        amsgrad=st.booleans(),
+        maximize=st.booleans(),
+        decoupled_weight_decay=st.booleans(),
+    )
+)
+
 
 @st.composite
 def rmsprop_hyper(draw):
@@ -345,22 +425,31 @@ def rmsprop_hyper(draw):
     # torch's addcmul fuses it into an FMA on AVX2 and takes the square root of -1 ulp (NaN) for
     # about half the elements; the kernels get an exact 0. Neither is wrong; no tolerance fits.
     alpha = draw(st.sampled_from([0.5, 0.99, 0.999999] if centered else [0.0, 0.5, 0.99, 0.999999]))
-    return dict(alpha=alpha, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY),
-                momentum=draw(st.sampled_from([0.0, 0.5, 0.99])), centered=centered, maximize=draw(st.booleans()))
+    return dict(
+        alpha=alpha,
+        eps=draw(EPS),
+        weight_decay=draw(WEIGHT_DECAY),
+        momentum=draw(st.sampled_from([0.0, 0.5, 0.99])),
+        centered=centered,
+        maximize=draw(st.booleans()),
+    )
 
 
-ADAGRAD_HYPER = st.fixed_dictionaries(dict(
-    lr_decay=st.sampled_from([0.0, 0.1, 10.0]),
-    weight_decay=WEIGHT_DECAY,
-    initial_accumulator_value=st.sampled_from([0.0, 0.1, 1e6]),
-    eps=EPS,
-    maximize=st.booleans(),
-))
+ADAGRAD_HYPER = st.fixed_dictionaries(
+    dict(
+        lr_decay=st.sampled_from([0.0, 0.1, 10.0]),
+        weight_decay=WEIGHT_DECAY,
+        initial_accumulator_value=st.sampled_from([0.0, 0.1, 1e6]),
+        eps=EPS,
+        maximize=st.booleans(),
+    )
+)
 
 HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper(), "adagrad": ADAGRAD_HYPER}
 
 
 # ---- threads ----------------------------------------------------------------------------------------
+
 
 def python_thread_progress(call, calls: int = 3) -> list[int]:
     """How often a counting Python thread advanced during each of ``calls`` calls of ``call``.
@@ -396,6 +485,7 @@ def python_thread_progress(call, calls: int = 3) -> list[int]:
 
 
 # ---- tiny PettingZoo environments for the trainer tests -----------------------------------------
+
 
 class UnevenAgents(ParallelEnv):
     """Agent ``short`` (3 observations, 2 actions) is terminated after ``short_steps`` steps;
@@ -508,4 +598,4 @@ def opponent_plays_time(observations, env, rng):
 
 def opponent_plays_first_action(observations, env, rng):
     """A fixed opponent for any discrete environment: action 0 for everyone."""
-    return {name: 0 for name in observations}
+    return dict.fromkeys(observations, 0)

@@ -33,9 +33,15 @@ def _norms_call():
     arena = Arena("sgd", SIZES, torch.float32, seed=4)
     a = len(SIZES)
     return ops.agent_grad_norms, dict(
-        grad=arena.grad, chunks=arena.chunks, agent_chunks=arena.agent_chunks,
-        chunk_sq=torch.zeros(arena.chunks.shape[0], dtype=F64), max_norm=torch.full((a,), 0.5, dtype=F64),
-        norm=torch.zeros(a, dtype=F64), grad_scale=torch.zeros(a, dtype=F64), nonfinite=torch.zeros(a, dtype=torch.uint8))
+        grad=arena.grad,
+        chunks=arena.chunks,
+        agent_chunks=arena.agent_chunks,
+        chunk_sq=torch.zeros(arena.chunks.shape[0], dtype=F64),
+        max_norm=torch.full((a,), 0.5, dtype=F64),
+        norm=torch.zeros(a, dtype=F64),
+        grad_scale=torch.zeros(a, dtype=F64),
+        nonfinite=torch.zeros(a, dtype=torch.uint8),
+    )
 
 
 def _freed(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,30 +64,73 @@ def _float64_step_inside_param(arguments):
 
 
 OP_CASES = [
-    ("param-storage-freed", lambda: _commit_call("adam"), lambda a: {**a, "param": _freed(a["param"])},
-     r"adam_commit: param needs \d+ bytes of storage but its storage holds 0: it was freed or resized"),
-    ("grad-storage-shrunk", lambda: _commit_call("sgd-momentum-dampening-wd"), lambda a: {**a, "grad": _shrunk(a["grad"])},
-     r"sgd_commit: grad needs \d+ bytes of storage but its storage holds 4"),
-    ("state-storage-freed", lambda: _commit_call("rmsprop-centered-momentum-wd"),
-     lambda a: {**a, "grad_avg": _freed(a["grad_avg"])}, r"rmsprop_commit: grad_avg needs .* holds 0"),
-    ("step-storage-freed", lambda: _commit_call("adam"), lambda a: {**a, "step": _freed(a["step"])},
-     r"adam_commit: step needs .* holds 0"),
-    ("chunks-storage-freed", lambda: _commit_call("adam"), lambda a: {**a, "chunks": _freed(a["chunks"])},
-     r"adam_commit: chunks needs .* holds 0"),
-    ("step-aliases-param", lambda: _commit_call("adam", torch.float64), _float64_step_inside_param,
-     r"adam_commit: param overlaps step in memory"),
-    ("lr-aliases-written-state", lambda: _commit_call("sgd-momentum-dampening-wd", torch.float64),
-     lambda a: {**a, "lr": a["momentum_buffer"][: a["lr"].numel()]}, r"sgd_commit: momentum_buffer overlaps lr in memory"),
-    ("step-on-another-device", lambda: _commit_call("adam"), lambda a: {**a, "step": a["step"].to("meta")},
-     r"adam_commit: step is on the meta device, which holds no values to update"),
-    ("norms-norm-is-grad-scale", _norms_call, lambda a: {**a, "grad_scale": a["norm"]},
-     r"agent_grad_norms: norm overlaps grad_scale in memory"),
-    ("norms-grad-storage-freed", _norms_call, lambda a: {**a, "grad": _freed(a["grad"])},
-     r"agent_grad_norms: grad needs .* holds 0"),
+    (
+        "param-storage-freed",
+        lambda: _commit_call("adam"),
+        lambda a: {**a, "param": _freed(a["param"])},
+        r"adam_commit: param needs \d+ bytes of storage but its storage holds 0: it was freed or resized",
+    ),
+    (
+        "grad-storage-shrunk",
+        lambda: _commit_call("sgd-momentum-dampening-wd"),
+        lambda a: {**a, "grad": _shrunk(a["grad"])},
+        r"sgd_commit: grad needs \d+ bytes of storage but its storage holds 4",
+    ),
+    (
+        "state-storage-freed",
+        lambda: _commit_call("rmsprop-centered-momentum-wd"),
+        lambda a: {**a, "grad_avg": _freed(a["grad_avg"])},
+        r"rmsprop_commit: grad_avg needs .* holds 0",
+    ),
+    (
+        "step-storage-freed",
+        lambda: _commit_call("adam"),
+        lambda a: {**a, "step": _freed(a["step"])},
+        r"adam_commit: step needs .* holds 0",
+    ),
+    (
+        "chunks-storage-freed",
+        lambda: _commit_call("adam"),
+        lambda a: {**a, "chunks": _freed(a["chunks"])},
+        r"adam_commit: chunks needs .* holds 0",
+    ),
+    (
+        "step-aliases-param",
+        lambda: _commit_call("adam", torch.float64),
+        _float64_step_inside_param,
+        r"adam_commit: param overlaps step in memory",
+    ),
+    (
+        "lr-aliases-written-state",
+        lambda: _commit_call("sgd-momentum-dampening-wd", torch.float64),
+        lambda a: {**a, "lr": a["momentum_buffer"][: a["lr"].numel()]},
+        r"sgd_commit: momentum_buffer overlaps lr in memory",
+    ),
+    (
+        "step-on-another-device",
+        lambda: _commit_call("adam"),
+        lambda a: {**a, "step": a["step"].to("meta")},
+        r"adam_commit: step is on the meta device, which holds no values to update",
+    ),
+    (
+        "norms-norm-is-grad-scale",
+        _norms_call,
+        lambda a: {**a, "grad_scale": a["norm"]},
+        r"agent_grad_norms: norm overlaps grad_scale in memory",
+    ),
+    (
+        "norms-grad-storage-freed",
+        _norms_call,
+        lambda a: {**a, "grad": _freed(a["grad"])},
+        r"agent_grad_norms: grad needs .* holds 0",
+    ),
     # An expanded tensor has stride 0: read as a flat table it runs past its one-element storage.
-    ("norms-agent-chunks-expanded", _norms_call,
-     lambda a: {**a, "agent_chunks": torch.zeros(1, dtype=torch.int64).expand(len(SIZES) + 1)},
-     r"agent_grad_norms: agent_chunks must be contiguous"),
+    (
+        "norms-agent-chunks-expanded",
+        _norms_call,
+        lambda a: {**a, "agent_chunks": torch.zeros(1, dtype=torch.int64).expand(len(SIZES) + 1)},
+        r"agent_grad_norms: agent_chunks must be contiguous",
+    ),
 ]
 
 
@@ -153,10 +202,15 @@ def _free(problem):
     problem.models[1].bias.untyped_storage().resize_(0)
 
 
-@pytest.mark.parametrize("tamper,owner", [(_rebind, "agent 0's parameter of shape \\(2, 3\\)"),
-                                          (_convert, "agent 1's parameter of shape \\(1, 3\\)"),
-                                          (_free, "agent 0's parameter of shape \\(2, 3\\)")],
-                         ids=["data-replaced", "module-converted-to-float64", "storage-freed"])
+@pytest.mark.parametrize(
+    "tamper,owner",
+    [
+        (_rebind, "agent 0's parameter of shape \\(2, 3\\)"),
+        (_convert, "agent 1's parameter of shape \\(1, 3\\)"),
+        (_free, "agent 0's parameter of shape \\(2, 3\\)"),
+    ],
+    ids=["data-replaced", "module-converted-to-float64", "storage-freed"],
+)
 def test_step_refuses_parameters_detached_from_the_arena(tamper, owner):
     """Without the check a replaced .data trains a copy the optimizer never sees (silently wrong),
     and freed storage sends the kernels into released memory."""
@@ -180,17 +234,44 @@ def test_values_changed_in_place_are_trained():
 
 CONSTRUCTION_ERRORS = [
     ("empty-parameter-lists", lambda: kpg.KPGOptimizer([[], []]), r"agent 0 has no trainable parameters"),
-    ("module-without-parameters", lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Tanh()]), r"agent 1 has no trainable parameters"),
+    (
+        "module-without-parameters",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Tanh()]),
+        r"agent 1 has no trainable parameters",
+    ),
     ("zero-agents-generator", lambda: kpg.KPGOptimizer(m for m in []), r"got no agents"),
-    ("zero-agent-batched-model", lambda: kpg.KPGOptimizer([torch.zeros(0, 2, requires_grad=True)], agent_dim=0),
-     r"agent dimension of size 0"),
-    ("weight-decay-inf", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], weight_decay=math.inf), r"Invalid weight_decay value: inf; it must be a finite"),
-    ("momentum-inf", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="sgd", momentum=math.inf), r"Invalid momentum value: inf"),
-    ("dampening-nan", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="sgd", dampening=math.nan), r"Invalid dampening value: nan"),
-    ("alpha-nan", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="rmsprop", alpha=math.nan), r"Invalid alpha value: nan"),
+    (
+        "zero-agent-batched-model",
+        lambda: kpg.KPGOptimizer([torch.zeros(0, 2, requires_grad=True)], agent_dim=0),
+        r"agent dimension of size 0",
+    ),
+    (
+        "weight-decay-inf",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], weight_decay=math.inf),
+        r"Invalid weight_decay value: inf; it must be a finite",
+    ),
+    (
+        "momentum-inf",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="sgd", momentum=math.inf),
+        r"Invalid momentum value: inf",
+    ),
+    (
+        "dampening-nan",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="sgd", dampening=math.nan),
+        r"Invalid dampening value: nan",
+    ),
+    (
+        "alpha-nan",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer="rmsprop", alpha=math.nan),
+        r"Invalid alpha value: nan",
+    ),
     ("eps-inf", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], eps=math.inf), r"Invalid eps value: inf"),
     ("lr-nan", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], lr=math.nan), r"Invalid learning rate nan for agent 0"),
-    ("max-grad-norm-nan", lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], max_grad_norm=math.nan), r"Invalid max_grad_norm nan"),
+    (
+        "max-grad-norm-nan",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2)], max_grad_norm=math.nan),
+        r"Invalid max_grad_norm nan",
+    ),
 ]
 
 
@@ -205,18 +286,33 @@ def _state_with(change):
         state = problem.optimizer.state_dict()
         change(state)
         return state
+
     return breaks
 
 
 STATE_DICT_ERRORS = [
     ("not-a-dict", lambda problem: "checkpoint.pt", r"needs an optimizer state dict .* got str"),
     ("empty-dict", lambda problem: {}, r"needs an optimizer state dict .* got dict with keys \[\]"),
-    ("model-state-dict", lambda problem: problem.models[0].state_dict(), r"got OrderedDict with keys \['bias', 'weight'\]"),
-    ("lr-nan", _state_with(lambda s: s["param_groups"][1].update(lr=math.nan)), r"Invalid learning rate nan for agent 1"),
-    ("moments-nan", _state_with(lambda s: s["state"][2]["exp_avg_sq"].fill_(math.nan)),
-     r"'exp_avg_sq' of agent 1's parameter of shape \(1, 3\) holds inf or NaN"),
-    ("beta-one", _state_with(lambda s: s["param_groups"][1].update(betas=(0.9, 1.0))),
-     r"Invalid beta parameter at index 1: 1.0 \(agent 1's betas\)"),
+    (
+        "model-state-dict",
+        lambda problem: problem.models[0].state_dict(),
+        r"got OrderedDict with keys \['bias', 'weight'\]",
+    ),
+    (
+        "lr-nan",
+        _state_with(lambda s: s["param_groups"][1].update(lr=math.nan)),
+        r"Invalid learning rate nan for agent 1",
+    ),
+    (
+        "moments-nan",
+        _state_with(lambda s: s["state"][2]["exp_avg_sq"].fill_(math.nan)),
+        r"'exp_avg_sq' of agent 1's parameter of shape \(1, 3\) holds inf or NaN",
+    ),
+    (
+        "beta-one",
+        _state_with(lambda s: s["param_groups"][1].update(betas=(0.9, 1.0))),
+        r"Invalid beta parameter at index 1: 1.0 \(agent 1's betas\)",
+    ),
 ]
 
 
@@ -284,8 +380,14 @@ class MisbehavingEnv:
     def step(self, actions):
         self.t += 1
         obs = self._observations(self.t == self.bad_obs_at_step)
-        zeros = {a: 0.0 for a in self.agents}
-        return obs, zeros, {a: False for a in self.agents}, {a: False for a in self.agents}, {a: {} for a in self.agents}
+        zeros = dict.fromkeys(self.agents, 0.0)
+        return (
+            obs,
+            zeros,
+            dict.fromkeys(self.agents, False),
+            dict.fromkeys(self.agents, False),
+            {a: {} for a in self.agents},
+        )
 
     def close(self):
         pass
@@ -294,7 +396,9 @@ class MisbehavingEnv:
 def test_observation_of_the_wrong_shape_names_the_agent():
     pool = EnvPool(lambda: MisbehavingEnv(bad_obs_at_step=2), copies=2, seed=0)
     pool.step(np.zeros((2, 2), dtype=np.int64))
-    with pytest.raises(ValueError, match=r"agent 'a_1' got an observation of shape \(5,\) \(5 values\) but its observation space has 4"):
+    with pytest.raises(
+        ValueError, match=r"agent 'a_1' got an observation of shape \(5,\) \(5 values\) but its observation space has 4"
+    ):
         pool.step(np.zeros((2, 2), dtype=np.int64))
     with pytest.raises(ValueError, match=r"agent 'a_1' got an observation of shape \(5,\)"):
         EnvPool(lambda: MisbehavingEnv(bad_obs_at_reset=True), copies=1, seed=3)
@@ -303,7 +407,9 @@ def test_observation_of_the_wrong_shape_names_the_agent():
 def test_actions_of_the_wrong_shape_are_refused_before_any_environment_steps():
     pool = EnvPool(lambda: MisbehavingEnv(), copies=2, seed=0)
     steps_before = [env.t for env in pool.envs]
-    with pytest.raises(ValueError, match=r"EnvPool.step got actions of shape \(2, 3\); expected \(2, 2\) \(copies, agents\)"):
+    with pytest.raises(
+        ValueError, match=r"EnvPool.step got actions of shape \(2, 3\); expected \(2, 2\) \(copies, agents\)"
+    ):
         pool.step(np.zeros((2, 3), dtype=np.int64))
     assert [env.t for env in pool.envs] == steps_before
 
@@ -326,6 +432,7 @@ def _flip(offset_fraction):
     def edit(data):
         data[int(len(data) * offset_fraction)] ^= 0x01
         return bytes(data)
+
     return edit
 
 
@@ -344,7 +451,9 @@ DAMAGE = {
 @pytest.mark.parametrize("edit", DAMAGE.values(), ids=DAMAGE.keys())
 def test_damaged_checkpoint_is_detected_and_named(checkpoint, edit):
     _damage(checkpoint, edit)
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} (is corrupt|is damaged|cannot be read|is not a kpg)"):
+    with pytest.raises(
+        ValueError, match=rf"checkpoint {checkpoint} (is corrupt|is damaged|cannot be read|is not a kpg)"
+    ):
         load_checkpoint(checkpoint)
 
 
@@ -361,8 +470,16 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_leaves_the_run_alone(chec
     (run_dir / "metrics.csv").write_text("env_steps,updates\n100,1\n")
     _damage(checkpoint, _flip(0.5))
     files_before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    config = TrainConfig(steps=200, copies=2, logdir=run_dir.parent, name="run", resume=True, progress=False,
-                         tensorboard=False, eval_episodes=0)
+    config = TrainConfig(
+        steps=200,
+        copies=2,
+        logdir=run_dir.parent,
+        name="run",
+        resume=True,
+        progress=False,
+        tensorboard=False,
+        eval_episodes=0,
+    )
     with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} (is corrupt|cannot be read)"):
         train(config)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files_before

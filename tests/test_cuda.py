@@ -21,9 +21,10 @@ from torch import nn
 
 import kpg
 import kpg.nn as knn
-from helpers import CUDA_SKIP_REASON, assert_close_to_scale
 from kpg import _C
 from kpg import _ops as ops
+
+from helpers import CUDA_SKIP_REASON, assert_close_to_scale
 
 ROOT = Path(__file__).parents[1]
 needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
@@ -84,10 +85,24 @@ def test_configure_refuses_an_nvcc_of_another_major_version_than_torch(tmp_path)
     def configure(*extra):
         env = {key: value for key, value in os.environ.items() if not key.startswith(("KPG_", "CUDACXX"))}
         return subprocess.run(
-            ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), f"-DPython_EXECUTABLE={sys.executable}",
-             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DKPG_CUDA=ON", f"-DKPG_TORCH_CUDA_VERSION={other}",
-             f"-DKPG_CUDA_COMPILER={shutil.which('nvcc')}", *extra],
-            capture_output=True, text=True, timeout=300, env=env)
+            [
+                "cmake",
+                "-S",
+                str(ROOT),
+                "-B",
+                str(tmp_path / "build"),
+                f"-DPython_EXECUTABLE={sys.executable}",
+                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                "-DKPG_CUDA=ON",
+                f"-DKPG_TORCH_CUDA_VERSION={other}",
+                f"-DKPG_CUDA_COMPILER={shutil.which('nvcc')}",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
 
     refused = configure()
     message = " ".join(refused.stderr.split())  # CMake wraps its messages
@@ -155,9 +170,11 @@ def test_cuda_norms_equal_the_cpu_order_on_cuda_chunk_sums(device):
     chunks, agent_chunks = ops.chunk_table(offsets, device)
     grad = torch.randn(offsets[-1], dtype=torch.float32, device=device)
     a = len(sizes)
-    out = [torch.zeros(chunks.shape[0], dtype=torch.float64, device=device)] + [
-        torch.zeros(a, dtype=torch.float64, device=device) for _ in range(2)] + [
-        torch.zeros(a, dtype=torch.uint8, device=device)]
+    out = (
+        [torch.zeros(chunks.shape[0], dtype=torch.float64, device=device)]
+        + [torch.zeros(a, dtype=torch.float64, device=device) for _ in range(2)]
+        + [torch.zeros(a, dtype=torch.uint8, device=device)]
+    )
     ops.agent_grad_norms(grad, chunks, agent_chunks, out[0], None, out[1], out[2], out[3])
     sums, agent_rows = out[0].cpu().tolist(), agent_chunks.cpu().tolist()
     for agent in range(a):
@@ -182,6 +199,7 @@ def no_host_data(monkeypatch):
     def refuse(name):
         def refused(*args, **kwargs):
             raise AssertionError(f"{name} on the coupling's path")
+
         return refused
 
     with monkeypatch.context() as patch:
@@ -278,8 +296,13 @@ class KMappoMinibatch:
         own_logits = ctx.at_base(lambda: self.policy(self.obs))
         with ctx.anticipated():
             anticipated_logits = self.policy(self.obs)
-        surrogate = kpg.joint_ratio_loss(self.log_prob(own_logits), self.old_log_prob, self.advantages,
-                                         self.log_prob(anticipated_logits), level=ctx.level).loss
+        surrogate = kpg.joint_ratio_loss(
+            self.log_prob(own_logits),
+            self.old_log_prob,
+            self.advantages,
+            self.log_prob(anticipated_logits),
+            level=ctx.level,
+        ).loss
         own, anticipated = torch.tanh(own_logits), torch.tanh(anticipated_logits)
         stacked = kpg.joint_inputs(own, anticipated, agent_dim=0)  # [A, A, B, ACT]
         listed = kpg.joint_inputs(list(own.unbind(0)), list(anticipated.unbind(0)))  # [A, B, A * ACT]
@@ -295,8 +318,9 @@ def test_captured_kmappo_step_replays_equal_to_eager_steps(k):
     runs = {}
     for mode in ("eager", "captured"):
         problem = KMappoMinibatch("cuda")
-        opt = kpg.KPGOptimizer(problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3], max_grad_norm=[0.5, 1.0, 0.2],
-                               nonfinite="skip")
+        opt = kpg.KPGOptimizer(
+            problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3], max_grad_norm=[0.5, 1.0, 0.2], nonfinite="skip"
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
         warmup = 2
         replay = None
@@ -325,8 +349,9 @@ def test_cuda_check_script_runs_its_comparisons_cpu_against_cpu(monkeypatch):
         import cuda_checks
     finally:
         sys.path.pop(0)
-    one_case_per_optimizer = {name: cuda_checks.UPDATE_CASES[name]
-                              for name in ("sgd-plain", "adam", "rmsprop", "adagrad-decay-wd-maximize")}
+    one_case_per_optimizer = {
+        name: cuda_checks.UPDATE_CASES[name] for name in ("sgd-plain", "adam", "rmsprop", "adagrad-decay-wd-maximize")
+    }
     monkeypatch.setattr(cuda_checks, "UPDATE_CASES", one_case_per_optimizer)
     results = []
     for check in (cuda_checks.check_updates, cuda_checks.check_norms, cuda_checks.check_optimizer):
@@ -338,6 +363,7 @@ def test_cuda_check_script_runs_its_comparisons_cpu_against_cpu(monkeypatch):
 def test_cuda_check_script_refuses_without_a_gpu():
     if CUDA_SKIP_REASON is None:
         pytest.skip("a GPU is present")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/cuda_checks.py")], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/cuda_checks.py")], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1 and "needs kpg's CUDA kernels and a GPU" in result.stderr

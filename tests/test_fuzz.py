@@ -54,8 +54,12 @@ def optimizer_settings(draw, dtype):
         betas = (draw(st.sampled_from([0.0, 0.5, 0.9, 0.999999])), draw(st.sampled_from([0.0, 0.9, 0.999, 0.999999])))
         hyper = dict(betas=betas, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY), amsgrad=draw(st.booleans()))
     elif name == "adagrad":
-        hyper = dict(lr_decay=draw(st.sampled_from([0.0, 0.1])), weight_decay=draw(WEIGHT_DECAY),
-                     initial_accumulator_value=draw(st.sampled_from([0.0, 0.1, 2.0])), eps=draw(EPS))
+        hyper = dict(
+            lr_decay=draw(st.sampled_from([0.0, 0.1])),
+            weight_decay=draw(WEIGHT_DECAY),
+            initial_accumulator_value=draw(st.sampled_from([0.0, 0.1, 2.0])),
+            eps=draw(EPS),
+        )
     else:
         centered = draw(st.booleans())
         # Centered with alpha 0 takes the square root of g*g - g*g: zero or -1 ulp, see test_properties.py.
@@ -67,8 +71,13 @@ def optimizer_settings(draw, dtype):
         if dtype == torch.float64:
             alphas.append(0.999999)
         alpha = draw(st.sampled_from(alphas))
-        hyper = dict(alpha=alpha, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY), centered=centered,
-                     momentum=draw(st.sampled_from([0.0, 0.5])))
+        hyper = dict(
+            alpha=alpha,
+            eps=draw(EPS),
+            weight_decay=draw(WEIGHT_DECAY),
+            centered=centered,
+            momentum=draw(st.sampled_from([0.0, 0.5])),
+        )
     hyper["maximize"] = draw(st.booleans())
     return name, hyper
 
@@ -86,9 +95,19 @@ def games(draw):
     lrs = draw(st.lists(LR, min_size=num_agents, max_size=num_agents))
     clip = draw(st.sampled_from([None, 1e-6, 0.1, 10.0]))
     max_norms = None if clip is None else [clip * (1 + a) for a in range(num_agents)]
-    return dict(num_agents=num_agents, batched=batched, sizes=sizes, optimizer=name, hyper=hyper, lrs=lrs,
-                max_norms=max_norms, k=draw(st.integers(1, 4)), steps=draw(st.integers(1, 3)), dtype=dtype,
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        num_agents=num_agents,
+        batched=batched,
+        sizes=sizes,
+        optimizer=name,
+        hyper=hyper,
+        lrs=lrs,
+        max_norms=max_norms,
+        k=draw(st.integers(1, 4)),
+        steps=draw(st.integers(1, 3)),
+        dtype=dtype,
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 class Game:
@@ -100,11 +119,15 @@ class Game:
         self.num_agents, self.batched = spec["num_agents"], spec["batched"]
         sizes = spec["sizes"]
         if self.batched:
-            self.tensors = [nn.Parameter(torch.randn(self.num_agents, n, generator=g, dtype=torch.float64).to(dtype))
-                            for n in sizes[0]]
+            self.tensors = [
+                nn.Parameter(torch.randn(self.num_agents, n, generator=g, dtype=torch.float64).to(dtype))
+                for n in sizes[0]
+            ]
         else:
-            self.tensors = [[nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64).to(dtype)) for n in agent]
-                            for agent in sizes]
+            self.tensors = [
+                [nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64).to(dtype)) for n in agent]
+                for agent in sizes
+            ]
         widths = [sum(agent) for agent in sizes]
         self.targets = [torch.randn(w, generator=g, dtype=torch.float64).to(dtype) for w in widths]
         self.u = [torch.randn(w, generator=g, dtype=torch.float64).to(dtype) for w in widths]
@@ -121,8 +144,12 @@ class Game:
         """own: each agent's flat parameters with gradient; anticipated: the same without."""
         signals = torch.stack([torch.tanh(x) @ w for x, w in zip(anticipated, self.w)])
         others = (signals.sum() - signals) / max(self.num_agents - 1, 1)
-        return torch.stack([0.5 * (x - t).square().sum() + (torch.tanh(x) @ u) * o
-                            for x, t, u, o in zip(own, self.targets, self.u, others)])
+        return torch.stack(
+            [
+                0.5 * (x - t).square().sum() + (torch.tanh(x) @ u) * o
+                for x, t, u, o in zip(own, self.targets, self.u, others)
+            ]
+        )
 
     def closure(self, ctx):
         own = [self.flat(a) for a in range(self.num_agents)]
@@ -148,8 +175,10 @@ def brute_force(game, spec, dtype):
             for i, (agent, opt) in enumerate(zip(params, optimizers)):
                 own = [b.clone().requires_grad_() for b in base[i]]
                 own_flat = game.flat(i, own)
-                loss = game.losses([own_flat if j == i else anticipated[j] for j in range(game.num_agents)],
-                                   [x.detach() for x in anticipated])[i]
+                loss = game.losses(
+                    [own_flat if j == i else anticipated[j] for j in range(game.num_agents)],
+                    [x.detach() for x in anticipated],
+                )[i]
                 grads = torch.autograd.grad(loss, own)
                 saved = copy.deepcopy(opt.state_dict())
                 with torch.no_grad():
@@ -167,8 +196,15 @@ def brute_force(game, spec, dtype):
 
 
 def kpg_run(game, spec):
-    opt = kpg.KPGOptimizer(game.tensors, agent_dim=0 if game.batched else None, k=spec["k"], optimizer=spec["optimizer"],
-                           lr=spec["lrs"], max_grad_norm=spec["max_norms"], **spec["hyper"])
+    opt = kpg.KPGOptimizer(
+        game.tensors,
+        agent_dim=0 if game.batched else None,
+        k=spec["k"],
+        optimizer=spec["optimizer"],
+        lr=spec["lrs"],
+        max_grad_norm=spec["max_norms"],
+        **spec["hyper"],
+    )
     for _ in range(spec["steps"]):
         opt.step(game.closure)
     return opt

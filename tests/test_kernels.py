@@ -123,8 +123,18 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
             opt.step()
         if clip:
             ops.agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite)
-        ops.UPDATE_OPS[(kind, True)](param, grad, *states.values(), step, live, lr, rows(kind, hyper, step)["hyper"],
-                                      grad_scale if clip else None, None, chunks)
+        ops.UPDATE_OPS[(kind, True)](
+            param,
+            grad,
+            *states.values(),
+            step,
+            live,
+            lr,
+            rows(kind, hyper, step)["hyper"],
+            grad_scale if clip else None,
+            None,
+            chunks,
+        )
     for agent, p in enumerate(theirs):
         ours = param[offsets[agent] : offsets[agent + 1]]
         if dtype == torch.float64:

@@ -22,10 +22,22 @@ N = 8 * 1024 * 1024
 def _large_norms():
     grad = torch.randn(N)
     chunks, agent_chunks = ops.chunk_table([0, N // 2, N])
-    out = dict(chunk_sq=torch.zeros(chunks.shape[0], dtype=F64), norm=torch.zeros(2, dtype=F64),
-               grad_scale=torch.zeros(2, dtype=F64), nonfinite=torch.zeros(2, dtype=torch.uint8))
-    return lambda: ops.agent_grad_norms(grad, chunks, agent_chunks, out["chunk_sq"], torch.ones(2, dtype=F64),
-                                        out["norm"], out["grad_scale"], out["nonfinite"])
+    out = dict(
+        chunk_sq=torch.zeros(chunks.shape[0], dtype=F64),
+        norm=torch.zeros(2, dtype=F64),
+        grad_scale=torch.zeros(2, dtype=F64),
+        nonfinite=torch.zeros(2, dtype=torch.uint8),
+    )
+    return lambda: ops.agent_grad_norms(
+        grad,
+        chunks,
+        agent_chunks,
+        out["chunk_sq"],
+        torch.ones(2, dtype=F64),
+        out["norm"],
+        out["grad_scale"],
+        out["nonfinite"],
+    )
 
 
 def _large_anticipate():
@@ -51,9 +63,23 @@ def test_a_python_thread_keeps_running_during_a_large_cpu_kernel(make_call):
 
 def test_soak_script_reports_flat_memory(tmp_path):
     report_path = tmp_path / "soak.json"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--steps", "600", "--window", "200",
-                             "--max-slowdown", "100", "--json", str(report_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--steps",
+            "600",
+            "--window",
+            "200",
+            "--max-slowdown",
+            "100",
+            "--json",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads(report_path.read_text())
     assert report["optimizer_steps"] == 600 and len(report["windows"]) == 3 and report["parameters_finite"]
     assert report["rss_growth_mib"] <= 8.0, result.stdout

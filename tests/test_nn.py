@@ -7,7 +7,6 @@ draws exactly what torch.nn's draws, stack/unstack round-trip. Optimizer: k = 1.
 per-agent learning rates and clipping, skipped agents, every closure style, state dicts.
 """
 
-import copy
 import json
 import math
 import subprocess
@@ -39,10 +38,24 @@ LAYERS = {
     "layer-norm-2d-no-bias": (lambda: nn.LayerNorm((2, 3), bias=False), (2, 3), (), False),
     "gru": (lambda: nn.GRUCell(4, 6), (4,), (), True),
     "gru-no-bias": (lambda: nn.GRUCell(4, 6, bias=False), (4,), (), True),
-    "mlp-tanh": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), (4,), (), False),
+    "mlp-tanh": (
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)),
+        (4,),
+        (),
+        False,
+    ),
     "mlp-relu-layer-norm": (
-        lambda: nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), (4,), (), False),
-    "nested-gelu": (lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 5), nn.GELU()), nn.Linear(5, 2)), (3,), (2,), False),
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)),
+        (4,),
+        (),
+        False,
+    ),
+    "nested-gelu": (
+        lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 5), nn.GELU()), nn.Linear(5, 2)),
+        (3,),
+        (2,),
+        False,
+    ),
 }
 SAMPLES = 6
 
@@ -102,8 +115,9 @@ def test_batched_layer_equals_per_agent_modules_float64(layer, num_agents):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_batched_layer_float32_is_as_accurate_as_torch_nn(layer):
     num_agents = 3
-    truth = outputs_and_gradients(*per_agent_and_batched(layer, num_agents, torch.float64),
-                                  *layer_inputs(layer, num_agents, torch.float64))
+    truth = outputs_and_gradients(
+        *per_agent_and_batched(layer, num_agents, torch.float64), *layer_inputs(layer, num_agents, torch.float64)
+    )
     modules, batched = per_agent_and_batched(layer, num_agents, torch.float64)
     modules, batched = [m.float() for m in modules], batched.float()
     x, hidden = layer_inputs(layer, num_agents, torch.float64)
@@ -119,7 +133,9 @@ def test_batched_layer_float32_is_as_accurate_as_torch_nn(layer):
 def test_agent_mlp_equals_its_unstacked_modules(activation, layer_norm):
     """AgentMLP applies tanh, sigmoid and relu in place; values and gradients stay torch.nn's."""
     torch.manual_seed(0)
-    batched = knn.AgentMLP(3, 4, 2, hidden_sizes=(5, 6), activation=activation, layer_norm=layer_norm, dtype=torch.float64)
+    batched = knn.AgentMLP(
+        3, 4, 2, hidden_sizes=(5, 6), activation=activation, layer_norm=layer_norm, dtype=torch.float64
+    )
     modules = knn.unstack(batched)
     x = torch.randn(3, SAMPLES, 4, dtype=torch.float64)
     expected, actual, expected_grads, actual_grads = outputs_and_gradients(modules, batched, x, None)
@@ -165,19 +181,27 @@ def test_leading_batch_dimensions_are_kept():
 
 INIT_CASES = {
     "linear": (lambda a, dtype: knn.AgentLinear(a, 6, 4, dtype=dtype), lambda dtype: nn.Linear(6, 4, dtype=dtype)),
-    "linear-no-bias": (lambda a, dtype: knn.AgentLinear(a, 6, 4, bias=False, dtype=dtype),
-                       lambda dtype: nn.Linear(6, 4, bias=False, dtype=dtype)),
+    "linear-no-bias": (
+        lambda a, dtype: knn.AgentLinear(a, 6, 4, bias=False, dtype=dtype),
+        lambda dtype: nn.Linear(6, 4, bias=False, dtype=dtype),
+    ),
     "gru": (lambda a, dtype: knn.AgentGRUCell(a, 3, 5, dtype=dtype), lambda dtype: nn.GRUCell(3, 5, dtype=dtype)),
     "layer-norm": (lambda a, dtype: knn.AgentLayerNorm(a, 5, dtype=dtype), lambda dtype: nn.LayerNorm(5, dtype=dtype)),
     "mlp": (
         lambda a, dtype: knn.AgentMLP(a, 6, 2, hidden_sizes=(8, 8), activation="relu", dtype=dtype),
-        lambda dtype: nn.Sequential(nn.Linear(6, 8, dtype=dtype), nn.ReLU(), nn.Linear(8, 8, dtype=dtype), nn.ReLU(),
-                                    nn.Linear(8, 2, dtype=dtype)),
+        lambda dtype: nn.Sequential(
+            nn.Linear(6, 8, dtype=dtype),
+            nn.ReLU(),
+            nn.Linear(8, 8, dtype=dtype),
+            nn.ReLU(),
+            nn.Linear(8, 2, dtype=dtype),
+        ),
     ),
     "mlp-layer-norm": (
         lambda a, dtype: knn.AgentMLP(a, 6, 2, hidden_sizes=(8,), layer_norm=True, dtype=dtype),
-        lambda dtype: nn.Sequential(nn.Linear(6, 8, dtype=dtype), nn.LayerNorm(8, dtype=dtype), nn.Tanh(),
-                                    nn.Linear(8, 2, dtype=dtype)),
+        lambda dtype: nn.Sequential(
+            nn.Linear(6, 8, dtype=dtype), nn.LayerNorm(8, dtype=dtype), nn.Tanh(), nn.Linear(8, 2, dtype=dtype)
+        ),
     ),
 }
 
@@ -241,33 +265,93 @@ def _mlp_with_gru_appended():
 
 NN_ERRORS = [
     ("stack-empty", lambda: knn.stack([]), ValueError, r"needs at least one module"),
-    ("stack-mixed-types", lambda: knn.stack([nn.Linear(2, 2), nn.LayerNorm(2)]), TypeError,
-     r"modules\[1\] is a LayerNorm but modules\[0\] is a Linear"),
-    ("stack-mixed-sizes", lambda: knn.stack([nn.Linear(2, 2), nn.Linear(2, 3)]), ValueError,
-     r"modules\[1\] is Linear\(in_features=2, out_features=3.*stack needs identical modules"),
-    ("stack-mixed-dtypes", lambda: knn.stack([nn.Linear(2, 2), nn.Linear(2, 2).double()]), ValueError,
-     r"modules\[1\].weight is torch.float64 .* move every module to one dtype and device"),
-    ("stack-unsupported", lambda: knn.stack([nn.Conv1d(1, 1, 1)]), TypeError, r"cannot batch a Conv1d; it takes Linear, LayerNorm, GRUCell"),
+    (
+        "stack-mixed-types",
+        lambda: knn.stack([nn.Linear(2, 2), nn.LayerNorm(2)]),
+        TypeError,
+        r"modules\[1\] is a LayerNorm but modules\[0\] is a Linear",
+    ),
+    (
+        "stack-mixed-sizes",
+        lambda: knn.stack([nn.Linear(2, 2), nn.Linear(2, 3)]),
+        ValueError,
+        r"modules\[1\] is Linear\(in_features=2, out_features=3.*stack needs identical modules",
+    ),
+    (
+        "stack-mixed-dtypes",
+        lambda: knn.stack([nn.Linear(2, 2), nn.Linear(2, 2).double()]),
+        ValueError,
+        r"modules\[1\].weight is torch.float64 .* move every module to one dtype and device",
+    ),
+    (
+        "stack-unsupported",
+        lambda: knn.stack([nn.Conv1d(1, 1, 1)]),
+        TypeError,
+        r"cannot batch a Conv1d; it takes Linear, LayerNorm, GRUCell",
+    ),
     ("stack-batched", lambda: knn.stack([knn.AgentLinear(2, 2, 2)]), TypeError, r"already agent-batched"),
     ("stack-parameter-free", lambda: knn.stack([nn.Tanh()]), TypeError, r"cannot batch a Tanh"),
-    ("stack-sequential-lengths", lambda: knn.stack([nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.Tanh())]),
-     ValueError, r"different lengths \[1, 2\]"),
-    ("stack-different-activations", lambda: knn.stack([nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 2), nn.ReLU())]),
-     ValueError, r"modules\[1\]\[1\] is ReLU\(\) but the first module's is Tanh\(\)"),
-    ("unstack-torch-module", lambda: knn.unstack(nn.Linear(2, 2)), TypeError, r"takes an agent-batched module \(kpg.nn\), got Linear"),
+    (
+        "stack-sequential-lengths",
+        lambda: knn.stack([nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.Tanh())]),
+        ValueError,
+        r"different lengths \[1, 2\]",
+    ),
+    (
+        "stack-different-activations",
+        lambda: knn.stack([nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 2), nn.ReLU())]),
+        ValueError,
+        r"modules\[1\]\[1\] is ReLU\(\) but the first module's is Tanh\(\)",
+    ),
+    (
+        "unstack-torch-module",
+        lambda: knn.unstack(nn.Linear(2, 2)),
+        TypeError,
+        r"takes an agent-batched module \(kpg.nn\), got Linear",
+    ),
     ("zero-agents", lambda: knn.AgentLinear(0, 2, 2), ValueError, r"num_agents must be an int >= 1, got 0"),
-    ("unknown-activation", lambda: knn.AgentMLP(2, 3, 1, activation="swish"), ValueError, r"unknown activation 'swish'; choose one of tanh, relu"),
-    ("input-without-agent-dim", lambda: knn.AgentLinear(3, 4, 2)(torch.randn(5, 4)), ValueError,
-     r"AgentLinear expects input shaped \[agents=3, batch..., 4\], got \(5, 4\); put the agent dimension first"),
-    ("layer-norm-shape", lambda: knn.AgentLayerNorm(3, 4)(torch.randn(3, 5)), ValueError, r"AgentLayerNorm expects input shaped \[agents=3, batch..., 4\]"),
-    ("gru-hidden-shape", lambda: knn.AgentGRUCell(3, 4, 5)(torch.randn(3, 2, 4), torch.randn(3, 5)), ValueError,
-     r"hx must have shape \(3, 2, 5\)"),
-    ("mlp-with-another-batched-layer", lambda: _mlp_with_gru_appended()(torch.randn(2, 5, 3)), TypeError,
-     r"AgentMLP holds AgentLinear, AgentLayerNorm and activations, not AgentGRUCell; build an AgentSequential"),
-    ("sequential-mixed-agents", lambda: knn.AgentSequential(knn.AgentLinear(2, 2, 2), knn.AgentLinear(3, 2, 2)), ValueError,
-     r"of one agent count; got agent counts \[2, 3\]"),
-    ("sequential-unbatched-layer", lambda: knn.AgentSequential(knn.AgentLinear(2, 2, 2), nn.Linear(2, 2)), TypeError,
-     r"layer 1 of AgentSequential is a Linear with parameters but no agent dimension"),
+    (
+        "unknown-activation",
+        lambda: knn.AgentMLP(2, 3, 1, activation="swish"),
+        ValueError,
+        r"unknown activation 'swish'; choose one of tanh, relu",
+    ),
+    (
+        "input-without-agent-dim",
+        lambda: knn.AgentLinear(3, 4, 2)(torch.randn(5, 4)),
+        ValueError,
+        r"AgentLinear expects input shaped \[agents=3, batch..., 4\], got \(5, 4\); put the agent dimension first",
+    ),
+    (
+        "layer-norm-shape",
+        lambda: knn.AgentLayerNorm(3, 4)(torch.randn(3, 5)),
+        ValueError,
+        r"AgentLayerNorm expects input shaped \[agents=3, batch..., 4\]",
+    ),
+    (
+        "gru-hidden-shape",
+        lambda: knn.AgentGRUCell(3, 4, 5)(torch.randn(3, 2, 4), torch.randn(3, 5)),
+        ValueError,
+        r"hx must have shape \(3, 2, 5\)",
+    ),
+    (
+        "mlp-with-another-batched-layer",
+        lambda: _mlp_with_gru_appended()(torch.randn(2, 5, 3)),
+        TypeError,
+        r"AgentMLP holds AgentLinear, AgentLayerNorm and activations, not AgentGRUCell; build an AgentSequential",
+    ),
+    (
+        "sequential-mixed-agents",
+        lambda: knn.AgentSequential(knn.AgentLinear(2, 2, 2), knn.AgentLinear(3, 2, 2)),
+        ValueError,
+        r"of one agent count; got agent counts \[2, 3\]",
+    ),
+    (
+        "sequential-unbatched-layer",
+        lambda: knn.AgentSequential(knn.AgentLinear(2, 2, 2), nn.Linear(2, 2)),
+        TypeError,
+        r"layer 1 of AgentSequential is a Linear with parameters but no agent dimension",
+    ),
 ]
 
 
@@ -295,7 +379,8 @@ def test_batched_parameters_stay_one_view_each_and_groups_hold_agent_slices():
         for p, slot in zip(batched.parameters(), group["params"]):
             assert slot.shape == p.shape[1:] and slot.data_ptr() == p[agent].data_ptr()
             assert opt.state[slot]["exp_avg"].data_ptr() == opt._state_buffers["exp_avg"].data_ptr() + (
-                slot.data_ptr() - arena.param.data_ptr())
+                slot.data_ptr() - arena.param.data_ptr()
+            )
 
 
 def test_chunk_table_covers_every_element_once_with_its_agent():
@@ -304,19 +389,26 @@ def test_chunk_table_covers_every_element_once_with_its_agent():
     owner = torch.cat([torch.arange(6).repeat_interleave(p[0].numel()) for p in batched.parameters()])
     for chunk_elems in (1, 4, 1000):
         chunks, agent_chunks = ops.range_chunk_table(
-            [(a, int(b), int(e)) for a, b, e in
-             [(a, v.storage_offset() + a * v[0].numel(), v.storage_offset() + (a + 1) * v[0].numel())
-              for v in arena.param_views for a in range(6)]][::-1],  # any order in, grouped out
-            6, chunk_elems=chunk_elems)
+            [
+                (a, int(b), int(e))
+                for a, b, e in [
+                    (a, v.storage_offset() + a * v[0].numel(), v.storage_offset() + (a + 1) * v[0].numel())
+                    for v in arena.param_views
+                    for a in range(6)
+                ]
+            ][::-1],  # any order in, grouped out
+            6,
+            chunk_elems=chunk_elems,
+        )
         visits = torch.zeros(arena.numel, dtype=torch.int64)
         for agent in range(6):
-            for a, begin, end in chunks[agent_chunks[agent]:agent_chunks[agent + 1]].tolist():
+            for a, begin, end in chunks[agent_chunks[agent] : agent_chunks[agent + 1]].tolist():
                 assert a == agent and end - begin <= chunk_elems
                 assert bool((owner[begin:end] == agent).all())
                 visits[begin:end] += 1
         assert bool((visits == 1).all()) and int(agent_chunks[-1]) == chunks.shape[0]
     visits = torch.zeros(arena.numel, dtype=torch.int64)
-    for a, begin, end in arena.chunks.tolist():
+    for _agent, begin, end in arena.chunks.tolist():
         visits[begin:end] += 1
     assert bool((visits == 1).all())
 
@@ -358,8 +450,11 @@ class Twins:
         g = torch.Generator().manual_seed(seed + 1)
         self.obs = torch.randn(NUM_AGENTS, BATCH, OBS, dtype=dtype, generator=g)
         self.actions = torch.randint(ACT, (NUM_AGENTS, BATCH), generator=g)
-        self.old_log_prob = torch.log_softmax(torch.randn(NUM_AGENTS, BATCH, ACT, dtype=dtype, generator=g), -1).gather(
-            -1, self.actions.unsqueeze(-1)).squeeze(-1)
+        self.old_log_prob = (
+            torch.log_softmax(torch.randn(NUM_AGENTS, BATCH, ACT, dtype=dtype, generator=g), -1)
+            .gather(-1, self.actions.unsqueeze(-1))
+            .squeeze(-1)
+        )
         self.advantages = torch.randn(NUM_AGENTS, BATCH, dtype=dtype, generator=g)
         self.critic = nn.Sequential(nn.Linear(NUM_AGENTS * ACT, 8), nn.Tanh(), nn.Linear(8, NUM_AGENTS)).to(dtype)
         self.critic.requires_grad_(False)
@@ -379,7 +474,9 @@ class Twins:
         return torch.log_softmax(logits, -1).gather(-1, self.actions.unsqueeze(-1)).squeeze(-1)
 
     def mappo_loss(self, log_prob, anticipated_log_prob, level):
-        return kpg.joint_ratio_loss(log_prob, self.old_log_prob, self.advantages, anticipated_log_prob, level=level).loss
+        return kpg.joint_ratio_loss(
+            log_prob, self.old_log_prob, self.advantages, anticipated_log_prob, level=level
+        ).loss
 
     def critic_loss(self, own_logits, anticipated_logits):
         joint = kpg.joint_inputs(torch.tanh(own_logits), torch.tanh(anticipated_logits), agent_dim=0)  # [A, A, B, ACT]
@@ -391,43 +488,51 @@ def closures(twins, style):
     """(closure over the batched model, closure over the per-agent list), the same loss."""
     t = twins
     if style == "mappo-at-base":
+
         def batched(ctx):
             log_prob = ctx.at_base(lambda: t.log_prob(t.batched_logits()))
             with ctx.anticipated():
                 anticipated = t.log_prob(t.batched_logits())
             return t.mappo_loss(log_prob, anticipated, ctx.level)
     elif style == "mappo-functional-call":
+
         def batched(ctx):
             anticipated_logits = functional_call(t.batched, ctx.anticipated_parameters(t.batched), (t.obs,))
             assert not anticipated_logits.requires_grad
             return t.mappo_loss(t.log_prob(t.batched_logits()), t.log_prob(anticipated_logits), ctx.level)
     elif style == "critic":
+
         def batched(ctx):
             own = t.batched_logits()
             with ctx.anticipated():
                 anticipated = t.batched_logits()
             return t.critic_loss(own, anticipated)
     elif style == "no-context":
+
         def batched():
             logits = t.batched_logits()
             return t.critic_loss(logits, logits)
 
     if style == "no-context":
+
         def per_agent():
             logits = t.per_agent_logits()
             return t.critic_loss(logits, logits)
     elif style == "critic":
+
         def per_agent(ctx):
             own = t.per_agent_logits()
             with ctx.anticipated():
                 anticipated = t.per_agent_logits()
             return t.critic_loss(own, anticipated)
     else:
+
         def per_agent(ctx):
             log_prob = t.log_prob(t.per_agent_logits())
             with ctx.anticipated():
                 anticipated = t.log_prob(t.per_agent_logits())
             return t.mappo_loss(log_prob, anticipated, ctx.level)
+
     return batched, per_agent
 
 
@@ -460,8 +565,9 @@ def test_kpg_step_on_batched_model_equals_per_agent_models(optimizer, k, style, 
         assert_close_to_scale(loss_ours, loss_theirs, RTOL64, what="loss")
     assert_twins_equal(twins)
     assert ours._step.tolist() == theirs._step.tolist() == [3.0] * NUM_AGENTS
-    for slot_ours, slot_theirs in zip(*(
-            [p for group in opt.param_groups for p in group["params"]] for opt in (ours, theirs))):
+    for slot_ours, slot_theirs in zip(
+        *([p for group in opt.param_groups for p in group["params"]] for opt in (ours, theirs))
+    ):
         for state_name, value in theirs.state[slot_theirs].items():
             assert_close_to_scale(ours.state[slot_ours][state_name], value, RTOL64, what=state_name)
 
@@ -487,7 +593,10 @@ def test_nonfinite_gradient_in_one_agent_skips_only_that_agent(device):
     def with_bad_agent(closure, weight):
         def wrapped(ctx):
             losses = closure(ctx)
-            return losses + torch.nn.functional.one_hot(torch.tensor(bad, device=device), NUM_AGENTS) * infinite_slope(weight())
+            return losses + torch.nn.functional.one_hot(torch.tensor(bad, device=device), NUM_AGENTS) * infinite_slope(
+                weight()
+            )
+
         return wrapped
 
     ours = kpg.KPGOptimizer(twins.batched, k=2, lr=LRS, max_grad_norm=MAX_NORMS, nonfinite="skip")
@@ -618,22 +727,55 @@ def test_agent_dim_declares_a_plain_model_batched():
 
 
 OPTIMIZER_ERRORS = [
-    ("batched-inside-a-list", lambda: kpg.KPGOptimizer([knn.AgentLinear(2, 2, 2)]), TypeError,
-     r"agents\[0\] is an agent-batched model \(kpg.nn\) inside a list of agents; pass it alone"),
-    ("parameter-without-agent-dim", lambda: kpg.KPGOptimizer(nn.ModuleList([knn.AgentLinear(2, 2, 2), nn.Linear(2, 2)])),
-     ValueError, r"parameter '1.weight' of shape \(2, 2\) is outside the kpg.nn layers .* freeze it"),
-    ("mixed-agent-counts", lambda: kpg.KPGOptimizer(nn.ModuleList([knn.AgentLinear(2, 2, 2), knn.AgentLinear(3, 2, 2)])),
-     ValueError, r"mixes layers of \[2, 3\] agents"),
-    ("agent-dim-1", lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), agent_dim=1), ValueError,
-     r"agent_dim=1 is not supported: kpg needs the agent dimension first"),
-    ("agent-dim-unequal-sizes", lambda: kpg.KPGOptimizer([nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(3))], agent_dim=0),
-     ValueError, r"batched parameter 1 has shape \(3,\) and parameter 0 \(2, 3\); every parameter .* same leading agent dimension"),
-    ("agent-dim-scalar", lambda: kpg.KPGOptimizer([nn.Parameter(torch.zeros(()))], agent_dim=0), ValueError,
-     r"batched parameter 0 has shape \(\)"),
-    ("num-agents-mismatch", lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), num_agents=3), ValueError,
-     r"num_agents=3 but the agent-batched model has 2 agents"),
-    ("lr-length", lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), lr=[0.1, 0.2, 0.3]), ValueError,
-     r"lr has 3 entries but there are 2 agents"),
+    (
+        "batched-inside-a-list",
+        lambda: kpg.KPGOptimizer([knn.AgentLinear(2, 2, 2)]),
+        TypeError,
+        r"agents\[0\] is an agent-batched model \(kpg.nn\) inside a list of agents; pass it alone",
+    ),
+    (
+        "parameter-without-agent-dim",
+        lambda: kpg.KPGOptimizer(nn.ModuleList([knn.AgentLinear(2, 2, 2), nn.Linear(2, 2)])),
+        ValueError,
+        r"parameter '1.weight' of shape \(2, 2\) is outside the kpg.nn layers .* freeze it",
+    ),
+    (
+        "mixed-agent-counts",
+        lambda: kpg.KPGOptimizer(nn.ModuleList([knn.AgentLinear(2, 2, 2), knn.AgentLinear(3, 2, 2)])),
+        ValueError,
+        r"mixes layers of \[2, 3\] agents",
+    ),
+    (
+        "agent-dim-1",
+        lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), agent_dim=1),
+        ValueError,
+        r"agent_dim=1 is not supported: kpg needs the agent dimension first",
+    ),
+    (
+        "agent-dim-unequal-sizes",
+        lambda: kpg.KPGOptimizer([nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(3))], agent_dim=0),
+        ValueError,
+        r"batched parameter 1 has shape \(3,\) and parameter 0 \(2, 3\); every parameter .* same leading agent "
+        r"dimension",
+    ),
+    (
+        "agent-dim-scalar",
+        lambda: kpg.KPGOptimizer([nn.Parameter(torch.zeros(()))], agent_dim=0),
+        ValueError,
+        r"batched parameter 0 has shape \(\)",
+    ),
+    (
+        "num-agents-mismatch",
+        lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), num_agents=3),
+        ValueError,
+        r"num_agents=3 but the agent-batched model has 2 agents",
+    ),
+    (
+        "lr-length",
+        lambda: kpg.KPGOptimizer(knn.AgentLinear(2, 2, 2), lr=[0.1, 0.2, 0.3]),
+        ValueError,
+        r"lr has 3 entries but there are 2 agents",
+    ),
 ]
 
 
@@ -675,8 +817,13 @@ def test_batched_step_on_cuda_equals_cpu():
 
 def test_agents_benchmark_reports_every_method(tmp_path):
     path = tmp_path / "agents.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench/agents.py"), "--quick", "--agents", "2", "--json", str(path)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/agents.py"), "--quick", "--agents", "2", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     case = json.loads(path.read_text())["cases"][0]
     methods = {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2"}

@@ -66,7 +66,7 @@ class HeterogeneousEnv(ParallelEnv):
         return np.concatenate([self.position, [self.t / self.max_steps]]).astype(np.float32)
 
     def _observations(self):
-        return {agent: self._global()[-self.obs_sizes[agent]:] for agent in self.agents}
+        return {agent: self._global()[-self.obs_sizes[agent] :] for agent in self.agents}
 
     def reset(self, seed=None, options=None):
         self.position = np.random.default_rng(seed).normal(size=4)
@@ -80,8 +80,10 @@ class HeterogeneousEnv(ParallelEnv):
             move = actions[agent] - 1 if self.discrete else np.asarray(actions[agent]).sum()
             self.position[index] += 0.1 * float(move)
         rewards = {agent: -float(np.abs(self.position).sum()) - 0.1 * i for i, agent in enumerate(self.agents)}
-        terminations = {agent: (agent == "c" and self.t == self.c_ends) or self.t == self.all_end for agent in self.agents}
-        truncations = {agent: self.t >= self.max_steps for agent in self.agents}
+        terminations = {
+            agent: (agent == "c" and self.t == self.c_ends) or self.t == self.all_end for agent in self.agents
+        }
+        truncations = dict.fromkeys(self.agents, self.t >= self.max_steps)
         observations = self._observations()
         self.agents = [a for a in self.agents if not (terminations[a] or truncations[a])]
         return observations, rewards, terminations, truncations, {agent: {} for agent in observations}
@@ -96,8 +98,15 @@ def simple_spread_pool(copies=2, seed=0):
 
 
 def small_config(algo, **overrides):
-    values = dict(buffer_size=500, batch_size=16, rollout=5, updates_per_iteration=1, learning_starts=0, hidden=(8,),
-                  actor_regularization=0.1)
+    values = dict(
+        buffer_size=500,
+        batch_size=16,
+        rollout=5,
+        updates_per_iteration=1,
+        learning_starts=0,
+        hidden=(8,),
+        actor_regularization=0.1,
+    )
     if algo == "facmac":
         values.update(mixer_embed=4, hypernet_embed=6)
     values.update(overrides)
@@ -166,8 +175,14 @@ def test_pool_keeps_final_observations_and_tells_truncation_from_termination():
 def test_replay_holds_the_final_observations_of_time_limited_episodes(algo):
     trainer_class, _ = TRAINERS[algo]
     # Six steps are one episode; learning_starts keeps the trainer collecting.
-    trainer = trainer_class(heterogeneous_pool(copies=2), small_config(algo, rollout=6, learning_starts=100), k=2,
-                            k_until=None, device="cpu", seed=0)
+    trainer = trainer_class(
+        heterogeneous_pool(copies=2),
+        small_config(algo, rollout=6, learning_starts=100),
+        k=2,
+        k_until=None,
+        device="cpu",
+        seed=0,
+    )
     trainer.iteration()
     rows = {name: value[:12].view(6, 2, *value.shape[1:]) for name, value in trainer.buffer.storage.items()}
     assert len(trainer.buffer) == 12 and (rows["state"][0, :, -1] == 0).all()
@@ -212,8 +227,12 @@ def test_straight_through_gumbel_softmax_by_hand():
 def test_monotonic_mixer_by_hand_and_monotonic():
     mixer = MonotonicMixer(num_agents=2, state_size=1, embed=2, hypernet_embed=3).double()
     with torch.no_grad():
-        for layer, bias in ((mixer.hyper_w1[-1], [-1.0, 2.0, 0.5, -3.0]), (mixer.hyper_b1, [0.1, -0.2]),
-                            (mixer.hyper_w2[-1], [-2.0, 1.0]), (mixer.value[-1], [0.7])):
+        for layer, bias in (
+            (mixer.hyper_w1[-1], [-1.0, 2.0, 0.5, -3.0]),
+            (mixer.hyper_b1, [0.1, -0.2]),
+            (mixer.hyper_w2[-1], [-2.0, 1.0]),
+            (mixer.value[-1], [0.7]),
+        ):
             layer.weight.zero_()
             layer.bias.copy_(torch.tensor(bias, dtype=torch.float64))
     q = mixer(torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
@@ -242,7 +261,12 @@ def manual_member(network: AgentMLP, member: int, x: torch.Tensor, activation=to
 def hand_batch(trainer, generator):
     """Three transitions of the heterogeneous task: an ordinary one; a time-limited end (a and b go
     on, c had ended); one where b's task ended while a goes on and c did not act."""
-    n, obs_size, state_size, action_size = 3, trainer.spaces.obs_size, trainer.spaces.state_size, trainer.spaces.action_size
+    n, obs_size, state_size, action_size = (
+        3,
+        trainer.spaces.obs_size,
+        trainer.spaces.state_size,
+        trainer.spaces.action_size,
+    )
     dtype = torch.float64
     mask = trainer.action_mask
     batch = {
@@ -271,14 +295,18 @@ def target_actions_by_hand(trainer, next_obs, present):
 
 
 def test_maddpg_critic_loss_by_hand(float64):
-    trainer = MADDPGTrainer(heterogeneous_pool(), small_config("maddpg", gamma=0.9), k=1, k_until=None, device="cpu", seed=0)
+    trainer = MADDPGTrainer(
+        heterogeneous_pool(), small_config("maddpg", gamma=0.9), k=1, k_until=None, device="cpu", seed=0
+    )
     batch = hand_batch(trainer, torch.Generator().manual_seed(0))
     loss, _ = trainer.critic_loss(batch)
     next_joint = target_actions_by_hand(trainer, batch["next_obs"], batch["next_present"]).flatten(1)
     joint = batch["actions"].flatten(1)
     expected = 0.0
     for i in range(3):
-        next_q = manual_member(trainer.target_critic, i, torch.cat([batch["next_state"], next_joint], dim=1), nn.functional.elu)
+        next_q = manual_member(
+            trainer.target_critic, i, torch.cat([batch["next_state"], next_joint], dim=1), nn.functional.elu
+        )
         target = batch["reward"][:, i] + 0.9 * (1 - batch["terminated"][:, i]) * next_q
         q = manual_member(trainer.critic, i, torch.cat([batch["state"], joint], dim=1), nn.functional.elu)
         alive = batch["alive"][:, i]
@@ -293,16 +321,34 @@ def test_maddpg_critic_loss_by_hand(float64):
 
 
 def test_facmac_critic_loss_by_hand(float64):
-    trainer = FACMACTrainer(heterogeneous_pool(), small_config("facmac", gamma=0.9, share_actor=False, share_utility=False),
-                            k=1, k_until=None, device="cpu", seed=0)
+    trainer = FACMACTrainer(
+        heterogeneous_pool(),
+        small_config("facmac", gamma=0.9, share_actor=False, share_utility=False),
+        k=1,
+        k_until=None,
+        device="cpu",
+        seed=0,
+    )
     batch = hand_batch(trainer, torch.Generator().manual_seed(1))
     loss, _ = trainer.critic_loss(batch)
     next_actions = target_actions_by_hand(trainer, batch["next_obs"], batch["next_present"])
     utility, target_utility = trainer.critic["utility"], trainer.target_critic["utility"]
-    next_u = torch.stack([manual_member(target_utility, j, torch.cat([batch["next_obs"][:, j], next_actions[:, j]], 1))
-                          for j in range(3)], 1) * batch["next_present"]
-    u = torch.stack([manual_member(utility, j, torch.cat([batch["obs"][:, j], batch["actions"][:, j]], 1))
-                     for j in range(3)], 1) * batch["alive"]
+    next_u = (
+        torch.stack(
+            [
+                manual_member(target_utility, j, torch.cat([batch["next_obs"][:, j], next_actions[:, j]], 1))
+                for j in range(3)
+            ],
+            1,
+        )
+        * batch["next_present"]
+    )
+    u = (
+        torch.stack(
+            [manual_member(utility, j, torch.cat([batch["obs"][:, j], batch["actions"][:, j]], 1)) for j in range(3)], 1
+        )
+        * batch["alive"]
+    )
     team_reward = torch.tensor([-2.0, 0.375, 0.5], dtype=torch.float64)  # mean over the agents that acted
     continues = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)  # someone goes on in every transition
     target = team_reward + 0.9 * continues * trainer.target_critic["mixer"](next_u, batch["next_state"])
@@ -319,22 +365,41 @@ def test_actor_losses_by_hand_at_level_one(float64):
     maddpg = MADDPGTrainer(heterogeneous_pool(), small_config("maddpg"), k=1, k_until=None, device="cpu", seed=0)
     batch = hand_batch(maddpg, torch.Generator().manual_seed(2))
     outputs = [maddpg.actor[j](batch["obs"][:, j]) for j in range(3)]
-    actions = torch.stack([torch.tanh(o) * maddpg.action_mask[j] * batch["alive"][:, j : j + 1] for j, o in enumerate(outputs)], 1)
-    penalty = [((o ** 2) * maddpg.action_mask[j]).sum(1) / maddpg.spaces.action_sizes[j] for j, o in enumerate(outputs)]
+    actions = torch.stack(
+        [torch.tanh(o) * maddpg.action_mask[j] * batch["alive"][:, j : j + 1] for j, o in enumerate(outputs)], 1
+    )
+    penalty = [((o**2) * maddpg.action_mask[j]).sum(1) / maddpg.spaces.action_sizes[j] for j, o in enumerate(outputs)]
     losses = maddpg.actor_losses(level_one, batch, None)
     for i in range(3):
         q = manual_member(maddpg.critic, i, torch.cat([batch["state"], actions.flatten(1)], 1), nn.functional.elu)
         alive = batch["alive"][:, i]
         expected = -(q * alive).sum() / alive.sum() + 0.1 * (penalty[i] * alive).sum() / alive.sum()
         assert losses[i].item() == pytest.approx(expected.item(), rel=1e-12)
-    facmac = FACMACTrainer(heterogeneous_pool(), small_config("facmac", share_actor=False, share_utility=False),
-                           k=1, k_until=None, device="cpu", seed=0)
+    facmac = FACMACTrainer(
+        heterogeneous_pool(),
+        small_config("facmac", share_actor=False, share_utility=False),
+        k=1,
+        k_until=None,
+        device="cpu",
+        seed=0,
+    )
     outputs = [facmac.actor[j](batch["obs"][:, j]) for j in range(3)]
     actions = [torch.tanh(o) * facmac.action_mask[j] * batch["alive"][:, j : j + 1] for j, o in enumerate(outputs)]
-    u = torch.stack([manual_member(facmac.critic["utility"], j, torch.cat([batch["obs"][:, j], actions[j]], 1))
-                     for j in range(3)], 1) * batch["alive"]
-    penalty = sum((((o ** 2) * facmac.action_mask[j]).sum(1) / facmac.spaces.action_sizes[j] * batch["alive"][:, j]).sum()
-                  / batch["alive"][:, j].sum() for j, o in enumerate(outputs))
+    u = (
+        torch.stack(
+            [
+                manual_member(facmac.critic["utility"], j, torch.cat([batch["obs"][:, j], actions[j]], 1))
+                for j in range(3)
+            ],
+            1,
+        )
+        * batch["alive"]
+    )
+    penalty = sum(
+        (((o**2) * facmac.action_mask[j]).sum(1) / facmac.spaces.action_sizes[j] * batch["alive"][:, j]).sum()
+        / batch["alive"][:, j].sum()
+        for j, o in enumerate(outputs)
+    )
     expected = -facmac.critic["mixer"](u, batch["state"]).mean() + 0.1 * penalty
     assert facmac.actor_losses(level_one, batch, None).item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -352,7 +417,9 @@ def brute_force_loss(trainer, agent, networks, batch, noise, level=1):
     for j in range(n):
         x = obs[j]
         if trainer.config.share_actor:
-            x = torch.cat([x, nn.functional.one_hot(torch.tensor(j, device=x.device), n).to(x.dtype).expand(x.shape[0], n)], dim=1)
+            x = torch.cat(
+                [x, nn.functional.one_hot(torch.tensor(j, device=x.device), n).to(x.dtype).expand(x.shape[0], n)], dim=1
+            )
         out = networks[j](x)
         rows.append(out if j == agent else out.detach())
     outputs = torch.stack(rows)
@@ -381,10 +448,15 @@ def adam_step_from_base(trainer, network_index, base_network, grads):
     stepped = copy.deepcopy(base_network)
     adam = torch.optim.Adam(stepped.parameters(), lr=trainer.config.actor_lr, foreach=False)
     kpg_state = trainer.actor_optimizer.state
-    for p, original, g in zip(stepped.parameters(), trainer.actor_optimizer.param_groups[network_index]["params"], grads):
+    for p, original, g in zip(
+        stepped.parameters(), trainer.actor_optimizer.param_groups[network_index]["params"], grads
+    ):
         saved = kpg_state[original]
-        adam.state[p] = {"step": torch.tensor(float(saved["step"])), "exp_avg": saved["exp_avg"].clone(),
-                         "exp_avg_sq": saved["exp_avg_sq"].clone()}
+        adam.state[p] = {
+            "step": torch.tensor(float(saved["step"])),
+            "exp_avg": saved["exp_avg"].clone(),
+            "exp_avg_sq": saved["exp_avg_sq"].clone(),
+        }
         p.grad = g.clone()
     nn.utils.clip_grad_norm_(stepped.parameters(), trainer.config.max_grad_norm)
     adam.step()
@@ -410,10 +482,16 @@ def brute_force_actor_step(trainer, batch, noise, k):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("algo,env,shared", [
-    ("maddpg", "heterogeneous", False), ("maddpg", "simple_spread", False), ("maddpg", "heterogeneous-discrete", True),
-    ("facmac", "heterogeneous", True), ("facmac", "simple_spread", False),
-])
+@pytest.mark.parametrize(
+    "algo,env,shared",
+    [
+        ("maddpg", "heterogeneous", False),
+        ("maddpg", "simple_spread", False),
+        ("maddpg", "heterogeneous-discrete", True),
+        ("facmac", "heterogeneous", True),
+        ("facmac", "simple_spread", False),
+    ],
+)
 def test_actor_step_matches_brute_force(float64, algo, env, shared, k, device):
     discrete = env == "simple_spread" or env.endswith("discrete")
     pool = simple_spread_pool() if env == "simple_spread" else heterogeneous_pool(discrete=discrete)
@@ -430,7 +508,9 @@ def test_actor_step_matches_brute_force(float64, algo, env, shared, k, device):
     expected = brute_force_actor_step(trainer, batch, noise, k)
     if k > 1:  # the comparison can tell the anticipated others from the current ones
         plain = brute_force_actor_step(trainer, batch, noise, 1)
-        gap = max((p - q).abs().max().item() for a, b in zip(expected, plain) for p, q in zip(a.parameters(), b.parameters()))
+        gap = max(
+            (p - q).abs().max().item() for a, b in zip(expected, plain) for p, q in zip(a.parameters(), b.parameters())
+        )
         assert gap > 1e-6
     trainer.actor_step(batch, noise)
     for network, reference in zip(actor_networks(trainer), expected):
@@ -441,8 +521,9 @@ def test_actor_step_matches_brute_force(float64, algo, env, shared, k, device):
 def test_k2_differs_from_k1(float64):
     results = []
     for k in (1, 2):
-        trainer = MADDPGTrainer(heterogeneous_pool(), small_config("maddpg", actor_lr=0.05), k=k, k_until=None,
-                                device="cpu", seed=3)
+        trainer = MADDPGTrainer(
+            heterogeneous_pool(), small_config("maddpg", actor_lr=0.05), k=k, k_until=None, device="cpu", seed=3
+        )
         trainer.iteration()
         trainer.actor_step(trainer.buffer.sample(16, np.random.default_rng(5)), None)
         results.append(torch.cat([p.flatten() for p in trainer.actor.parameters()]))
@@ -453,9 +534,20 @@ def test_k2_differs_from_k1(float64):
 
 
 def smoke_config(algo, env, tmp_path, **options):
-    overrides = dict(buffer_size=2_000, batch_size=32, rollout=25, updates_per_iteration=2, learning_starts=50, hidden=(16,))
-    return TrainConfig(algo=algo, env=env, steps=200, copies=2, logdir=tmp_path, tensorboard=False, progress=False,
-                       **{algo: TRAINERS[algo][1](**overrides)}, **options)
+    overrides = dict(
+        buffer_size=2_000, batch_size=32, rollout=25, updates_per_iteration=2, learning_starts=50, hidden=(16,)
+    )
+    return TrainConfig(
+        algo=algo,
+        env=env,
+        steps=200,
+        copies=2,
+        logdir=tmp_path,
+        tensorboard=False,
+        progress=False,
+        **{algo: TRAINERS[algo][1](**overrides)},
+        **options,
+    )
 
 
 @pytest.mark.parametrize("algo", ["maddpg", "facmac"])
@@ -474,7 +566,9 @@ def test_smoke_simple_spread(algo, tmp_path):
 @pytest.mark.parametrize("algo", ["maddpg", "facmac"])
 def test_smoke_heterogeneous_discrete_with_early_termination(algo):
     trainer_class, _ = TRAINERS[algo]
-    trainer = trainer_class(heterogeneous_pool(discrete=True), small_config(algo), k=2, k_until=20, device="cpu", seed=0)
+    trainer = trainer_class(
+        heterogeneous_pool(discrete=True), small_config(algo), k=2, k_until=20, device="cpu", seed=0
+    )
     metrics = [trainer.iteration() for _ in range(3)]
     assert all(math.isfinite(m["critic_loss"]) and math.isfinite(m["actor_loss"]) for m in metrics)
     assert metrics[0]["k"] == 2 and metrics[-1]["k"] == 1  # 10 environment steps per iteration, k_until=20
@@ -488,15 +582,25 @@ def test_smoke_mamujoco_half_cheetah(algo, tmp_path):
     summary = train(smoke_config(algo, "mamujoco:HalfCheetah-2x3", tmp_path, eval_episodes=0))
     assert summary["env_steps"] == 200 and summary["agents"] == 2
     trainer_class, _ = TRAINERS[algo]
-    actions = trainer_class(EnvPool(make_env_factory("mamujoco:HalfCheetah-2x3"), 1, seed=0), small_config(algo), k=2,
-                            k_until=None, device="cpu", seed=0).act(np.zeros((1, 2, 12), np.float32), deterministic=False)
+    actions = trainer_class(
+        EnvPool(make_env_factory("mamujoco:HalfCheetah-2x3"), 1, seed=0),
+        small_config(algo),
+        k=2,
+        k_until=None,
+        device="cpu",
+        seed=0,
+    ).act(np.zeros((1, 2, 12), np.float32), deterministic=False)
     assert actions.shape == (1, 2, 3) and np.abs(actions).max() <= 1.0
 
 
 def all_state(trainer):
     tensors = {}
-    for name, module in (("actor", trainer.actor), ("target_actor", trainer.target_actor), ("critic", trainer.critic),
-                         ("target_critic", trainer.target_critic)):
+    for name, module in (
+        ("actor", trainer.actor),
+        ("target_actor", trainer.target_actor),
+        ("critic", trainer.critic),
+        ("target_critic", trainer.target_critic),
+    ):
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     for name, value in trainer.buffer.storage.items():
         tensors[f"replay.{name}"] = value
@@ -537,7 +641,9 @@ def test_bad_configuration_is_reported():
     with pytest.raises(ValueError, match="batch_size"):
         FACMACTrainer(simple_spread_pool(), FACMACConfig(batch_size=0), k=1, k_until=None, device="cpu", seed=0)
     with pytest.raises(ValueError, match="Gumbel-softmax temperature"):
-        straight_through_gumbel_softmax(torch.zeros(1, 2), gumbel_noise((1, 2), torch.Generator(), "cpu", torch.float32), 0.0)
+        straight_through_gumbel_softmax(
+            torch.zeros(1, 2), gumbel_noise((1, 2), torch.Generator(), "cpu", torch.float32), 0.0
+        )
 
 
 @pytest.mark.parametrize("algo", ["maddpg", "facmac"])
@@ -546,8 +652,9 @@ def test_discrete_anticipation_moves_with_the_others_parameters(float64, algo):
     Gumbel-softmax samples, so a small change of their level l-1 parameters (no argmax flips)
     changes agent i's loss; fed as one-hot forward values it would change nothing."""
     trainer_class, _ = TRAINERS[algo]
-    trainer = trainer_class(heterogeneous_pool(discrete=True), small_config(algo), k=2, k_until=None, device="cpu",
-                            seed=1)
+    trainer = trainer_class(
+        heterogeneous_pool(discrete=True), small_config(algo), k=2, k_until=None, device="cpu", seed=1
+    )
     trainer.iteration()
     batch = trainer.buffer.sample(8, np.random.default_rng(2))
     noise = trainer.actor_noise(8)

@@ -3,8 +3,8 @@ CPU path's behaviour around Python: the GIL, thread counts and fork."""
 
 import copy
 import multiprocessing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -78,8 +78,9 @@ def _changed(kwargs, snapshot) -> list[str]:
 # Per optimizer, one case passing every optional tensor and one passing None wherever allowed.
 OPCHECK_CALLS = {
     **{
-        f"{case}-{mode}-{optional}": (lambda case=case, commit=commit, tensors=tensors: _update_call(
-            case, commit, optional_tensors=tensors))
+        f"{case}-{mode}-{optional}": (
+            lambda case=case, commit=commit, tensors=tensors: _update_call(case, commit, optional_tensors=tensors)
+        )
         for case, tensors, optional in [
             ("sgd-momentum-dampening-wd", True, "optional-tensors"),
             ("sgd-plain", False, "optional-none"),
@@ -110,8 +111,9 @@ def _level_then_commit(param, grad, exp_avg, exp_avg_sq, step, lr, chunks, antic
     """One KPG level's parameters, then the committed step; the level must see the base values."""
     hyper = UPDATE_CASES["adamw"][1]
     live, rows_ = no_live(step.numel()), rows("adam", hyper, step)["hyper"]
-    torch.ops.kpg.adam_anticipate(param, grad, anticipated, exp_avg, exp_avg_sq, None, step, live, lr, rows_, None, None,
-                                  chunks)
+    torch.ops.kpg.adam_anticipate(
+        param, grad, anticipated, exp_avg, exp_avg_sq, None, step, live, lr, rows_, None, None, chunks
+    )
     level_grad = grad * 0.5 + anticipated
     torch.ops.kpg.adam_commit(param, level_grad, exp_avg, exp_avg_sq, None, step, live, lr, rows_, None, None, chunks)
     return anticipated - param
@@ -128,8 +130,9 @@ def test_compiled_anticipate_and_commit_equal_eager_in_one_graph():
     compiled = torch.compile(_level_then_commit, backend=counter, fullgraph=True)
     for function, a in [(_level_then_commit, eager_arena), (compiled, compiled_arena)]:
         anticipated = torch.zeros_like(a.param)
-        out = function(a.param, a.grad, a.states["exp_avg"], a.states["exp_avg_sq"], a.step, a.lr, a.chunks,
-                       anticipated)
+        out = function(
+            a.param, a.grad, a.states["exp_avg"], a.states["exp_avg_sq"], a.step, a.lr, a.chunks, anticipated
+        )
         results.append({"out": out, "anticipated": anticipated, **a.tensors()})
     assert counter.frame_count == 1, "the function did not compile into one graph"
     traced = [getattr(node.target, "overloadpacket", node.target) for node in counter.graphs[0].graph.nodes]
@@ -181,73 +184,210 @@ class ErrorCase:
 
 
 ERROR_CASES = [
-    ErrorCase("float16-param", "adam-amsgrad-commit", _arena_tensors_to(torch.float16), TypeError,
-              r"adam_commit: parameters of dtype torch\.float16 are not supported; use float32 or float64"),
-    ErrorCase("grad-float64-param-float32", "adam-anticipate", _with(grad=lambda a: a["grad"].double()), ValueError,
-              rf"grad must be a torch\.float32 tensor of {NUMEL} elements on cpu like param, got torch\.float64"),
-    ErrorCase("grad-one-element-short", "adam-amsgrad-commit", _with(grad=lambda a: a["grad"][:-1].clone()),
-              ValueError, rf"grad must be a .* of {NUMEL} elements .*, got torch\.float32 with {NUMEL - 1} elements"),
-    ErrorCase("state-not-contiguous", "adam-amsgrad-commit",
-              _with(exp_avg_sq=lambda a: torch.zeros(2 * NUMEL)[::2]), ValueError,
-              r"adam_commit: exp_avg_sq must be contiguous"),
-    ErrorCase("anticipated-is-param", "adam-anticipate", _with(anticipated=lambda a: a["param"]), ValueError,
-              r"adam_anticipate: anticipated overlaps param in memory"),
-    ErrorCase("anticipated-overlaps-param-partly", "adam-anticipate",
-              _anticipated_two_elements_after_param, ValueError, r"anticipated overlaps param in memory"),
-    ErrorCase("moments-overlap", "adam-amsgrad-commit", _overlapping_moments, ValueError,
-              r"adam_commit: exp_avg overlaps exp_avg_sq in memory"),
-    ErrorCase("step-float32", "rmsprop-centered-commit", _with(step=lambda a: a["step"].float()), ValueError,
-              rf"step must be a contiguous torch\.float64 tensor with one entry per agent \({NUM_AGENTS}\) on cpu, "
-              r"got torch\.float32"),
-    ErrorCase("lr-one-entry-short", "adam-amsgrad-commit", _with(lr=lambda a: a["lr"][:-1].clone()), ValueError,
-              rf"lr must be .* one entry per agent \({NUM_AGENTS}\) .*, got torch\.float64 with {NUM_AGENTS - 1} entries"),
-    ErrorCase("skip-bool", "sgd-momentum-anticipate", _with(skip=lambda a: a["skip"].bool()), ValueError,
-              r"skip must be a contiguous torch\.uint8 tensor .* got torch\.bool"),
-    ErrorCase("grad-scale-float32", "adam-amsgrad-commit", _with(grad_scale=lambda a: a["grad_scale"].float()),
-              ValueError, r"grad_scale must be a contiguous torch\.float64 tensor"),
-    ErrorCase("chunks-int32", "adam-amsgrad-commit", _with(chunks=lambda a: a["chunks"].int()), ValueError,
-              r"chunks must be an int64 \[num_chunks, 3\] table on cpu from kpg\._ops\.chunk_table, got torch\.int32"),
-    ErrorCase("chunks-flat", "adam-anticipate", _with(chunks=lambda a: a["chunks"].flatten()), ValueError,
-              r"chunks must be an int64 \[num_chunks, 3\] table .*, got torch\.int64 \(9,\)"),
-    ErrorCase("chunks-two-columns", "sgd-momentum-anticipate", _with(chunks=lambda a: a["chunks"][:, :2].clone()),
-              ValueError, r"got torch\.int64 \(3, 2\)"),
-    ErrorCase("chunks-agent-out-of-range", "adam-amsgrad-commit",
-              _with(chunks=lambda a: a["chunks"] + torch.tensor([NUM_AGENTS, 0, 0])), ValueError,
-              rf"adam_commit: chunk row 0 \(agent {NUM_AGENTS}, .*\) lies outside this arena of {NUM_AGENTS} agents"),
-    ErrorCase("chunks-end-past-arena", "sgd-momentum-anticipate",
-              _with(chunks=lambda a: a["chunks"] + torch.tensor([0, 0, 1])), ValueError,
-              rf"sgd_anticipate: chunk row 2 .* lies outside this arena of {NUM_AGENTS} agents and {NUMEL} elements"),
-    ErrorCase("chunks-negative-begin", "rmsprop-centered-commit",
-              _with(chunks=lambda a: a["chunks"] - torch.tensor([0, 1, 0])), ValueError,
-              r"rmsprop_commit: chunk row 0 \(agent 0, elements -1\.\..*\) lies outside this arena"),
-    ErrorCase("adam-exp-avg-missing", "adam-anticipate", _with(exp_avg=lambda a: None), ValueError,
-              r"adam_anticipate: these hyperparameters need the state buffer exp_avg"),
-    ErrorCase("amsgrad-max-exp-avg-sq-missing", "adam-amsgrad-commit", _with(max_exp_avg_sq=lambda a: None),
-              ValueError, r"need the state buffer max_exp_avg_sq"),
-    ErrorCase("sgd-momentum-buffer-missing", "sgd-momentum-anticipate", _with(momentum_buffer=lambda a: None),
-              ValueError, r"sgd_anticipate: these hyperparameters need the state buffer momentum_buffer"),
-    ErrorCase("centered-rmsprop-grad-avg-missing", "rmsprop-centered-commit", _with(grad_avg=lambda a: None),
-              ValueError, r"rmsprop_commit: these hyperparameters need the state buffer grad_avg"),
-    ErrorCase("all-tensors-on-meta", "adam-amsgrad-commit",
-              lambda a: {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in a.items()}, ValueError,
-              r"adam_commit: param is on the meta device, which holds no values to update"),
-    ErrorCase("only-grad-on-meta", "rmsprop-centered-commit", _with(grad=lambda a: a["grad"].to("meta")), ValueError,
-              r"rmsprop_commit: grad is on the meta device"),
-    ErrorCase("norms-agent-chunks-one-short", "agent_grad_norms",
-              _with(agent_chunks=lambda a: a["agent_chunks"][:-1].clone()), ValueError,
-              r"agent_grad_norms: agent_chunks must be the int64 table of num_agents \+ 1 entries"),
-    ErrorCase("norms-agent-chunks-decreasing", "agent_grad_norms",
-              _with(agent_chunks=lambda a: a["agent_chunks"].flip(0)), ValueError,
-              r"agent_grad_norms: agent_chunks of agent 0 is not a range of the 3-row chunk table"),
-    ErrorCase("norms-chunks-from-a-larger-arena", "agent_grad_norms",
-              _with(chunks=lambda a: a["chunks"] * 2), ValueError,
-              r"agent_grad_norms: chunk row 1 .* lies outside this arena"),
-    ErrorCase("norms-float16-grad", "agent_grad_norms", _with(grad=lambda a: a["grad"].half()), TypeError,
-              r"agent_grad_norms: gradients of dtype torch\.float16 are not supported"),
-    ErrorCase("norms-chunk-sq-one-short", "agent_grad_norms", _with(chunk_sq=lambda a: a["chunk_sq"][:-1].clone()),
-              ValueError, r"chunk_sq must be a contiguous torch\.float64 tensor with one entry per chunk \(3\)"),
-    ErrorCase("norms-grad-on-meta", "agent_grad_norms", _with(grad=lambda a: a["grad"].to("meta")), ValueError,
-              r"agent_grad_norms: grad is on the meta device"),
+    ErrorCase(
+        "float16-param",
+        "adam-amsgrad-commit",
+        _arena_tensors_to(torch.float16),
+        TypeError,
+        r"adam_commit: parameters of dtype torch\.float16 are not supported; use float32 or float64",
+    ),
+    ErrorCase(
+        "grad-float64-param-float32",
+        "adam-anticipate",
+        _with(grad=lambda a: a["grad"].double()),
+        ValueError,
+        rf"grad must be a torch\.float32 tensor of {NUMEL} elements on cpu like param, got torch\.float64",
+    ),
+    ErrorCase(
+        "grad-one-element-short",
+        "adam-amsgrad-commit",
+        _with(grad=lambda a: a["grad"][:-1].clone()),
+        ValueError,
+        rf"grad must be a .* of {NUMEL} elements .*, got torch\.float32 with {NUMEL - 1} elements",
+    ),
+    ErrorCase(
+        "state-not-contiguous",
+        "adam-amsgrad-commit",
+        _with(exp_avg_sq=lambda a: torch.zeros(2 * NUMEL)[::2]),
+        ValueError,
+        r"adam_commit: exp_avg_sq must be contiguous",
+    ),
+    ErrorCase(
+        "anticipated-is-param",
+        "adam-anticipate",
+        _with(anticipated=lambda a: a["param"]),
+        ValueError,
+        r"adam_anticipate: anticipated overlaps param in memory",
+    ),
+    ErrorCase(
+        "anticipated-overlaps-param-partly",
+        "adam-anticipate",
+        _anticipated_two_elements_after_param,
+        ValueError,
+        r"anticipated overlaps param in memory",
+    ),
+    ErrorCase(
+        "moments-overlap",
+        "adam-amsgrad-commit",
+        _overlapping_moments,
+        ValueError,
+        r"adam_commit: exp_avg overlaps exp_avg_sq in memory",
+    ),
+    ErrorCase(
+        "step-float32",
+        "rmsprop-centered-commit",
+        _with(step=lambda a: a["step"].float()),
+        ValueError,
+        rf"step must be a contiguous torch\.float64 tensor with one entry per agent \({NUM_AGENTS}\) on cpu, "
+        r"got torch\.float32",
+    ),
+    ErrorCase(
+        "lr-one-entry-short",
+        "adam-amsgrad-commit",
+        _with(lr=lambda a: a["lr"][:-1].clone()),
+        ValueError,
+        rf"lr must be .* one entry per agent \({NUM_AGENTS}\) .*, got torch\.float64 with {NUM_AGENTS - 1} entries",
+    ),
+    ErrorCase(
+        "skip-bool",
+        "sgd-momentum-anticipate",
+        _with(skip=lambda a: a["skip"].bool()),
+        ValueError,
+        r"skip must be a contiguous torch\.uint8 tensor .* got torch\.bool",
+    ),
+    ErrorCase(
+        "grad-scale-float32",
+        "adam-amsgrad-commit",
+        _with(grad_scale=lambda a: a["grad_scale"].float()),
+        ValueError,
+        r"grad_scale must be a contiguous torch\.float64 tensor",
+    ),
+    ErrorCase(
+        "chunks-int32",
+        "adam-amsgrad-commit",
+        _with(chunks=lambda a: a["chunks"].int()),
+        ValueError,
+        r"chunks must be an int64 \[num_chunks, 3\] table on cpu from kpg\._ops\.chunk_table, got torch\.int32",
+    ),
+    ErrorCase(
+        "chunks-flat",
+        "adam-anticipate",
+        _with(chunks=lambda a: a["chunks"].flatten()),
+        ValueError,
+        r"chunks must be an int64 \[num_chunks, 3\] table .*, got torch\.int64 \(9,\)",
+    ),
+    ErrorCase(
+        "chunks-two-columns",
+        "sgd-momentum-anticipate",
+        _with(chunks=lambda a: a["chunks"][:, :2].clone()),
+        ValueError,
+        r"got torch\.int64 \(3, 2\)",
+    ),
+    ErrorCase(
+        "chunks-agent-out-of-range",
+        "adam-amsgrad-commit",
+        _with(chunks=lambda a: a["chunks"] + torch.tensor([NUM_AGENTS, 0, 0])),
+        ValueError,
+        rf"adam_commit: chunk row 0 \(agent {NUM_AGENTS}, .*\) lies outside this arena of {NUM_AGENTS} agents",
+    ),
+    ErrorCase(
+        "chunks-end-past-arena",
+        "sgd-momentum-anticipate",
+        _with(chunks=lambda a: a["chunks"] + torch.tensor([0, 0, 1])),
+        ValueError,
+        rf"sgd_anticipate: chunk row 2 .* lies outside this arena of {NUM_AGENTS} agents and {NUMEL} elements",
+    ),
+    ErrorCase(
+        "chunks-negative-begin",
+        "rmsprop-centered-commit",
+        _with(chunks=lambda a: a["chunks"] - torch.tensor([0, 1, 0])),
+        ValueError,
+        r"rmsprop_commit: chunk row 0 \(agent 0, elements -1\.\..*\) lies outside this arena",
+    ),
+    ErrorCase(
+        "adam-exp-avg-missing",
+        "adam-anticipate",
+        _with(exp_avg=lambda a: None),
+        ValueError,
+        r"adam_anticipate: these hyperparameters need the state buffer exp_avg",
+    ),
+    ErrorCase(
+        "amsgrad-max-exp-avg-sq-missing",
+        "adam-amsgrad-commit",
+        _with(max_exp_avg_sq=lambda a: None),
+        ValueError,
+        r"need the state buffer max_exp_avg_sq",
+    ),
+    ErrorCase(
+        "sgd-momentum-buffer-missing",
+        "sgd-momentum-anticipate",
+        _with(momentum_buffer=lambda a: None),
+        ValueError,
+        r"sgd_anticipate: these hyperparameters need the state buffer momentum_buffer",
+    ),
+    ErrorCase(
+        "centered-rmsprop-grad-avg-missing",
+        "rmsprop-centered-commit",
+        _with(grad_avg=lambda a: None),
+        ValueError,
+        r"rmsprop_commit: these hyperparameters need the state buffer grad_avg",
+    ),
+    ErrorCase(
+        "all-tensors-on-meta",
+        "adam-amsgrad-commit",
+        lambda a: {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in a.items()},
+        ValueError,
+        r"adam_commit: param is on the meta device, which holds no values to update",
+    ),
+    ErrorCase(
+        "only-grad-on-meta",
+        "rmsprop-centered-commit",
+        _with(grad=lambda a: a["grad"].to("meta")),
+        ValueError,
+        r"rmsprop_commit: grad is on the meta device",
+    ),
+    ErrorCase(
+        "norms-agent-chunks-one-short",
+        "agent_grad_norms",
+        _with(agent_chunks=lambda a: a["agent_chunks"][:-1].clone()),
+        ValueError,
+        r"agent_grad_norms: agent_chunks must be the int64 table of num_agents \+ 1 entries",
+    ),
+    ErrorCase(
+        "norms-agent-chunks-decreasing",
+        "agent_grad_norms",
+        _with(agent_chunks=lambda a: a["agent_chunks"].flip(0)),
+        ValueError,
+        r"agent_grad_norms: agent_chunks of agent 0 is not a range of the 3-row chunk table",
+    ),
+    ErrorCase(
+        "norms-chunks-from-a-larger-arena",
+        "agent_grad_norms",
+        _with(chunks=lambda a: a["chunks"] * 2),
+        ValueError,
+        r"agent_grad_norms: chunk row 1 .* lies outside this arena",
+    ),
+    ErrorCase(
+        "norms-float16-grad",
+        "agent_grad_norms",
+        _with(grad=lambda a: a["grad"].half()),
+        TypeError,
+        r"agent_grad_norms: gradients of dtype torch\.float16 are not supported",
+    ),
+    ErrorCase(
+        "norms-chunk-sq-one-short",
+        "agent_grad_norms",
+        _with(chunk_sq=lambda a: a["chunk_sq"][:-1].clone()),
+        ValueError,
+        r"chunk_sq must be a contiguous torch\.float64 tensor with one entry per chunk \(3\)",
+    ),
+    ErrorCase(
+        "norms-grad-on-meta",
+        "agent_grad_norms",
+        _with(grad=lambda a: a["grad"].to("meta")),
+        ValueError,
+        r"agent_grad_norms: grad is on the meta device",
+    ),
 ]
 
 
@@ -281,8 +421,16 @@ def test_chunk_table_of_a_larger_arena_is_rejected():
     larger_chunks, _ = ops.chunk_table([0, 2 * NUMEL])
     raised = False
     try:
-        ops.sgd_commit(**halves, step=torch.zeros(1, dtype=F64), live=no_live(1), lr=torch.ones(1, dtype=F64),
-                       grad_scale=None, skip=None, chunks=larger_chunks, **rows(kind, hyper, 1))
+        ops.sgd_commit(
+            **halves,
+            step=torch.zeros(1, dtype=F64),
+            live=no_live(1),
+            lr=torch.ones(1, dtype=F64),
+            grad_scale=None,
+            skip=None,
+            chunks=larger_chunks,
+            **rows(kind, hyper, 1),
+        )
     except ValueError:
         raised = True
     assert raised and torch.equal(storage["param"][NUMEL:], beyond), "the kernel wrote past the end of param"
@@ -301,8 +449,21 @@ def test_cpu_update_releases_the_gil():
     exp_avg, exp_avg_sq = torch.zeros(n), torch.zeros(n)
     step, lr = torch.zeros(2, dtype=F64), torch.full((2,), 1e-3, dtype=F64)
     during = python_thread_progress(
-        lambda: ops.adam_commit(param, grad, exp_avg, exp_avg_sq, None, step, no_live(2), lr, rows(kind, hyper, 2)["hyper"],
-                                None, None, chunks))
+        lambda: ops.adam_commit(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            None,
+            step,
+            no_live(2),
+            lr,
+            rows(kind, hyper, 2)["hyper"],
+            None,
+            None,
+            chunks,
+        )
+    )
     assert step.tolist() == [3.0, 3.0]
     assert max(during) > 20, f"the counting thread advanced only {during} times during the calls"
 
@@ -344,10 +505,22 @@ def test_grad_norm_bits_do_not_depend_on_thread_count():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out = dict(chunk_sq=torch.zeros(arena.chunks.shape[0], dtype=F64), norm=torch.zeros(a, dtype=F64),
-                       grad_scale=torch.zeros(a, dtype=F64), nonfinite=torch.zeros(a, dtype=torch.uint8))
-            ops.agent_grad_norms(arena.grad, arena.chunks, arena.agent_chunks, out["chunk_sq"],
-                                 torch.full((a,), 10.0, dtype=F64), out["norm"], out["grad_scale"], out["nonfinite"])
+            out = dict(
+                chunk_sq=torch.zeros(arena.chunks.shape[0], dtype=F64),
+                norm=torch.zeros(a, dtype=F64),
+                grad_scale=torch.zeros(a, dtype=F64),
+                nonfinite=torch.zeros(a, dtype=torch.uint8),
+            )
+            ops.agent_grad_norms(
+                arena.grad,
+                arena.chunks,
+                arena.agent_chunks,
+                out["chunk_sq"],
+                torch.full((a,), 10.0, dtype=F64),
+                out["norm"],
+                out["grad_scale"],
+                out["nonfinite"],
+            )
             results.append({name: _bits(t) for name, t in out.items()})
     finally:
         torch.set_num_threads(threads_before)
@@ -377,7 +550,8 @@ def test_fork_after_the_thread_pool_started():
         result = torch.full_like(base.param, float("nan")).share_memory_()
         kernel_threads = torch.zeros(1, dtype=torch.int64).share_memory_()
         child = multiprocessing.get_context("fork").Process(
-            target=_commit_in_child, args=(base.commit_args(), hyper, result, kernel_threads))
+            target=_commit_in_child, args=(base.commit_args(), hyper, result, kernel_threads)
+        )
         child.start()
         child.join(timeout=60)
         hung = child.is_alive()

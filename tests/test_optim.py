@@ -24,17 +24,29 @@ OPTIMIZERS = {
     "adamw-amsgrad": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
     "rmsprop-centered-momentum": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)),
 }
-def run_both(optimizer, k, num_agents, dtype, shared, heterogeneous, closure_style, clip, steps=3, seed=0, device="cpu"):
+
+
+def run_both(
+    optimizer, k, num_agents, dtype, shared, heterogeneous, closure_style, clip, steps=3, seed=0, device="cpu"
+):
     name, hyper = OPTIMIZERS[optimizer]
     ours = Game(num_agents, dtype, heterogeneous, shared, seed, device)
     theirs = copy.deepcopy(ours)
     segments = len(ours.models)
     lrs = [0.05 / (1 + a) for a in range(segments)]
     max_norms = [0.3 + 0.2 * a for a in range(segments)] if clip else None
-    opt = kpg.KPGOptimizer(ours.models[0] if shared else ours.models, k=k, optimizer=name,
-                           lr=lrs[0] if shared else lrs, max_grad_norm=(max_norms[0] if shared else max_norms) if clip else None,
-                           num_agents=num_agents if shared else None, **hyper)
-    reference_optimizers = [torch_optimizer(name, list(m.parameters()), lr, **hyper) for m, lr in zip(theirs.models, lrs)]
+    opt = kpg.KPGOptimizer(
+        ours.models[0] if shared else ours.models,
+        k=k,
+        optimizer=name,
+        lr=lrs[0] if shared else lrs,
+        max_grad_norm=(max_norms[0] if shared else max_norms) if clip else None,
+        num_agents=num_agents if shared else None,
+        **hyper,
+    )
+    reference_optimizers = [
+        torch_optimizer(name, list(m.parameters()), lr, **hyper) for m, lr in zip(theirs.models, lrs)
+    ]
     closure = ours.closure_with_context if closure_style == "ctx" else ours.closure_without_context
     for _ in range(steps):
         opt.step(closure)
@@ -52,8 +64,9 @@ def assert_same_models(ours, theirs, dtype):
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_matches_brute_force_two_heterogeneous_agents(optimizer, k, clip, device):
-    ours, theirs, _, _ = run_both(optimizer, k, 2, torch.float64, shared=False, heterogeneous=True, closure_style="ctx",
-                                  clip=clip, device=device)
+    ours, theirs, _, _ = run_both(
+        optimizer, k, 2, torch.float64, shared=False, heterogeneous=True, closure_style="ctx", clip=clip, device=device
+    )
     assert_same_models(ours, theirs, torch.float64)
 
 
@@ -90,7 +103,7 @@ def test_k1_equals_plain_torch_optim_step(optimizer):
         losses = theirs.closure_without_context()
         for o in plain:
             o.zero_grad()
-        for i, o in enumerate(plain):
+        for i in range(len(plain)):
             grads = torch.autograd.grad(losses[i], list(theirs.models[i].parameters()), retain_graph=True)
             for p, g in zip(theirs.models[i].parameters(), grads):
                 p.grad = g
@@ -130,8 +143,12 @@ def test_hand_computed_game_shows_k2_differs_from_k1():
 def test_intermediate_levels_leave_optimizer_state_untouched():
     """State after a k=3 step equals the state after one plain step from the same base with the
     level-3 gradient: the brute force restores it, the kernels never write it."""
-    ours, theirs, opt, reference_optimizers = run_both("adam", 3, 2, torch.float64, False, False, "ctx", clip=False, steps=1)
-    for p, q in zip([p for m in ours.models for p in m.parameters()], [p for m in theirs.models for p in m.parameters()]):
+    ours, theirs, opt, reference_optimizers = run_both(
+        "adam", 3, 2, torch.float64, False, False, "ctx", clip=False, steps=1
+    )
+    for p, q in zip(
+        [p for m in ours.models for p in m.parameters()], [p for m in theirs.models for p in m.parameters()]
+    ):
         ours_state = opt.state[p]
         theirs_state = next(o.state[q] for o in reference_optimizers if q in o.state)
         assert float(ours_state["step"]) == float(theirs_state["step"]) == 1.0
@@ -140,18 +157,24 @@ def test_intermediate_levels_leave_optimizer_state_untouched():
 
 
 def test_state_dict_round_trips_exactly_and_matches_torch_layout():
-    ours, _, opt, reference_optimizers = run_both("adamw-amsgrad", 2, 2, torch.float32, False, True, "ctx", clip=True, steps=2)
+    ours, _, opt, reference_optimizers = run_both(
+        "adamw-amsgrad", 2, 2, torch.float32, False, True, "ctx", clip=True, steps=2
+    )
     saved = opt.state_dict()
     assert set(saved["state"][0]) == set(reference_optimizers[0].state_dict()["state"][0])
     clone = copy.deepcopy(ours)
-    other = kpg.KPGOptimizer(clone.models, k=1, optimizer="adamw", lr=[1.0, 1.0], max_grad_norm=None, weight_decay=0.05, amsgrad=True)
+    other = kpg.KPGOptimizer(
+        clone.models, k=1, optimizer="adamw", lr=[1.0, 1.0], max_grad_norm=None, weight_decay=0.05, amsgrad=True
+    )
     other.load_state_dict(saved)
     assert other.k == 2
     assert [g["lr"] for g in other.param_groups] == [g["lr"] for g in opt.param_groups]
     for _ in range(2):
         opt.step(ours.closure_with_context)
         other.step(clone.closure_with_context)
-    for p, q in zip([p for m in ours.models for p in m.parameters()], [p for m in clone.models for p in m.parameters()]):
+    for p, q in zip(
+        [p for m in ours.models for p in m.parameters()], [p for m in clone.models for p in m.parameters()]
+    ):
         assert torch.equal(p, q)
     resaved = other.state_dict()
     for index, entry in opt.state_dict()["state"].items():

@@ -145,18 +145,45 @@ SCHEDULERS = {
     "step": ("sgd", dict(momentum=0.9), lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)),
     "lambda": ("adam", {}, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s))),
     "one-cycle-adam": ("adam", {}, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)),
-    "one-cycle-sgd": ("sgd", dict(momentum=0.9), lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)),
-    "one-cycle-rmsprop": ("rmsprop", dict(momentum=0.5),
-                          lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10)),
-    "cyclic-momentum-sgd": ("sgd", dict(momentum=0.9), lambda o: torch.optim.lr_scheduler.CyclicLR(
-        o, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum=True)),
-    "cyclic-betas-adam": ("adam", {}, lambda o: torch.optim.lr_scheduler.CyclicLR(
-        o, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum=True)),
-    "chained": ("adam", {}, lambda o: torch.optim.lr_scheduler.ChainedScheduler(
-        [torch.optim.lr_scheduler.ExponentialLR(o, 0.9), torch.optim.lr_scheduler.StepLR(o, 3, 0.5)])),
-    "sequential": ("sgd", {}, lambda o: torch.optim.lr_scheduler.SequentialLR(
-        o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.8)],
-        milestones=[2])),
+    "one-cycle-sgd": (
+        "sgd",
+        dict(momentum=0.9),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+    ),
+    "one-cycle-rmsprop": (
+        "rmsprop",
+        dict(momentum=0.5),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10),
+    ),
+    "cyclic-momentum-sgd": (
+        "sgd",
+        dict(momentum=0.9),
+        lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum=True),
+    ),
+    "cyclic-betas-adam": (
+        "adam",
+        {},
+        lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3, cycle_momentum=True),
+    ),
+    "chained": (
+        "adam",
+        {},
+        lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+            [torch.optim.lr_scheduler.ExponentialLR(o, 0.9), torch.optim.lr_scheduler.StepLR(o, 3, 0.5)]
+        ),
+    ),
+    "sequential": (
+        "sgd",
+        {},
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [
+                torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2),
+                torch.optim.lr_scheduler.ExponentialLR(o, 0.8),
+            ],
+            milestones=[2],
+        ),
+    ),
 }
 
 
@@ -178,9 +205,10 @@ def test_schedulers_drive_lr_momentum_and_betas(case, dtype, device):
 @DTYPES
 def test_reduce_lr_on_plateau(dtype):
     problem = Problem("adam", dtype, lr=0.1)
-    schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5)
-                  for o in (problem.kpg, problem.torch)]
-    for step in range(6):
+    schedulers = [
+        torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5) for o in (problem.kpg, problem.torch)
+    ]
+    for _ in range(6):
         problem.step()
         for s in schedulers:
             s.step(1.0)  # no improvement: the lr halves
@@ -206,7 +234,11 @@ def test_tensor_lr_with_a_scheduler(case, dtype):
         problem.step()
         for s in schedulers:
             s.step()
-    assert float(problem.kpg.param_groups[0]["lr"]) == float(problem.torch.param_groups[0]["lr"]) == pytest.approx(0.05 / 16)
+    assert (
+        float(problem.kpg.param_groups[0]["lr"])
+        == float(problem.torch.param_groups[0]["lr"])
+        == pytest.approx(0.05 / 16)
+    )
     problem.assert_same(case)
 
 
@@ -250,10 +282,16 @@ def test_state_dicts_carry_settings_and_state_mid_run(case, direction, dtype, de
             assert_close_to_scale(p1.detach(), p2.detach(), RTOL[dtype], what=case)
 
 
-@pytest.mark.parametrize("name,key,state", [
-    ("adam", "amsgrad", "max_exp_avg_sq"), ("rmsprop", "centered", "grad_avg"), ("rmsprop", "momentum", "momentum_buffer"),
-    ("sgd", "momentum", "momentum_buffer"),
-], ids=["adam-amsgrad", "rmsprop-centered", "rmsprop-momentum", "sgd-momentum"])
+@pytest.mark.parametrize(
+    "name,key,state",
+    [
+        ("adam", "amsgrad", "max_exp_avg_sq"),
+        ("rmsprop", "centered", "grad_avg"),
+        ("rmsprop", "momentum", "momentum_buffer"),
+        ("sgd", "momentum", "momentum_buffer"),
+    ],
+    ids=["adam-amsgrad", "rmsprop-centered", "rmsprop-momentum", "sgd-momentum"],
+)
 def test_enabling_a_state_mid_run_creates_its_buffer_for_that_agent(name, key, state):
     """Where torch.optim raises KeyError (amsgrad, RMSprop momentum or centering turned on after the
     state exists) kpg starts the buffer where torch would have started it at construction (zeros);
@@ -263,7 +301,10 @@ def test_enabling_a_state_mid_run_creates_its_buffer_for_that_agent(name, key, s
     for _ in range(2):
         problem.step()
     opt = problem.kpg
-    assert opt._state_buffers[state] is None or not opt._live[:, ops.KERNELS[opt._kernel.name].state_names.index(state)].any()
+    assert (
+        opt._state_buffers[state] is None
+        or not opt._live[:, ops.KERNELS[opt._kernel.name].state_names.index(state)].any()
+    )
     expected = {n: (None if b is None else b.clone()) for n, b in opt._state_buffers.items()}
     param, step, live = opt.arena.param.clone(), opt._step.clone(), opt._live.clone()
     value = True if key in ("amsgrad", "centered") else 0.9
@@ -271,8 +312,9 @@ def test_enabling_a_state_mid_run_creates_its_buffer_for_that_agent(name, key, s
     opt.step(lambda ctx: problem.losses(problem.ours))
     rows = ops.hyper_rows(opt._kernel.name, [opt.param_groups[0], opt.param_groups[1]])
     states = [expected[n] if expected[n] is not None else torch.zeros_like(param) for n in opt._kernel.state_names]
-    reference.UPDATE_OPS[(opt._kernel.name, True)](param, opt.arena.grad, *states, step, live, opt._lr.clone(), rows,
-                                                  None, None, opt.arena.chunks)
+    reference.UPDATE_OPS[(opt._kernel.name, True)](
+        param, opt.arena.grad, *states, step, live, opt._lr.clone(), rows, None, None, opt.arena.chunks
+    )
     assert_close_to_scale(opt.arena.param, param, 1e-12, what="param")
     index = opt._kernel.state_names.index(state)
     assert opt._live[:, index].tolist() == [0, 1]
@@ -312,8 +354,10 @@ def test_k2_edits_match_brute_force(case, device):
     theirs = copy.deepcopy(ours)
     opt = kpg.KPGOptimizer(ours.models, k=2, optimizer=name, lr=[0.05, 0.02], **hyper)
     extra = {"foreach": False} | ({"fused": False} if name in ("adam", "adamw") else {})
-    reference_optimizers = [TORCH_OPTIMIZERS[name](list(m.parameters()), lr=lr, **extra, **hyper)
-                            for m, lr in zip(theirs.models, (0.05, 0.02))]
+    reference_optimizers = [
+        TORCH_OPTIMIZERS[name](list(m.parameters()), lr=lr, **extra, **hyper)
+        for m, lr in zip(theirs.models, (0.05, 0.02))
+    ]
     for step in range(4):
         if step == 2:
             opt.param_groups[1][key] = value
@@ -331,8 +375,9 @@ def test_k_levels_adagrad_match_brute_force(k, device):
     theirs = copy.deepcopy(ours)
     hyper = dict(lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1, eps=1e-8)
     opt = kpg.KPGOptimizer(ours.models, k=k, optimizer="adagrad", lr=0.05, max_grad_norm=0.5, **hyper)
-    reference_optimizers = [torch.optim.Adagrad(list(m.parameters()), lr=0.05, foreach=False, **hyper)
-                            for m in theirs.models]
+    reference_optimizers = [
+        torch.optim.Adagrad(list(m.parameters()), lr=0.05, foreach=False, **hyper) for m in theirs.models
+    ]
     for _ in range(3):
         opt.step(ours.closure_with_context)
         brute_force_step(theirs, reference_optimizers, k, [0.5] * 3)
@@ -393,7 +438,9 @@ def test_joint_ratio_loss_selects_rather_than_multiplies():
     advantages = torch.randn(4, generator=g, dtype=torch.float64)
     for others in ("product", "geometric"):
         for form in ("joint_clip", "weighted"):
-            result = kpg.joint_ratio_loss(log_prob, old, advantages, anticipated, 2, others=others, form=form, mask=mask)
+            result = kpg.joint_ratio_loss(
+                log_prob, old, advantages, anticipated, 2, others=others, form=form, mask=mask
+            )
             assert torch.isfinite(result.loss[:2]).all(), (others, form)
             result.loss[:2].sum().backward()
             assert old.grad is None
@@ -409,7 +456,9 @@ def test_reference_agent_segments_follow_the_rows_of_batched_tables():
     chunks, _ = ops.range_chunk_table(ranges, 2)
     assert [(a, s.start, s.stop) for a, s in reference.agent_segments(chunks, 2)] == sorted(ranges)
     g = torch.Generator().manual_seed(1)
-    base = dict(param=torch.randn(10, dtype=torch.float64, generator=g), grad=torch.randn(10, dtype=torch.float64, generator=g))
+    base = dict(
+        param=torch.randn(10, dtype=torch.float64, generator=g), grad=torch.randn(10, dtype=torch.float64, generator=g)
+    )
     results = []
     for module in (ops, reference):
         param, grad = base["param"].clone(), base["grad"].clone()
@@ -422,7 +471,6 @@ def test_reference_agent_segments_follow_the_rows_of_batched_tables():
     assert_close_to_scale(results[0], results[1], 1e-12)
 
 
-
 @pytest.mark.parametrize("name", sorted(ops.OPTIMIZERS))
 def test_the_kernels_table_has_torch_optims_defaults(name):
     """The defaults kpg learns from csrc/kpg/optimizers.h are torch.optim's, key by key."""
@@ -433,5 +481,6 @@ def test_the_kernels_table_has_torch_optims_defaults(name):
         assert theirs[key] == value, key
     opt = kpg.KPGOptimizer([nn.Linear(2, 2)], k=1, optimizer=name)
     assert {key: opt.defaults[key] for key in theirs if key in opt.defaults} == {
-        key: theirs[key] for key in theirs if key in opt.defaults}
+        key: theirs[key] for key in theirs if key in opt.defaults
+    }
     assert set(opt.state_dict()["param_groups"][0]) >= set(entry.defaults) | {"lr", "max_grad_norm"}

@@ -19,27 +19,109 @@ CONSTRUCTION_ERRORS = [
     ("k-zero", lambda: kpg.KPGOptimizer(two_agents(), k=0), ValueError, r"k must be an int >= 1.*got 0"),
     ("k-float", lambda: kpg.KPGOptimizer(two_agents(), k=1.5), ValueError, r"k must be an int >= 1"),
     ("k-bool", lambda: kpg.KPGOptimizer(two_agents(), k=True), ValueError, r"k must be an int >= 1"),
-    ("unknown-optimizer", lambda: kpg.KPGOptimizer(two_agents(), optimizer="lion"), ValueError, r"unknown optimizer 'lion'; choose one of sgd, adam, adamw, rmsprop"),
-    ("unknown-hyperparameter", lambda: kpg.KPGOptimizer(two_agents(), optimizer="sgd", betas=(0.9, 0.9)), TypeError, r"unknown hyperparameter\(s\) betas for optimizer 'sgd'"),
-    ("float16", lambda: kpg.KPGOptimizer([nn.Linear(2, 2).half()]), TypeError, r"agent 0's parameter 0 has dtype torch.float16; kpg supports float32 and float64"),
-    ("mixed-dtypes", lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2).double()]), ValueError, r"agent 1's parameter 0 is torch.float64 on cpu but the first parameter is torch.float32"),
-    ("mixed-devices", lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")]), ValueError, r"agent 1's parameter 0 .* on meta but the first parameter is .* on cpu; move every agent to one device"),
-    ("parameter-under-two-agents", lambda: (lambda m: kpg.KPGOptimizer([m, [m.weight]]))(nn.Linear(2, 2)), ValueError, r"listed twice \(agents 0 and 1\)"),
+    (
+        "unknown-optimizer",
+        lambda: kpg.KPGOptimizer(two_agents(), optimizer="lion"),
+        ValueError,
+        r"unknown optimizer 'lion'; choose one of sgd, adam, adamw, rmsprop",
+    ),
+    (
+        "unknown-hyperparameter",
+        lambda: kpg.KPGOptimizer(two_agents(), optimizer="sgd", betas=(0.9, 0.9)),
+        TypeError,
+        r"unknown hyperparameter\(s\) betas for optimizer 'sgd'",
+    ),
+    (
+        "float16",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2).half()]),
+        TypeError,
+        r"agent 0's parameter 0 has dtype torch.float16; kpg supports float32 and float64",
+    ),
+    (
+        "mixed-dtypes",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2).double()]),
+        ValueError,
+        r"agent 1's parameter 0 is torch.float64 on cpu but the first parameter is torch.float32",
+    ),
+    (
+        "mixed-devices",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")]),
+        ValueError,
+        r"agent 1's parameter 0 .* on meta but the first parameter is .* on cpu; move every agent to one device",
+    ),
+    (
+        "parameter-under-two-agents",
+        lambda: (lambda m: kpg.KPGOptimizer([m, [m.weight]]))(nn.Linear(2, 2)),
+        ValueError,
+        r"listed twice \(agents 0 and 1\)",
+    ),
     ("no-agents", lambda: kpg.KPGOptimizer([]), ValueError, r"got no agents"),
-    ("agent-without-trainable", lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2).requires_grad_(False)]), ValueError, r"agent 1 has no trainable parameters"),
-    ("lr-length", lambda: kpg.KPGOptimizer(two_agents(), lr=[0.1, 0.2, 0.3]), ValueError, r"lr has 3 entries but there are 2 agents"),
-    ("lr-negative", lambda: kpg.KPGOptimizer(two_agents(), lr=[0.1, -0.2]), ValueError, r"Invalid learning rate -0.2 for agent 1"),
-    ("max-grad-norm-zero", lambda: kpg.KPGOptimizer(two_agents(), max_grad_norm=0.0), ValueError, r"Invalid max_grad_norm 0.0 for agent 0"),
-    ("per-agent-lr-with-sharing", lambda: kpg.KPGOptimizer(nn.Linear(2, 2), lr=[0.1, 0.2]), ValueError, r"lr is per agent but the agents share one network"),
-    ("nonfinite-policy", lambda: kpg.KPGOptimizer(two_agents(), nonfinite="ignore"), ValueError, r"nonfinite must be one of 'raise', 'skip', 'propagate'"),
-    ("beta-one", lambda: kpg.KPGOptimizer(two_agents(), betas=(0.9, 1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0"),
-    ("nesterov-without-momentum", lambda: kpg.KPGOptimizer(two_agents(), optimizer="sgd", nesterov=True), ValueError, r"Nesterov momentum requires a momentum"),
-    ("single-tensor", lambda: kpg.KPGOptimizer(torch.zeros(2, requires_grad=True)), TypeError, r"got a single tensor: wrap it in a list"),
-    ("num-agents-mismatch", lambda: kpg.KPGOptimizer(two_agents(), num_agents=3), ValueError, r"num_agents=3 but 2 agents were given"),
+    (
+        "agent-without-trainable",
+        lambda: kpg.KPGOptimizer([nn.Linear(2, 2), nn.Linear(2, 2).requires_grad_(False)]),
+        ValueError,
+        r"agent 1 has no trainable parameters",
+    ),
+    (
+        "lr-length",
+        lambda: kpg.KPGOptimizer(two_agents(), lr=[0.1, 0.2, 0.3]),
+        ValueError,
+        r"lr has 3 entries but there are 2 agents",
+    ),
+    (
+        "lr-negative",
+        lambda: kpg.KPGOptimizer(two_agents(), lr=[0.1, -0.2]),
+        ValueError,
+        r"Invalid learning rate -0.2 for agent 1",
+    ),
+    (
+        "max-grad-norm-zero",
+        lambda: kpg.KPGOptimizer(two_agents(), max_grad_norm=0.0),
+        ValueError,
+        r"Invalid max_grad_norm 0.0 for agent 0",
+    ),
+    (
+        "per-agent-lr-with-sharing",
+        lambda: kpg.KPGOptimizer(nn.Linear(2, 2), lr=[0.1, 0.2]),
+        ValueError,
+        r"lr is per agent but the agents share one network",
+    ),
+    (
+        "nonfinite-policy",
+        lambda: kpg.KPGOptimizer(two_agents(), nonfinite="ignore"),
+        ValueError,
+        r"nonfinite must be one of 'raise', 'skip', 'propagate'",
+    ),
+    (
+        "beta-one",
+        lambda: kpg.KPGOptimizer(two_agents(), betas=(0.9, 1.0)),
+        ValueError,
+        r"Invalid beta parameter at index 1: 1.0",
+    ),
+    (
+        "nesterov-without-momentum",
+        lambda: kpg.KPGOptimizer(two_agents(), optimizer="sgd", nesterov=True),
+        ValueError,
+        r"Nesterov momentum requires a momentum",
+    ),
+    (
+        "single-tensor",
+        lambda: kpg.KPGOptimizer(torch.zeros(2, requires_grad=True)),
+        TypeError,
+        r"got a single tensor: wrap it in a list",
+    ),
+    (
+        "num-agents-mismatch",
+        lambda: kpg.KPGOptimizer(two_agents(), num_agents=3),
+        ValueError,
+        r"num_agents=3 but 2 agents were given",
+    ),
 ]
 
 
-@pytest.mark.parametrize("build,error,message", [c[1:] for c in CONSTRUCTION_ERRORS], ids=[c[0] for c in CONSTRUCTION_ERRORS])
+@pytest.mark.parametrize(
+    "build,error,message", [c[1:] for c in CONSTRUCTION_ERRORS], ids=[c[0] for c in CONSTRUCTION_ERRORS]
+)
 def test_construction_errors(build, error, message):
     with pytest.raises(error, match=message):
         build()
@@ -59,13 +141,20 @@ class Problem:
     def __init__(self, nonfinite="raise"):
         self.models = two_agents()
         self.inputs = [torch.randn(7, 3), torch.randn(7, 4)]
-        self.optimizer = kpg.KPGOptimizer(self.models, k=3, optimizer="adam", lr=0.01, max_grad_norm=1.0, nonfinite=nonfinite)
+        self.optimizer = kpg.KPGOptimizer(
+            self.models, k=3, optimizer="adam", lr=0.01, max_grad_norm=1.0, nonfinite=nonfinite
+        )
         self.optimizer.step(self.closure)  # non-trivial optimizer state
 
     def losses(self, outputs, anticipated):
         a, b = outputs
         a_anticipated, b_anticipated = anticipated
-        return torch.stack([(a.sum(1) * b_anticipated.squeeze(1)).square().mean(), (a_anticipated.sum(1) - b.squeeze(1)).square().mean()])
+        return torch.stack(
+            [
+                (a.sum(1) * b_anticipated.squeeze(1)).square().mean(),
+                (a_anticipated.sum(1) - b.squeeze(1)).square().mean(),
+            ]
+        )
 
     def closure(self, ctx, fail_at_level=None, failure=None):
         outputs = [m(x) for m, x in zip(self.models, self.inputs)]
@@ -88,7 +177,9 @@ class Problem:
         after = self.snapshot()
         assert all(torch.equal(a, b) for a, b in zip(after["params"], before["params"])), "parameters changed"
         assert after["pointers"] == before["pointers"], "parameters left bound to the anticipated buffer"
-        assert all(a is b for a, b in zip(after["grad_views"], before["grad_views"])), "gradients unbound from the arena"
+        assert all(a is b for a, b in zip(after["grad_views"], before["grad_views"])), (
+            "gradients unbound from the arena"
+        )
         for index, entry in before["state"]["state"].items():
             for name, tensor in entry.items():
                 assert torch.equal(after["state"]["state"][index][name], tensor), f"optimizer state {name} changed"
@@ -100,13 +191,44 @@ def raise_error(_):
 
 STEP_ERRORS = [
     ("closure-raises", raise_error, KeyError, r"user code failed"),
-    ("loss-not-a-tensor", lambda losses: float(losses.detach().sum()), TypeError, r"returned float at level \d; it must return the loss as a tensor"),
-    ("loss-2d", lambda losses: losses.reshape(1, 2), ValueError, r"loss of shape \(1, 2\) at level \d; expected a scalar or one loss per agent, shape \(2,\)"),
-    ("loss-wrong-length", lambda losses: torch.cat([losses, losses]), ValueError, r"returned 4 losses at level \d; expected a scalar or one per agent \(2\)"),
+    (
+        "loss-not-a-tensor",
+        lambda losses: float(losses.detach().sum()),
+        TypeError,
+        r"returned float at level \d; it must return the loss as a tensor",
+    ),
+    (
+        "loss-2d",
+        lambda losses: losses.reshape(1, 2),
+        ValueError,
+        r"loss of shape \(1, 2\) at level \d; expected a scalar or one loss per agent, shape \(2,\)",
+    ),
+    (
+        "loss-wrong-length",
+        lambda losses: torch.cat([losses, losses]),
+        ValueError,
+        r"returned 4 losses at level \d; expected a scalar or one per agent \(2\)",
+    ),
     ("loss-integer", lambda losses: losses.long(), TypeError, r"returned a torch.int64 loss"),
-    ("loss-without-gradient", lambda losses: losses.detach(), ValueError, r"does not depend on any agent's base parameters"),
-    ("loss-nan", lambda losses: losses * torch.tensor([1.0, math.nan]), FloatingPointError, r"agent 1's loss is not finite at level \d; the step was rolled back and nothing changed; pass nonfinite='skip'"),
-    ("gradient-inf", lambda losses: losses + torch.tensor([0.0, 1.0]) * infinite_slope_at_agent_1(), FloatingPointError, r"agent 1's gradient is not finite at level \d; the step was rolled back"),
+    (
+        "loss-without-gradient",
+        lambda losses: losses.detach(),
+        ValueError,
+        r"does not depend on any agent's base parameters",
+    ),
+    (
+        "loss-nan",
+        lambda losses: losses * torch.tensor([1.0, math.nan]),
+        FloatingPointError,
+        r"agent 1's loss is not finite at level \d; the step was rolled back and nothing changed; pass "
+        r"nonfinite='skip'",
+    ),
+    (
+        "gradient-inf",
+        lambda losses: losses + torch.tensor([0.0, 1.0]) * infinite_slope_at_agent_1(),
+        FloatingPointError,
+        r"agent 1's gradient is not finite at level \d; the step was rolled back",
+    ),
 ]
 
 _current = {}
@@ -130,7 +252,9 @@ def test_failed_step_changes_nothing_and_the_next_step_works(failure, error, mes
     problem.assert_unchanged(before)
     problem.optimizer.step(problem.closure)
     twin.optimizer.step(twin.closure)
-    for p, q in zip([p for m in problem.models for p in m.parameters()], [p for m in twin.models for p in m.parameters()]):
+    for p, q in zip(
+        [p for m in problem.models for p in m.parameters()], [p for m in twin.models for p in m.parameters()]
+    ):
         assert torch.equal(p, q), "the step after a failure differs from an undisturbed step"
 
 

@@ -39,9 +39,13 @@ class Problem:
     def __repr__(self) -> str:
         a = self.arena
         sizes = [end - begin for begin, end in zip(a.offsets, a.offsets[1:])]
-        optional = {name: None if t is None else t.tolist() for name, t in (("grad_scale", a.grad_scale), ("skip", a.skip))}
-        return (f"Problem({self.kind} {'commit' if self.commit else 'anticipate'} {a.param.dtype} {self.hyper} "
-                f"sizes={sizes} chunk_elems={self.chunk_elems} steps={a.step.tolist()} lr={a.lr.tolist()} {optional})")
+        optional = {
+            name: None if t is None else t.tolist() for name, t in (("grad_scale", a.grad_scale), ("skip", a.skip))
+        }
+        return (
+            f"Problem({self.kind} {'commit' if self.commit else 'anticipate'} {a.param.dtype} {self.hyper} "
+            f"sizes={sizes} chunk_elems={self.chunk_elems} steps={a.step.tolist()} lr={a.lr.tolist()} {optional})"
+        )
 
 
 @st.composite
@@ -69,8 +73,9 @@ def _run(module, problem: Problem, arena: Arena) -> dict[str, torch.Tensor]:
     if problem.commit:
         module.UPDATE_OPS[(problem.kind, True)](**arena.commit_args(), **rows(problem.kind, problem.hyper, arena.step))
     else:
-        module.UPDATE_OPS[(problem.kind, False)](**arena.anticipate_args(anticipated),
-                                                  **rows(problem.kind, problem.hyper, arena.step))
+        module.UPDATE_OPS[(problem.kind, False)](
+            **arena.anticipate_args(anticipated), **rows(problem.kind, problem.hyper, arena.step)
+        )
     return {**arena.tensors(), "anticipated": anticipated}
 
 
@@ -99,9 +104,12 @@ def test_anticipate_writes_what_commit_would_and_nothing_else(problem):
     before = copy.deepcopy(problem.arena)
     anticipating, committing = copy.deepcopy(before), copy.deepcopy(before)
     anticipated = torch.full_like(before.param, 123.0)
-    ops.UPDATE_OPS[(problem.kind, False)](**anticipating.anticipate_args(anticipated),
-                                          **rows(problem.kind, problem.hyper, anticipating.step))
-    ops.UPDATE_OPS[(problem.kind, True)](**committing.commit_args(), **rows(problem.kind, problem.hyper, committing.step))
+    ops.UPDATE_OPS[(problem.kind, False)](
+        **anticipating.anticipate_args(anticipated), **rows(problem.kind, problem.hyper, anticipating.step)
+    )
+    ops.UPDATE_OPS[(problem.kind, True)](
+        **committing.commit_args(), **rows(problem.kind, problem.hyper, committing.step)
+    )
     assert torch.equal(_bits(anticipated), _bits(committing.param))
     for name, value in anticipating.tensors().items():
         assert torch.equal(_bits(value), _bits(before.tensors()[name])), f"anticipate changed {name}"
@@ -121,12 +129,22 @@ def test_agent_grad_norms_match_reference(sizes, dtype, chunk_elems, clip, seed)
     max_norm = torch.rand(a, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 40 if clip else None
     outputs = []
     for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(chunk_sq=torch.full((chunks.shape[0],), -1.0, dtype=torch.float64),
-                   norm=torch.full((a,), -1.0, dtype=torch.float64),
-                   grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
-                   nonfinite=torch.full((a,), 7, dtype=torch.uint8))
-        impl(arena.grad, chunks, agent_chunks, out["chunk_sq"], max_norm, out["norm"], out["grad_scale"],
-             out["nonfinite"])
+        out = dict(
+            chunk_sq=torch.full((chunks.shape[0],), -1.0, dtype=torch.float64),
+            norm=torch.full((a,), -1.0, dtype=torch.float64),
+            grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
+            nonfinite=torch.full((a,), 7, dtype=torch.uint8),
+        )
+        impl(
+            arena.grad,
+            chunks,
+            agent_chunks,
+            out["chunk_sq"],
+            max_norm,
+            out["norm"],
+            out["grad_scale"],
+            out["nonfinite"],
+        )
         outputs.append(out)
     for name in outputs[0]:
         assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)

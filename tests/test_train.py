@@ -25,8 +25,16 @@ SMALL_MAPPO = MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,))
 
 
 def small_config(tmp_path: Path, **changes) -> TrainConfig:
-    base = TrainConfig(steps=200, copies=4, logdir=tmp_path, progress=False, tensorboard=False, eval_episodes=2,
-                       checkpoint_every=1, mappo=SMALL_MAPPO)
+    base = TrainConfig(
+        steps=200,
+        copies=4,
+        logdir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        eval_episodes=2,
+        checkpoint_every=1,
+        mappo=SMALL_MAPPO,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -163,10 +171,19 @@ def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous, device
         for name in expected:
             assert actual[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), name
     torch.manual_seed(0)  # the trainers' seed: the actors are the first thing they build
-    initial = AgentActors("per_agent", 3, per_agent.pool.spaces.obs_size, per_agent.pool.spaces.action_size,
-                          SMALL_MAPPO.hidden, SMALL_MAPPO.activation, 0.01).to(device)
+    initial = AgentActors(
+        "per_agent",
+        3,
+        per_agent.pool.spaces.obs_size,
+        per_agent.pool.spaces.action_size,
+        SMALL_MAPPO.hidden,
+        SMALL_MAPPO.activation,
+        0.01,
+    ).to(device)
     moved = 0.0
-    for start, expected, actual in zip(initial, per_agent.actor.per_agent_networks(), batched.actor.per_agent_networks()):
+    for start, expected, actual in zip(
+        initial, per_agent.actor.per_agent_networks(), batched.actor.per_agent_networks()
+    ):
         for p0, p, q in zip(start.parameters(), expected.parameters(), actual.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
             moved = max(moved, (p - p0).abs().max().item())
@@ -188,10 +205,24 @@ def test_mappo_batched_actors_equal_per_agent_actors(float64, continuous, device
         dict(k=3, mappo=dataclasses.replace(SMALL_MAPPO, share_actor=False)),
         dict(k=2, env_options={"continuous": "true"}),
         dict(k=2, env=TOY, agents=None),
-        dict(k=2, env=TOY, agents=None, env_options={"continuous": "true"}, mappo=dataclasses.replace(SMALL_MAPPO, share_actor=False)),
+        dict(
+            k=2,
+            env=TOY,
+            agents=None,
+            env_options={"continuous": "true"},
+            mappo=dataclasses.replace(SMALL_MAPPO, share_actor=False),
+        ),
         dict(k=2, k_until=100),
     ],
-    ids=["k1", "k2", "k3-per-agent-actors", "k2-continuous", "k2-uneven-agents", "k2-uneven-continuous-per-agent", "k-schedule"],
+    ids=[
+        "k1",
+        "k2",
+        "k3-per-agent-actors",
+        "k2-continuous",
+        "k2-uneven-agents",
+        "k2-uneven-continuous-per-agent",
+        "k-schedule",
+    ],
 )
 def test_smoke_run_writes_logs_checkpoint_and_summary(tmp_path, monkeypatch, changes):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -208,7 +239,10 @@ def test_smoke_run_writes_logs_checkpoint_and_summary(tmp_path, monkeypatch, cha
     assert state["trainer"]["env_steps"] == 200
     if config.k_until is not None:  # 100 environment steps are the first update: k=2 there, then k=1
         ks = [row["k"] for row in csv.DictReader(rows)]
-        assert ks == ["2", "1"] and state["trainer"]["k_schedule"]["steps_done"] == 2 * SMALL_MAPPO.epochs * SMALL_MAPPO.minibatches
+        assert (
+            ks == ["2", "1"]
+            and state["trainer"]["k_schedule"]["steps_done"] == 2 * SMALL_MAPPO.epochs * SMALL_MAPPO.minibatches
+        )
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
@@ -251,7 +285,7 @@ def test_cli_config_file_sets_defaults_and_flags_override(tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text(
         f'steps = 100\ncopies = 2\nk = 1\nlogdir = "{tmp_path}"\nname = "from-file"\ntensorboard = false\n'
-        'eval_episodes = 0\nprogress = false\n[mappo]\nrollout = 25\nhidden = [8]\nepochs = 1\n'
+        "eval_episodes = 0\nprogress = false\n[mappo]\nrollout = 25\nhidden = [8]\nepochs = 1\n"
     )
     cli_main(["train", "--config", str(config_file), "--k", "2"])
     saved = json.loads((tmp_path / "from-file" / "config.json").read_text())
@@ -268,8 +302,13 @@ def test_python_dash_m_kpg_prints_usage():
 
 
 def test_compare_writes_table_plot_and_json(tmp_path):
-    config = CompareConfig(ks=(1, 2), seeds=(0, 1), workers=1, out=tmp_path / "cmp",
-                           train=small_config(tmp_path, eval_episodes=0, checkpoint_every=0))
+    config = CompareConfig(
+        ks=(1, 2),
+        seeds=(0, 1),
+        workers=1,
+        out=tmp_path / "cmp",
+        train=small_config(tmp_path, eval_episodes=0, checkpoint_every=0),
+    )
     results = compare(config)
     assert set(results["by_k"]) == {1, 2}
     assert len(results["by_k"][2]["actor_level_seconds"]) == 2

@@ -66,13 +66,17 @@ class MonotonicMixer(nn.Module):
     def __init__(self, num_agents: int, state_size: int, embed: int = 32, hypernet_embed: int = 64):
         super().__init__()
         if embed < 1 or hypernet_embed < 1:
-            raise ValueError(f"mixer embeddings must be positive, got mixer_embed={embed}, hypernet_embed={hypernet_embed}")
+            raise ValueError(
+                f"mixer embeddings must be positive, got mixer_embed={embed}, hypernet_embed={hypernet_embed}"
+            )
         self.num_agents, self.embed = num_agents, embed
         self.hyper_w1 = nn.Sequential(
             nn.Linear(state_size, hypernet_embed), nn.ReLU(), nn.Linear(hypernet_embed, num_agents * embed)
         )
         self.hyper_b1 = nn.Linear(state_size, embed)
-        self.hyper_w2 = nn.Sequential(nn.Linear(state_size, hypernet_embed), nn.ReLU(), nn.Linear(hypernet_embed, embed))
+        self.hyper_w2 = nn.Sequential(
+            nn.Linear(state_size, hypernet_embed), nn.ReLU(), nn.Linear(hypernet_embed, embed)
+        )
         self.value = nn.Sequential(nn.Linear(state_size, embed), nn.ReLU(), nn.Linear(embed, 1))
 
     def forward(self, utilities: Tensor, state: Tensor) -> Tensor:
@@ -81,7 +85,8 @@ class MonotonicMixer(nn.Module):
         batch = state.shape[0]
         if utilities.shape[-2:] != (batch, self.num_agents):
             raise ValueError(
-                f"utilities must be [..., {batch}, {self.num_agents}] for this state batch, got {tuple(utilities.shape)}"
+                f"utilities must be [..., {batch}, {self.num_agents}] for this state batch, got "
+                f"{tuple(utilities.shape)}"
             )
         w1 = self.hyper_w1(state).abs().view(batch, self.num_agents, self.embed)
         hidden = nn.functional.elu(torch.einsum("...ba,bae->...be", utilities, w1) + self.hyper_b1(state))

@@ -75,8 +75,14 @@ class MADDPGTrainer(OffPolicyTrainer):
     def _build_critic(self) -> None:
         spaces = self.spaces
         joint_action = self.num_agents * spaces.action_size
-        self.critic = kpg_nn.AgentMLP(self.num_agents, spaces.state_size + joint_action, 1, self.config.hidden,
-                                      self.config.critic_activation, device=self.device)
+        self.critic = kpg_nn.AgentMLP(
+            self.num_agents,
+            spaces.state_size + joint_action,
+            1,
+            self.config.hidden,
+            self.config.critic_activation,
+            device=self.device,
+        )
 
     def q_values(self, critic: kpg_nn.AgentMLP, state: Tensor, joint_actions: Tensor) -> Tensor:
         """Every agent's Q [agents, batch] from global states [batch, state_size] and joint actions

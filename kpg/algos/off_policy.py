@@ -71,8 +71,7 @@ class OffPolicyTrainer(abc.ABC):
     # The entries of state_dict() that are each data-parallel rank's own; the rest is alike on every rank.
     RANK_STATE = ("replay", "generator", "noise_generator")
 
-    def __init__(self, pool: EnvPool, config, k: int, k_until: int | None, device: str, seed: int,
-                 process_group=None):
+    def __init__(self, pool: EnvPool, config, k: int, k_until: int | None, device: str, seed: int, process_group=None):
         """``k_until``: environment steps after which the actor drops to k=1; None keeps ``k``.
         ``process_group``: train data-parallel with the other ranks (module docstring); each steps
         its own ``pool``, and ``env_steps`` counts every rank's."""
@@ -82,7 +81,8 @@ class OffPolicyTrainer(abc.ABC):
         run = RunContext(process_group)
         if config.batch_size % run.world_size:
             raise ValueError(
-                f"batch_size {config.batch_size} cannot be split evenly over {run.world_size} ranks; pass a multiple of "
+                f"batch_size {config.batch_size} cannot be split evenly over {run.world_size} ranks; pass a multiple "
+                "of "
                 f"{run.world_size} (every rank samples an equal share of each minibatch)"
             )
         torch.manual_seed(seed)
@@ -110,15 +110,21 @@ class OffPolicyTrainer(abc.ABC):
                 )
             self.action_low, self.action_high = spaces.action_low, spaces.action_high
         layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
-        self.actor = AgentActors(layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation,
-                                 output_gain=0.01).to(self.device)
+        self.actor = AgentActors(
+            layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation, output_gain=0.01
+        ).to(self.device)
         self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
         self._build_critic()
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
         actor_agents, layout_arguments = self.actor.optimizer_arguments()
         self.actor_optimizer = KPGOptimizer(
-            actor_agents, k=k, optimizer="adam", lr=c.actor_lr, max_grad_norm=c.max_grad_norm, **layout_arguments,
+            actor_agents,
+            k=k,
+            optimizer="adam",
+            lr=c.actor_lr,
+            max_grad_norm=c.max_grad_norm,
+            **layout_arguments,
             process_group=process_group,
         )
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
@@ -232,8 +238,12 @@ class OffPolicyTrainer(abc.ABC):
         if self.env_steps >= self.config.learning_starts:
             metrics.update(self._update())
         self.updates += 1
-        metrics.update(gradient_steps=self.gradient_steps, buffer_size=len(self.buffer), k=self.actor_optimizer.k,
-                       episodes=len(episodes))
+        metrics.update(
+            gradient_steps=self.gradient_steps,
+            buffer_size=len(self.buffer),
+            k=self.actor_optimizer.k,
+            episodes=len(episodes),
+        )
         if episodes:
             metrics["episode_return"] = float(np.mean([e["return"] for e in episodes]))
             metrics["episode_length"] = float(np.mean([e["length"] for e in episodes]))
@@ -329,7 +339,11 @@ class OffPolicyTrainer(abc.ABC):
         self.buffer.load_state_dict(state["replay"])
         self.generator.bit_generator.state = state["generator"]
         self.noise_generator.set_state(state["noise_generator"])
-        self.env_steps, self.updates, self.gradient_steps = state["env_steps"], state["updates"], state["gradient_steps"]
+        self.env_steps, self.updates, self.gradient_steps = (
+            state["env_steps"],
+            state["updates"],
+            state["gradient_steps"],
+        )
 
     def actor_level_seconds(self) -> list[float]:
         """Seconds of the actor update per KPG level since construction (closure, backward, kernels)."""

@@ -32,7 +32,9 @@ def _mpe2(scenario: str, **options: Any) -> EnvFactory:
     try:
         module = importlib.import_module(f"mpe2.{scenario}")
     except ImportError as error:
-        raise ValueError(f"unknown mpe2 scenario {scenario!r} ({error}); e.g. simple_spread_v3, simple_reference_v3") from None
+        raise ValueError(
+            f"unknown mpe2 scenario {scenario!r} ({error}); e.g. simple_spread_v3, simple_reference_v3"
+        ) from None
     return lambda: module.parallel_env(**options)
 
 
@@ -172,7 +174,11 @@ class EnvPool:
     def state_dict(self) -> dict[str, Any]:
         """The episode seeds. Environments cannot be saved in general, so a pool loading this
         restarts each copy's current episode from its seed: exact when :attr:`at_episode_start`."""
-        return {"seed": self.seed, "episodes_started": self.episodes_started, "episode_seeds": list(self._episode_seeds)}
+        return {
+            "seed": self.seed,
+            "episodes_started": self.episodes_started,
+            "episode_seeds": list(self._episode_seeds),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["episode_seeds"]) != self.copies:
@@ -193,8 +199,10 @@ class EnvPool:
         n = spaces.num_agents
         expected = (self.copies, n) if spaces.discrete else (self.copies, n, spaces.action_size)
         if np.shape(actions) != expected:
-            raise ValueError(f"EnvPool.step got actions of shape {np.shape(actions)}; expected {expected} "
-                             "(copies, agents" + (")" if spaces.discrete else ", action size)"))
+            raise ValueError(
+                f"EnvPool.step got actions of shape {np.shape(actions)}; expected {expected} "
+                "(copies, agents" + (")" if spaces.discrete else ", action size)")
+            )
         reward = np.zeros((self.copies, n), dtype=np.float32)
         done = np.zeros((self.copies, n), dtype=np.float32)
         terminated = np.zeros((self.copies, n), dtype=np.float32)
@@ -238,8 +246,18 @@ class EnvPool:
                 self._episode_return[c] = 0.0
                 self._episode_length[c] = 0
                 self._reset_copy(c)
-        return StepResult(self.obs.copy(), self.state.copy(), reward, done, terminated, self.alive.copy(), next_obs,
-                          next_state, next_present, finished)
+        return StepResult(
+            self.obs.copy(),
+            self.state.copy(),
+            reward,
+            done,
+            terminated,
+            self.alive.copy(),
+            next_obs,
+            next_state,
+            next_present,
+            finished,
+        )
 
     def _reset_copy(self, c: int, episode_seed: int | None = None) -> None:
         if episode_seed is None:
@@ -260,7 +278,8 @@ class EnvPool:
         flat = np.asarray(value, dtype=np.float32).reshape(-1)
         if flat.size != self.spaces.obs_sizes[agent]:
             raise ValueError(
-                f"agent {self.spaces.names[agent]!r} got an observation of shape {np.shape(value)} ({flat.size} values) but its "
+                f"agent {self.spaces.names[agent]!r} got an observation of shape {np.shape(value)} ({flat.size} "
+                "values) but its "
                 f"observation space has {self.spaces.obs_sizes[agent]}; fix the environment's observation or its "
                 "observation_space so they agree"
             )
@@ -290,7 +309,9 @@ def _agent_spaces(env: Any, names: list[str]) -> AgentSpaces:
     for name in names:
         obs_space, action_space = env.observation_space(name), env.action_space(name)
         if not isinstance(obs_space, gym_spaces.Box):
-            raise TypeError(f"agent {name}: observation space {obs_space} is not a Box; kpg trainers take flat vector observations")
+            raise TypeError(
+                f"agent {name}: observation space {obs_space} is not a Box; kpg trainers take flat vector observations"
+            )
         obs_sizes.append(int(np.prod(obs_space.shape)))
         if isinstance(action_space, gym_spaces.Discrete):
             kinds.add("discrete")

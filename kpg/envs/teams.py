@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 
+
 def magent2_factory(task: str, team: str | None = None, opponent: str = "random", **options: Any) -> Callable[[], Any]:
     opponent_policy = _opponent_policy(opponent)
     try:
         module = importlib.import_module(f"magent2.environments.{task}")
     except ImportError as error:
-        raise ImportError(f"MAgent2 task {task!r} is unavailable ({error}); pip install magent2, tasks like battle_v4") from None
+        raise ImportError(
+            f"MAgent2 task {task!r} is unavailable ({error}); pip install magent2, tasks like battle_v4"
+        ) from None
     return lambda: TeamControl(module.parallel_env(**options), team, opponent_policy)
 
 
