@@ -132,7 +132,8 @@ def train(settings: Settings, k: int | None) -> dict:
     for data in collector:
         # VMAS's done flags are the copy's: expanded over the agents, as the value estimator expects.
         for key in ("done", "terminated"):
-            data.set(("next", key), data.get(("next", key)).unsqueeze(-1).expand(data.get(("next", env.reward_key)).shape))
+            expanded = data.get(("next", key)).unsqueeze(-1).expand(data.get(("next", env.reward_key)).shape)
+            data.set(("next", key), expanded)
         with torch.no_grad():
             loss_module.value_estimator(data, params=loss_module.critic_network_params,
                                         target_params=loss_module.target_critic_network_params)
@@ -163,7 +164,8 @@ def train(settings: Settings, k: int | None) -> dict:
                 critic_optim.step()
         collector.update_policy_weights_()
         done = data.get(("next", "done"))
-        rewards.append(data.get(("next", "agents", "episode_reward"))[done].mean().item() if done.any() else float("nan"))
+        episode_reward = data.get(("next", "agents", "episode_reward"))
+        rewards.append(episode_reward[done].mean().item() if done.any() else float("nan"))
     collector.shutdown()
     return {"policy": {n: p.detach().clone() for n, p in policy.named_parameters()},
             "critic": {n: p.detach().clone() for n, p in critic.named_parameters()}, "rewards": rewards}

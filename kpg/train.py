@@ -42,7 +42,8 @@ class TrainConfig:
     """One training run. Flags override the config file (``--config``), which overrides these defaults."""
 
     algo: Literal["mappo", "maddpg", "facmac"] = "mappo"
-    env: str = "simple_spread"  # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, vmas:SCENARIO, module:callable
+    # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, vmas:SCENARIO, module:callable
+    env: str = "simple_spread"
     agents: int | None = 3  # number of agents, for environments that take one (simple_spread, vmas:SCENARIO)
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
@@ -81,7 +82,8 @@ class TrainConfig:
 
     def env_factory(self):
         if self.env.startswith((SMAX_PREFIX, VMAS_PREFIX)):
-            raise ValueError(f"{self.env} is a vectorized environment without a PettingZoo factory; build it with make_pool")
+            raise ValueError(f"{self.env} is a vectorized environment without a PettingZoo factory; "
+                             "build it with make_pool")
         return make_env_factory(self.env, **self.env_options_parsed())
 
     def make_pool(self, copies: int, seed: int, device: str | None = None):
@@ -283,7 +285,8 @@ def _trainer_state_of_rank(trainer, shared: dict[str, Any], rank_states: list[di
 def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
     """Mean return of ``episodes`` episodes with the greedy policy, on fresh environment copies."""
     copies, seed = min(episodes, config.copies), 10_000 + config.seed
-    pool = config.make_pool(copies, seed) if config.env.startswith(VMAS_PREFIX) else EnvPool(config.env_factory(), copies, seed)
+    vmas = config.env.startswith(VMAS_PREFIX)
+    pool = config.make_pool(copies, seed) if vmas else EnvPool(config.env_factory(), copies, seed)
     returns: list[float] = []
     while len(returns) < episodes:
         returns += [e["return"] for e in pool.step(trainer.act(pool.obs, deterministic=True)).finished]

@@ -38,6 +38,7 @@ def make_pool(name: str, copies: int, seed: int, **options: Any):
 
 
 __all__ = [
-    "OPPONENTS", "SMAX_PREFIX", "VMAS_PREFIX", "AgentSpaces", "EnvFactory", "EnvPool", "OpponentPolicy", "StepResult", "TeamControl",
+    "OPPONENTS", "SMAX_PREFIX", "VMAS_PREFIX",
+    "AgentSpaces", "EnvFactory", "EnvPool", "OpponentPolicy", "StepResult", "TeamControl",
     "make_env_factory", "make_pool", "random_opponent",
 ]

@@ -97,7 +97,8 @@ class VMASPool:
             raise ValueError(f"unknown VMAS scenario {scenario!r}; e.g. vmas:navigation, vmas:balance, vmas:transport, "
                              f"vmas:simple_spread (all: {', '.join(sorted(available_scenarios()))})")
         self.env = vmas.make_env(scenario, num_envs=copies, device=self.device, continuous_actions=continuous,
-                                 max_steps=max_steps, seed=seed, clamp_actions=True, terminated_truncated=True, **kwargs)
+                                 max_steps=max_steps, seed=seed, clamp_actions=True, terminated_truncated=True,
+                                 **kwargs)
         env = self.env
         names = [agent.name for agent in env.agents]
         n = len(names)
