@@ -120,7 +120,7 @@ def vmas_config(scenario: str, tmp_path, **changes) -> TrainConfig:
 
 
 @needs_vmas
-def test_rollout_stays_tensors_and_bootstraps_the_time_limit(tmp_path):
+def test_the_rollout_stays_tensors(tmp_path):
     config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
     pool, trainer = build_trainer(config)
     batch, episodes = trainer._collect()
