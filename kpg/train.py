@@ -30,7 +30,7 @@ from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
 from kpg.algos.run_context import RunContext
 from kpg.checkpoint import load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
-from kpg.envs import SMAX_PREFIX, EnvPool, make_env_factory, make_pool
+from kpg.envs import SMAX_PREFIX, VMAS_PREFIX, EnvPool, make_env_factory, make_pool
 
 RECENT_EPISODES = 20
 
@@ -40,9 +40,10 @@ class TrainConfig:
     """One training run. Flags override the config file (``--config``), which overrides these defaults."""
 
     algo: Literal["mappo", "maddpg", "facmac"] = "mappo"
-    # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, smax:MAP (kpg[smax]), module:callable
+    # simple_spread, mpe2:SCENARIO, mamujoco:SCENARIO-CONF, magent2:TASK, smax:MAP (kpg[smax]),
+    # vmas:SCENARIO (kpg[vmas]), module:callable
     env: str = "simple_spread"
-    agents: int | None = 3  # number of agents, for environments that take one (simple_spread)
+    agents: int | None = 3  # number of agents, for environments that take one (simple_spread, vmas:SCENARIO)
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
     k_until: int | None = None  # environment steps after which k drops to 1
@@ -74,18 +75,23 @@ class TrainConfig:
 
     def env_options_parsed(self) -> dict[str, Any]:
         options: dict[str, Any] = {key: _parse_scalar(value) for key, value in self.env_options.items()}
-        if self.agents is not None and self.env == "simple_spread":
+        if self.agents is not None and (self.env == "simple_spread" or self.env.startswith(VMAS_PREFIX)):
             options.setdefault("agents", self.agents)
         return options
 
     def env_factory(self):
-        if self.env.startswith(SMAX_PREFIX):
-            raise ValueError(f"{self.env} is a JAX environment without a PettingZoo factory; build it with make_pool")
+        if self.env.startswith((SMAX_PREFIX, VMAS_PREFIX)):
+            raise ValueError(f"{self.env} is a vectorized environment without a PettingZoo factory; "
+                             "build it with make_pool")
         return make_env_factory(self.env, **self.env_options_parsed())
 
-    def make_pool(self, copies: int, seed: int):
-        """``copies`` copies of the environment (an EnvPool, or a SMAXPool for smax:MAP)."""
-        return make_pool(self.env, copies, seed, **self.env_options_parsed())
+    def make_pool(self, copies: int, seed: int, device: str | None = None):
+        """``copies`` copies of the environment (an EnvPool, a SMAXPool for smax:MAP, or a VMASPool for
+        vmas:SCENARIO, whose tensors live on ``device``, default ``self.device``)."""
+        options = self.env_options_parsed()
+        if self.env.startswith(VMAS_PREFIX):
+            options.setdefault("device", device or self.device)
+        return make_pool(self.env, copies, seed, **options)
 
 
 def _config_as_data(config: TrainConfig) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
     random.seed(config.seed)
     np.random.seed(config.seed)
     trainer_class, extra = _trainer_class(config)
-    pool = config.make_pool(run.local_copies(config.copies), run.rank_seed(config.seed))
+    pool = config.make_pool(run.local_copies(config.copies), run.rank_seed(config.seed), run.device(config.device))
     distributed = {"process_group": run.group} if run.distributed else {}
     trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, run.device(config.device),
                             config.seed, **distributed, **extra)
@@ -226,7 +232,12 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
 
 
 def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
-    """The trainer class and its extra arguments: the recurrent MAPPO trainer (SMAX) or ALGORITHMS'."""
+    """The trainer class and its extra arguments: the recurrent MAPPO trainer (SMAX), the tensor-rollout
+    one (VMAS) or ALGORITHMS'."""
+    vmas = config.env.startswith(VMAS_PREFIX)
+    if vmas and (config.algo != "mappo" or config.mappo.recurrent):
+        raise ValueError(f"{config.env}: VMAS environments train with --algo mappo, not recurrent (the tensor rollout "
+                         "of kpg.algos.mappo_vectorized); K-MADDPG and K-FACMAC do not read VMAS pools yet")
     recurrent = config.algo == "mappo" and config.mappo.recurrent
     if recurrent:
         from kpg.algos.mappo_recurrent import RecurrentMAPPOTrainer
@@ -244,6 +255,10 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
         if recurrent_only:
             raise ValueError(f"--mappo.{recurrent_only[0].replace('_', '-')} is an option of the recurrent trainer; "
                              "add --mappo.recurrent (SMAX) or leave it at its default")
+    if vmas:
+        from kpg.algos.mappo_vectorized import VectorizedMAPPOTrainer
+
+        return VectorizedMAPPOTrainer, {}
     return ALGORITHMS[config.algo], {}
 
 
@@ -268,7 +283,9 @@ def _trainer_state_of_rank(trainer, shared: dict[str, Any], rank_states: list[di
 
 def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
     """Mean return of ``episodes`` episodes with the greedy policy, on fresh environment copies."""
-    pool = EnvPool(config.env_factory(), min(episodes, config.copies), seed=10_000 + config.seed)
+    copies, seed = min(episodes, config.copies), 10_000 + config.seed
+    vmas = config.env.startswith(VMAS_PREFIX)
+    pool = config.make_pool(copies, seed) if vmas else EnvPool(config.env_factory(), copies, seed)
     returns: list[float] = []
     while len(returns) < episodes:
         returns += [e["return"] for e in pool.step(trainer.act(pool.obs, deterministic=True)).finished]

@@ -5,9 +5,11 @@ observations and actions in fixed-shape arrays.
   task names (:func:`make_env_factory`);
 - :mod:`kpg.envs.teams`: one team of a MAgent2 battle against an opponent policy (:class:`TeamControl`);
 - :mod:`kpg.envs.smax`: JaxMARL's SMAX (StarCraft micromanagement in JAX; the ``kpg[smax]`` extra),
-  all copies stepped in one compiled call (:class:`~kpg.envs.smax.SMAXPool`).
+  all copies stepped in one compiled call (:class:`~kpg.envs.smax.SMAXPool`);
+- :mod:`kpg.envs.vmas`: VMAS scenarios (the ``kpg[vmas]`` extra), all copies as torch tensors on the
+  training device, stepped in one call (:class:`~kpg.envs.vmas.VMASPool`).
 
-:func:`make_pool` builds the pool of any of them from its name (``smax:MAP`` or a PettingZoo name).
+:func:`make_pool` builds the pool of any of them from its name (``smax:MAP``, ``vmas:SCENARIO`` or a PettingZoo name).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kpg.envs.pettingzoo import AgentSpaces, EnvFactory, EnvPool, StepResult, ma
 from kpg.envs.teams import OPPONENTS, OpponentPolicy, TeamControl, random_opponent
 
 SMAX_PREFIX = "smax:"
+VMAS_PREFIX = "vmas:"
 
 
 def make_pool(name: str, copies: int, seed: int, **options: Any):
@@ -27,10 +30,15 @@ def make_pool(name: str, copies: int, seed: int, **options: Any):
         from kpg.envs.smax import SMAXPool
 
         return SMAXPool(name[len(SMAX_PREFIX):], copies, seed, **options)
+    if name.startswith(VMAS_PREFIX):
+        from kpg.envs.vmas import VMASPool
+
+        return VMASPool(name[len(VMAS_PREFIX):], copies, seed, **options)
     return EnvPool(make_env_factory(name, **options), copies, seed)
 
 
 __all__ = [
-    "OPPONENTS", "SMAX_PREFIX", "AgentSpaces", "EnvFactory", "EnvPool", "OpponentPolicy", "StepResult", "TeamControl",
+    "OPPONENTS", "SMAX_PREFIX", "VMAS_PREFIX",
+    "AgentSpaces", "EnvFactory", "EnvPool", "OpponentPolicy", "StepResult", "TeamControl",
     "make_env_factory", "make_pool", "random_opponent",
 ]

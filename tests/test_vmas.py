@@ -1,0 +1,182 @@
+"""VMAS through ``kpg train --env vmas:SCENARIO`` (kpg[vmas]): the adapter's shapes, the end and reset
+of copies' episodes, the tensor rollout of K-MAPPO, a short run per scenario family and the message
+without the extra."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from kpg.algos.mappo import MAPPOConfig
+from kpg.envs import make_pool
+from kpg.train import TrainConfig, build_trainer, train
+
+needs_vmas = pytest.mark.skipif(importlib.util.find_spec("vmas") is None,
+                                reason="VMAS needs the vmas extra: pip install 'kpg[vmas]'")
+COPIES = 6
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vmas", None)  # import vmas now fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, "kpg.envs.vmas", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'kpg\[vmas\]'"):
+        make_pool("vmas:navigation", 2, seed=0)
+    monkeypatch.delitem(sys.modules, "kpg.envs.vmas", raising=False)
+
+
+@needs_vmas
+def test_pool_shapes_continuous_and_discrete():
+    from kpg.envs.vmas import VMASPool
+
+    pool = VMASPool("navigation", COPIES, seed=0, agents=3)
+    n, spaces = 3, pool.spaces
+    assert spaces.num_agents == n and not spaces.discrete and spaces.action_size == 2
+    assert pool.obs.shape == (COPIES, n, spaces.obs_size) and pool.obs.dtype == torch.float32
+    assert pool.state.shape == (COPIES, spaces.state_size) == (COPIES, n * spaces.obs_size)
+    torch.testing.assert_close(pool.state, pool.obs.flatten(1))
+    step = pool.step(torch.zeros(COPIES, n, 2))
+    assert step.obs.shape == pool.obs.shape and step.reward.shape == step.done.shape == (COPIES, n)
+    assert step.alive.shape == (COPIES, n) and bool((step.alive == 1).all())
+    # VMAS's discrete actions: each axis's force -, 0 or +, 3 x 3 of them.
+    discrete = VMASPool("simple_spread", COPIES, seed=0, agents=4, continuous=False)
+    assert discrete.spaces.discrete and discrete.spaces.action_size == 9 and discrete.obs.shape[:2] == (COPIES, 4)
+    assert discrete.step(torch.zeros(COPIES, 4, dtype=torch.long)).reward.shape == (COPIES, 4)
+    with pytest.raises(ValueError, match=r"expected \(6, 4\)"):
+        discrete.step(torch.zeros(COPIES, 3, dtype=torch.long))
+
+
+@needs_vmas
+def test_bad_scenario_and_options_are_named():
+    from kpg.envs.vmas import VMASPool
+
+    with pytest.raises(ValueError, match="unknown VMAS scenario 'navigatoin'.*vmas:navigation"):
+        VMASPool("navigatoin", 2, seed=0)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        VMASPool("navigation", 2, seed=0, max_steps=0)
+    with pytest.raises(ValueError, match="copies must be >= 1"):
+        VMASPool("navigation", 0, seed=0)
+
+
+@needs_vmas
+def test_time_limit_ends_every_copy_and_resets_them_in_one_call():
+    from kpg.envs.vmas import VMASPool
+
+    pool = VMASPool("navigation", COPIES, seed=1, agents=2, max_steps=3)
+    resets_before = pool.resets
+    for t in range(3):
+        step = pool.step(torch.zeros(COPIES, 2, 2))
+        assert bool((step.done == (1.0 if t == 2 else 0.0)).all())
+    # Ended by the time limit, not by the task: the trainer bootstraps the final state's value.
+    assert bool((step.terminated == 0).all()) and len(step.finished) == COPIES
+    assert all(e["length"] == 3 for e in step.finished)
+    assert pool.resets == resets_before + 1  # one reset call for all copies
+    assert not torch.equal(step.final_obs, step.obs)  # new episodes: agents and goals placed anew
+    torch.testing.assert_close(step.final_state, step.final_obs.flatten(1))
+    assert pool.at_episode_start
+
+
+@needs_vmas
+def test_ended_copies_reset_alone_and_the_others_go_on():
+    from kpg.envs.vmas import VMASPool
+
+    pool = VMASPool("navigation", COPIES, seed=2, agents=2, max_steps=50)
+    step = pool.step(torch.ones(COPIES, 2, 2))
+    before = step.obs
+    ended = torch.tensor([1, 4])
+    after = pool._reset(ended, before)
+    kept = torch.tensor([0, 2, 3, 5])
+    torch.testing.assert_close(after[kept], before[kept])
+    assert not torch.equal(after[ended], before[ended])
+    assert pool.env.steps[ended].eq(0).all() and pool.env.steps[kept].eq(1).all()
+    assert pool.resets == 2  # one per ended copy
+    # The reset copies' observations are those of their new world.
+    fresh = torch.stack(pool.env.get_from_scenario(True, False, False, False)[0], dim=1)
+    torch.testing.assert_close(after, fresh)
+
+
+@needs_vmas
+def test_navigation_spawning_area_grows_with_the_agents():
+    from kpg.envs.vmas import VMASPool, scenario_options
+
+    assert scenario_options("navigation", 4, {})["world_spawning_x"] == 1.0
+    assert scenario_options("navigation", 256, {})["world_spawning_y"] == 8.0
+    assert scenario_options("navigation", 64, {"world_spawning_x": 2})["world_spawning_x"] == 2
+    assert "world_spawning_x" not in scenario_options("balance", 64, {})
+    # 48 agents did not get past spawning with the default square (half-width 1); here it is 3.5.
+    pool = VMASPool("navigation", 4, seed=0, agents=48)
+    assert pool.obs.shape[:2] == (4, 48)
+
+
+def vmas_config(scenario: str, tmp_path, **changes) -> TrainConfig:
+    mappo = MAPPOConfig(rollout=5, epochs=2, minibatches=2, hidden=(16, 16))
+    settings = dict(env=f"vmas:{scenario}", agents=3, copies=8, steps=80, logdir=tmp_path, eval_episodes=2,
+                    env_options={"max_steps": "7"}, progress=False, tensorboard=False, mappo=mappo)
+    return TrainConfig(**{**settings, **changes})
+
+
+@needs_vmas
+def test_the_rollout_stays_tensors(tmp_path):
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    pool, trainer = build_trainer(config)
+    batch, episodes = trainer._collect()
+    rows, n = 5 * 8, 3
+    assert batch["obs"].shape == (rows, n, pool.spaces.obs_size) and batch["actions"].shape == (rows, n, 2)
+    assert all(isinstance(value, torch.Tensor) for value in batch.values())
+    assert batch["state"].data_ptr() == batch["obs"].data_ptr()  # the critic's input is a view, not a copy
+    assert len(episodes) == 8  # every copy ended once (step 4 of 5)
+
+
+@needs_vmas
+def test_the_time_limit_bootstraps_the_value_of_the_state_it_cut_off(tmp_path):
+    """With V = 2 everywhere, GAE over the rewards seen, where step 4's reward gains gamma * 2 (the time
+    limit cut an episode that would have gone on) and the recursion stops after it."""
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    pool, trainer = build_trainer(config)
+    n, gamma, lam = 3, trainer.config.gamma, trainer.config.gae_lambda
+    trainer.returns.denormalize = lambda values: values
+    trainer._values = lambda state: torch.full((state.shape[0], n), 2.0)
+    seen, step = [], pool.step
+    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
+    batch, _ = trainer._collect()
+    rewards = torch.stack([s.reward for s in seen])
+    dones = torch.stack([s.done for s in seen])
+    assert dones[3].eq(1).all() and dones[[0, 1, 2, 4]].eq(0).all()
+    expected = torch.zeros(5, 8, n)
+    running = torch.zeros(8, n)
+    for t in reversed(range(5)):
+        reward = rewards[t] + (gamma * 2.0 if t == 3 else 0.0)
+        next_value = 0.0 if t == 3 else 2.0
+        running = reward + gamma * next_value - 2.0 + (0.0 if t == 3 else gamma * lam * running)
+        expected[t] = running
+    torch.testing.assert_close(batch["advantages"].view(5, 8, n), expected)
+    torch.testing.assert_close(batch["targets"].view(5, 8, n), expected + 2.0)
+
+
+@needs_vmas
+@pytest.mark.parametrize("scenario", ["navigation", "balance", "transport", "simple_spread"])
+def test_kpg_train_runs_each_scenario_family(tmp_path, scenario):
+    summary = train(vmas_config(scenario, tmp_path))
+    assert summary["env_steps"] == 80 and summary["agents"] == 3 and summary["updates"] == 2
+    assert len(summary["actor_level_seconds"]) == 2  # k=2
+    assert summary["recent_return"] is not None and torch.isfinite(torch.tensor(summary["eval_return"]))
+    run = json.loads((tmp_path / f"mappo-vmas_{scenario}-k2-s0" / "summary.json").read_text())
+    assert run["env"] == f"vmas:{scenario}"
+
+
+@needs_vmas
+def test_resume_continues_a_vmas_run(tmp_path):
+    config = vmas_config("navigation", tmp_path, eval_episodes=0)
+    train(config)
+    summary = train(dataclasses.replace(config, steps=160, resume=True))
+    assert summary["env_steps"] == 160 and summary["updates"] == 4
+
+
+@needs_vmas
+def test_other_trainers_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="VMAS environments train with --algo mappo"):
+        build_trainer(vmas_config("navigation", tmp_path, algo="maddpg"))
