@@ -42,8 +42,11 @@ def throughput_vmas(agents: int, copies: int, seconds: float) -> dict:
         pool.step(torch.randint(actions, (copies, agents)))
         steps += 1
     elapsed = time.perf_counter() - started
-    return {"copies": copies, "env_steps_per_s": steps * copies / elapsed,
-            "agent_steps_per_s": steps * copies * agents / elapsed}
+    return {
+        "copies": copies,
+        "env_steps_per_s": steps * copies / elapsed,
+        "agent_steps_per_s": steps * copies * agents / elapsed,
+    }
 
 
 def throughput_pettingzoo(agents: int, copies: int, seconds: float) -> dict:
@@ -58,8 +61,11 @@ def throughput_pettingzoo(agents: int, copies: int, seconds: float) -> dict:
         steps += 1
     elapsed = time.perf_counter() - started
     pool.close()
-    return {"copies": copies, "env_steps_per_s": steps * copies / elapsed,
-            "agent_steps_per_s": steps * copies * agents / elapsed}
+    return {
+        "copies": copies,
+        "env_steps_per_s": steps * copies / elapsed,
+        "agent_steps_per_s": steps * copies * agents / elapsed,
+    }
 
 
 def iteration_split(agents: int, copies: int, rounds: int, mappo) -> dict:
@@ -80,12 +86,18 @@ def iteration_split(agents: int, copies: int, rounds: int, mappo) -> dict:
             phases = trainer.clock.take()
             levels = [after - before for after, before in zip(trainer.actor_level_seconds(), levels_before)]
             samples[k].append({"wall": wall, **{f"seconds_{p}": s for p, s in phases.items()}, "actor_levels": levels})
-    result = {"agents": agents, "copies": copies, "pool_build_seconds": build_seconds,
-              "samples_per_iteration": mappo.rollout * copies * agents}
+    result = {
+        "agents": agents,
+        "copies": copies,
+        "pool_build_seconds": build_seconds,
+        "samples_per_iteration": mappo.rollout * copies * agents,
+    }
     for k, rows in samples.items():
         median = lambda key: float(np.median([row[key] for row in rows]))  # noqa: E731
         result[f"k{k}"] = {
-            "wall": median("wall"), "environment": median("seconds_environment"), "critic": median("seconds_critic"),
+            "wall": median("wall"),
+            "environment": median("seconds_environment"),
+            "critic": median("seconds_critic"),
             "actor": median("seconds_actor"),
             "actor_levels": [float(np.median([row["actor_levels"][level] for row in rows])) for level in range(k)],
         }
@@ -110,12 +122,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mappo = MAPPOConfig(rollout=args.rollout, epochs=args.epochs, minibatches=args.minibatches)
-    report = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "args": vars(args) | {"json": str(args.json)},
-              "mappo": dataclasses.asdict(mappo), "throughput": [], "iterations": []}
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "args": vars(args) | {"json": str(args.json)},
+        "mappo": dataclasses.asdict(mappo),
+        "throughput": [],
+        "iterations": [],
+    }
     for agents in (3, 16):
-        row = {"agents": agents, "vmas": throughput_vmas(agents, args.copies, args.seconds),
-               "pettingzoo": throughput_pettingzoo(agents, 8, args.seconds)}
+        row = {
+            "agents": agents,
+            "vmas": throughput_vmas(agents, args.copies, args.seconds),
+            "pettingzoo": throughput_pettingzoo(agents, 8, args.seconds),
+        }
         row["env_speedup"] = row["vmas"]["env_steps_per_s"] / row["pettingzoo"]["env_steps_per_s"]
         report["throughput"].append(row)
         print(json.dumps(row), flush=True)

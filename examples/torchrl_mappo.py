@@ -68,39 +68,80 @@ def build(settings: Settings):
     """The tutorial's environment, policy, critic, collector, replay buffer and loss."""
     torch.manual_seed(settings.seed)
     frames_per_batch = settings.envs * settings.max_steps
-    env = VmasEnv(scenario=settings.scenario, num_envs=settings.envs, continuous_actions=True,
-                  max_steps=settings.max_steps, seed=settings.seed, n_agents=settings.agents)
+    env = VmasEnv(
+        scenario=settings.scenario,
+        num_envs=settings.envs,
+        continuous_actions=True,
+        max_steps=settings.max_steps,
+        seed=settings.seed,
+        n_agents=settings.agents,
+    )
     env = TransformedEnv(env, RewardSum(in_keys=[env.reward_key], out_keys=[("agents", "episode_reward")]))
     observations = env.observation_spec["agents", "observation"].shape[-1]
     actions = env.full_action_spec_unbatched[env.action_key].shape[-1]
     policy_net = torch.nn.Sequential(
-        MultiAgentMLP(n_agent_inputs=observations, n_agent_outputs=2 * actions,
-                      n_agents=env.n_agents, centralised=False, share_params=True, depth=2,
-                      num_cells=settings.cells, activation_class=torch.nn.Tanh),
+        MultiAgentMLP(
+            n_agent_inputs=observations,
+            n_agent_outputs=2 * actions,
+            n_agents=env.n_agents,
+            centralised=False,
+            share_params=True,
+            depth=2,
+            num_cells=settings.cells,
+            activation_class=torch.nn.Tanh,
+        ),
         NormalParamExtractor(),
     )
-    policy_module = TensorDictModule(policy_net, in_keys=[("agents", "observation")],
-                                     out_keys=[("agents", "loc"), ("agents", "scale")])
+    policy_module = TensorDictModule(
+        policy_net, in_keys=[("agents", "observation")], out_keys=[("agents", "loc"), ("agents", "scale")]
+    )
     action_space = env.full_action_spec_unbatched[env.action_key].space
     policy = ProbabilisticActor(
-        module=policy_module, spec=env.full_action_spec_unbatched, in_keys=[("agents", "loc"), ("agents", "scale")],
-        out_keys=[env.action_key], distribution_class=TanhNormal,
+        module=policy_module,
+        spec=env.full_action_spec_unbatched,
+        in_keys=[("agents", "loc"), ("agents", "scale")],
+        out_keys=[env.action_key],
+        distribution_class=TanhNormal,
         distribution_kwargs={"low": action_space.low, "high": action_space.high},
-        return_log_prob=True, log_prob_key=("agents", "sample_log_prob"),
+        return_log_prob=True,
+        log_prob_key=("agents", "sample_log_prob"),
     )
-    critic_net = MultiAgentMLP(n_agent_inputs=observations, n_agent_outputs=1, n_agents=env.n_agents,
-                               centralised=True, share_params=True, depth=2, num_cells=settings.cells,
-                               activation_class=torch.nn.Tanh)
+    critic_net = MultiAgentMLP(
+        n_agent_inputs=observations,
+        n_agent_outputs=1,
+        n_agents=env.n_agents,
+        centralised=True,
+        share_params=True,
+        depth=2,
+        num_cells=settings.cells,
+        activation_class=torch.nn.Tanh,
+    )
     critic = TensorDictModule(critic_net, in_keys=[("agents", "observation")], out_keys=[("agents", "state_value")])
-    collector = Collector(env, policy, frames_per_batch=frames_per_batch,
-                                  total_frames=frames_per_batch * settings.iterations,
-                                  auto_register_policy_transforms=False)
-    replay_buffer = ReplayBuffer(storage=LazyTensorStorage(frames_per_batch), sampler=SamplerWithoutReplacement(),
-                                 batch_size=settings.minibatch_size)
-    loss_module = ClipPPOLoss(actor_network=policy, critic_network=critic, clip_epsilon=settings.clip_epsilon,
-                              entropy_coeff=settings.entropy_eps, normalize_advantage=False)
-    loss_module.set_keys(reward=env.reward_key, action=env.action_key, sample_log_prob=("agents", "sample_log_prob"),
-                         value=("agents", "state_value"))
+    collector = Collector(
+        env,
+        policy,
+        frames_per_batch=frames_per_batch,
+        total_frames=frames_per_batch * settings.iterations,
+        auto_register_policy_transforms=False,
+    )
+    replay_buffer = ReplayBuffer(
+        storage=LazyTensorStorage(frames_per_batch),
+        sampler=SamplerWithoutReplacement(),
+        batch_size=settings.minibatch_size,
+    )
+    loss_module = ClipPPOLoss(
+        actor_network=policy,
+        critic_network=critic,
+        clip_epsilon=settings.clip_epsilon,
+        entropy_coeff=settings.entropy_eps,
+        normalize_advantage=False,
+    )
+    loss_module.set_keys(
+        reward=env.reward_key,
+        action=env.action_key,
+        sample_log_prob=("agents", "sample_log_prob"),
+        value=("agents", "state_value"),
+    )
     loss_module.make_value_estimator(ValueEstimators.GAE, gamma=settings.gamma, lmbda=settings.lmbda)
     return env, policy, critic, collector, replay_buffer, loss_module
 
@@ -125,8 +166,9 @@ def train(settings: Settings, k: int | None) -> dict:
     if k is None:
         actor_optim = torch.optim.Adam(policy.parameters(), settings.lr)
     else:
-        actor_optim = kpg.KPGOptimizer(policy.parameters(), k=k, optimizer="adam", lr=settings.lr,
-                                       max_grad_norm=settings.max_grad_norm)
+        actor_optim = kpg.KPGOptimizer(
+            policy.parameters(), k=k, optimizer="adam", lr=settings.lr, max_grad_norm=settings.max_grad_norm
+        )
     critic_optim = torch.optim.Adam(critic.parameters(), settings.lr)
     rewards = []
     for data in collector:
@@ -135,8 +177,9 @@ def train(settings: Settings, k: int | None) -> dict:
             expanded = data.get(("next", key)).unsqueeze(-1).expand(data.get(("next", env.reward_key)).shape)
             data.set(("next", key), expanded)
         with torch.no_grad():
-            loss_module.value_estimator(data, params=loss_module.critic_network_params,
-                                        target_params=loss_module.target_critic_network_params)
+            loss_module.value_estimator(
+                data, params=loss_module.critic_network_params, target_params=loss_module.target_critic_network_params
+            )
         replay_buffer.extend(data.reshape(-1))
         for _ in range(settings.epochs):
             for _ in range(data.numel() // settings.minibatch_size):
@@ -167,8 +210,11 @@ def train(settings: Settings, k: int | None) -> dict:
         episode_reward = data.get(("next", "agents", "episode_reward"))
         rewards.append(episode_reward[done].mean().item() if done.any() else float("nan"))
     collector.shutdown()
-    return {"policy": {n: p.detach().clone() for n, p in policy.named_parameters()},
-            "critic": {n: p.detach().clone() for n, p in critic.named_parameters()}, "rewards": rewards}
+    return {
+        "policy": {n: p.detach().clone() for n, p in policy.named_parameters()},
+        "critic": {n: p.detach().clone() for n, p in critic.named_parameters()},
+        "rewards": rewards,
+    }
 
 
 def main() -> None:

@@ -55,7 +55,9 @@ class TrainConfig:
     logdir: Path = Path("runs")
     name: str | None = None  # run folder under logdir; default ALGO-ENV-kK-sSEED
     checkpoint_every: int = 100  # updates between checkpoints (0: only at the end)
-    checkpoint_replay: bool = True  # off-policy: keep the replay buffer in checkpoints (off: smaller files, a resume refills it)
+    checkpoint_replay: bool = (
+        True  # off-policy: keep the replay buffer in checkpoints (off: smaller files, a resume refills it)
+    )
     resume: bool = False  # continue from <logdir>/<name>/checkpoint.pt
     eval_episodes: int = 10  # greedy-policy episodes at the end (0: none)
     tensorboard: bool = True
@@ -81,8 +83,9 @@ class TrainConfig:
 
     def env_factory(self):
         if self.env.startswith((SMAX_PREFIX, VMAS_PREFIX)):
-            raise ValueError(f"{self.env} is a vectorized environment without a PettingZoo factory; "
-                             "build it with make_pool")
+            raise ValueError(
+                f"{self.env} is a vectorized environment without a PettingZoo factory; build it with make_pool"
+            )
         return make_env_factory(self.env, **self.env_options_parsed())
 
     def make_pool(self, copies: int, seed: int, device: str | None = None):
@@ -128,8 +131,12 @@ class StopRequests:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
-        print(f"\n{self.requested}: stopping after this update and writing a checkpoint; press Ctrl-C again to stop at "
-              "once (the last checkpoint stands)", file=sys.stderr, flush=True)
+        print(
+            f"\n{self.requested}: stopping after this update and writing a checkpoint; press Ctrl-C again to stop at "
+            "once (the last checkpoint stands)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
@@ -139,8 +146,11 @@ class StopRequests:
 
 def _rng_states() -> dict[str, Any]:
     """The global generators' states as checkpoint data (tensors, numbers, tuples)."""
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state_as_data(np.random.get_state(legacy=False)),
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy_state_as_data(np.random.get_state(legacy=False)),
+        "python": random.getstate(),
+    }
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
@@ -155,14 +165,25 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 class MetricsLog:
     """metrics.csv (fixed columns, empty where a metric is absent) and TensorBoard scalars."""
 
-    BASE = ("env_steps", "updates", "wall_seconds", "fps", "episode_return", "recent_return", "episode_length",
-            "seconds_environment", "seconds_critic", "seconds_actor")
+    BASE = (
+        "env_steps",
+        "updates",
+        "wall_seconds",
+        "fps",
+        "episode_return",
+        "recent_return",
+        "episode_length",
+        "seconds_environment",
+        "seconds_critic",
+        "seconds_actor",
+    )
 
     def __init__(self, run_dir: Path, metric_names: tuple[str, ...], tensorboard: bool, append: bool):
         self.columns = self.BASE + tuple(name for name in metric_names if name not in self.BASE)
         path = run_dir / "metrics.csv"
         exists = append and path.exists()
-        self._file = open(path, "a" if exists else "w", newline="")
+        # Open for the run's whole life (closed by close()), so no context manager.
+        self._file = open(path, "a" if exists else "w", newline="")  # noqa: SIM115
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
         if not exists:
             self._writer.writeheader()
@@ -225,8 +246,16 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
     trainer_class, extra = _trainer_class(config)
     pool = config.make_pool(run.local_copies(config.copies), run.rank_seed(config.seed), run.device(config.device))
     distributed = {"process_group": run.group} if run.distributed else {}
-    trainer = trainer_class(pool, getattr(config, config.algo), config.k, config.k_until, run.device(config.device),
-                            config.seed, **distributed, **extra)
+    trainer = trainer_class(
+        pool,
+        getattr(config, config.algo),
+        config.k,
+        config.k_until,
+        run.device(config.device),
+        config.seed,
+        **distributed,
+        **extra,
+    )
     run.seed_rank_streams(config.seed)
     return pool, trainer
 
@@ -236,8 +265,10 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
     one (VMAS) or ALGORITHMS'."""
     vmas = config.env.startswith(VMAS_PREFIX)
     if vmas and (config.algo != "mappo" or config.mappo.recurrent):
-        raise ValueError(f"{config.env}: VMAS environments train with --algo mappo, not recurrent (the tensor rollout "
-                         "of kpg.algos.mappo_vectorized); K-MADDPG and K-FACMAC do not read VMAS pools yet")
+        raise ValueError(
+            f"{config.env}: VMAS environments train with --algo mappo, not recurrent (the tensor rollout "
+            "of kpg.algos.mappo_vectorized); K-MADDPG and K-FACMAC do not read VMAS pools yet"
+        )
     recurrent = config.algo == "mappo" and config.mappo.recurrent
     if recurrent:
         from kpg.algos.mappo_recurrent import RecurrentMAPPOTrainer
@@ -250,11 +281,16 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
         )
     if config.algo == "mappo":
         defaults, options = MAPPOConfig(), config.mappo
-        recurrent_only = [name for name in ("lr_anneal", "value_clip", "advantage_norm", "actor_loss_mean")
-                          if getattr(options, name) != getattr(defaults, name)]
+        recurrent_only = [
+            name
+            for name in ("lr_anneal", "value_clip", "advantage_norm", "actor_loss_mean")
+            if getattr(options, name) != getattr(defaults, name)
+        ]
         if recurrent_only:
-            raise ValueError(f"--mappo.{recurrent_only[0].replace('_', '-')} is an option of the recurrent trainer; "
-                             "add --mappo.recurrent (SMAX) or leave it at its default")
+            raise ValueError(
+                f"--mappo.{recurrent_only[0].replace('_', '-')} is an option of the recurrent trainer; "
+                "add --mappo.recurrent (SMAX) or leave it at its default"
+            )
     if vmas:
         from kpg.algos.mappo_vectorized import VectorizedMAPPOTrainer
 
@@ -268,7 +304,9 @@ def _resume_state(checkpoint_path: Path) -> dict[str, Any]:
     return load_checkpoint(checkpoint_path)
 
 
-def _trainer_state_of_rank(trainer, shared: dict[str, Any], rank_states: list[dict[str, Any]], run: RunContext) -> dict[str, Any]:
+def _trainer_state_of_rank(
+    trainer, shared: dict[str, Any], rank_states: list[dict[str, Any]], run: RunContext
+) -> dict[str, Any]:
     """The trainer state this rank loads: the state every rank shares (rank 0's) with this rank's
     own entries (``trainer.RANK_STATE``: an off-policy trainer's replay buffer and sampling
     streams) from the checkpoint on as many ranks; on another number of ranks its own entries stay
@@ -315,7 +353,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         pool.load_state_dict(run.resharded_pool_state([r["pool"] for r in rank_states], pool))
         if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
             _set_rng_states(rank_states[run.rank]["rng"])
-        wall_before, seconds, recent = state["wall_seconds"], state["seconds"], deque(state["recent"], maxlen=RECENT_EPISODES)
+        wall_before, seconds, recent = (
+            state["wall_seconds"],
+            state["seconds"],
+            deque(state["recent"], maxlen=RECENT_EPISODES),
+        )
         cpu_before = state.get("cpu_seconds", 0.0)
     log = None
     if run.is_writer:
@@ -336,16 +378,32 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # trainer's replay rows), so a resume on as many ranks continues every rank exactly.
         ranks = run.gather_to_writer({"pool": pool.state_dict(), "rng": _rng_states(), "trainer": own})
         if run.is_writer:
-            save_checkpoint(checkpoint_path, {
-                "config": _config_as_data(config), "trainer": trainer_state, "pool": ranks[0]["pool"],
-                "rng": ranks[0]["rng"], "ranks": ranks, "wall_seconds": wall_before + time.perf_counter() - started,
-                "cpu_seconds": cpu_before + time.process_time() - cpu_started, "seconds": seconds, "recent": list(recent), "metrics_bytes": log.size(),
-            })
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "config": _config_as_data(config),
+                    "trainer": trainer_state,
+                    "pool": ranks[0]["pool"],
+                    "rng": ranks[0]["rng"],
+                    "ranks": ranks,
+                    "wall_seconds": wall_before + time.perf_counter() - started,
+                    "cpu_seconds": cpu_before + time.process_time() - cpu_started,
+                    "seconds": seconds,
+                    "recent": list(recent),
+                    "metrics_bytes": log.size(),
+                },
+            )
 
     # CPU time of this process measures a run's cost even when other jobs share the cores.
     started, cpu_started = time.perf_counter(), time.process_time()
-    bar = tqdm(total=config.steps, initial=min(trainer.env_steps, config.steps), unit="step", disable=not (config.progress and run.is_writer),
-               desc=config.run_name, dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=min(trainer.env_steps, config.steps),
+        unit="step",
+        disable=not (config.progress and run.is_writer),
+        desc=config.run_name,
+        dynamic_ncols=True,
+    )
     interrupted = cut_short = False
     # Between iterations the trainer, pool and generators agree, and a checkpoint resumes exactly;
     # a checkpoint of an iteration cut short by an error or a second Ctrl-C would not.
@@ -366,7 +424,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 recent.append(metrics["episode_return"])
             wall = wall_before + time.perf_counter() - started
             row = {
-                **metrics, "env_steps": trainer.env_steps, "updates": trainer.updates, "wall_seconds": wall,
+                **metrics,
+                "env_steps": trainer.env_steps,
+                "updates": trainer.updates,
+                "wall_seconds": wall,
                 "fps": trainer.env_steps / max(wall, 1e-9),
                 "recent_return": float(np.mean(recent)) if recent else None,
                 **{f"seconds_{phase}": value for phase, value in seconds.items()},
@@ -390,8 +451,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         bar.close()
         failed = cut_short or sys.exc_info()[1] is not None
         stands = f"the checkpoint of update {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
-        cannot_meet = (f"rank {run.rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or "
-                       f"failed); {stands} stands")
+        cannot_meet = (
+            f"rank {run.rank}: the ranks cannot meet to write a final checkpoint (a rank stopped at once or "
+            f"failed); {stands} stands"
+        )
         written = last_checkpoint == trainer.updates  # the periodic checkpoint of this very update
         if between_iterations and not written and not (run.distributed and failed):
             try:
@@ -407,12 +470,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
             log.close()
         pool.close()
     summary = {
-        "run": config.run_name, "algo": config.algo, "env": config.env, "agents": trainer.num_agents, "k": config.k,
-        "seed": config.seed, "env_steps": trainer.env_steps, "updates": trainer.updates,
+        "run": config.run_name,
+        "algo": config.algo,
+        "env": config.env,
+        "agents": trainer.num_agents,
+        "k": config.k,
+        "seed": config.seed,
+        "env_steps": trainer.env_steps,
+        "updates": trainer.updates,
         "wall_seconds": wall_before + time.perf_counter() - started,
-        "cpu_seconds": cpu_before + time.process_time() - cpu_started, "seconds": seconds,
+        "cpu_seconds": cpu_before + time.process_time() - cpu_started,
+        "seconds": seconds,
         "actor_level_seconds": trainer.actor_level_seconds(),
-        "recent_return": float(np.mean(recent)) if recent else None, "interrupted": interrupted,
+        "recent_return": float(np.mean(recent)) if recent else None,
+        "interrupted": interrupted,
     }
     if run.is_writer:
         # The recurrent trainer has no separate greedy evaluation: its win rate comes from the training episodes.

@@ -32,8 +32,9 @@ MAP, COPIES, ROLLOUT = "3m", 4, 16
 def preset(**changes) -> TrainConfig:
     config = _from_dict(TrainConfig, _read_config_file(PRESET))
     mappo = dataclasses.replace(config.mappo, rollout=ROLLOUT, **changes.pop("mappo", {}))
-    return dataclasses.replace(config, env=f"smax:{MAP}", copies=COPIES, mappo=mappo, progress=False,
-                               tensorboard=False, **changes)
+    return dataclasses.replace(
+        config, env=f"smax:{MAP}", copies=COPIES, mappo=mappo, progress=False, tensorboard=False, **changes
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +207,10 @@ def test_first_minibatch_step_matches_the_authors_loss_by_hand(k):
 
     critic_params = {n: p.detach().requires_grad_() for n, p in critic.named_parameters()}
     values, _ = functional_call(critic, critic_params, (batch["state"], batch["resets"], batch["critic_hidden"]))
-    errors = torch.maximum((values[..., 0] - batch["targets"]).square(),
-                           (batch["values"] + (values[..., 0] - batch["values"]).clamp(-0.2, 0.2) - batch["targets"]).square())
+    errors = torch.maximum(
+        (values[..., 0] - batch["targets"]).square(),
+        (batch["values"] + (values[..., 0] - batch["values"]).clamp(-0.2, 0.2) - batch["targets"]).square(),
+    )
     loss = c.value_coef * 0.5 * errors.mean()
     grads = dict(zip(critic_params, torch.autograd.grad(loss, list(critic_params.values()))))
     expected = _adam_first_step({n: p.detach() for n, p in critic_params.items()}, grads, c.critic_lr, c.max_grad_norm)
@@ -231,7 +234,10 @@ def test_minibatches_are_whole_sequences_of_half_the_copies():
             # normalized inside the minibatch
             assert adv.mean().item() == pytest.approx(0.0, abs=1e-5)
             assert adv.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
-            rows += [next(c for c in range(COPIES) if torch.equal(batch["obs"][:, c], mb["obs"][:, j])) for j in range(COPIES // 2)]
+            rows += [
+                next(c for c in range(COPIES) if torch.equal(batch["obs"][:, c], mb["obs"][:, j]))
+                for j in range(COPIES // 2)
+            ]
         assert sorted(rows) == list(range(COPIES))
 
 
@@ -240,7 +246,9 @@ def test_actor_loss_is_one_mean_over_all_agents_samples():
     divides them by the number of agents, "agents" keeps N times that gradient."""
     losses = {}
     for mean in ("samples", "agents"):
-        trainer = _trainer(preset(k=1, mappo={"actor_loss_mean": mean, "epochs": 1, "minibatches": 1}, steps=COPIES * ROLLOUT))
+        trainer = _trainer(
+            preset(k=1, mappo={"actor_loss_mean": mean, "epochs": 1, "minibatches": 1}, steps=COPIES * ROLLOUT)
+        )
         batch, _ = trainer._collect()
         losses[mean] = trainer._actor_step(batch, batch["advantages"], {})[0]
     assert losses["agents"] == pytest.approx(3 * losses["samples"], rel=1e-5)
@@ -300,8 +308,14 @@ def test_compare_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, monke
     from kpg import compare as compare_module
     from kpg.compare import CompareConfig, compare
 
-    config = CompareConfig(ks=(2,), seeds=(0,), workers=1, out=tmp_path, metric="win_rate",
-                           train=preset(steps=2 * COPIES * ROLLOUT, checkpoint_every=1))
+    config = CompareConfig(
+        ks=(2,),
+        seeds=(0,),
+        workers=1,
+        out=tmp_path,
+        metric="win_rate",
+        train=preset(steps=2 * COPIES * ROLLOUT, checkpoint_every=1),
+    )
     iteration, calls = RecurrentMAPPOTrainer.iteration, []
 
     def counted(self, stop_at=None):

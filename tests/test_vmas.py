@@ -16,8 +16,9 @@ from kpg.algos.mappo import MAPPOConfig
 from kpg.envs import make_pool
 from kpg.train import TrainConfig, build_trainer, train
 
-needs_vmas = pytest.mark.skipif(importlib.util.find_spec("vmas") is None,
-                                reason="VMAS needs the vmas extra: pip install 'kpg[vmas]'")
+needs_vmas = pytest.mark.skipif(
+    importlib.util.find_spec("vmas") is None, reason="VMAS needs the vmas extra: pip install 'kpg[vmas]'"
+)
 COPIES = 6
 
 
@@ -114,8 +115,18 @@ def test_navigation_spawning_area_grows_with_the_agents():
 
 def vmas_config(scenario: str, tmp_path, **changes) -> TrainConfig:
     mappo = MAPPOConfig(rollout=5, epochs=2, minibatches=2, hidden=(16, 16))
-    settings = dict(env=f"vmas:{scenario}", agents=3, copies=8, steps=80, logdir=tmp_path, eval_episodes=2,
-                    env_options={"max_steps": "7"}, progress=False, tensorboard=False, mappo=mappo)
+    settings = dict(
+        env=f"vmas:{scenario}",
+        agents=3,
+        copies=8,
+        steps=80,
+        logdir=tmp_path,
+        eval_episodes=2,
+        env_options={"max_steps": "7"},
+        progress=False,
+        tensorboard=False,
+        mappo=mappo,
+    )
     return TrainConfig(**{**settings, **changes})
 
 

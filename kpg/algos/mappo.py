@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from kpg.algos.common import (
-    AgentActors, PolicyHead, ReturnNormalizer, WallClock, actor_layout, actor_level_seconds, generalized_advantages,
+    AgentActors,
+    PolicyHead,
+    ReturnNormalizer,
+    WallClock,
+    actor_layout,
+    actor_level_seconds,
+    generalized_advantages,
     mlp,
 )
 from kpg.couplings import joint_ratio_loss
@@ -67,13 +73,28 @@ class MAPPOTrainer:
     """Collects ``rollout`` steps from every environment copy, then runs PPO epochs where every
     minibatch is one KPG step of the actor and one Adam step of the critic."""
 
-    METRICS = ("actor_loss", "value_loss", "entropy", "clip_fraction_level1", "clip_fraction_level2",
-               "clip_fraction_level3", "k")
+    METRICS = (
+        "actor_loss",
+        "value_loss",
+        "entropy",
+        "clip_fraction_level1",
+        "clip_fraction_level2",
+        "clip_fraction_level3",
+        "k",
+    )
     # Every rank's state_dict() is alike: the ranks' rollouts are not kept between iterations.
     RANK_STATE: tuple[str, ...] = ()
 
-    def __init__(self, pool: EnvPool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int,
-                 process_group=None):
+    def __init__(
+        self,
+        pool: EnvPool,
+        config: MAPPOConfig,
+        k: int,
+        k_until: int | None,
+        device: str,
+        seed: int,
+        process_group=None,
+    ):
         """``k_until``: environment steps after which the actor drops to k=1 (the paper's schedule:
         coordinate early, save compute later); None keeps ``k`` throughout. ``process_group``: train
         data-parallel with the other ranks (each steps its own ``pool``; ``env_steps`` counts all)."""
@@ -86,8 +107,9 @@ class MAPPOTrainer:
         self.num_agents = n
         self.head = PolicyHead(spaces.discrete, torch.as_tensor(spaces.action_mask(), device=self.device))
         layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
-        self.actor = AgentActors(layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation,
-                                 output_gain=0.01).to(self.device)
+        self.actor = AgentActors(
+            layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation, output_gain=0.01
+        ).to(self.device)
         # Continuous actions: a learned log-std per network (with the batched network's agent
         # dimension), so it belongs to that agent's KPG segment.
         log_std_shape = (n, spaces.action_size) if layout == "batched" else (spaces.action_size,)
@@ -99,7 +121,13 @@ class MAPPOTrainer:
         self.returns = ReturnNormalizer(n).to(self.device)
         actor_agents, layout_arguments = self.actor.optimizer_arguments(extra=list(self.log_std))
         self.actor_optimizer = KPGOptimizer(
-            actor_agents, k=k, optimizer="adam", lr=c.lr, eps=1e-5, max_grad_norm=c.max_grad_norm, **layout_arguments,
+            actor_agents,
+            k=k,
+            optimizer="adam",
+            lr=c.lr,
+            eps=1e-5,
+            max_grad_norm=c.max_grad_norm,
+            **layout_arguments,
             process_group=process_group,
         )
         self.process_group = process_group
@@ -108,7 +136,9 @@ class MAPPOTrainer:
         self.k_schedule = None
         if k_until is not None:
             iterations = -(-k_until // (c.rollout * self.copies_per_iteration))
-            self.k_schedule = KSchedule(self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1)
+            self.k_schedule = KSchedule(
+                self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1
+            )
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         self.clock = WallClock()
         self.env_steps = 0
@@ -143,12 +173,15 @@ class MAPPOTrainer:
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Actions for observations [copies, agents, obs_size]."""
+        return self.act_tensor(obs, deterministic).cpu().numpy()
+
+    @torch.no_grad()
+    def act_tensor(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> Tensor:
+        """:meth:`act` as a tensor [copies, agents, ...] on the trainer's device."""
         dist = self._distribution(torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1))
-        if deterministic:
-            action = dist.probs.argmax(-1) if self.head.discrete else dist.mean
-        else:
-            action = dist.sample()
-        return action.transpose(0, 1).cpu().numpy()
+        if not deterministic:
+            return dist.sample().transpose(0, 1)
+        return (dist.probs.argmax(-1) if self.head.discrete else dist.mean).transpose(0, 1)
 
     # ---- one iteration: rollout, then update -----------------------------------------------------
 
@@ -170,7 +203,7 @@ class MAPPOTrainer:
         cut_off_list, next_state_list = [], []
         episodes = []
         obs, state, alive = pool.obs.copy(), pool.state.copy(), pool.alive.copy()
-        for t in range(c.rollout):
+        for _ in range(c.rollout):
             with torch.no_grad():
                 obs_t = torch.as_tensor(obs, dtype=self.dtype, device=device).transpose(0, 1)
                 dist = self._distribution(obs_t)
@@ -250,8 +283,15 @@ class MAPPOTrainer:
                         with ctx.anticipated():
                             anticipated_log_prob = self.head.log_prob(self._distribution(obs), actions)
                     surrogate = joint_ratio_loss(
-                        log_prob, old_log_prob, adv, anticipated_log_prob, level=ctx.level, clip_eps=c.clip_eps,
-                        others=c.others, form=c.coupling, mask=mask,
+                        log_prob,
+                        old_log_prob,
+                        adv,
+                        anticipated_log_prob,
+                        level=ctx.level,
+                        clip_eps=c.clip_eps,
+                        others=c.others,
+                        form=c.coupling,
+                        mask=mask,
                     )
                     clip_fractions.setdefault(ctx.level, []).append(float(surrogate.clip_fraction.mean()))
                     entropy_seen.append(entropy.detach())
@@ -264,7 +304,9 @@ class MAPPOTrainer:
                 with self.clock.phase("critic"):
                     values = self._values(batch["state"][rows])
                     value_mask = alive[rows]
-                    value_loss = (nn.functional.huber_loss(values, targets[rows], reduction="none", delta=10.0) * value_mask).sum()
+                    value_loss = (
+                        nn.functional.huber_loss(values, targets[rows], reduction="none", delta=10.0) * value_mask
+                    ).sum()
                     value_loss = value_loss / value_mask.sum().clamp_min(1.0)
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     value_loss.backward()

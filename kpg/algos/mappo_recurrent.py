@@ -16,6 +16,7 @@ count. docs/smax.md compares the loop with the authors' code line by line.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -39,11 +40,20 @@ class RecurrentAgentNet(nn.Module):
     input kernels LeCun-normal, its recurrent kernels orthogonal per gate.
     """
 
-    def __init__(self, features: int, num_agents: int, hidden: tuple[int, int, int], outputs: int,
-                 activation: str, output_gain: float):
+    def __init__(
+        self,
+        features: int,
+        num_agents: int,
+        hidden: tuple[int, int, int],
+        outputs: int,
+        activation: str,
+        output_gain: float,
+    ):
         super().__init__()
         if len(hidden) != 3:
-            raise ValueError(f"a recurrent network takes hidden = (dense, GRU, dense) sizes, e.g. (128, 128, 128); got {hidden}")
+            raise ValueError(
+                f"a recurrent network takes hidden = (dense, GRU, dense) sizes, e.g. (128, 128, 128); got {hidden}"
+            )
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
         self.features, self.num_agents = features, num_agents
@@ -72,7 +82,7 @@ class RecurrentAgentNet(nn.Module):
         embedded = nn.functional.linear(x, weight[:, : self.features], self.embed.bias)
         if x.dim() == 3:
             embedded = embedded.unsqueeze(2)
-        embedded = self.activation(embedded + weight[:, self.features:].T)  # + the agent id's column
+        embedded = self.activation(embedded + weight[:, self.features :].T)  # + the agent id's column
         batch_shape = hidden.shape[:-1]
         embedded = embedded.expand(embedded.shape[0], *batch_shape, -1).flatten(1, 2)
         keep = (1.0 - resets).flatten(1, 2).unsqueeze(-1)
@@ -97,12 +107,30 @@ class RecurrentMAPPOTrainer:
     one Adam step of the critic. ``total_steps`` (environment steps of the run) sets the length of
     the learning-rate decay."""
 
-    METRICS = ("actor_loss", "value_loss", "entropy", "clip_fraction_level1", "clip_fraction_level2",
-               "clip_fraction_level3", "k", "win_rate", "episodes_won")
+    METRICS = (
+        "actor_loss",
+        "value_loss",
+        "entropy",
+        "clip_fraction_level1",
+        "clip_fraction_level2",
+        "clip_fraction_level3",
+        "k",
+        "win_rate",
+        "episodes_won",
+    )
     RANK_STATE: tuple[str, ...] = ()
 
-    def __init__(self, pool, config: MAPPOConfig, k: int, k_until: int | None, device: str, seed: int,
-                 process_group=None, total_steps: int | None = None):
+    def __init__(
+        self,
+        pool,
+        config: MAPPOConfig,
+        k: int,
+        k_until: int | None,
+        device: str,
+        seed: int,
+        process_group=None,
+        total_steps: int | None = None,
+    ):
         if process_group is not None:
             raise ValueError("the recurrent MAPPO trainer runs in one process; start it without torchrun")
         if not hasattr(pool, "avail"):
@@ -112,17 +140,22 @@ class RecurrentMAPPOTrainer:
             )
         c = config
         if c.minibatches > pool.copies:
-            raise ValueError(f"--mappo.minibatches {c.minibatches} exceeds --copies {pool.copies}: minibatches are sets of copies")
+            raise ValueError(
+                f"--mappo.minibatches {c.minibatches} exceeds --copies {pool.copies}: minibatches are sets of copies"
+            )
         torch.manual_seed(seed)
         self.pool, self.config, self.device = pool, c, torch.device(device)
         self.generator = np.random.default_rng(seed)
         spaces = pool.spaces
         n = self.num_agents = spaces.num_agents
         hidden = tuple(c.hidden)
-        self.actor = RecurrentAgentNet(spaces.obs_size, n, hidden, spaces.action_size, c.activation, 0.01).to(self.device)
+        self.actor = RecurrentAgentNet(spaces.obs_size, n, hidden, spaces.action_size, c.activation, 0.01).to(
+            self.device
+        )
         self.critic = RecurrentAgentNet(spaces.state_size, n, hidden, 1, c.activation, 1.0).to(self.device)
-        self.actor_optimizer = KPGOptimizer(self.actor, k=k, optimizer="adam", lr=c.lr, eps=1e-5,
-                                            max_grad_norm=c.max_grad_norm, num_agents=n)
+        self.actor_optimizer = KPGOptimizer(
+            self.actor, k=k, optimizer="adam", lr=c.lr, eps=1e-5, max_grad_norm=c.max_grad_norm, num_agents=n
+        )
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         steps_per_iteration = c.rollout * pool.copies
         self.schedulers = []
@@ -132,11 +165,15 @@ class RecurrentMAPPOTrainer:
             updates = max(1, total_steps // steps_per_iteration)
             per_update = c.epochs * c.minibatches
             factor = lambda count: anneal_factor(count, per_update, updates)  # noqa: E731
-            self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.actor_optimizer, self.critic_optimizer)]
+            self.schedulers = [
+                torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.actor_optimizer, self.critic_optimizer)
+            ]
         self.k_schedule = None
         if k_until is not None:
             iterations = -(-k_until // steps_per_iteration)
-            self.k_schedule = KSchedule(self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1)
+            self.k_schedule = KSchedule(
+                self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1
+            )
         copies, h = pool.copies, self.actor.hidden_size
         self.actor_hidden = torch.zeros(copies, n, h, device=self.device)
         self.critic_hidden = torch.zeros(copies, n, self.critic.hidden_size, device=self.device)
@@ -181,8 +218,20 @@ class RecurrentMAPPOTrainer:
                 actions = dist.sample()
                 values, critic_hidden = self.critic(state[None], resets[None], critic_hidden)
             step = pool.step(actions)
-            for key, value in zip(keys, (obs, state, avail, resets, actions, dist.log_prob(actions), values[0, ..., 0],
-                                         step.reward, step.episode_done[:, None].expand_as(step.reward))):
+            for key, value in zip(
+                keys,
+                (
+                    obs,
+                    state,
+                    avail,
+                    resets,
+                    actions,
+                    dist.log_prob(actions),
+                    values[0, ..., 0],
+                    step.reward,
+                    step.episode_done[:, None].expand_as(step.reward),
+                ),
+            ):
                 steps[key].append(value)
             self.last_done = step.done
             episodes += step.finished
@@ -192,7 +241,9 @@ class RecurrentMAPPOTrainer:
         with torch.no_grad():
             last_value, _ = self.critic(pool.state[None], self.last_done[None], critic_hidden)
         values = torch.cat([batch["values"], last_value[..., 0]])
-        batch["advantages"] = generalized_advantages(batch["rewards"], values, batch["dones"].float(), c.gamma, c.gae_lambda)
+        batch["advantages"] = generalized_advantages(
+            batch["rewards"], values, batch["dones"].float(), c.gamma, c.gae_lambda
+        )
         batch["targets"] = batch["advantages"] + batch["values"]
         return {**batch, **start}, episodes
 
@@ -238,7 +289,9 @@ class RecurrentMAPPOTrainer:
         as_agents = lambda t: t.permute(2, 0, 1).flatten(1)  # noqa: E731  [T, B, agents] -> [agents, T * B]
         return as_agents(dist.log_prob(mb["actions"])), as_agents(dist.entropy())
 
-    def _actor_step(self, mb: dict[str, Tensor], adv: Tensor, clip_fractions: dict[int, list[float]]) -> tuple[float, float]:
+    def _actor_step(
+        self, mb: dict[str, Tensor], adv: Tensor, clip_fractions: dict[int, list[float]]
+    ) -> tuple[float, float]:
         c, n = self.config, self.num_agents
         old_log_prob = mb["log_prob"].permute(2, 0, 1).flatten(1)
         adv = adv.permute(2, 0, 1).flatten(1)
@@ -253,8 +306,16 @@ class RecurrentMAPPOTrainer:
             if ctx.level > 1:
                 with ctx.anticipated(), torch.no_grad():
                     anticipated_log_prob, _ = self._sequence_log_prob(mb)
-            surrogate = joint_ratio_loss(log_prob, old_log_prob, adv, anticipated_log_prob, level=ctx.level,
-                                         clip_eps=c.clip_eps, others=c.others, form=c.coupling)
+            surrogate = joint_ratio_loss(
+                log_prob,
+                old_log_prob,
+                adv,
+                anticipated_log_prob,
+                level=ctx.level,
+                clip_eps=c.clip_eps,
+                others=c.others,
+                form=c.coupling,
+            )
             clip_fractions.setdefault(ctx.level, []).append(float(surrogate.clip_fraction.mean()))
             entropy = entropy.mean(1)
             entropy_seen.append(entropy.detach())
@@ -309,7 +370,10 @@ class RecurrentMAPPOTrainer:
         """Seconds of the actor update per KPG level since construction (closure, backward, kernels)."""
         seconds = self.actor_optimizer.stats.seconds
         levels = max((len(v) for v in seconds.values()), default=0)
-        return [sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v)) for l in range(levels)]
+        return [
+            sum(v[l] for phase, v in seconds.items() if phase != "anticipated_forward" and l < len(v))
+            for l in range(levels)
+        ]
 
 
 def value_loss(values: Tensor, old_values: Tensor, targets: Tensor, clip: float | None) -> Tensor:

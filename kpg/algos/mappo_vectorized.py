@@ -26,12 +26,7 @@ class VectorizedMAPPOTrainer(MAPPOTrainer):
     @torch.no_grad()
     def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
         """Actions for observations [copies, agents, obs_size], on the pool's device."""
-        dist = self._distribution(torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1))
-        if deterministic:
-            action = dist.probs.argmax(-1) if self.head.discrete else dist.mean
-        else:
-            action = dist.sample()
-        return action.transpose(0, 1)
+        return self.act_tensor(obs, deterministic)
 
     @torch.no_grad()
     def _collect(self):
@@ -39,8 +34,9 @@ class VectorizedMAPPOTrainer(MAPPOTrainer):
         steps, copies, n = c.rollout, pool.copies, self.num_agents
         action_shape = (n,) if self.head.discrete else (n, pool.spaces.action_size)
         obs_buffer = torch.empty(steps, copies, n, pool.spaces.obs_size, dtype=dtype, device=device)
-        actions = torch.empty(steps, copies, *action_shape, dtype=torch.long if self.head.discrete else dtype,
-                              device=device)
+        actions = torch.empty(
+            steps, copies, *action_shape, dtype=torch.long if self.head.discrete else dtype, device=device
+        )
         old_log_prob = torch.empty(steps, copies, n, dtype=dtype, device=device)
         rewards = torch.empty(steps, copies, n, dtype=dtype, device=device)
         dones = torch.empty(steps, copies, n, dtype=dtype, device=device)

@@ -29,16 +29,25 @@ def make_pool(name: str, copies: int, seed: int, **options: Any):
     if name.startswith(SMAX_PREFIX):
         from kpg.envs.smax import SMAXPool
 
-        return SMAXPool(name[len(SMAX_PREFIX):], copies, seed, **options)
+        return SMAXPool(name[len(SMAX_PREFIX) :], copies, seed, **options)
     if name.startswith(VMAS_PREFIX):
         from kpg.envs.vmas import VMASPool
 
-        return VMASPool(name[len(VMAS_PREFIX):], copies, seed, **options)
+        return VMASPool(name[len(VMAS_PREFIX) :], copies, seed, **options)
     return EnvPool(make_env_factory(name, **options), copies, seed)
 
 
 __all__ = [
-    "OPPONENTS", "SMAX_PREFIX", "VMAS_PREFIX",
-    "AgentSpaces", "EnvFactory", "EnvPool", "OpponentPolicy", "StepResult", "TeamControl",
-    "make_env_factory", "make_pool", "random_opponent",
+    "OPPONENTS",
+    "SMAX_PREFIX",
+    "VMAS_PREFIX",
+    "AgentSpaces",
+    "EnvFactory",
+    "EnvPool",
+    "OpponentPolicy",
+    "StepResult",
+    "TeamControl",
+    "make_env_factory",
+    "make_pool",
+    "random_opponent",
 ]

@@ -33,15 +33,15 @@ try:
     import jax.numpy as jnp
     from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
 except ImportError as error:
-    raise ImportError(
-        f"smax: environments need JaxMARL and JAX: pip install 'kpg[smax]' ({error})"
-    ) from None
+    raise ImportError(f"smax: environments need JaxMARL and JAX: pip install 'kpg[smax]' ({error})") from None
 
 # Compiling a map's step takes tens of seconds on a small CPU: keep the compiled code on disk for
 # the next run and the resumes (JAX_COMPILATION_CACHE_DIR, or jax's config, chooses another place).
 if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kpg", "jax"))
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kpg", "jax"),
+    )
 
 # The authors' HeuristicEnemySMAX settings (cheap-talk, config_ik2m_inner.yaml ENV_KWARGS).
 AUTHORS_OPTIONS = {"see_enemy_actions": True, "walls_cause_death": True, "attack_mode": "closest"}
@@ -106,15 +106,25 @@ class SMAXPool:
         key, step_key = jax.random.split(key)
         env_actions = {name: actions[:, i] for i, name in enumerate(self.agent_names)}
         obs, env_state, reward, done, _ = jax.vmap(self.env.step)(
-            jax.random.split(step_key, self.copies), env_state, env_actions)
+            jax.random.split(step_key, self.copies), env_state, env_actions
+        )
         per_agent = lambda values: jnp.stack([values[a] for a in self.agent_names], axis=1)  # noqa: E731
         reward, episode_done = per_agent(reward), done["__all__"]
         # SMAX's team reward is every agent's; a won battle pays its bonus of 1 at the last step.
         episode_return, episode_length = episode[0] + reward[:, 0], episode[1] + 1
         won = episode_done & (reward[:, 0] >= 1.0)
         packed = jnp.concatenate(
-            [*self._observe(obs, env_state), reward, per_agent(done), episode_done[:, None], won[:, None],
-             episode_return[:, None], episode_length[:, None]], axis=1).astype(jnp.float32)
+            [
+                *self._observe(obs, env_state),
+                reward,
+                per_agent(done),
+                episode_done[:, None],
+                won[:, None],
+                episode_return[:, None],
+                episode_length[:, None],
+            ],
+            axis=1,
+        ).astype(jnp.float32)
         kept = (episode_return * ~episode_done, episode_length * ~episode_done)
         return key, env_state, kept, packed
 
@@ -133,7 +143,8 @@ class SMAXPool:
                 f"SMAXPool.step got actions of shape {tuple(actions.shape)}; expected {expected} (copies, agents)"
             )
         self._key, self._env_state, self._episode, packed = self._step(
-            self._key, self._env_state, self._episode, jnp.asarray(actions.numpy(), dtype=jnp.int32))
+            self._key, self._env_state, self._episode, jnp.asarray(actions.numpy(), dtype=jnp.int32)
+        )
         reward, done, episode_done, won, episode_return, episode_length = self._unpack(np.array(packed))
         ended = episode_done[:, 0].nonzero().flatten().tolist()
         finished = [

@@ -82,8 +82,17 @@ class VMASPool:
     """``copies`` copies of VMAS scenario ``scenario`` on ``device``; ``options`` are the scenario's
     keyword arguments (with ``agents`` for ``n_agents``) and ``max_steps`` and ``continuous``."""
 
-    def __init__(self, scenario: str, copies: int, seed: int, agents: int | None = None, device: str = "cpu",
-                 max_steps: int = DEFAULT_MAX_STEPS, continuous: bool = True, **options: Any):
+    def __init__(
+        self,
+        scenario: str,
+        copies: int,
+        seed: int,
+        agents: int | None = None,
+        device: str = "cpu",
+        max_steps: int = DEFAULT_MAX_STEPS,
+        continuous: bool = True,
+        **options: Any,
+    ):
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
         if max_steps < 1:
@@ -94,11 +103,21 @@ class VMASPool:
         self.device = torch.device(device)
         kwargs = scenario_options(scenario, agents, options)
         if scenario not in available_scenarios():
-            raise ValueError(f"unknown VMAS scenario {scenario!r}; e.g. vmas:navigation, vmas:balance, vmas:transport, "
-                             f"vmas:simple_spread (all: {', '.join(sorted(available_scenarios()))})")
-        self.env = vmas.make_env(scenario, num_envs=copies, device=self.device, continuous_actions=continuous,
-                                 max_steps=max_steps, seed=seed, clamp_actions=True, terminated_truncated=True,
-                                 **kwargs)
+            raise ValueError(
+                f"unknown VMAS scenario {scenario!r}; e.g. vmas:navigation, vmas:balance, vmas:transport, "
+                f"vmas:simple_spread (all: {', '.join(sorted(available_scenarios()))})"
+            )
+        self.env = vmas.make_env(
+            scenario,
+            num_envs=copies,
+            device=self.device,
+            continuous_actions=continuous,
+            max_steps=max_steps,
+            seed=seed,
+            clamp_actions=True,
+            terminated_truncated=True,
+            **kwargs,
+        )
         env = self.env
         names = [agent.name for agent in env.agents]
         n = len(names)
@@ -132,8 +151,9 @@ class VMASPool:
         return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in per_agent], dim=1)
 
     def _current_observations(self) -> Tensor:
-        return self._observations(self.env.get_from_scenario(
-            get_observations=True, get_rewards=False, get_infos=False, get_dones=False)[0])
+        return self._observations(
+            self.env.get_from_scenario(get_observations=True, get_rewards=False, get_infos=False, get_dones=False)[0]
+        )
 
     def _per_agent_actions(self, actions: Tensor) -> list[Tensor]:
         if self.spaces.discrete:
@@ -149,8 +169,10 @@ class VMASPool:
         n = spaces.num_agents
         expected = (self.copies, n) if spaces.discrete else (self.copies, n, spaces.action_size)
         if tuple(np.shape(actions)) != expected:
-            raise ValueError(f"VMASPool.step got actions of shape {tuple(np.shape(actions))}; expected {expected} "
-                             "(copies, agents" + (")" if spaces.discrete else ", action size)"))
+            raise ValueError(
+                f"VMASPool.step got actions of shape {tuple(np.shape(actions))}; expected {expected} "
+                "(copies, agents" + (")" if spaces.discrete else ", action size)")
+            )
         actions = torch.as_tensor(actions, device=self.device)
         obs, rewards, terminated, truncated, _ = self.env.step(self._per_agent_actions(actions))
         final_obs = self._observations(obs)
@@ -170,8 +192,17 @@ class VMASPool:
             new_obs = self._reset(ended_copies, final_obs)
         self.obs = new_obs
         expand = lambda flags: flags.to(reward.dtype)[:, None].expand(-1, n)  # noqa: E731
-        return VMASStep(new_obs, new_obs.flatten(1), reward, expand(ended), expand(terminated), self.alive,
-                        final_obs, final_obs.flatten(1), finished)
+        return VMASStep(
+            new_obs,
+            new_obs.flatten(1),
+            reward,
+            expand(ended),
+            expand(terminated),
+            self.alive,
+            final_obs,
+            final_obs.flatten(1),
+            finished,
+        )
 
     def _reset(self, ended_copies: Tensor, final_obs: Tensor) -> Tensor:
         """Observations after resetting ``ended_copies``: one VMAS call for all copies when all ended."""
