@@ -28,62 +28,18 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
-from torch import nn
 
 import kpg
-import kpg.nn as knn
 from kpg import _C
 from kpg import _ops as ops
 
-UPDATE_CASES = {
-    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
-    "sgd-momentum-dampening-wd": (
-        "sgd",
-        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False),
-    ),
-    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
-    "adam": (
-        "adam",
-        dict(
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            amsgrad=False,
-            maximize=False,
-            decoupled_weight_decay=False,
-        ),
-    ),
-    "adam-l2-amsgrad-maximize": (
-        "adam",
-        dict(
-            beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False
-        ),
-    ),
-    "adamw": (
-        "adam",
-        dict(
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            amsgrad=False,
-            maximize=False,
-            decoupled_weight_decay=True,
-        ),
-    ),
-    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
-    "rmsprop-centered-momentum-wd": (
-        "rmsprop",
-        dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False),
-    ),
-    "adagrad-decay-wd-maximize": (
-        "adagrad",
-        dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6, maximize=True),
-    ),
-}
+# The test problems the pytest suites use, from a module that needs torch and kpg only.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cases import UPDATE_CASES, KMappoMinibatch  # noqa: E402
+
 # Agent sizes around the vector width and both paths' chunk sizes, with an empty agent.
 SIZES = [0, 1, 3, 4, 5, 8191, 8192, 8193, 1027, 2051, 16385, 7]
 # Adam: units in the last place of the tensor's scale that pow's rounding may move a result.
@@ -225,56 +181,9 @@ def check_norms(report, device="cuda"):
             report(f"norms {str(dtype)[6:]} {'clip' if clip else 'no-clip'}", "; ".join(problems))
 
 
-AGENTS, OBS, ACT, BATCH = 4, 6, 3, 32
-
-
-class KMappoMinibatch:
-    """An agent-batched actor trained by K-MAPPO's joint ratio plus a centralized critic term that
-    reads joint_inputs in its tensor and its list form; inputs live in static buffers."""
-
-    def __init__(self, device):
-        torch.manual_seed(0)
-        self.policy = knn.AgentMLP(AGENTS, OBS, ACT, hidden_sizes=(8,), dtype=torch.float64).to(device)
-        self.critic = nn.Sequential(nn.Linear(AGENTS * ACT, 8), nn.Tanh(), nn.Linear(8, AGENTS)).double().to(device)
-        self.critic.requires_grad_(False)
-        self.obs = torch.zeros(AGENTS, BATCH, OBS, dtype=torch.float64, device=device)
-        self.actions = torch.zeros(AGENTS, BATCH, dtype=torch.int64, device=device)
-        self.old_log_prob = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
-        self.advantages = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
-
-    def refill(self, minibatch):
-        g = torch.Generator().manual_seed(100 + minibatch)
-        self.obs.copy_(torch.randn(self.obs.shape, generator=g, dtype=torch.float64))
-        self.actions.copy_(torch.randint(ACT, self.actions.shape, generator=g))
-        self.old_log_prob.copy_(-torch.rand(self.old_log_prob.shape, generator=g, dtype=torch.float64) - 1)
-        self.advantages.copy_(torch.randn(self.advantages.shape, generator=g, dtype=torch.float64))
-
-    def log_prob(self, logits):
-        return torch.log_softmax(logits, -1).gather(-1, self.actions.unsqueeze(-1)).squeeze(-1)
-
-    def closure(self, ctx):
-        own_logits = ctx.at_base(lambda: self.policy(self.obs))
-        with ctx.anticipated():
-            anticipated_logits = self.policy(self.obs)
-        surrogate = kpg.joint_ratio_loss(
-            self.log_prob(own_logits),
-            self.old_log_prob,
-            self.advantages,
-            self.log_prob(anticipated_logits),
-            level=ctx.level,
-        ).loss
-        own, anticipated = torch.tanh(own_logits), torch.tanh(anticipated_logits)
-        stacked = kpg.joint_inputs(own, anticipated, agent_dim=0)
-        listed = kpg.joint_inputs(list(own.unbind(0)), list(anticipated.unbind(0)))
-        q_stacked = self.critic(stacked.permute(0, 2, 1, 3).reshape(AGENTS, BATCH, AGENTS * ACT))
-        q_listed = self.critic(listed)
-        critic_term = q_stacked.diagonal(dim1=0, dim2=2).mean(0) + q_listed.diagonal(dim1=0, dim2=2).mean(0)
-        return surrogate - 0.1 * critic_term
-
-
 def train(device, k, steps, capture_from=None):
     """Parameters after `steps` minibatch steps; from step `capture_from` on, replays of a captured step."""
-    problem = KMappoMinibatch(device)
+    problem = KMappoMinibatch(device, agents=4, obs=6, actions=3, batch=32)
     opt = kpg.KPGOptimizer(
         problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3, 5e-3], max_grad_norm=[0.5, 1.0, 0.2, 0.05], nonfinite="skip"
     )

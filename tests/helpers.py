@@ -211,69 +211,6 @@ def brute_force_step(game, optimizers, k, max_norms):
 
 # ---- kernel test problems --------------------------------------------------------------------------
 
-# (optimizer, hyperparameters) cases, each id naming what it exercises.
-UPDATE_CASES = {
-    "sgd-plain": ("sgd", dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)),
-    "sgd-momentum-dampening-wd": (
-        "sgd",
-        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False),
-    ),
-    "sgd-nesterov-maximize": ("sgd", dict(momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True)),
-    "adam": (
-        "adam",
-        dict(
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            amsgrad=False,
-            maximize=False,
-            decoupled_weight_decay=False,
-        ),
-    ),
-    "adam-l2-amsgrad-maximize": (
-        "adam",
-        dict(
-            beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=False
-        ),
-    ),
-    "adamw": (
-        "adam",
-        dict(
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            amsgrad=False,
-            maximize=False,
-            decoupled_weight_decay=True,
-        ),
-    ),
-    "adamw-amsgrad-beta1-large-weight": (
-        "adam",
-        dict(
-            beta1=0.3, beta2=0.9, eps=1e-5, weight_decay=0.05, amsgrad=True, maximize=False, decoupled_weight_decay=True
-        ),
-    ),
-    "rmsprop": ("rmsprop", dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)),
-    "rmsprop-centered-momentum-wd": (
-        "rmsprop",
-        dict(alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=False),
-    ),
-    "rmsprop-alpha-small-maximize": (
-        "rmsprop",
-        dict(alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True),
-    ),
-    "adagrad": (
-        "adagrad",
-        dict(lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, maximize=False),
-    ),
-    "adagrad-decay-wd-maximize": (
-        "adagrad",
-        dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.5, eps=1e-6, maximize=True),
-    ),
-}
-
 
 def rows(kind: str, hyper: dict, num_agents) -> dict[str, torch.Tensor]:
     """The ``hyper`` argument of a kpg update op: ``hyper`` (a dict of one family's

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cases import UPDATE_CASES
 from torch import nn
 
 import kpg
@@ -17,7 +18,7 @@ from kpg import _ops as ops
 from kpg.envs import EnvPool
 from kpg.train import load_checkpoint, save_checkpoint
 
-from helpers import UPDATE_CASES, Arena, rows
+from helpers import Arena, rows
 
 SIZES = [3, 0, 17, 5]
 F64 = torch.float64

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from cases import KMappoMinibatch
 
 import kpg
-import kpg.nn as knn
 from kpg import _C
 from kpg import _ops as ops
 
@@ -264,52 +263,6 @@ def test_couplings_do_not_synchronize_on_cuda():
 
 
 # ---- a captured K-MAPPO minibatch step -------------------------------------------------------------
-
-AGENTS, OBS, ACT, BATCH = 3, 5, 4, 16
-
-
-class KMappoMinibatch:
-    """An agent-batched policy trained by K-MAPPO's joint ratio plus a centralized critic term that
-    reads joint_inputs in its tensor form and its list form; inputs live in static buffers."""
-
-    def __init__(self, device):
-        torch.manual_seed(0)
-        self.policy = knn.AgentMLP(AGENTS, OBS, ACT, hidden_sizes=(8,), dtype=torch.float64).to(device)
-        self.critic = nn.Sequential(nn.Linear(AGENTS * ACT, 8), nn.Tanh(), nn.Linear(8, AGENTS)).double().to(device)
-        self.critic.requires_grad_(False)
-        self.obs = torch.zeros(AGENTS, BATCH, OBS, dtype=torch.float64, device=device)
-        self.actions = torch.zeros(AGENTS, BATCH, dtype=torch.int64, device=device)
-        self.old_log_prob = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
-        self.advantages = torch.zeros(AGENTS, BATCH, dtype=torch.float64, device=device)
-
-    def refill(self, minibatch):
-        g = torch.Generator().manual_seed(100 + minibatch)
-        self.obs.copy_(torch.randn(self.obs.shape, generator=g, dtype=torch.float64))
-        self.actions.copy_(torch.randint(ACT, self.actions.shape, generator=g))
-        self.old_log_prob.copy_(-torch.rand(self.old_log_prob.shape, generator=g, dtype=torch.float64) - 1)
-        self.advantages.copy_(torch.randn(self.advantages.shape, generator=g, dtype=torch.float64))
-
-    def log_prob(self, logits):
-        return torch.log_softmax(logits, -1).gather(-1, self.actions.unsqueeze(-1)).squeeze(-1)
-
-    def closure(self, ctx):
-        own_logits = ctx.at_base(lambda: self.policy(self.obs))
-        with ctx.anticipated():
-            anticipated_logits = self.policy(self.obs)
-        surrogate = kpg.joint_ratio_loss(
-            self.log_prob(own_logits),
-            self.old_log_prob,
-            self.advantages,
-            self.log_prob(anticipated_logits),
-            level=ctx.level,
-        ).loss
-        own, anticipated = torch.tanh(own_logits), torch.tanh(anticipated_logits)
-        stacked = kpg.joint_inputs(own, anticipated, agent_dim=0)  # [A, A, B, ACT]
-        listed = kpg.joint_inputs(list(own.unbind(0)), list(anticipated.unbind(0)))  # [A, B, A * ACT]
-        q_stacked = self.critic(stacked.permute(0, 2, 1, 3).reshape(AGENTS, BATCH, AGENTS * ACT))
-        q_listed = self.critic(listed)
-        critic_term = q_stacked.diagonal(dim1=0, dim2=2).mean(0) + q_listed.diagonal(dim1=0, dim2=2).mean(0)
-        return surrogate - 0.1 * critic_term
 
 
 @needs_cuda

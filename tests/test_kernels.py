@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
+from cases import UPDATE_CASES
 
 from kpg import _ops as ops
 from kpg import reference
 
 from helpers import (
     RTOL,
-    UPDATE_CASES,
     Arena,
     agent_grad_norms_of_kernel_and_reference,
     assert_as_accurate_as,

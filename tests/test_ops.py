@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch._dynamo.testing
+from cases import UPDATE_CASES
 
 from kpg import _C
 from kpg import _ops as ops
 
-from helpers import UPDATE_CASES, Arena, no_live, python_thread_progress, rows
+from helpers import Arena, no_live, python_thread_progress, rows
 
 # An empty agent between others, segments that are not multiples of the vector width.
 SIZES = [3, 0, 17, 5]
