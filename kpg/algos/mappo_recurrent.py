@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 from kpg.algos.common import WallClock, generalized_advantages
-from kpg.algos.mappo import MAPPOConfig
+from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 from kpg.couplings import joint_ratio_loss
 from kpg.optim import KPGOptimizer, KSchedule
 
@@ -107,17 +107,7 @@ class RecurrentMAPPOTrainer:
     one Adam step of the critic. ``total_steps`` (environment steps of the run) sets the length of
     the learning-rate decay."""
 
-    METRICS = (
-        "actor_loss",
-        "value_loss",
-        "entropy",
-        "clip_fraction_level1",
-        "clip_fraction_level2",
-        "clip_fraction_level3",
-        "k",
-        "win_rate",
-        "episodes_won",
-    )
+    METRICS = (*MAPPOTrainer.METRICS, "win_rate", "episodes_won")
     RANK_STATE: tuple[str, ...] = ()
 
     def __init__(
