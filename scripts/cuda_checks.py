@@ -188,20 +188,7 @@ def train(device, k, steps, capture_from=None):
         problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3, 5e-3], max_grad_norm=[0.5, 1.0, 0.2, 0.05], nonfinite="skip"
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
-    replay = None
-    for minibatch in range(steps):
-        problem.refill(minibatch)
-        if capture_from is None or minibatch < capture_from:
-            opt.step(problem.closure)
-        elif replay is None:  # capture_step's warm-up step is a real step: this minibatch's
-            replay = opt.capture_step(problem.closure, warmup_steps=1)
-        else:
-            replay()
-        schedule.step()
-        opt.sync_hyperparameters()
-    if problem.obs.is_cuda:
-        torch.cuda.synchronize()
-    return [p.detach().cpu() for p in problem.policy.parameters()]
+    return problem.train(opt, schedule, steps, capture_from)
 
 
 def largest_difference(a, b):

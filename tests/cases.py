@@ -115,3 +115,21 @@ class KMappoMinibatch:
         q_listed = self.critic(listed)
         critic_term = q_stacked.diagonal(dim1=0, dim2=2).mean(0) + q_listed.diagonal(dim1=0, dim2=2).mean(0)
         return surrogate - 0.1 * critic_term
+
+    def train(self, opt, schedule, steps: int, capture_from: int | None = None) -> list[torch.Tensor]:
+        """The policy's parameters (on the CPU) after ``steps`` minibatch steps of ``opt``, one
+        ``schedule`` step each; from minibatch ``capture_from`` on, replays of a captured step."""
+        replay = None
+        for minibatch in range(steps):
+            self.refill(minibatch)
+            if capture_from is None or minibatch < capture_from:
+                opt.step(self.closure)
+            elif replay is None:  # capture_step's warm-up step is a real step: this minibatch's
+                replay = opt.capture_step(self.closure, warmup_steps=1)
+            else:
+                replay()
+            schedule.step()
+            opt.sync_hyperparameters()
+        if self.obs.is_cuda:
+            torch.cuda.synchronize()
+        return [p.detach().cpu() for p in self.policy.parameters()]

@@ -275,20 +275,7 @@ def test_captured_kmappo_step_replays_equal_to_eager_steps(k):
             problem.policy, k=k, lr=[3e-3, 1e-3, 2e-3], max_grad_norm=[0.5, 1.0, 0.2], nonfinite="skip"
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
-        warmup = 2
-        replay = None
-        for minibatch in range(8):
-            problem.refill(minibatch)
-            if mode == "eager" or minibatch < warmup:
-                opt.step(problem.closure)
-            elif replay is None:  # capture_step's warm-up step is a real step: this minibatch's
-                replay = opt.capture_step(problem.closure, warmup_steps=1)
-            else:
-                replay()
-            schedule.step()
-            opt.sync_hyperparameters()
-        torch.cuda.synchronize()
-        runs[mode] = [p.detach().cpu() for p in problem.policy.parameters()]
+        runs[mode] = problem.train(opt, schedule, steps=8, capture_from=None if mode == "eager" else 2)
     for eager, captured in zip(runs["eager"], runs["captured"]):
         assert_close_to_scale(captured, eager, 1e-12, what="parameters after the captured steps")
 
