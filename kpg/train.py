@@ -333,9 +333,16 @@ def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) one training run; returns its summary."""
+    run = RunContext.from_environment(config.device, timedelta(seconds=config.dist_timeout))
+    try:
+        return _train(config, run)
+    finally:
+        run.close()
+
+
+def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
     from tqdm import tqdm
 
-    run = RunContext.from_environment(config.device, timedelta(seconds=config.dist_timeout))
     run_dir = config.run_dir
     checkpoint_path = run_dir / "checkpoint.pt"
     # Rank 0 reads the checkpoint and hands it to the others: no shared file system needed.

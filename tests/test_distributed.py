@@ -54,6 +54,8 @@ def _rank_main(rank: int, world: int, workdir: str, scenarios: list[str]) -> Non
         except Exception:
             findings[name] = {"traceback": traceback.format_exc()}
         out.write_text(json.dumps(findings))
+    if dist.is_initialized():  # a scenario that broke the group has destroyed it already
+        dist.destroy_process_group()
 
 
 def launch(world: int, scenarios: list[str], workdir: Path) -> dict[int, dict]:

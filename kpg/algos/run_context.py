@@ -25,14 +25,24 @@ class RunContext:
     this rank uses, merging metrics, and checkpoints written once by rank 0 that resume on another
     number of ranks. Without a process group it is one rank and every method is the plain path."""
 
-    def __init__(self, group: dist.ProcessGroup | None):
+    def __init__(self, group: dist.ProcessGroup | None, owns_group: bool = False):
         self.group = group
+        self.owns_group = owns_group
         self.rank = 0 if group is None else dist.get_rank(group)
         self.world_size = 1 if group is None else dist.get_world_size(group)
 
     @classmethod
     def from_environment(cls, device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> RunContext:
-        return cls(init_from_environment(device, timeout))
+        initialized_before = dist.is_available() and dist.is_initialized()
+        group = init_from_environment(device, timeout)
+        return cls(group, owns_group=group is not None and not initialized_before)
+
+    def close(self) -> None:
+        """Destroys the process group this run initialized (one the caller made stays theirs). A gloo
+        group left to the interpreter's exit can abort the process ("terminate called without an
+        active exception") while its worker threads still hold tensors."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     @property
     def distributed(self) -> bool:
