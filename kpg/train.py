@@ -262,14 +262,14 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
 
 def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
     """The trainer class and its extra arguments: the recurrent MAPPO trainer (SMAX), the tensor-rollout
-    one (VMAS) or ALGORITHMS'."""
+    one (VMAS) or ALGORITHMS' (whose off-policy trainers step VMAS's tensors themselves)."""
     vmas = config.env.startswith(VMAS_PREFIX)
-    if vmas and (config.algo != "mappo" or config.mappo.recurrent):
-        raise ValueError(
-            f"{config.env}: VMAS environments train with --algo mappo, not recurrent (the tensor rollout "
-            "of kpg.algos.mappo_vectorized); K-MADDPG and K-FACMAC do not read VMAS pools yet"
-        )
     recurrent = config.algo == "mappo" and config.mappo.recurrent
+    if vmas and recurrent:
+        raise ValueError(
+            f"{config.env}: VMAS environments train with --algo mappo without --mappo.recurrent (the tensor "
+            "rollout of kpg.algos.mappo_vectorized), --algo maddpg or --algo facmac"
+        )
     if recurrent:
         from kpg.algos.mappo_recurrent import RecurrentMAPPOTrainer
 
@@ -291,7 +291,7 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
                 f"--mappo.{recurrent_only[0].replace('_', '-')} is an option of the recurrent trainer; "
                 "add --mappo.recurrent (SMAX) or leave it at its default"
             )
-    if vmas:
+    if vmas and config.algo == "mappo":
         from kpg.algos.mappo_vectorized import VectorizedMAPPOTrainer
 
         return VectorizedMAPPOTrainer, {}

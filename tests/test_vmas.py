@@ -4,14 +4,17 @@ without the extra."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 
 import pytest
 import torch
 
+from kpg.algos import FACMACConfig, MADDPGConfig
 from kpg.algos.mappo import MAPPOConfig
 from kpg.envs import make_pool
 from kpg.train import TrainConfig, build_trainer, train
@@ -188,6 +191,125 @@ def test_resume_continues_a_vmas_run(tmp_path):
 
 
 @needs_vmas
-def test_other_trainers_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match="VMAS environments train with --algo mappo"):
-        build_trainer(vmas_config("navigation", tmp_path, algo="maddpg"))
+def test_recurrent_mappo_is_refused_with_the_reason(tmp_path):
+    recurrent = dataclasses.replace(MAPPOConfig(), recurrent=True)
+    with pytest.raises(ValueError, match="without --mappo.recurrent .*--algo maddpg or --algo facmac"):
+        build_trainer(vmas_config("navigation", tmp_path, mappo=recurrent))
+
+
+# ---- K-MADDPG and K-FACMAC: the off-policy trainers step VMAS's tensors ----------------------------------
+
+OFF_POLICY_CONFIGS = {"maddpg": MADDPGConfig, "facmac": FACMACConfig}
+
+
+def off_policy_config(algo: str, scenario: str, tmp_path, trainer_options=(), **changes) -> TrainConfig:
+    """200 steps of 8 copies: five iterations of 5 steps, the first two with random actions, then two
+    gradient steps after each from the second on (learning_starts)."""
+    options = dict(
+        buffer_size=1_000, batch_size=32, rollout=5, updates_per_iteration=2, learning_starts=80, hidden=(16,)
+    )
+    if algo == "facmac":
+        options.update(mixer_embed=4, hypernet_embed=8)
+    options.update(trainer_options)
+    settings = dict(algo=algo, steps=200, **{algo: OFF_POLICY_CONFIGS[algo](**options)})
+    return vmas_config(scenario, tmp_path, **{**settings, **changes})
+
+
+@needs_vmas
+@pytest.mark.parametrize("algo", ["maddpg", "facmac"])
+def test_off_policy_trainers_build_on_vmas_pools(tmp_path, algo):
+    pool, trainer = build_trainer(off_policy_config(algo, "navigation", tmp_path))
+    assert type(trainer).__name__ == {"maddpg": "MADDPGTrainer", "facmac": "FACMACTrainer"}[algo]
+    assert trainer.tensor_pool and trainer.pool is pool
+    actions = trainer.act(pool.obs)
+    assert isinstance(actions, torch.Tensor) and actions.shape == (8, 3, 2)
+    assert bool((actions.abs() <= 1.0).all())  # navigation's forces span [-1, 1]
+
+
+@needs_vmas
+def test_off_policy_replay_keeps_the_final_observation_at_the_time_limit(tmp_path):
+    """Step 4 of 5 reaches the time limit: its row's next observation is the episode's last one, not the
+    reset's, and it is not terminal; the next row starts the new episode."""
+    config = off_policy_config(
+        "maddpg", "navigation", tmp_path, env_options={"max_steps": "4"}, trainer_options={"learning_starts": 1_000}
+    )
+    pool, trainer = build_trainer(config)
+    sent, seen, step = [], [], pool.step
+    pool.step = lambda actions: sent.append(actions) or seen.append(step(actions)) or seen[-1]
+    trainer._collect()
+    assert all(isinstance(actions, torch.Tensor) for actions in sent)  # no trip through NumPy
+    rows = {name: value[:40].view(5, 8, *value.shape[1:]) for name, value in trainer.buffer.storage.items()}
+    assert len(trainer.buffer) == 40
+    cut = seen[3]
+    assert cut.done.eq(1).all() and cut.terminated.eq(0).all()
+    torch.testing.assert_close(rows["next_obs"][3], cut.final_obs)
+    assert rows["terminated"][3].eq(0).all() and rows["next_present"][3].eq(1).all()  # the target bootstraps
+    torch.testing.assert_close(rows["obs"][4], cut.obs)  # the new episode's first observation
+    assert not torch.equal(rows["obs"][4], rows["next_obs"][3])
+    torch.testing.assert_close(rows["next_obs"][:3], rows["obs"][1:4])  # mid-episode: the next row's
+    torch.testing.assert_close(rows["reward"], torch.stack([s.reward for s in seen]))
+    low, high = trainer.action_bounds
+    torch.testing.assert_close(torch.stack(sent), low + (rows["actions"] + 1.0) * 0.5 * (high - low))
+    # The state is every agent's observation: stored once, read as a view of the sampled observations.
+    assert "state" not in rows and "next_state" not in rows
+    batch = trainer.sample(16)
+    assert batch["state"].data_ptr() == batch["obs"].data_ptr()
+    torch.testing.assert_close(batch["next_state"], batch["next_obs"].flatten(1))
+
+
+@needs_vmas
+def test_off_policy_replay_stores_a_task_end_as_terminal(tmp_path):
+    """Copies 1 and 4 end by the task at the second step: their rows are terminal, without a next
+    observation to act on, and only those copies start again."""
+    pool, trainer = build_trainer(
+        off_policy_config("facmac", "navigation", tmp_path, trainer_options={"rollout": 2, "learning_starts": 1_000})
+    )
+    ended = torch.zeros(8, dtype=torch.bool)
+    ended[[1, 4]] = True
+    calls = iter([torch.zeros(8, dtype=torch.bool), ended])
+    pool.env.scenario.done = lambda: next(calls)
+    resets_before = pool.resets
+    episodes = trainer._collect()
+    rows = {name: value[8:16] for name, value in trainer.buffer.storage.items()}  # the second step
+    assert rows["terminated"][:, 0].tolist() == ended.float().tolist()
+    assert rows["next_present"][:, 0].tolist() == (~ended).float().tolist()
+    assert len(episodes) == 2 and pool.resets == resets_before + 2
+    assert rows["terminated"].sum() == 2 * 3 and trainer.buffer.storage["terminated"][:8].sum() == 0
+
+
+@needs_vmas
+@pytest.mark.parametrize(
+    ("algo", "scenario", "env_options"),
+    [
+        ("maddpg", "navigation", {}),
+        ("facmac", "navigation", {}),
+        # VMAS's discrete actions go through the straight-through Gumbel-softmax, as PettingZoo's do.
+        ("maddpg", "simple_spread", {"continuous": "false"}),
+        ("facmac", "balance", {}),
+    ],
+)
+def test_off_policy_kpg_train_on_vmas(tmp_path, algo, scenario, env_options):
+    config = off_policy_config(algo, scenario, tmp_path, env_options={"max_steps": "7", **env_options})
+    summary = train(config)
+    assert summary["env_steps"] == 200 and summary["agents"] == 3 and summary["updates"] == 5
+    assert len(summary["actor_level_seconds"]) == 2  # k=2
+    assert summary["recent_return"] is not None and torch.isfinite(torch.tensor(summary["eval_return"]))
+    rows = list(csv.DictReader((tmp_path / summary["run"] / "metrics.csv").read_text().splitlines()))
+    assert [int(float(row["gradient_steps"])) for row in rows] == [0, 2, 4, 6, 8]
+    assert all(math.isfinite(float(rows[-1][name])) for name in ("critic_loss", "actor_loss", "q_mean"))
+
+
+@needs_vmas
+@pytest.mark.parametrize("checkpoint_replay", [True, False])
+def test_off_policy_resume_continues_a_vmas_run(tmp_path, checkpoint_replay):
+    """The replay rows come back with the checkpoint (or, without them, the buffer refills); the episodes
+    start afresh (VMAS cannot save a world), so the resumed run does not repeat the first one exactly."""
+    config = off_policy_config("maddpg", "navigation", tmp_path, eval_episodes=0, checkpoint_replay=checkpoint_replay)
+    train(dataclasses.replace(config, steps=120))
+    summary = train(dataclasses.replace(config, resume=True))
+    assert summary["env_steps"] == 200 and summary["updates"] == 5
+    rows = list(csv.DictReader((tmp_path / summary["run"] / "metrics.csv").read_text().splitlines()))
+    assert [int(float(row["env_steps"])) for row in rows] == [40, 80, 120, 160, 200]
+    assert [int(float(row["gradient_steps"])) for row in rows] == [0, 2, 4, 6, 8]
+    sizes = [int(float(row["buffer_size"])) for row in rows]
+    assert sizes == ([40, 80, 120, 160, 200] if checkpoint_replay else [40, 80, 120, 40, 80])

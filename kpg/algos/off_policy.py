@@ -2,6 +2,11 @@
 (:mod:`kpg.algos.maddpg`) and K-FACMAC (:mod:`kpg.algos.facmac`) share: actors and their targets,
 acting and exploration, replay collection, the iteration loop, KPG scheduling and checkpoints.
 
+The pool is an :class:`~kpg.envs.EnvPool` (NumPy arrays, PettingZoo environments stepped one by
+one) or a tensor pool (:class:`~kpg.envs.vmas.VMASPool`: every copy a tensor on the training
+device, stepped in one call). From a tensor pool the collection takes actions, transitions and
+replay rows as tensors on the device, with no copy through NumPy and no loop over copies or agents.
+
 Data parallel under ``torchrun`` (``process_group``): every rank holds every agent's actor and
 critic (checked identical at construction), steps its own environment copies into its own replay
 buffer, and at each gradient step samples its own share of the minibatch from its own random
@@ -28,7 +33,13 @@ from kpg.algos.common import (
     polyak_update,
     straight_through_gumbel_softmax,
 )
-from kpg.algos.replay import ReplayBuffer, transition_fields, transition_rows
+from kpg.algos.replay import (
+    STATE_FIELDS,
+    ReplayBuffer,
+    transition_fields,
+    transition_rows,
+    with_observation_states,
+)
 from kpg.algos.run_context import RunContext
 from kpg.distributed import average_gradients, check_replicas_agree
 from kpg.envs import EnvPool
@@ -109,6 +120,11 @@ class OffPolicyTrainer(abc.ABC):
                     f"[low, high]; got low {spaces.action_low.tolist()} and high {spaces.action_high.tolist()}"
                 )
             self.action_low, self.action_high = spaces.action_low, spaces.action_high
+            self.action_bounds = as_tensor(spaces.action_low), as_tensor(spaces.action_high)
+        # A tensor pool (VMAS) holds its copies as tensors on the training device: the collection reads
+        # and steps them as tensors, with no copy through NumPy.
+        self.tensor_pool = isinstance(pool.obs, Tensor)
+        self.state_is_observations = getattr(pool, "state_is_observations", False)
         layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
         self.actor = AgentActors(
             layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation, output_gain=0.01
@@ -129,7 +145,8 @@ class OffPolicyTrainer(abc.ABC):
         )
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
         local_capacity = -(-c.buffer_size // run.world_size)
-        self.buffer = ReplayBuffer(local_capacity, transition_fields(spaces, self.dtype), self.device)
+        fields = transition_fields(spaces, self.dtype, self.state_is_observations)
+        self.buffer = ReplayBuffer(local_capacity, fields, self.device)
         self.clock = WallClock()
         self.env_steps = 0
         self.updates = 0
@@ -213,21 +230,28 @@ class OffPolicyTrainer(abc.ABC):
             actions = (torch.tanh(self.actor(obs)) + self.config.exploration_noise * noise).clamp(-1.0, 1.0)
         return actions * mask
 
-    def _env_actions(self, actions: Tensor) -> np.ndarray:
-        """EnvPool's format [copies, agents(, action_size)] from [agents, copies, action_size]."""
+    def _env_actions(self, actions: Tensor, tensors: bool = False) -> np.ndarray | Tensor:
+        """The pools' format [copies, agents(, action_size)] from [agents, copies, action_size]: a
+        tensor on the trainer's device for a tensor pool (``tensors``), else a NumPy array (EnvPool)."""
         if self.discrete:
-            return actions.argmax(-1).transpose(0, 1).cpu().numpy()
+            indices = actions.argmax(-1).transpose(0, 1)
+            return indices if tensors else indices.cpu().numpy()
+        if tensors:
+            low, high = self.action_bounds
+            return low + (actions.transpose(0, 1) + 1.0) * 0.5 * (high - low)
         scaled = actions.transpose(0, 1).cpu().numpy()
         return self.action_low + (scaled + 1.0) * 0.5 * (self.action_high - self.action_low)
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
-        """Actions for observations [copies, agents, obs_size] in EnvPool's format: the greedy
-        policy, or the exploring behaviour policy."""
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> np.ndarray | Tensor:
+        """Actions for observations [copies, agents, obs_size] in the pool's format (a tensor for a
+        tensor pool's observations, else a NumPy array): the greedy policy, or the exploring
+        behaviour policy."""
         obs_t = torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1)
+        tensors = isinstance(obs, Tensor)
         if deterministic:
-            return self._env_actions(self.greedy_actions(self.actor(obs_t)))
-        return self._env_actions(self._exploration_actions(obs_t, uniform=False))
+            return self._env_actions(self.greedy_actions(self.actor(obs_t)), tensors)
+        return self._env_actions(self._exploration_actions(obs_t, uniform=False), tensors)
 
     # ---- one iteration: collect, then update ----------------------------------------------------
 
@@ -252,11 +276,14 @@ class OffPolicyTrainer(abc.ABC):
     def _collect(self) -> list[dict[str, float]]:
         episodes = []
         for _ in range(self.config.rollout):
-            obs, state, alive = self.pool.obs.copy(), self.pool.state.copy(), self.pool.alive.copy()
+            obs, state, alive = self._pool_before_step()
             obs_t = torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1)
             actions = self._exploration_actions(obs_t, uniform=self.env_steps < self.config.learning_starts)
-            step = self.pool.step(self._env_actions(actions))
+            step = self.pool.step(self._env_actions(actions, self.tensor_pool))
             rows = transition_rows(obs, state, alive, step)
+            if self.state_is_observations:  # the replay holds the observations once (replay.py's docstring)
+                for name in STATE_FIELDS:
+                    del rows[name]
             alive_t = torch.as_tensor(alive, dtype=self.dtype, device=self.device)
             rows["actions"] = actions.transpose(0, 1) * alive_t[..., None]
             self.buffer.add(rows)
@@ -264,13 +291,21 @@ class OffPolicyTrainer(abc.ABC):
             self.env_steps += self.pool.copies * self.world_size
         return episodes
 
+    def _pool_before_step(self) -> tuple[np.ndarray | Tensor, np.ndarray | Tensor, np.ndarray | Tensor]:
+        """The pool's observations, state and alive flags before a step: copies of an EnvPool's
+        arrays, which its step overwrites; a tensor pool's own tensors, which its step replaces."""
+        pool = self.pool
+        if self.tensor_pool:
+            return pool.obs, pool.state, pool.alive
+        return pool.obs.copy(), pool.state.copy(), pool.alive.copy()
+
     def _update(self) -> dict[str, float]:
         c = self.config
         if self.k_until is not None:
             self.actor_optimizer.k = self.k if self.env_steps < self.k_until else 1
         critic_losses, actor_losses, q_means = [], [], []
         for _ in range(c.updates_per_iteration):
-            batch = self.buffer.sample(self.local_batch_size, self.generator)
+            batch = self.sample(self.local_batch_size)
             critic_loss, q_mean, actor_loss = self.gradient_step(batch, self.actor_noise(self.local_batch_size))
             critic_losses.append(critic_loss)
             actor_losses.append(actor_loss.mean())
@@ -280,6 +315,11 @@ class OffPolicyTrainer(abc.ABC):
             "actor_loss": torch.stack(actor_losses).mean().item(),
             "q_mean": torch.stack(q_means).mean().item(),
         }
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        """``batch_size`` replay rows drawn with this rank's generator, with every field the losses read."""
+        batch = self.buffer.sample(batch_size, self.generator)
+        return with_observation_states(batch) if self.state_is_observations else batch
 
     def gradient_step(self, batch: dict[str, Tensor], noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """A critic step, an actor step and the targets' Polyak updates on ``batch`` (this rank's

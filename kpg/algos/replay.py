@@ -12,6 +12,10 @@ A transition row holds, with the agent dimension second (``[capacity, agents, ..
   and state of an episode that ended at this step).
 - ``next_present``: 1 for agents that have a next observation to act on: alive after the step, or
   cut off by a time limit at this step.
+
+A pool whose global state is every agent's observation (VMAS, ``state_is_observations``) stores no
+``state`` and ``next_state``: :func:`with_observation_states` makes them views of the sampled
+``obs`` and ``next_obs``, so the buffer holds each observation once.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from torch import Tensor
 from kpg.envs import AgentSpaces, StepResult
 
 FieldSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+Array = np.ndarray | Tensor
 
 
-def transition_fields(spaces: AgentSpaces, dtype: torch.dtype) -> FieldSpecs:
+STATE_FIELDS = ("state", "next_state")
+
+
+def transition_fields(spaces: AgentSpaces, dtype: torch.dtype, state_is_observations: bool = False) -> FieldSpecs:
     """The fields of a multi-agent transition (module docstring) for ``spaces``, as ``{name:
-    (shape per row, dtype)}``."""
+    (shape per row, dtype)}``; without :data:`STATE_FIELDS` where ``state_is_observations``."""
     n = spaces.num_agents
     agents_obs, state, per_agent = (n, spaces.obs_size), (spaces.state_size,), (n,)
-    return {
+    fields = {
         "obs": (agents_obs, dtype),
         "state": (state, dtype),
         "alive": (per_agent, dtype),
@@ -45,6 +53,10 @@ def transition_fields(spaces: AgentSpaces, dtype: torch.dtype) -> FieldSpecs:
         "next_state": (state, dtype),
         "next_present": (per_agent, dtype),
     }
+    if state_is_observations:
+        for name in STATE_FIELDS:
+            del fields[name]
+    return fields
 
 
 class ReplayBuffer:
@@ -155,10 +167,12 @@ def _memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def transition_rows(obs: np.ndarray, state: np.ndarray, alive: np.ndarray, step: StepResult) -> dict[str, np.ndarray]:
+def transition_rows(obs: Array, state: Array, alive: Array, step: StepResult) -> dict[str, Array]:
     """The replay rows (one per environment copy) of the step from ``obs``, ``state`` and ``alive``
     (the pool's before it) to ``step``, every field except ``actions``, which the caller adds in its
-    own encoding. The next observations and state are the step's, taken before any reset."""
+    own encoding. The next observations and state are the step's, taken before any reset. NumPy
+    arrays from an EnvPool, or tensors from a tensor pool (a :class:`~kpg.envs.vmas.VMASStep`, which
+    has StepResult's fields)."""
     return {
         "obs": obs,
         "state": state,
@@ -169,6 +183,12 @@ def transition_rows(obs: np.ndarray, state: np.ndarray, alive: np.ndarray, step:
         "next_state": step.next_state,
         "next_present": step.next_present,
     }
+
+
+def with_observation_states(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` with ``state`` and ``next_state`` [rows, agents * obs_size], views of its ``obs`` and
+    ``next_obs``: the global state of a pool whose state is every agent's observation."""
+    return {**batch, "state": batch["obs"].flatten(1), "next_state": batch["next_obs"].flatten(1)}
 
 
 def without_rows(state: dict[str, Any]) -> dict[str, Any]:

@@ -77,10 +77,28 @@ class VMASStep:
     final_state: Tensor  # [copies, agents * obs_size]
     finished: list[dict[str, float]] = field(default_factory=list)  # {"return", "length"} per ended episode
 
+    # EnvPool's StepResult's names for what the step led to, which the off-policy trainers' replay rows read.
+    @property
+    def next_obs(self) -> Tensor:
+        return self.final_obs
+
+    @property
+    def next_state(self) -> Tensor:
+        return self.final_state
+
+    @property
+    def next_present(self) -> Tensor:
+        """[copies, agents]: 1 where the agent has a next observation to act on: in copies that go on or
+        were cut off by the time limit (a VMAS task ends every agent's episode together)."""
+        return 1.0 - self.terminated
+
 
 class VMASPool:
     """``copies`` copies of VMAS scenario ``scenario`` on ``device``; ``options`` are the scenario's
     keyword arguments (with ``agents`` for ``n_agents``) and ``max_steps`` and ``continuous``."""
+
+    # The state is every agent's observation (``obs.flatten(1)``): a replay stores the observations once.
+    state_is_observations = True
 
     def __init__(
         self,
