@@ -32,8 +32,7 @@ from kpg.envs import AgentSpaces, StepResult
 
 FieldSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Array = np.ndarray | Tensor
-
-
+# The fields a pool whose state is every agent's observation does not store (module docstring).
 STATE_FIELDS = ("state", "next_state")
 
 
