@@ -64,6 +64,14 @@ def test_pool_shapes_masks_and_world_state(pool):
         assert torch.equal(pool.avail[:, i], torch.as_tensor(jax.numpy.asarray(expected[name])) > 0)
 
 
+def test_a_run_saved_on_other_ranks_says_to_resume_on_as_many(pool):
+    from kpg.algos.run_context import RunContext
+
+    states = [pool.state_dict(), pool.state_dict()]
+    with pytest.raises(ValueError, match="resumes on the number of ranks it was saved on \\(2\\), not 1"):
+        RunContext(None).resharded_pool_state(states, pool)
+
+
 def test_pool_steps_copies_resets_finished_ones_and_reports_wins(pool):
     """Stopping forever loses every episode of 3m at the time limit or to the enemy; the copies that
     finish are reset (fresh observations), the others go on."""

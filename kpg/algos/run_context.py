@@ -147,20 +147,8 @@ class RunContext:
 
     def resharded_pool_state(self, pool_states: Sequence[dict[str, Any]], pool: Any) -> dict[str, Any]:
         """The state ``pool`` (this rank's environment copies) loads from the pool states of a run on
-        ``len(pool_states)`` ranks: the same rank's state when the count is unchanged, else this
-        rank's slice of all copies' episode seeds (each copy restarts its current episode from its
-        seed) and the episode counter this rank used before, so no episode seed repeats."""
+        ``len(pool_states)`` ranks: the same rank's state when the count is unchanged, else what the
+        pool makes of all ranks' states (``pool.resharded_state``)."""
         if len(pool_states) == self.world_size:
             return pool_states[self.rank]
-        seeds = [s for state in pool_states for s in state["episode_seeds"]]
-        if len(seeds) != pool.copies * self.world_size:
-            raise ValueError(
-                f"the checkpoint holds {len(seeds)} environment copies, this run {pool.copies * self.world_size}; "
-                "resume with the same --copies"
-            )
-        before = pool_states[self.rank] if self.rank < len(pool_states) else None
-        return {
-            "seed": pool.seed,
-            "episodes_started": before["episodes_started"] if before else 0,
-            "episode_seeds": seeds[self.rank * pool.copies : (self.rank + 1) * pool.copies],
-        }
+        return pool.resharded_state(pool_states, self.rank, self.world_size)

@@ -17,7 +17,7 @@ the value of a state cut off by a time limit can be bootstrapped.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +178,23 @@ class EnvPool:
             "seed": self.seed,
             "episodes_started": self.episodes_started,
             "episode_seeds": list(self._episode_seeds),
+        }
+
+    def resharded_state(self, pool_states: Sequence[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+        """This pool's state on ``rank`` of ``world_size`` from the states of a run on another number
+        of ranks: its slice of all copies' episode seeds (each copy restarts its current episode from
+        its seed) and the episode counter this rank used before, so no episode seed repeats."""
+        seeds = [s for state in pool_states for s in state["episode_seeds"]]
+        if len(seeds) != self.copies * world_size:
+            raise ValueError(
+                f"the checkpoint holds {len(seeds)} environment copies, this run {self.copies * world_size}; "
+                "resume with the same --copies"
+            )
+        before = pool_states[rank] if rank < len(pool_states) else None
+        return {
+            "seed": self.seed,
+            "episodes_started": before["episodes_started"] if before else 0,
+            "episode_seeds": seeds[rank * self.copies : (rank + 1) * self.copies],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

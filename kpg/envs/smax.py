@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,13 @@ class SMAXPool:
             raw = torch.from_numpy(array.reshape(-1).view(np.uint8).copy())
             leaves.append({"dtype": array.dtype.str, "shape": list(array.shape), "bytes": raw})
         return {"map": self.map_name, "copies": self.copies, "seed": self.seed, "leaves": leaves}
+
+    def resharded_state(self, pool_states: Sequence[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+        raise ValueError(
+            f"a SMAX run resumes on the number of ranks it was saved on ({len(pool_states)}), not {world_size}: "
+            "its copies' JAX states are not split between ranks; run torchrun with --nproc-per-node "
+            f"{len(pool_states)}"
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("map") != self.map_name or state.get("copies") != self.copies:

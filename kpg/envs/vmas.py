@@ -26,6 +26,7 @@ options set it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +240,19 @@ class VMASPool:
 
     def state_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "copies": self.copies, "seed": self.seed, "resets": self.resets}
+
+    def resharded_state(self, pool_states: Sequence[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+        """This pool's state on ``rank`` of ``world_size`` from the states of a run on another number
+        of ranks: every copy restarts its episode on any resume, so only the totals must agree; the
+        reset counter this rank used before keeps its seeds from repeating."""
+        saved = sum(state.get("copies", 0) for state in pool_states)
+        if {state.get("scenario") for state in pool_states} != {self.scenario} or saved != self.copies * world_size:
+            raise ValueError(
+                f"the saved VMAS pools ran {pool_states[0].get('scenario')!r} with {saved} copies in all, this run "
+                f"{self.scenario!r} with {self.copies * world_size}; resume with the same --env and --copies"
+            )
+        before = pool_states[rank] if rank < len(pool_states) else None
+        return {**self.state_dict(), "resets": before["resets"] if before else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("scenario") != self.scenario or state.get("copies") != self.copies:
