@@ -108,6 +108,8 @@ def compare(config: CompareConfig) -> dict:
         "train": json.loads(json.dumps(dataclasses.asdict(config.train), default=str)),
         "by_k": {},
         "metric": config.metric,
+        # The trainers' count: environments such as smax:MAP decide it, whatever --agents says.
+        "agents": summaries[0]["agents"],
     }
     curves = {}
     for k in config.ks:
@@ -146,7 +148,7 @@ def compare(config: CompareConfig) -> dict:
         entry[f"cpu_overhead_vs_k{base_k}"] = entry["cpu_seconds"] / results["by_k"][base_k]["cpu_seconds"] - 1.0
     (config.out / "results.json").write_text(json.dumps(results, indent=2))
     (config.out / "results.md").write_text(_markdown(results, base_k))
-    _plot(config, grid, curves)
+    _plot(config, grid, curves, results["agents"])
     print((config.out / "results.md").read_text())
     print(f"learning curves: {config.out / 'curves.png'}; runs (CSV, TensorBoard, checkpoints): {config.out / 'runs'}")
     return results
@@ -155,7 +157,7 @@ def compare(config: CompareConfig) -> dict:
 def _markdown(results: dict, base_k: int) -> str:
     train_config = results["train"]
     lines = [
-        f"# {train_config['algo']} on {train_config['env']} ({train_config['agents']} agents), "
+        f"# {train_config['algo']} on {train_config['env']} ({results['agents']} agents), "
         f"{train_config['steps']} environment steps",
         "",
         f"Command: `{results['command']}`" if results["command"] else "",
@@ -186,7 +188,7 @@ def _markdown(results: dict, base_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray]) -> None:
+def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray], agents: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +200,7 @@ def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray]
         axes.plot(grid, mean, label=f"k={k}" + (" (plain)" if k == 1 else ""))
         axes.fill_between(grid, mean - halfwidth, mean + halfwidth, alpha=0.25)
     t = config.train
-    axes.set_title(f"{t.algo} on {t.env} ({t.agents} agents), {len(config.seeds)} seeds, 95% CI")
+    axes.set_title(f"{t.algo} on {t.env} ({agents} agents), {len(config.seeds)} seeds, 95% CI")
     axes.set_xlabel("environment steps")
     axes.set_ylabel(CURVE_METRICS[config.metric][2])
     axes.legend()

@@ -322,7 +322,8 @@ def test_compare_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, monke
         workers=1,
         out=tmp_path,
         metric="win_rate",
-        train=preset(steps=2 * COPIES * ROLLOUT, checkpoint_every=1),
+        # --agents is the map's business (3m: 3); the results must say the map's count
+        train=preset(steps=2 * COPIES * ROLLOUT, checkpoint_every=1, agents=7),
     )
     iteration, calls = RecurrentMAPPOTrainer.iteration, []
 
@@ -340,5 +341,6 @@ def test_compare_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, monke
     results = compare(config)
     assert calls == [1]  # continued from the checkpoint of update 1, not started over
     assert results["metric"] == "win_rate" and (tmp_path / "curves.png").exists()
+    assert results["agents"] == 3 and "smax:3m (3 agents)" in (tmp_path / "results.md").read_text()
     monkeypatch.setattr(compare_module, "train", lambda config: pytest.fail("a finished run was started again"))
     compare(config)
