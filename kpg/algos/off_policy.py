@@ -119,7 +119,6 @@ class OffPolicyTrainer(abc.ABC):
                     "continuous actions need finite bounds: the deterministic actors squash their output into "
                     f"[low, high]; got low {spaces.action_low.tolist()} and high {spaces.action_high.tolist()}"
                 )
-            self.action_low, self.action_high = spaces.action_low, spaces.action_high
             self.action_bounds = as_tensor(spaces.action_low), as_tensor(spaces.action_high)
         # A tensor pool (VMAS) holds its copies as tensors on the training device: the collection reads
         # and steps them as tensors, with no copy through NumPy.
@@ -234,13 +233,11 @@ class OffPolicyTrainer(abc.ABC):
         """The pools' format [copies, agents(, action_size)] from [agents, copies, action_size]: a
         tensor on the trainer's device for a tensor pool (``tensors``), else a NumPy array (EnvPool)."""
         if self.discrete:
-            indices = actions.argmax(-1).transpose(0, 1)
-            return indices if tensors else indices.cpu().numpy()
-        if tensors:
+            env_actions = actions.argmax(-1).transpose(0, 1)
+        else:
             low, high = self.action_bounds
-            return low + (actions.transpose(0, 1) + 1.0) * 0.5 * (high - low)
-        scaled = actions.transpose(0, 1).cpu().numpy()
-        return self.action_low + (scaled + 1.0) * 0.5 * (self.action_high - self.action_low)
+            env_actions = low + (actions.transpose(0, 1) + 1.0) * 0.5 * (high - low)
+        return env_actions if tensors else env_actions.cpu().numpy()
 
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> np.ndarray | Tensor:
