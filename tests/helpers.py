@@ -292,23 +292,28 @@ class Arena:
         return copied
 
 
-def agent_grad_norms_of_kernel_and_reference(arena, max_norm) -> list[dict[str, torch.Tensor]]:
+def agent_grad_norms_of_kernel_and_reference(
+    arena, max_norm, chunks=None, agent_chunks=None
+) -> list[dict[str, torch.Tensor]]:
     """The outputs of ops.agent_grad_norms and of its reference on ``arena``'s gradients (outputs
-    start at values neither writes), after checking that they agree."""
-    agents = arena.agent_chunks.shape[0] - 1
+    start at values neither writes), after checking that they agree; over ``chunks`` and
+    ``agent_chunks`` where given, else the arena's."""
+    if chunks is None:
+        chunks, agent_chunks = arena.chunks, arena.agent_chunks
+    agents = agent_chunks.shape[0] - 1
     outputs = []
     device = arena.grad.device
     for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
         out = dict(
-            chunk_sq=torch.full((arena.chunks.shape[0],), -1.0, dtype=torch.float64, device=device),
+            chunk_sq=torch.full((chunks.shape[0],), -1.0, dtype=torch.float64, device=device),
             norm=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
             grad_scale=torch.full((agents,), -1.0, dtype=torch.float64, device=device),
             nonfinite=torch.full((agents,), 7, dtype=torch.uint8, device=device),
         )
         impl(
             arena.grad,
-            arena.chunks,
-            arena.agent_chunks,
+            chunks,
+            agent_chunks,
             out["chunk_sq"],
             max_norm,
             out["norm"],

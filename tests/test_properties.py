@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from kpg import _ops as ops
 from kpg import reference
 
-from helpers import HYPER, RTOL, Arena, assert_as_accurate_as, assert_close_to_scale, rows
+from helpers import (
+    HYPER,
+    RTOL,
+    Arena,
+    agent_grad_norms_of_kernel_and_reference,
+    assert_as_accurate_as,
+    assert_close_to_scale,
+    rows,
+)
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 # Any size up to 3000; sizes next to multiples of 4 (the float32 vector width) and tiny ones are
@@ -127,24 +135,4 @@ def test_agent_grad_norms_match_reference(sizes, dtype, chunk_elems, clip, seed)
     chunks, agent_chunks = ops.chunk_table(arena.offsets, chunk_elems=chunk_elems)
     a = len(sizes)
     max_norm = torch.rand(a, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 40 if clip else None
-    outputs = []
-    for impl in (ops.agent_grad_norms, reference.agent_grad_norms):
-        out = dict(
-            chunk_sq=torch.full((chunks.shape[0],), -1.0, dtype=torch.float64),
-            norm=torch.full((a,), -1.0, dtype=torch.float64),
-            grad_scale=torch.full((a,), -1.0, dtype=torch.float64),
-            nonfinite=torch.full((a,), 7, dtype=torch.uint8),
-        )
-        impl(
-            arena.grad,
-            chunks,
-            agent_chunks,
-            out["chunk_sq"],
-            max_norm,
-            out["norm"],
-            out["grad_scale"],
-            out["nonfinite"],
-        )
-        outputs.append(out)
-    for name in outputs[0]:
-        assert_close_to_scale(outputs[0][name].double(), outputs[1][name].double(), 1e-13, what=name)
+    agent_grad_norms_of_kernel_and_reference(arena, max_norm, chunks, agent_chunks)
