@@ -84,8 +84,9 @@ class Experiment(BenchMARLExperiment):
 
         actor_optimizer.step(closure)
         training_td, loss_vals = level_one["training_td"], level_one["loss_vals"]
-        # The norm of the last level's gradient before clipping, as BenchMARL logs the actor's.
-        actor_grads = [p.grad for group_ in actor_optimizer.param_groups for p in group_["params"]]
+        # The norm of the last level's gradient before clipping, as BenchMARL logs the actor's. (The
+        # optimizer's parameter groups hold per-agent slices of stacked parameters, without .grad.)
+        actor_grads = [p.grad for p in self.algorithm.get_parameters(group)["loss_objective"]]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in actor_grads]))
         training_td.set("grad_norm_loss_objective", grad_norm.to(self.config.train_device, torch.float32))
         actor_optimizer.zero_grad()
