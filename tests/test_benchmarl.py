@@ -116,7 +116,7 @@ def test_k1_equals_benchmarl_mappo_step_for_step(tmp_path, share_policy_params):
             torch.testing.assert_close(got[key], expected[key], **tolerance, msg=f"iteration {iteration} {key}")
     for iteration, (expected, got) in enumerate(zip(mappo.training, ours.training)):
         assert set(got.keys()) == set(expected.keys())
-        for key in expected:
+        for key in expected.keys():  # noqa: SIM118 (iterating a TensorDict unbinds its batch)
             torch.testing.assert_close(got[key], expected[key], **tolerance, msg=f"iteration {iteration} {key}")
     assert mappo_params.keys() == our_params.keys()
     for name, value in mappo_params.items():
