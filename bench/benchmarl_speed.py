@@ -55,6 +55,7 @@ class Timer(Callback):
 
 def run(variant: str, args, folder: Path) -> dict:
     config = ExperimentConfig.get_from_yaml()
+    folder.mkdir(parents=True)
     changes = dict(
         on_policy_collected_frames_per_batch=args.frames,
         on_policy_n_envs_per_worker=args.envs,

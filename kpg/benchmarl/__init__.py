@@ -23,10 +23,11 @@ from __future__ import annotations
 try:
     import benchmarl.algorithms
 except ModuleNotFoundError as err:
+    missing = (err.name or "benchmarl").split(".")[0]
     raise ModuleNotFoundError(
-        f"kpg.benchmarl needs BenchMARL ({err.name} is not installed): pip install 'kpg[benchmarl]' "
+        f"kpg.benchmarl needs BenchMARL ({missing} is not installed): pip install 'kpg[benchmarl]' "
         "(from a checkout: pip install -e '.[benchmarl]')",
-        name=err.name,
+        name=missing,
     ) from err
 
 from kpg.benchmarl.algorithm import KMappo, KMappoConfig
