@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[train,envs,smax,vmas,torchrl,test,lint]"
+	$(PY) -m pip install --quiet -e ".[train,envs,smax,vmas,torchrl,benchmarl,test,lint]"
 	touch $@
 
 test: setup

@@ -122,7 +122,6 @@ def build(settings: Settings):
         policy,
         frames_per_batch=frames_per_batch,
         total_frames=frames_per_batch * settings.iterations,
-        auto_register_policy_transforms=False,
     )
     replay_buffer = ReplayBuffer(
         storage=LazyTensorStorage(frames_per_batch),

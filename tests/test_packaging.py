@@ -74,6 +74,26 @@ def test_pyproject_core_and_extras_match_the_code():
     assert project["license"] == {"text": "MIT"}
 
 
+def test_kpg_never_imports_benchmarl_and_kpg_benchmarl_names_its_extra():
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, kpg; print('benchmarl' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys\nsys.modules['benchmarl'] = None\nimport kpg.benchmarl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert blocked.returncode == 1
+    assert "kpg.benchmarl needs BenchMARL (benchmarl is not installed): pip install 'kpg[benchmarl]'" in blocked.stderr
+
+
 def test_package_ships_py_typed_and_the_repository_its_license():
     assert (ROOT / "kpg" / "py.typed").is_file()
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")

@@ -1,0 +1,66 @@
+"""K2 against K1 inside BenchMARL (issue 30): ``python -m kpg.benchmarl.run algorithm=kmappo`` on VMAS
+tasks with BenchMARL's MAPPO settings (its defaults) except the frame budget, one run at a time,
+resumable: a finished run leaves ``done`` in its folder and is skipped; an interrupted one restarts
+from its newest checkpoint (every ``--checkpoint-frames``; the optimizer state included, the VMAS
+episodes restarted).
+
+    nohup nice -n 15 python scripts/benchmarl_kmappo.py --runs /work/studies/benchmarl \\
+        --tasks navigation balance --ks 1 2 --seeds 0 1 2 --frames 300000 > /work/studies/benchmarl/log.txt 2>&1 &
+
+Each run's BenchMARL CSV logs are under ``RUNS/TASK_kK_sSEED/kmappo_*/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = list(folder.glob("*/checkpoints/checkpoint_*.pt"))
+    return max(checkpoints, key=lambda p: int(p.stem.split("_")[-1])) if checkpoints else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--tasks", nargs="+", default=["navigation", "balance"])
+    parser.add_argument("--ks", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, default=300_000)
+    parser.add_argument("--checkpoint-frames", type=int, default=60_000, help="a multiple of 6000 frames per batch")
+    args = parser.parse_args()
+    for seed in args.seeds:
+        for task in args.tasks:
+            for k in args.ks:
+                folder = (args.runs / f"{task}_k{k}_s{seed}").resolve()
+                if (folder / "done").exists():
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                command = [
+                    sys.executable,
+                    "-m",
+                    "kpg.benchmarl.run",
+                    "algorithm=kmappo",
+                    f"task=vmas/{task}",
+                    f"algorithm.k={k}",
+                    f"seed={seed}",
+                    f"experiment.max_n_frames={args.frames}",
+                    f"experiment.checkpoint_interval={args.checkpoint_frames}",
+                    "experiment.loggers=[csv]",
+                    "experiment.render=false",
+                    f"experiment.save_folder={folder}",
+                    f"hydra.run.dir={folder}/hydra",
+                ]
+                checkpoint = newest_checkpoint(folder)
+                if checkpoint is not None:
+                    command.append(f"experiment.restore_file={checkpoint}")
+                print(" ".join(command), flush=True)
+                subprocess.run(command, check=True)
+                (folder / "done").touch()
+
+
+if __name__ == "__main__":
+    main()
