@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
 import pickletools
 import re
+import stat
 import sys
 import zipfile
 from collections import OrderedDict
@@ -54,6 +56,7 @@ _DTYPES = {
     )
 }
 _SCALARS = (str, int, float, type(None))  # bool is an int
+_MAX_DIMENSIONS = 64  # torch's limit
 PLAIN_DATA = "tensors, numbers, strings, booleans, None, lists, tuples and dicts"
 
 
@@ -149,12 +152,14 @@ def _type_name(value: Any) -> str:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The payload of a checkpoint written by :func:`save_checkpoint`, tensors on the CPU. Runs no
-    code from the file: anything but the format's data is refused with a :class:`CheckpointError`."""
+    code from the file: anything but the format's data is refused with a :class:`CheckpointError`.
+    The tensors are views of one buffer holding the file (an entry whose data is not aligned to
+    its dtype is copied), so reading takes at most about twice the file's size."""
     path = Path(path)
-    data = path.read_bytes()
+    data = _read_regular_file(path)
     if not data.startswith(MAGIC):
-        raise CheckpointError(_not_this_format(path, data))
-    trailer = data[-_CHECKSUM_LINE:]
+        raise CheckpointError(_not_this_format(path, bytes(data)))
+    trailer = bytes(data[-_CHECKSUM_LINE:])
     if not (trailer.startswith(_CHECKSUM_PREFIX) and trailer.endswith(b"\n")):
         raise CheckpointError(
             f"checkpoint {path} cannot be read: it is truncated or damaged (its closing checksum is "
@@ -167,33 +172,86 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     end_of_header = data.find(b"\n", len(MAGIC), len(body))
     try:
+        if end_of_header < 0:
+            raise ValueError("its header line has no end")
         header = json.loads(bytes(body[len(MAGIC) : end_of_header]))
-        tensors = [_tensor(entry, body[end_of_header + 1 :]) for entry in header["tensors"]]
-        if header["data_bytes"] != len(body) - end_of_header - 1:
-            raise ValueError(
-                f"the data section holds {len(body) - end_of_header - 1} bytes, the header says {header['data_bytes']}"
-            )
+        if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+            raise ValueError("its header is not a table with a list of tensors")
+        data_start, data_bytes = end_of_header + 1, len(body) - end_of_header - 1
+        if header.get("data_bytes") != data_bytes:
+            raise ValueError(f"the data section holds {data_bytes} bytes, the header says {header.get('data_bytes')!r}")
+        tensors, offset = [], 0
+        for index, entry in enumerate(header["tensors"]):
+            tensors.append(_tensor(entry, index, offset, data, data_start))
+            offset += entry["bytes"]
+        if offset != data_bytes:
+            raise ValueError(f"its tensor entries hold {offset} bytes of the data section's {data_bytes}")
         payload = _decode(header["payload"], tensors, "payload")
-    except (ValueError, KeyError, TypeError, IndexError) as error:
+    except RecursionError:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: {error}; it was not written by kpg (nothing in it was run)"
+            f"checkpoint {path} cannot be read: its header is nested too deeply; it was not written by kpg "
+            "(nothing in it was run)"
+        ) from None
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:300]  # one line, however the file was crafted
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: {reason}; it was not written by kpg (nothing in it was run)"
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} cannot be read: its payload is a {_type_name(payload)}, not a dict")
     return payload
 
 
-def _tensor(entry: dict[str, Any], data: memoryview) -> torch.Tensor:
-    dtype = _DTYPES.get(entry["dtype"])
+def _read_regular_file(path: Path) -> bytearray:
+    """The bytes of ``path``, refusing anything but a regular file (a FIFO would block the read,
+    ``/dev/zero`` never end) without blocking on it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be opened: {error.strerror}") from None
+    with os.fdopen(descriptor, "rb", buffering=0) as file:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise CheckpointError(
+                f"checkpoint {path} is not a regular file (a FIFO, device or socket); a checkpoint is a file "
+                "kpg wrote: restore it or start over"
+            )
+        data = bytearray(status.st_size)
+        read = file.readinto(data)
+        if read != status.st_size:
+            raise CheckpointError(f"checkpoint {path} changed while it was read; read it again")
+    return data
+
+
+def _tensor(entry: Any, index: int, offset: int, data: bytearray, data_start: int) -> torch.Tensor:
+    """Tensor ``index`` of the header, a view of ``data`` at ``offset`` of the data section: entries
+    follow each other in order, without gaps or overlaps, so none can alias another's bytes."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "offset", "bytes"}:
+        raise ValueError(f"tensor entry {index} is not a table of dtype, shape, offset and bytes")
+    dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise ValueError(f"it holds a tensor of dtype {entry['dtype']!r}, which kpg does not write")
-    shape, offset, size = [int(n) for n in entry["shape"]], int(entry["offset"]), int(entry["bytes"])
-    numel = int(np.prod(shape, dtype=np.int64))
-    if min(shape, default=0) < 0 or offset < 0 or size != numel * dtype.itemsize or offset + size > len(data):
-        raise ValueError(f"a tensor entry does not fit the data section ({entry})")
+    shape, size = entry["shape"], entry["bytes"]
+    integers = [entry["offset"], size, *shape] if isinstance(shape, list) else []
+    if not integers or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in integers):
+        raise ValueError(f"tensor entry {index} has a shape, offset or size that is not a list of integers >= 0")
+    if len(shape) > _MAX_DIMENSIONS or any(n >= 2**63 for n in shape):
+        raise ValueError(f"tensor entry {index} has a shape no tensor can have ({len(shape)} dimensions)")
+    if entry["offset"] != offset:
+        raise ValueError(
+            f"tensor entry {index} starts at byte {entry['offset']} of the data section, not at {offset} where the "
+            "previous one ends (entries follow each other without gaps or overlaps)"
+        )
+    numel = math.prod(shape)  # a Python integer: no overflow
+    if size != numel * dtype.itemsize or data_start + offset + size > len(data) - _CHECKSUM_LINE:
+        raise ValueError(f"a tensor entry does not fit the data section (entry {index}: {entry})")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data[offset : offset + size]), dtype=dtype).reshape(shape)
+    start = data_start + offset
+    flat = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=start)
+    if flat.data_ptr() % dtype.itemsize:  # kernels may assume aligned data: copy this one
+        flat = flat.clone()
+    return flat.view(dtype).reshape(shape)
 
 
 def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
@@ -205,7 +263,10 @@ def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
         raise ValueError(f"{where} is a {_type_name(node)}")
     kind = next(iter(node), None)
     if set(node) == {"tensor"}:
-        return tensors[node["tensor"]]
+        index = node["tensor"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(tensors):
+            raise ValueError(f"{where} refers to tensor {index!r} of {len(tensors)}")
+        return tensors[index]
     if set(node) == {"tuple"}:
         return tuple(_decode(item, tensors, f"{where}[{i}]") for i, item in enumerate(node["tuple"]))
     if set(node) in ({"items"}, {"ordered_items", "metadata"}):
