@@ -14,6 +14,7 @@ when read; kpg does not read them, and ``kpg convert-checkpoint PATH`` converts 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -57,6 +58,7 @@ _DTYPES = {
 }
 _SCALARS = (str, int, float, type(None))  # bool is an int
 _MAX_DIMENSIONS = 64  # torch's limit
+_ALIGNMENT = 64  # bytes; the data section starts on such a boundary in memory
 PLAIN_DATA = "tensors, numbers, strings, booleans, None, lists, tuples and dicts"
 
 
@@ -156,8 +158,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     The tensors are views of one buffer holding the file (an entry whose data is not aligned to
     its dtype is copied), so reading takes at most about twice the file's size."""
     path = Path(path)
-    data = _read_regular_file(path)
-    if not data.startswith(MAGIC):
+    buffer, size = _read_regular_file(path)
+    data = memoryview(buffer)[:size]
+    if bytes(data[: len(MAGIC)]) != MAGIC:
         raise CheckpointError(_not_this_format(path, bytes(data)))
     trailer = bytes(data[-_CHECKSUM_LINE:])
     if not (trailer.startswith(_CHECKSUM_PREFIX) and trailer.endswith(b"\n")):
@@ -165,24 +168,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} cannot be read: it is truncated or damaged (its closing checksum is "
             "missing); restore it or start over"
         )
-    body = memoryview(data)[: len(data) - _CHECKSUM_LINE]
+    body = data[: size - _CHECKSUM_LINE]
     if hashlib.sha256(body).hexdigest().encode() != trailer[len(_CHECKSUM_PREFIX) : -1]:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over"
         )
-    end_of_header = data.find(b"\n", len(MAGIC), len(body))
+    end_of_header = buffer.find(b"\n", len(MAGIC), len(body))
     try:
         if end_of_header < 0:
             raise ValueError("its header line has no end")
         header = json.loads(bytes(body[len(MAGIC) : end_of_header]))
         if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
             raise ValueError("its header is not a table with a list of tensors")
-        data_start, data_bytes = end_of_header + 1, len(body) - end_of_header - 1
+        data_bytes = len(body) - end_of_header - 1
         if header.get("data_bytes") != data_bytes:
             raise ValueError(f"the data section holds {data_bytes} bytes, the header says {header.get('data_bytes')!r}")
+        del data, body  # views of the unaligned content
+        data_start = _align_data_section(buffer, size, end_of_header + 1)
         tensors, offset = [], 0
         for index, entry in enumerate(header["tensors"]):
-            tensors.append(_tensor(entry, index, offset, data, data_start))
+            tensors.append(_tensor(entry, index, offset, buffer, data_start, data_bytes))
             offset += entry["bytes"]
         if offset != data_bytes:
             raise ValueError(f"its tensor entries hold {offset} bytes of the data section's {data_bytes}")
@@ -202,9 +207,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _read_regular_file(path: Path) -> bytearray:
-    """The bytes of ``path``, refusing anything but a regular file (a FIFO would block the read,
-    ``/dev/zero`` never end) without blocking on it."""
+def _read_regular_file(path: Path) -> tuple[bytearray, int]:
+    """The bytes of ``path`` at the start of a buffer with :data:`_ALIGNMENT` spare bytes, and their
+    count. Anything but a regular file is refused without blocking on it (a FIFO would block the
+    read, ``/dev/zero`` never end)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as error:
@@ -216,16 +222,26 @@ def _read_regular_file(path: Path) -> bytearray:
                 f"checkpoint {path} is not a regular file (a FIFO, device or socket); a checkpoint is a file "
                 "kpg wrote: restore it or start over"
             )
-        data = bytearray(status.st_size)
-        read = file.readinto(data)
-        if read != status.st_size:
+        buffer = bytearray(status.st_size + _ALIGNMENT)
+        size = file.readinto(memoryview(buffer)[: status.st_size])
+        if size != status.st_size or file.read(1):
             raise CheckpointError(f"checkpoint {path} changed while it was read; read it again")
-    return data
+    return buffer, size
 
 
-def _tensor(entry: Any, index: int, offset: int, data: bytearray, data_start: int) -> torch.Tensor:
-    """Tensor ``index`` of the header, a view of ``data`` at ``offset`` of the data section: entries
-    follow each other in order, without gaps or overlaps, so none can alias another's bytes."""
+def _align_data_section(buffer: bytearray, size: int, data_start: int) -> int:
+    """Moves the file's bytes in ``buffer`` forward so that its data section starts on an
+    :data:`_ALIGNMENT` boundary in memory (its tensors then are aligned views); returns where it starts."""
+    address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    shift = -(address + data_start) % _ALIGNMENT
+    ctypes.memmove(address + shift, address, size)  # memmove: the ranges overlap
+    return data_start + shift
+
+
+def _tensor(entry: Any, index: int, offset: int, buffer: bytearray, data_start: int, data_bytes: int) -> torch.Tensor:
+    """Tensor ``index`` of the header, a view of ``buffer`` at ``offset`` of the data section (which
+    starts at ``data_start``): entries follow each other in order, without gaps or overlaps, so none
+    can alias another's bytes."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "offset", "bytes"}:
         raise ValueError(f"tensor entry {index} is not a table of dtype, shape, offset and bytes")
     dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
@@ -243,13 +259,12 @@ def _tensor(entry: Any, index: int, offset: int, data: bytearray, data_start: in
             "previous one ends (entries follow each other without gaps or overlaps)"
         )
     numel = math.prod(shape)  # a Python integer: no overflow
-    if size != numel * dtype.itemsize or data_start + offset + size > len(data) - _CHECKSUM_LINE:
+    if size != numel * dtype.itemsize or offset + size > data_bytes:
         raise ValueError(f"a tensor entry does not fit the data section (entry {index}: {entry})")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    start = data_start + offset
-    flat = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=start)
-    if flat.data_ptr() % dtype.itemsize:  # kernels may assume aligned data: copy this one
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=data_start + offset)
+    if flat.data_ptr() % dtype.itemsize:  # after a tensor of odd size; kernels may assume aligned data
         flat = flat.clone()
     return flat.view(dtype).reshape(shape)
 
