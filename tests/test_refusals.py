@@ -72,7 +72,6 @@ MALFORMED = {
     ),
     "element count overflows int64": (one_tensor([2**40, 2**40], 0), "does not fit"),
     "element count overflows with a zero size": (one_tensor([0, 2**64], 0), "shape no tensor can have"),
-    "shape overflowing the size": (one_tensor([2**62, 4], 4), "does not fit"),
     "negative size": (one_tensor([1], -4), "integers >= 0"),
     "negative dimension": (one_tensor([-1, -4], 16), "integers >= 0"),
     "boolean dimension": (one_tensor([True], 4), "integers >= 0"),
@@ -87,18 +86,13 @@ MALFORMED = {
         {"tensors": [], "data_bytes": 0, "payload": {"items": [["x", {"tensor": -1}]]}},
         "refers to tensor -1",
     ),
-    "a header line without an end": (b'{"tensors": []', "does not match|header"),
 }
 
 
 @pytest.mark.parametrize("header, message", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_headers_are_a_one_line_checkpoint_error(tmp_path, header, message):
     path = tmp_path / "bad.pt"
-    if header == b'{"tensors": []':  # the checksum line is the only newline after the magic
-        body = MAGIC + header
-        path.write_bytes(body + b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n")
-    else:
-        write_crafted(path, header)
+    write_crafted(path, header)
     with pytest.raises(CheckpointError, match=message) as error:
         load_checkpoint(path)
     assert "\n" not in str(error.value) and len(str(error.value)) < 600
