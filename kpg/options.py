@@ -91,6 +91,8 @@ def _matches(value: Any, hint: Any) -> bool:
         if len(arguments) == 2 and arguments[1] is Ellipsis:
             return all(_matches(item, arguments[0]) for item in value)
         return len(value) == len(arguments) and all(_matches(v, a) for v, a in zip(value, arguments))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(item, arguments[0]) for item in value)
     if origin is dict:
         return isinstance(value, dict) and all(
             _matches(k, arguments[0]) and _matches(v, arguments[1]) for k, v in value.items()
@@ -110,6 +112,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(map(str, arguments))
     if origin is tuple:
         return f"a list of {_describe(arguments[0])}s" if arguments[1:] == (Ellipsis,) else "a fixed-length list"
+    if origin is list:
+        return f"a list of {_describe(arguments[0])}s"
     if origin is dict:
         return f"a table of {_describe(arguments[0])} to {_describe(arguments[1])}"
     names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", Path: "a path"}
