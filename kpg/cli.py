@@ -95,6 +95,12 @@ def _pop_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
     return None, argv
 
 
+def _description(config_class: type) -> str:
+    """The command's help text: its config's docstring as plain text, and what --config does."""
+    text = " ".join((config_class.__doc__ or "").replace("``", "").split())
+    return text if "--config" in text else f"{text} --config FILE (TOML or JSON) sets the options' defaults."
+
+
 USAGE = """usage: kpg COMMAND [--config FILE] [options]
 
 commands:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             default=default,
             prog=f"kpg {command}",
             config=(tyro.conf.PositionalRequiredArgs,),
-            description=(config_class.__doc__ or "") + " --config FILE (TOML/JSON) sets defaults.",
+            description=_description(config_class),
         )
         check_options(config)
         run(config)

@@ -48,12 +48,12 @@ class TrainConfig:
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
     k_until: int | None = None  # environment steps after which k drops to 1
-    seed: int = 0
+    seed: int = 0  # seeds the environments, the networks and action sampling (0 to 2**32 - 1)
     steps: int = 100_000  # environment steps (summed over copies)
     copies: int = 8  # environment copies stepped together
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda (under torchrun: each rank's GPU) or cuda:INDEX
     threads: int = 1  # torch CPU threads; 1 lets several runs share the cores
-    logdir: Path = Path("runs")
+    logdir: Path = Path("runs")  # the folder that holds run folders
     name: str | None = None  # run folder under logdir; default ALGO-ENV-kK-sSEED
     checkpoint_every: int = 100  # updates between checkpoints (0: only at the end)
     checkpoint_replay: bool = (
@@ -63,8 +63,8 @@ class TrainConfig:
     # start over in a run folder that holds a run: its checkpoint, logs and summary are deleted first
     overwrite: bool = False
     eval_episodes: int = 10  # greedy-policy episodes at the end (0: none)
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # write TensorBoard events beside metrics.csv
+    progress: bool = True  # show a progress bar
     dist_timeout: float = 300.0  # under torchrun: seconds a rank waits for the others before stopping with an error
     mappo: MAPPOConfig = field(default_factory=MAPPOConfig)
     maddpg: MADDPGConfig = field(default_factory=MADDPGConfig)
