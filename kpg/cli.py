@@ -53,7 +53,7 @@ def _toml():
     return tomllib
 
 
-def _from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = ""):
+def _from_dict(cls: type, values: dict[str, Any], where: str = "config", prefix: str = ""):
     """An instance of dataclass ``cls`` from a nested dict (the config file ``where``); unknown keys,
     values of the wrong type and values out of range are an error naming the key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
