@@ -83,7 +83,6 @@ class TrainConfig:
             },
         )
         require(self, "", "device", _device_problem(self.device) is None, _device_problem(self.device) or "")
-        require(self, "", "name", self.name != "" and "/" not in (self.name or ""), "a folder name without '/'")
         for folder in (self.logdir, *self.logdir.parents):
             require(self, "", "logdir", not folder.exists() or folder.is_dir(), f"a folder; {folder} is a file")
         require(
