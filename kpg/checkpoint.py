@@ -14,14 +14,17 @@ when read; kpg does not read them, and ``kpg convert-checkpoint PATH`` converts 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
 import pickletools
 import re
+import stat
 import sys
 import zipfile
 from collections import OrderedDict
@@ -54,6 +57,8 @@ _DTYPES = {
     )
 }
 _SCALARS = (str, int, float, type(None))  # bool is an int
+_MAX_DIMENSIONS = 64  # torch's limit
+_ALIGNMENT = 64  # bytes; the data section starts on such a boundary in memory
 PLAIN_DATA = "tensors, numbers, strings, booleans, None, lists, tuples and dicts"
 
 
@@ -149,51 +154,119 @@ def _type_name(value: Any) -> str:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The payload of a checkpoint written by :func:`save_checkpoint`, tensors on the CPU. Runs no
-    code from the file: anything but the format's data is refused with a :class:`CheckpointError`."""
+    code from the file: anything but the format's data is refused with a :class:`CheckpointError`.
+    The tensors are views of one buffer holding the file (an entry whose data is not aligned to
+    its dtype is copied), so reading takes at most about twice the file's size."""
     path = Path(path)
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        raise CheckpointError(_not_this_format(path, data))
-    trailer = data[-_CHECKSUM_LINE:]
+    buffer, size = _read_regular_file(path)
+    data = memoryview(buffer)[:size]
+    if bytes(data[: len(MAGIC)]) != MAGIC:
+        raise CheckpointError(_not_this_format(path, bytes(data)))
+    trailer = bytes(data[-_CHECKSUM_LINE:])
     if not (trailer.startswith(_CHECKSUM_PREFIX) and trailer.endswith(b"\n")):
         raise CheckpointError(
             f"checkpoint {path} cannot be read: it is truncated or damaged (its closing checksum is "
             "missing); restore it or start over"
         )
-    body = memoryview(data)[: len(data) - _CHECKSUM_LINE]
+    body = data[: size - _CHECKSUM_LINE]
     if hashlib.sha256(body).hexdigest().encode() != trailer[len(_CHECKSUM_PREFIX) : -1]:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: its SHA-256 does not match the content; restore it or start over"
         )
-    end_of_header = data.find(b"\n", len(MAGIC), len(body))
+    end_of_header = buffer.find(b"\n", len(MAGIC), len(body))
     try:
+        if end_of_header < 0:
+            raise ValueError("its header line has no end")
         header = json.loads(bytes(body[len(MAGIC) : end_of_header]))
-        tensors = [_tensor(entry, body[end_of_header + 1 :]) for entry in header["tensors"]]
-        if header["data_bytes"] != len(body) - end_of_header - 1:
-            raise ValueError(
-                f"the data section holds {len(body) - end_of_header - 1} bytes, the header says {header['data_bytes']}"
-            )
+        if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+            raise ValueError("its header is not a table with a list of tensors")
+        data_bytes = len(body) - end_of_header - 1
+        if header.get("data_bytes") != data_bytes:
+            raise ValueError(f"the data section holds {data_bytes} bytes, the header says {header.get('data_bytes')!r}")
+        del data, body  # views of the unaligned content
+        data_start = _align_data_section(buffer, size, end_of_header + 1)
+        tensors, offset = [], 0
+        for index, entry in enumerate(header["tensors"]):
+            tensors.append(_tensor(entry, index, offset, buffer, data_start, data_bytes))
+            offset += entry["bytes"]
+        if offset != data_bytes:
+            raise ValueError(f"its tensor entries hold {offset} bytes of the data section's {data_bytes}")
         payload = _decode(header["payload"], tensors, "payload")
-    except (ValueError, KeyError, TypeError, IndexError) as error:
+    except RecursionError:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: {error}; it was not written by kpg (nothing in it was run)"
+            f"checkpoint {path} cannot be read: its header is nested too deeply; it was not written by kpg "
+            "(nothing in it was run)"
+        ) from None
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:300]  # one line, however the file was crafted
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: {reason}; it was not written by kpg (nothing in it was run)"
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} cannot be read: its payload is a {_type_name(payload)}, not a dict")
     return payload
 
 
-def _tensor(entry: dict[str, Any], data: memoryview) -> torch.Tensor:
-    dtype = _DTYPES.get(entry["dtype"])
+def _read_regular_file(path: Path) -> tuple[bytearray, int]:
+    """The bytes of ``path`` at the start of a buffer with :data:`_ALIGNMENT` spare bytes, and their
+    count. Anything but a regular file is refused without blocking on it (a FIFO would block the
+    read, ``/dev/zero`` never end)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be opened: {error.strerror}") from None
+    with os.fdopen(descriptor, "rb", buffering=0) as file:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise CheckpointError(
+                f"checkpoint {path} is not a regular file (a FIFO, device or socket); a checkpoint is a file "
+                "kpg wrote: restore it or start over"
+            )
+        buffer = bytearray(status.st_size + _ALIGNMENT)
+        size = file.readinto(memoryview(buffer)[: status.st_size])
+        if size != status.st_size or file.read(1):
+            raise CheckpointError(f"checkpoint {path} changed while it was read; read it again")
+    return buffer, size
+
+
+def _align_data_section(buffer: bytearray, size: int, data_start: int) -> int:
+    """Moves the file's bytes in ``buffer`` forward so that its data section starts on an
+    :data:`_ALIGNMENT` boundary in memory (its tensors then are aligned views); returns where it starts."""
+    address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    shift = -(address + data_start) % _ALIGNMENT
+    ctypes.memmove(address + shift, address, size)  # memmove: the ranges overlap
+    return data_start + shift
+
+
+def _tensor(entry: Any, index: int, offset: int, buffer: bytearray, data_start: int, data_bytes: int) -> torch.Tensor:
+    """Tensor ``index`` of the header, a view of ``buffer`` at ``offset`` of the data section (which
+    starts at ``data_start``): entries follow each other in order, without gaps or overlaps, so none
+    can alias another's bytes."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "offset", "bytes"}:
+        raise ValueError(f"tensor entry {index} is not a table of dtype, shape, offset and bytes")
+    dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise ValueError(f"it holds a tensor of dtype {entry['dtype']!r}, which kpg does not write")
-    shape, offset, size = [int(n) for n in entry["shape"]], int(entry["offset"]), int(entry["bytes"])
-    numel = int(np.prod(shape, dtype=np.int64))
-    if min(shape, default=0) < 0 or offset < 0 or size != numel * dtype.itemsize or offset + size > len(data):
-        raise ValueError(f"a tensor entry does not fit the data section ({entry})")
+    shape, size = entry["shape"], entry["bytes"]
+    integers = [entry["offset"], size, *shape] if isinstance(shape, list) else []
+    if not integers or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in integers):
+        raise ValueError(f"tensor entry {index} has a shape, offset or size that is not a list of integers >= 0")
+    if len(shape) > _MAX_DIMENSIONS or any(n >= 2**63 for n in shape):
+        raise ValueError(f"tensor entry {index} has a shape no tensor can have ({len(shape)} dimensions)")
+    if entry["offset"] != offset:
+        raise ValueError(
+            f"tensor entry {index} starts at byte {entry['offset']} of the data section, not at {offset} where the "
+            "previous one ends (entries follow each other without gaps or overlaps)"
+        )
+    numel = math.prod(shape)  # a Python integer: no overflow
+    if size != numel * dtype.itemsize or offset + size > data_bytes:
+        raise ValueError(f"a tensor entry does not fit the data section (entry {index}: {entry})")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data[offset : offset + size]), dtype=dtype).reshape(shape)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=data_start + offset)
+    if flat.data_ptr() % dtype.itemsize:  # after a tensor of odd size; kernels may assume aligned data
+        flat = flat.clone()
+    return flat.view(dtype).reshape(shape)
 
 
 def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
@@ -205,7 +278,10 @@ def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
         raise ValueError(f"{where} is a {_type_name(node)}")
     kind = next(iter(node), None)
     if set(node) == {"tensor"}:
-        return tensors[node["tensor"]]
+        index = node["tensor"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(tensors):
+            raise ValueError(f"{where} refers to tensor {index!r} of {len(tensors)}")
+        return tensors[index]
     if set(node) == {"tuple"}:
         return tuple(_decode(item, tensors, f"{where}[{i}]") for i, item in enumerate(node["tuple"]))
     if set(node) in ({"items"}, {"ordered_items", "metadata"}):

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from kpg.options import require, require_ranges
 from kpg.train import TrainConfig, train
 
 CURVE_POINTS = 50
@@ -42,6 +43,14 @@ class CompareConfig:
     metric: Literal["return", "win_rate"] = "return"  # what the curves and the final value show (win_rate: SMAX)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
 
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        require_ranges(self, "", {"ks": (1, None, False), "seeds": (0, 2**32 - 1, False), "workers": (1, None, False)})
+        require(self, "", "ks", len(self.ks) > 0, "at least one k")
+        require(self, "", "seeds", len(self.seeds) > 0, "at least one seed")
+        for folder in (self.out, *self.out.parents):
+            require(self, "", "out", not folder.exists() or folder.is_dir(), f"a folder; {folder} is a file")
+
 
 def _run(config: TrainConfig) -> dict:
     summary_path = config.run_dir / "summary.json"
@@ -54,9 +63,10 @@ def _run(config: TrainConfig) -> dict:
             ) from None
         if not summary.get("interrupted") and summary["env_steps"] >= config.steps:
             return summary
-    # A run stopped before its end (its summary says interrupted) continues from its last checkpoint.
+    # A run stopped before its end (its summary says interrupted) continues from its last checkpoint;
+    # one stopped before its first checkpoint starts over.
     resume = (config.run_dir / "checkpoint.pt").exists()
-    return train(dataclasses.replace(config, resume=resume))
+    return train(dataclasses.replace(config, resume=resume, overwrite=not resume))
 
 
 def _t_quantile_95(samples: int) -> float:
@@ -89,7 +99,14 @@ def compare(config: CompareConfig) -> dict:
     # A seed's k values run next to each other, so with --workers len(ks) they share the machine's load alike.
     runs = [
         dataclasses.replace(
-            config.train, k=k, seed=seed, logdir=config.out / "runs", name=None, resume=False, progress=False
+            config.train,
+            k=k,
+            seed=seed,
+            logdir=config.out / "runs",
+            name=None,
+            resume=False,
+            overwrite=False,
+            progress=False,
         )
         for seed in config.seeds
         for k in config.ks

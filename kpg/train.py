@@ -29,8 +29,9 @@ import torch
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
 from kpg.algos.run_context import RunContext
-from kpg.checkpoint import load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
+from kpg.checkpoint import CheckpointError, load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
 from kpg.envs import SMAX_PREFIX, VMAS_PREFIX, EnvPool, make_env_factory, make_pool
+from kpg.options import MissingCheckpointError, RunFolderError, check_options, require, require_ranges
 
 RECENT_EPISODES = 20
 
@@ -47,25 +48,47 @@ class TrainConfig:
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
     k_until: int | None = None  # environment steps after which k drops to 1
-    seed: int = 0
+    seed: int = 0  # seeds the environments, the networks and action sampling (0 to 2**32 - 1)
     steps: int = 100_000  # environment steps (summed over copies)
     copies: int = 8  # environment copies stepped together
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda (under torchrun: each rank's GPU) or cuda:INDEX
     threads: int = 1  # torch CPU threads; 1 lets several runs share the cores
-    logdir: Path = Path("runs")
+    logdir: Path = Path("runs")  # the folder that holds run folders
     name: str | None = None  # run folder under logdir; default ALGO-ENV-kK-sSEED
     checkpoint_every: int = 100  # updates between checkpoints (0: only at the end)
     checkpoint_replay: bool = (
         True  # off-policy: keep the replay buffer in checkpoints (off: smaller files, a resume refills it)
     )
     resume: bool = False  # continue from <logdir>/<name>/checkpoint.pt
+    # start over in a run folder that holds a run: its checkpoint, logs and summary are deleted first
+    overwrite: bool = False
     eval_episodes: int = 10  # greedy-policy episodes at the end (0: none)
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # write TensorBoard events beside metrics.csv
+    progress: bool = True  # show a progress bar
     dist_timeout: float = 300.0  # under torchrun: seconds a rank waits for the others before stopping with an error
     mappo: MAPPOConfig = field(default_factory=MAPPOConfig)
     maddpg: MADDPGConfig = field(default_factory=MADDPGConfig)
     facmac: FACMACConfig = field(default_factory=FACMACConfig)
+
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        require_ranges(
+            self,
+            "",
+            {
+                **dict.fromkeys(("agents", "k", "steps", "copies", "threads"), (1, None, False)),
+                **dict.fromkeys(("k_until", "checkpoint_every", "eval_episodes"), (0, None, False)),
+                "seed": (0, 2**32 - 1, False),  # numpy's global seed takes 32 bits
+                "dist_timeout": (0, None, True),
+            },
+        )
+        require(self, "", "device", _device_problem(self.device) is None, _device_problem(self.device) or "")
+        for folder in (self.logdir, *self.logdir.parents):
+            require(self, "", "logdir", not folder.exists() or folder.is_dir(), f"a folder; {folder} is a file")
+        require(
+            self, "", "name", not self.run_dir.exists() or self.run_dir.is_dir(), f"a folder; {self.run_dir} is a file"
+        )
+        require(self, "", "resume", not (self.resume and self.overwrite), "--resume or --overwrite, not both")
 
     @property
     def run_name(self) -> str:
@@ -95,6 +118,24 @@ class TrainConfig:
         if self.env.startswith(VMAS_PREFIX):
             options.setdefault("device", device or self.device)
         return make_pool(self.env, copies, seed, **options)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why this process cannot train on ``device``, or None where it can."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return "a torch device: cpu, cuda or cuda:INDEX"
+    if parsed.type == "cpu":
+        return None
+    if parsed.type != "cuda":
+        return "cpu, cuda or cuda:INDEX"
+    if not torch.cuda.is_available():
+        built = "this torch build has no CUDA" if torch.version.cuda is None else "torch finds no CUDA GPU"
+        return f"cpu ({built})"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"cpu or cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+    return None
 
 
 def _config_as_data(config: TrainConfig) -> dict[str, Any]:
@@ -298,10 +339,143 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
     return ALGORITHMS[config.algo], {}
 
 
-def _resume_state(checkpoint_path: Path) -> dict[str, Any]:
-    if not checkpoint_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; check --logdir and --name")
-    return load_checkpoint(checkpoint_path)
+# What kpg writes in a run folder; --overwrite deletes these and nothing else.
+RUN_FILES = ("config.json", "metrics.csv", "checkpoint.pt", "checkpoint.pt.tmp", "summary.json")
+EVENT_FILES = "events.out.tfevents.*"
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files of a run in ``run_dir`` (empty where it holds none or does not exist)."""
+    if not run_dir.is_dir():
+        return []
+    return [path for name in RUN_FILES if (path := run_dir / name).exists() or path.is_symlink()] + sorted(
+        run_dir.glob(EVENT_FILES)
+    )
+
+
+def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
+    """Everything the run folder must allow before a byte of it changes: a fresh run needs a folder
+    without a run (or --overwrite); --resume needs a checkpoint that reads and fits the folder's
+    metrics.csv. Returns the checkpoint's payload for --resume."""
+    run_dir = config.run_dir
+    if not config.resume:
+        existing = run_files(run_dir)
+        if existing and not config.overwrite:
+            raise RunFolderError(
+                f"{run_dir} already holds a run ({', '.join(path.name for path in existing[:4])}"
+                f"{', ...' if len(existing) > 4 else ''}); continue it with --resume, start over with --overwrite "
+                "(deletes its checkpoint, logs and summary), or pick another --name or --logdir"
+            )
+        return None
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if not (checkpoint_path.exists() or checkpoint_path.is_symlink()):
+        raise MissingCheckpointError(f"--resume: no checkpoint at {checkpoint_path}; check --logdir and --name")
+    state = load_checkpoint(checkpoint_path)
+    _check_payload(state, run_dir, checkpoint_path)
+    return state
+
+
+def _refuse(checkpoint_path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {checkpoint_path} does not fit this run: {problem}; nothing in {checkpoint_path.parent} was "
+        "changed (restore the checkpoint, or start over with --overwrite)"
+    )
+
+
+def _check_payload(state: dict[str, Any], run_dir: Path, checkpoint_path: Path) -> None:
+    """The parts of a checkpoint a resume uses besides the trainer's state, checked for kind and range."""
+    missing = [key for key in ("trainer", "wall_seconds", "seconds", "recent") if key not in state]
+    if "ranks" not in state:
+        missing += [key for key in ("pool", "rng") if key not in state]
+    if missing:
+        raise _refuse(checkpoint_path, f"it lacks {', '.join(map(repr, missing))}")
+    ranks = state.get("ranks", [state])
+    if (
+        not isinstance(ranks, list)
+        or not ranks
+        or not all(isinstance(r, dict) and {"pool", "rng"} <= set(r) for r in ranks)
+    ):
+        raise _refuse(checkpoint_path, "'ranks' is not a list of every rank's 'pool' and 'rng'")
+    if not isinstance(state["trainer"], dict):
+        raise _refuse(checkpoint_path, f"'trainer' is a {type(state['trainer']).__name__}, not a table")
+    for key in ("env_steps", "updates"):
+        value = state["trainer"].get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _refuse(checkpoint_path, f"trainer {key} is {value!r}, not an integer >= 0")
+    for key in ("wall_seconds", "cpu_seconds"):
+        value = state.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise _refuse(checkpoint_path, f"{key} is {value!r}, not a finite number >= 0")
+    if not isinstance(state["seconds"], dict) or not isinstance(state["recent"], list):
+        raise _refuse(checkpoint_path, "'seconds' is not a table or 'recent' is not a list")
+    metrics = run_dir / "metrics.csv"
+    metrics_bytes = state.get("metrics_bytes")
+    if metrics_bytes is not None and metrics.exists():
+        size = metrics.stat().st_size
+        if isinstance(metrics_bytes, bool) or not isinstance(metrics_bytes, int) or not 0 <= metrics_bytes <= size:
+            raise _refuse(
+                checkpoint_path,
+                f"metrics_bytes is {metrics_bytes!r}, not an integer in [0, {size}] (metrics.csv's size)",
+            )
+    _check_values(state["trainer"], "trainer", checkpoint_path)
+
+
+# Optimizer state entries that are never negative (torch.optim's and kpg's names).
+_NON_NEGATIVE = ("step", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "updates", "env_steps")
+
+
+def _check_values(node: Any, where: str, checkpoint_path: Path) -> None:
+    """Every number in a trainer's state is finite, and the entries of :data:`_NON_NEGATIVE` are >= 0:
+    a NaN weight or a negative step count would load and train on in silence."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            inner = f"{where}[{key!r}]"
+            _check_values(value, inner, checkpoint_path)
+            if key in _NON_NEGATIVE and _negative(value):
+                raise _refuse(checkpoint_path, f"{inner} is negative")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _check_values(value, f"{where}[{i}]", checkpoint_path)
+    elif isinstance(node, torch.Tensor):
+        if (node.is_floating_point() or node.is_complex()) and not bool(torch.isfinite(node).all()):
+            raise _refuse(checkpoint_path, f"{where} holds NaN or infinite values")
+    elif isinstance(node, float) and node != node:
+        raise _refuse(checkpoint_path, f"{where} is NaN")
+
+
+def _negative(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_complex() and value.numel() > 0 and bool((value < 0).any())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+
+
+def _load_resumed_state(trainer, pool, state: dict[str, Any], run: RunContext, checkpoint_path: Path) -> None:
+    """Loads the checkpoint into this rank's trainer, pool and generators; a checkpoint that does
+    not fit them (keys, shapes, kinds) is refused as a :class:`CheckpointError` naming what."""
+    expected, found = set(trainer.state_dict()), set(state["trainer"])
+    if expected != found:
+        problem = "; ".join(
+            part
+            for part in (
+                f"the trainer's state lacks {', '.join(map(repr, sorted(expected - found)))}"
+                if expected - found
+                else "",
+                f"it holds {', '.join(map(repr, sorted(found - expected)))}, unknown to {type(trainer).__name__}"
+                if found - expected
+                else "",
+            )
+            if part
+        )
+        raise _refuse(checkpoint_path, problem)
+    rank_states = state.get("ranks", [{"pool": state.get("pool"), "rng": state.get("rng")}])
+    try:
+        trainer.load_state_dict(_trainer_state_of_rank(trainer, state["trainer"], rank_states, run))
+        pool.load_state_dict(run.resharded_pool_state([r["pool"] for r in rank_states], pool))
+        if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
+            _set_rng_states(rank_states[run.rank]["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
+        message = " ".join(str(error).split())  # torch's size-mismatch messages span lines
+        raise _refuse(checkpoint_path, f"{type(error).__name__}: {message[:500]}") from None
 
 
 def _trainer_state_of_rank(
@@ -332,7 +506,10 @@ def evaluate(trainer, config: TrainConfig, episodes: int) -> float:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) one training run; returns its summary."""
+    """Runs (or resumes) one training run; returns its summary. Bad options raise
+    :class:`~kpg.options.OptionError` and a checkpoint that does not fit :class:`CheckpointError`,
+    before anything is written."""
+    check_options(config)
     run = RunContext.from_environment(config.device, timedelta(seconds=config.dist_timeout))
     try:
         return _train(config, run)
@@ -345,21 +522,20 @@ def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
 
     run_dir = config.run_dir
     checkpoint_path = run_dir / "checkpoint.pt"
-    # Rank 0 reads the checkpoint and hands it to the others: no shared file system needed.
-    resumed = run.on_writer(lambda: _resume_state(checkpoint_path)) if config.resume else None
-    if run.is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # Nothing in the run folder changes until the options, the folder and (--resume) the whole
+    # checkpoint have been checked against this run. Rank 0 reads the checkpoint and hands it to
+    # the others: no shared file system needed.
+    state = run.on_writer(lambda: _check_run_folder(config))
     pool, trainer = build_trainer(config, run)
     wall_before = cpu_before = 0.0
     seconds = {"environment": 0.0, "critic": 0.0, "actor": 0.0}
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     if config.resume:
-        state = resumed
-        rank_states = state.get("ranks", [{"pool": state["pool"], "rng": state["rng"]}])
-        trainer.load_state_dict(_trainer_state_of_rank(trainer, state["trainer"], rank_states, run))
-        pool.load_state_dict(run.resharded_pool_state([r["pool"] for r in rank_states], pool))
-        if run.rank < len(rank_states):  # a rank new to the run keeps the streams seed_rank_streams gave it
-            _set_rng_states(rank_states[run.rank]["rng"])
+        try:
+            _load_resumed_state(trainer, pool, state, run, checkpoint_path)
+        except BaseException:
+            pool.close()
+            raise
         wall_before, seconds, recent = (
             state["wall_seconds"],
             state["seconds"],
@@ -368,6 +544,10 @@ def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
         cpu_before = state.get("cpu_seconds", 0.0)
     log = None
     if run.is_writer:
+        if config.overwrite:
+            for path in run_files(run_dir):
+                path.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(_config_as_data(config), indent=2))
         if config.resume and state.get("metrics_bytes") is not None and (run_dir / "metrics.csv").exists():
             # Rows logged after the checkpoint (a run killed before its next one) are logged again.

@@ -638,7 +638,7 @@ def test_resume_continues_exactly(algo, tmp_path):
 def test_bad_configuration_is_reported():
     with pytest.raises(ValueError, match="tau"):
         MADDPGTrainer(simple_spread_pool(), MADDPGConfig(tau=0.0), k=1, k_until=None, device="cpu", seed=0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--facmac.batch-size 0: expected an integer >= 1"):
         FACMACTrainer(simple_spread_pool(), FACMACConfig(batch_size=0), k=1, k_until=None, device="cpu", seed=0)
     with pytest.raises(ValueError, match="Gumbel-softmax temperature"):
         straight_through_gumbel_softmax(

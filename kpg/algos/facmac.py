@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kpg import nn as kpg_nn
 from kpg.algos.common import agent_ids
-from kpg.algos.off_policy import OffPolicyTrainer
+from kpg.algos.off_policy import OffPolicyTrainer, validate_off_policy
 from kpg.couplings import joint_inputs
 
 
@@ -57,6 +57,10 @@ class FACMACConfig:
     share_utility: bool = True  # one utility network for all agents (with agent ids), else one per agent
     mixer_embed: int = 32
     hypernet_embed: int = 64
+
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        validate_off_policy(self, "facmac.")
 
 
 class MonotonicMixer(nn.Module):

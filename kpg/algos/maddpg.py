@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kpg import nn as kpg_nn
 from kpg.algos.common import clip_member_grad_norms_
-from kpg.algos.off_policy import OffPolicyTrainer
+from kpg.algos.off_policy import OffPolicyTrainer, validate_off_policy
 from kpg.couplings import joint_inputs
 
 
@@ -67,6 +67,10 @@ class MADDPGConfig:
     actor_regularization: float = 1e-3  # weight of the mean squared pre-activation actor output
     share_actor: bool = False  # one actor for all agents (with agent ids), else one per agent
     batch_actors: bool = True  # per-agent actors of equally sized agents as one kpg.nn batched network
+
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        validate_off_policy(self, "maddpg.", ("critic_activation",))
 
 
 class MADDPGTrainer(OffPolicyTrainer):

@@ -29,10 +29,12 @@ from kpg.algos.common import (
     generalized_advantages,
     mlp,
 )
-from kpg.couplings import joint_ratio_loss
+from kpg.couplings import FORMS, OTHERS_MODES, joint_ratio_loss
 from kpg.distributed import average_gradients, check_replicas_agree, gather_samples
 from kpg.envs import EnvPool
+from kpg.nn import ACTIVATIONS
 from kpg.optim import KPGOptimizer, KSchedule
+from kpg.options import require, require_ranges
 
 
 @dataclass
@@ -67,6 +69,22 @@ class MAPPOConfig:
     advantage_norm: Literal["batch", "minibatch"] = "batch"
     # agents: a sum of per-agent means (N times the gradient with a shared actor); samples: one mean over all samples
     actor_loss_mean: Literal["agents", "samples"] = "agents"
+
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        require_ranges(
+            self,
+            "mappo.",
+            {
+                **dict.fromkeys(("rollout", "epochs", "minibatches", "hidden"), (1, None, False)),
+                **dict.fromkeys(("lr", "critic_lr", "clip_eps", "max_grad_norm", "value_clip"), (0, None, True)),
+                **dict.fromkeys(("gamma", "gae_lambda"), (0, 1, False)),
+                **dict.fromkeys(("entropy_coef", "value_coef"), (0, None, False)),
+            },
+        )
+        require(self, "mappo.", "activation", self.activation in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}")
+        require(self, "mappo.", "others", self.others in OTHERS_MODES, f"one of {', '.join(OTHERS_MODES)}")
+        require(self, "mappo.", "coupling", self.coupling in FORMS, f"one of {', '.join(FORMS)}")
 
 
 class MAPPOTrainer:

@@ -43,30 +43,32 @@ from kpg.algos.replay import (
 from kpg.algos.run_context import RunContext
 from kpg.distributed import average_gradients, check_replicas_agree
 from kpg.envs import EnvPool
+from kpg.nn import ACTIVATIONS
 from kpg.optim import KPGOptimizer
+from kpg.options import check_options, require, require_ranges
 
 
-def check_off_policy_config(config) -> None:
-    """Clear errors for hyperparameters out of range, before anything is built."""
-    positive_ints = ("buffer_size", "batch_size", "rollout", "updates_per_iteration")
-    for name in positive_ints:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if config.learning_starts < 0:
-        raise ValueError(f"learning_starts must be >= 0, got {config.learning_starts}")
-    if not 0.0 <= config.gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {config.gamma}")
-    if not 0.0 < config.tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {config.tau}")
-    for name in ("actor_lr", "critic_lr", "max_grad_norm", "gumbel_temperature"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in ("exploration_noise", "actor_regularization"):
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not config.hidden or any(size < 1 for size in config.hidden):
-        raise ValueError(f"hidden must list at least one positive layer width, got {config.hidden}")
+def validate_off_policy(config, prefix: str, activations: tuple[str, ...] = ()) -> None:
+    """The ranges of MADDPGConfig's and FACMACConfig's common options (``prefix``: "maddpg." or
+    "facmac."; ``activations``: its activation options besides ``activation``)."""
+    require_ranges(
+        config,
+        prefix,
+        {
+            **dict.fromkeys(
+                ("buffer_size", "batch_size", "rollout", "updates_per_iteration", "hidden"), (1, None, False)
+            ),
+            **dict.fromkeys(("learning_starts", "exploration_noise", "actor_regularization"), (0, None, False)),
+            **dict.fromkeys(("actor_lr", "critic_lr", "max_grad_norm", "gumbel_temperature"), (0, None, True)),
+            "gamma": (0, 1, False),
+            "tau": (0, 1, True),
+        },
+    )
+    embeddings = [name for name in ("mixer_embed", "hypernet_embed") if hasattr(config, name)]  # FACMAC's mixer
+    require_ranges(config, prefix, dict.fromkeys(embeddings, (1, None, False)))
+    require(config, prefix, "hidden", len(config.hidden) > 0, "at least one layer width")
+    for name in ("activation", *activations):
+        require(config, prefix, name, getattr(config, name) in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}")
 
 
 class OffPolicyTrainer(abc.ABC):
@@ -86,7 +88,7 @@ class OffPolicyTrainer(abc.ABC):
         """``k_until``: environment steps after which the actor drops to k=1; None keeps ``k``.
         ``process_group``: train data-parallel with the other ranks (module docstring); each steps
         its own ``pool``, and ``env_steps`` counts every rank's."""
-        check_off_policy_config(config)
+        check_options(config, type(config).__name__.removesuffix("Config").lower() + ".")
         if k_until is not None and k_until < 0:
             raise ValueError(f"k_until must be >= 0 environment steps or None, got {k_until}")
         run = RunContext(process_group)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kpg.envs.teams import magent2_factory
+from kpg.options import OptionError
 
 EnvFactory = Callable[[], Any]
 
@@ -55,8 +56,21 @@ def _mamujoco(task: str, **options: Any) -> EnvFactory:
 
 def _custom(target: str, **options: Any) -> EnvFactory:
     module_name, _, attribute = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attribute)
-    return lambda: factory(**options)
+    allowed = "module:callable naming a function that returns a PettingZoo ParallelEnv"
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise OptionError("--env", target, f"expected {allowed} ({type(error).__name__}: {error})") from None
+    if not callable(factory):
+        raise OptionError("--env", target, f"expected {allowed}; it names a {type(factory).__name__}")
+
+    def make():
+        env = factory(**options)
+        if not all(hasattr(env, name) for name in ("possible_agents", "reset", "step", "observation_space")):
+            raise OptionError("--env", target, f"expected {allowed}; it returned a {type(env).__name__}")
+        return env
+
+    return make
 
 
 FAMILIES: dict[str, Callable[..., EnvFactory]] = {"mpe2": _mpe2, "mamujoco": _mamujoco, "magent2": magent2_factory}
