@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +353,10 @@ def test_preset_two_updates_through_kpg_train(tmp_path):
     config = preset(k=2, steps=2 * COPIES * ROLLOUT, logdir=tmp_path)
     summary = train(config)
     assert summary["updates"] == 2 and summary["env_steps"] == 2 * COPIES * ROLLOUT
+    assert summary["versions"] == {
+        "torch": torch.__version__,
+        **{name: importlib.metadata.version(name) for name in ("jaxmarl", "jax", "jaxlib")},
+    }
     assert len(summary["actor_level_seconds"]) == 2
     header = (config.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "win_rate" in header and "clip_fraction_level2" in header
