@@ -228,6 +228,28 @@ def test_flax_gru_cell_has_flax_biases_and_steps_as_the_formula():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.gru.parameters())
 
 
+def test_flax_gru_cell_equals_flax_linen_gru_cell():
+    """The same weights in flax's own GRUCell (installed with JaxMARL) give the same step."""
+    linen = pytest.importorskip("flax.linen")
+    import jax.numpy as jnp
+    import numpy as np
+
+    torch.manual_seed(1)
+    cell = FlaxGRUCell(6, 5)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()
+    x, h = torch.randn(3, 6), torch.randn(3, 5)
+    as_numpy = lambda t: t.detach().numpy()  # noqa: E731
+    params = {}
+    for gate, w_i, w_h, b_i in zip("rzn", cell.weight_ih.chunk(3), cell.weight_hh.chunk(3), cell.bias_ih.chunk(3)):
+        params[f"i{gate}"] = {"kernel": as_numpy(w_i).T, "bias": as_numpy(b_i)}
+        params[f"h{gate}"] = {"kernel": as_numpy(w_h).T}
+    params["hn"]["bias"] = as_numpy(cell.bias_hn)
+    expected, _ = linen.GRUCell(features=5).apply({"params": params}, jnp.asarray(h.numpy()), jnp.asarray(x.numpy()))
+    torch.testing.assert_close(cell(x, h), torch.from_numpy(np.array(expected)), atol=1e-6, rtol=1e-5)
+
+
 def test_actor_without_agent_id_reads_the_observation_alone():
     torch.manual_seed(0)
     net = RecurrentAgentNet(6, 3, (8, 5, 7), 4, "relu", 0.01, agent_id=False)
