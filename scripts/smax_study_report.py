@@ -139,7 +139,15 @@ def summarize(maps: dict) -> dict:
         by_k = {}
         for k in sorted({r["k"] for r in runs}):
             mine = sorted((r for r in runs if r["k"] == k), key=lambda r: r["seed"])
-            entry = {"seeds": [r["seed"] for r in mine], "states": {r["seed"]: r["state"] for r in mine}}
+            entry = {
+                "seeds": [r["seed"] for r in mine],
+                "states": {
+                    r["seed"]: r["state"]
+                    if r["state"] == "finished"
+                    else f"{r['state']}, {r['env_steps_logged']} steps"
+                    for r in mine
+                },
+            }
             for budget in map(str, BUDGETS):
                 values = {r["seed"]: r["win_rate_at"].get(budget) for r in mine}
                 entry[f"win_rate_{budget}"] = mean_ci(values.values())
@@ -192,6 +200,9 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
             overhead = d["cpu_overhead_k2"]["mean_ci"]
             overhead_text = "-" if overhead[2] == 0 else f"{100 * overhead[0]:+.0f} % (n={overhead[2]})"
             lines.append(f"| {map_name} | K2 - K1 | " + " | ".join(cells) + f" | | k=2 CPU {overhead_text} | |")
+    missing = [m for m in MAPS if m not in table]
+    if missing:
+        lines += ["", f"Not started yet: {', '.join(missing)}."]
     lines += [
         "",
         "Win rate at a budget: the per-update win rate (episodes won / finished in the update) averaged over the "

@@ -63,7 +63,8 @@ def test_report_of_a_partial_study(tmp_path):
 
     table = (out / "results.md").read_text()
     assert "| 3s_vs_5z | 2 | 0.52 ± " in table and "(n=3)" in table  # 1M: mean of 0.6, 0.4, 0.55
-    assert "+28 % (n=2)" in table and "s2: running" in table
+    assert "+28 % (n=2)" in table and "s2: running or stopped without a summary, 1500000 steps" in table
+    assert "Not started yet: 2s3z, 3s5z, 10m_vs_11m." in table
     assert (out / "curves.png").stat().st_size > 0
     copied = out / "runs" / "3s_vs_5z" / "mappo-smax_3s_vs_5z-k2-s2"
     assert (copied / "metrics.csv").read_text() == (

@@ -1,13 +1,15 @@
 """Recurrent K-MAPPO on environments with available-action masks (SMAX): the authors' SMAX loop.
 
 One actor and one critic shared by all agents, each dense - GRU - dense - output with a one-hot
-agent id on its input (the critic reads the global world state); trained on whole sequences by
+agent id on its input (the actor's is optional, ``actor_id``; the critic reads the global world
+state), the GRU torch's cell or flax's (``gru``); trained on whole sequences by
 backpropagation through time, the GRU state reset where an agent's previous step ended it (the
 authors' ``ScannedRNN``). Minibatches are sets of environment copies with all their agents, so
 that every agent's partners are in its minibatch at level 2. Options (:class:`MAPPOConfig`) cover
 the authors' pieces: clipped value loss (``value_clip``), advantages normalized per minibatch
 (``advantage_norm``), the actor loss one mean over all agents' samples (``actor_loss_mean``) and
-the learning rate annealed linearly to 0 (``lr_anneal``) by a ``torch.optim.lr_scheduler.LambdaLR``
+the learning rate annealed linearly to 0 at ``lr_anneal_steps`` (default: the run's length) (``lr_anneal``)
+by a ``torch.optim.lr_scheduler.LambdaLR``
 that steps once per KPG step: the levels of a step all read the lr of the step's start, and only
 the committed step advances the schedule, as the authors' optimizer-state reset restores optax's
 count. docs/smax.md compares the loop with the authors' code line by line.
