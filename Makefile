@@ -12,7 +12,15 @@ TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),$(TORCH_GPU),$(TORCH_CP
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 CSRC_FILES := $(shell find csrc -type f \( -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' \) 2>/dev/null)
 
-.PHONY: setup test lint run bench clean
+# The authors' SMAX environment (their environment_jax.yml in AryamanReddi99/cheap-talk): JaxMARL 0.0.7 on
+# jax 0.6.0, which cannot share .venv (jaxmarl 0.2.0, jax 0.10.2), so it has its own venv with kpg[train,test].
+# `make test` also runs the tests marked smax_authors there (tests/test_smax_authors.py).
+SMAX_AUTHORS_VENV ?= .venv-smax-authors
+SMAX_AUTHORS_PY := $(SMAX_AUTHORS_VENV)/bin/python
+SMAX_AUTHORS_PINS := jaxmarl==0.0.7 jax==0.6.0 jaxlib==0.6.0 flax==0.10.5 chex==0.1.89 numpy==1.26.4 \
+	scipy==1.12.0 brax==0.10.3 mujoco==3.1.3
+
+.PHONY: setup setup-smax-authors test test-smax-authors lint run bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +30,22 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install --quiet -e ".[train,envs,smax,vmas,torchrl,benchmarl,test,lint]"
 	touch $@
 
-test: setup
+setup-smax-authors: $(SMAX_AUTHORS_VENV)/.installed
+
+# Its own build folder: the extension is built for this venv's interpreter, not .venv's. Without CUDA: this
+# venv only runs SMAX on the CPU, and skipping nvcc saves minutes of every fresh setup.
+$(SMAX_AUTHORS_VENV)/.installed: $(SOURCES)
+	test -x $(SMAX_AUTHORS_PY) || $(PYTHON) -m venv $(SMAX_AUTHORS_VENV)
+	$(SMAX_AUTHORS_PY) -m pip install --quiet "$(TORCH)" $(SMAX_AUTHORS_PINS)
+	KPG_CUDA=OFF $(SMAX_AUTHORS_PY) -m pip install --quiet -e ".[train,test]" $(SMAX_AUTHORS_PINS) \
+		--config-settings=build-dir=build/smax-authors
+	touch $@
+
+test: setup test-smax-authors
 	$(PY) -m pytest -q
+
+test-smax-authors: setup-smax-authors
+	$(SMAX_AUTHORS_PY) -m pytest -q -m smax_authors tests/test_smax_authors.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -42,4 +64,4 @@ bench: setup
 	$(PY) bench/optimizer.py --json bench/results/optimizer.json
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(SMAX_AUTHORS_VENV) build

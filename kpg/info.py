@@ -44,6 +44,14 @@ def _version(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
 
 
+def _installed_version(package: str) -> str:
+    """The package's installed version without importing it (JAX's import is slow), or "not installed"."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def collect() -> dict[str, str]:
     """The report as (field, value) pairs, in printing order."""
     build = _C.build_info()
@@ -53,6 +61,7 @@ def collect() -> dict[str, str]:
         "kpg version": importlib.metadata.version("kpg"),
         "torch version": torch.__version__,
         "python": platform.python_version(),
+        "jaxmarl version (smax envs)": _installed_version("jaxmarl"),
         "CUDA kernels built": "yes" if build["cuda"] else "no (CPU kernels only)",
         "CUDA version built with": build["cuda_version"],
         "CUDA architectures built for": build["cuda_architectures"],

@@ -324,7 +324,15 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
         defaults, options = MAPPOConfig(), config.mappo
         recurrent_only = [
             name
-            for name in ("lr_anneal", "value_clip", "advantage_norm", "actor_loss_mean")
+            for name in (
+                "lr_anneal",
+                "lr_anneal_steps",
+                "actor_id",
+                "gru",
+                "value_clip",
+                "advantage_norm",
+                "actor_loss_mean",
+            )
             if getattr(options, name) != getattr(defaults, name)
         ]
         if recurrent_only:
@@ -671,6 +679,8 @@ def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
         "actor_level_seconds": trainer.actor_level_seconds(),
         "recent_return": float(np.mean(recent)) if recent else None,
         "interrupted": interrupted,
+        # What ran it: torch, and the environment's packages where the pool names them (smax: JaxMARL, JAX).
+        "versions": {"torch": torch.__version__, **getattr(pool, "versions", {})},
     }
     if run.is_writer:
         # The recurrent trainer has no separate greedy evaluation: its win rate comes from the training episodes.

@@ -484,3 +484,19 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_leaves_the_run_alone(chec
     with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} (is corrupt|cannot be read)"):
         train(config)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files_before
+
+
+@pytest.mark.parametrize(
+    "option, value", [("lr_anneal_steps", 10_000_000), ("actor_id", False), ("gru", "flax"), ("lr_anneal", True)]
+)
+def test_recurrent_trainer_options_without_it_are_refused(option, value):
+    """The SMAX loop's options mean nothing to the feed-forward trainers: naming one there is an error, not a no-op."""
+    import dataclasses
+
+    from kpg.algos import MAPPOConfig
+    from kpg.train import TrainConfig, _trainer_class
+
+    config = TrainConfig(mappo=dataclasses.replace(MAPPOConfig(), **{option: value}))
+    flag = option.replace("_", "-")
+    with pytest.raises(ValueError, match=f"--mappo.{flag} is an option of the recurrent trainer"):
+        _trainer_class(config)

@@ -17,6 +17,11 @@ def test_info_reports_versions_build_and_devices():
     build = _C.build_info()
     assert fields["kpg version"] == importlib.metadata.version("kpg")
     assert fields["torch version"] == torch.__version__
+    try:  # SMAX changed between JaxMARL releases: a report names the one installed
+        jaxmarl = importlib.metadata.version("jaxmarl")
+    except importlib.metadata.PackageNotFoundError:
+        jaxmarl = "not installed"
+    assert fields["jaxmarl version (smax envs)"] == jaxmarl
     assert fields["CUDA kernels built"].startswith("yes" if build["cuda"] else "no")
     assert fields["CUDA version built with"] == build["cuda_version"]
     assert fields["CUDA architectures built for"] == build["cuda_architectures"]

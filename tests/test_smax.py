@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,13 @@ from torch.func import functional_call
 
 pytest.importorskip("jaxmarl", reason="SMAX needs the smax extra: pip install 'kpg[smax]'")
 
-from kpg.algos.mappo_recurrent import RecurrentAgentNet, RecurrentMAPPOTrainer, anneal_factor, value_loss  # noqa: E402
+from kpg.algos.mappo_recurrent import (  # noqa: E402
+    FlaxGRUCell,
+    RecurrentAgentNet,
+    RecurrentMAPPOTrainer,
+    anneal_factor,
+    value_loss,
+)
 from kpg.cli import _from_dict, _read_config_file  # noqa: E402
 from kpg.envs.smax import SMAXPool  # noqa: E402
 from kpg.train import TrainConfig, load_checkpoint, train  # noqa: E402
@@ -140,7 +147,7 @@ def test_value_loss_clipped_by_hand():
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_lr_anneals_once_per_update_and_per_kpg_step():
     assert [anneal_factor(c, 4, 10) for c in (0, 3, 4, 39, 40)] == [1.0, 1.0, 0.9, pytest.approx(0.1), 0.0]
-    config = preset(mappo={"epochs": 2, "minibatches": 2}, k=2, steps=3 * COPIES * ROLLOUT)
+    config = preset(mappo={"epochs": 2, "minibatches": 2, "lr_anneal_steps": None}, k=2, steps=3 * COPIES * ROLLOUT)
     trainer = _trainer(config)
     seen = []
     step = trainer.actor_optimizer.step
@@ -157,6 +164,105 @@ def test_lr_anneals_once_per_update_and_per_kpg_step():
     # The schedule's count advanced once per KPG step (k=2 levels, one commit each), as the Adam step count.
     assert trainer.schedulers[0].last_epoch == 8
     assert trainer.actor_optimizer.state_dict()["state"][0]["step"].item() == 8
+
+
+def _lrs_of_updates(trainer: RecurrentMAPPOTrainer, updates: int) -> list[float]:
+    """The actor's lr at the start of each of the next ``updates`` updates (the lr is constant within one)."""
+    lrs = []
+    for _ in range(updates):
+        lrs.append(trainer.actor_optimizer.param_groups[0]["lr"])
+        trainer.iteration()
+    return lrs
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_lr_anneal_steps_sets_the_horizon_whatever_the_runs_length_and_across_a_resume():
+    """--mappo.lr-anneal-steps: the lr falls by 1/horizon-updates per update (the authors' 10M steps
+    over a shorter run), whatever --steps is, and a resume under a different --steps continues it."""
+    per_update = COPIES * ROLLOUT
+    horizon = 10 * per_update  # 10 updates
+    config = preset(k=2, mappo={"epochs": 1, "minibatches": 1, "lr_anneal_steps": horizon}, steps=3 * per_update)
+    whole = _trainer(config)
+    expected = [0.004 * (1 - u / 10) for u in range(3)]
+    assert _lrs_of_updates(whole, 3) == pytest.approx(expected)
+    assert whole.anneal_updates == 10
+
+    first = _trainer(dataclasses.replace(config, steps=per_update))
+    assert _lrs_of_updates(first, 1) == pytest.approx(expected[:1])
+    resumed = _trainer(dataclasses.replace(config, steps=5 * per_update))  # resumed with a longer --steps
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert _lrs_of_updates(resumed, 2) == pytest.approx(expected[1:])
+    assert resumed.schedulers[0].last_epoch == whole.schedulers[0].last_epoch == 3
+
+    # Without an explicit horizon the anneal follows --steps; a resume under another --steps is refused.
+    by_steps = preset(k=1, mappo={"epochs": 1, "minibatches": 1, "lr_anneal_steps": None}, steps=per_update)
+    saved = _trainer(by_steps).state_dict()
+    longer = _trainer(dataclasses.replace(by_steps, steps=4 * per_update))
+    with pytest.raises(ValueError, match="anneals its lr over 1 updates, this one over 4"):
+        longer.load_state_dict(saved)
+    with pytest.raises(ValueError, match="--mappo.lr-anneal-steps 10 needs --mappo.lr-anneal"):
+        _trainer(preset(mappo={"lr_anneal": True, "lr_anneal_steps": 10}))
+
+
+def test_flax_gru_cell_has_flax_biases_and_steps_as_the_formula():
+    """flax's GRUCell: input biases for r, z and n, a hidden bias for n only (torch's cell has two
+    full bias vectors); one step against the formula written out."""
+    torch.manual_seed(0)
+    net = RecurrentAgentNet(6, 3, (8, 5, 7), 4, "relu", 0.01, gru="flax")
+    shapes = {name: tuple(p.shape) for name, p in net.gru.named_parameters()}
+    assert shapes == {"weight_ih": (15, 8), "weight_hh": (15, 5), "bias_ih": (15,), "bias_hn": (5,)}
+    assert not net.gru.bias_ih.any() and not net.gru.bias_hn.any()  # zero at the start, as flax's
+    with torch.no_grad():
+        for p in net.gru.parameters():
+            p.normal_()
+    x, h = torch.randn(2, 8), torch.randn(2, 5)
+    (w_ir, w_iz, w_in), (w_hr, w_hz, w_hn) = net.gru.weight_ih.chunk(3), net.gru.weight_hh.chunk(3)
+    b_ir, b_iz, b_in = net.gru.bias_ih.chunk(3)
+    r = torch.sigmoid(x @ w_ir.T + b_ir + h @ w_hr.T)
+    z = torch.sigmoid(x @ w_iz.T + b_iz + h @ w_hz.T)
+    n = torch.tanh(x @ w_in.T + b_in + r * (h @ w_hn.T + net.gru.bias_hn))
+    torch.testing.assert_close(net.gru(x, h), (1 - z) * n + z * h)
+    # Through the whole net: gradients reach every one of the cell's parameters.
+    out, _ = net(torch.randn(4, 2, 3, 6), torch.zeros(4, 2, 3), torch.zeros(2, 3, 5))
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.gru.parameters())
+
+
+def test_flax_gru_cell_equals_flax_linen_gru_cell():
+    """The same weights in flax's own GRUCell (installed with JaxMARL) give the same step."""
+    linen = pytest.importorskip("flax.linen")
+    import jax.numpy as jnp
+    import numpy as np
+
+    torch.manual_seed(1)
+    cell = FlaxGRUCell(6, 5)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()
+    x, h = torch.randn(3, 6), torch.randn(3, 5)
+    as_numpy = lambda t: t.detach().numpy()  # noqa: E731
+    params = {}
+    for gate, w_i, w_h, b_i in zip("rzn", cell.weight_ih.chunk(3), cell.weight_hh.chunk(3), cell.bias_ih.chunk(3)):
+        params[f"i{gate}"] = {"kernel": as_numpy(w_i).T, "bias": as_numpy(b_i)}
+        params[f"h{gate}"] = {"kernel": as_numpy(w_h).T}
+    params["hn"]["bias"] = as_numpy(cell.bias_hn)
+    expected, _ = linen.GRUCell(features=5).apply({"params": params}, jnp.asarray(h.numpy()), jnp.asarray(x.numpy()))
+    torch.testing.assert_close(cell(x, h), torch.from_numpy(np.array(expected)), atol=1e-6, rtol=1e-5)
+
+
+def test_actor_without_agent_id_reads_the_observation_alone():
+    torch.manual_seed(0)
+    net = RecurrentAgentNet(6, 3, (8, 5, 7), 4, "relu", 0.01, agent_id=False)
+    assert net.embed.in_features == 6
+    x = torch.randn(4, 2, 6)
+    same = x[:, :, None].expand(4, 2, 3, 6)  # every agent sees the same observation: the same outputs
+    out, _ = net(same, torch.zeros(4, 2, 3), torch.zeros(2, 3, 5))
+    torch.testing.assert_close(out[:, :, 0], out[:, :, 1])
+    torch.testing.assert_close(out[:, :, 0], out[:, :, 2])
+    trainer = _trainer(preset(k=1, steps=COPIES * ROLLOUT))  # the preset: the authors' actor without the id
+    assert trainer.actor.embed.in_features == trainer.pool.spaces.obs_size
+    assert trainer.critic.embed.in_features == trainer.pool.spaces.state_size + 3  # the critic keeps it
+    assert isinstance(trainer.actor.gru, FlaxGRUCell) and isinstance(trainer.critic.gru, FlaxGRUCell)
 
 
 def _trainer(config: TrainConfig, seed: int = 0) -> RecurrentMAPPOTrainer:
@@ -269,6 +375,10 @@ def test_preset_two_updates_through_kpg_train(tmp_path):
     config = preset(k=2, steps=2 * COPIES * ROLLOUT, logdir=tmp_path)
     summary = train(config)
     assert summary["updates"] == 2 and summary["env_steps"] == 2 * COPIES * ROLLOUT
+    assert summary["versions"] == {
+        "torch": torch.__version__,
+        **{name: importlib.metadata.version(name) for name in ("jaxmarl", "jax", "jaxlib")},
+    }
     assert len(summary["actor_level_seconds"]) == 2
     header = (config.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "win_rate" in header and "clip_fraction_level2" in header

@@ -62,7 +62,12 @@ class MAPPOConfig:
     # The authors' SMAX loop (configs/smax_authors.toml, docs/smax.md); only the recurrent trainer reads these.
     # dense-GRU-dense actor and critic (hidden: the 3 sizes), BPTT over whole sequences; environments with masks (smax:)
     recurrent: bool = False
-    lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0 over the run, one value per update
+    lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0, one value per update
+    # the anneal's horizon in environment steps (the lr reaches 0 there); None: the run's --steps
+    lr_anneal_steps: int | None = None
+    actor_id: bool = True  # the shared recurrent actor reads a one-hot agent id after the observation
+    # the recurrent nets' GRU cell: torch's (two full bias vectors) or flax's (input biases for r, z, n; hidden only n)
+    gru: Literal["torch", "flax"] = "torch"
     value_coef: float = 0.5  # weight of the value loss 0.5 * mean squared error (the critic has its own Adam)
     value_clip: float | None = None  # clipped value loss: the worse of V's and V_old + clip(V - V_old)'s errors
     # batch: once over the rollout; minibatch: per minibatch, inside the loss

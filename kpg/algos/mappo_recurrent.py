@@ -1,13 +1,15 @@
 """Recurrent K-MAPPO on environments with available-action masks (SMAX): the authors' SMAX loop.
 
 One actor and one critic shared by all agents, each dense - GRU - dense - output with a one-hot
-agent id on its input (the critic reads the global world state); trained on whole sequences by
+agent id on its input (the actor's is optional, ``actor_id``; the critic reads the global world
+state), the GRU torch's cell or flax's (``gru``); trained on whole sequences by
 backpropagation through time, the GRU state reset where an agent's previous step ended it (the
 authors' ``ScannedRNN``). Minibatches are sets of environment copies with all their agents, so
 that every agent's partners are in its minibatch at level 2. Options (:class:`MAPPOConfig`) cover
 the authors' pieces: clipped value loss (``value_clip``), advantages normalized per minibatch
 (``advantage_norm``), the actor loss one mean over all agents' samples (``actor_loss_mean``) and
-the learning rate annealed linearly to 0 (``lr_anneal``) by a ``torch.optim.lr_scheduler.LambdaLR``
+the learning rate annealed linearly to 0 at ``lr_anneal_steps`` (default: the run's length) (``lr_anneal``)
+by a ``torch.optim.lr_scheduler.LambdaLR``
 that steps once per KPG step: the levels of a step all read the lr of the step's start, and only
 the committed step advances the schedule, as the authors' optimizer-state reset restores optax's
 count. docs/smax.md compares the loop with the authors' code line by line.
@@ -31,13 +33,44 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 HIDDEN_KEYS = ("actor_hidden", "critic_hidden")
 
 
+class FlaxGRUCell(nn.Module):
+    """flax's ``nn.GRUCell``: the gates of torch's GRU cell, with a bias on each input projection
+    (r, z, n) and on the hidden projection of the candidate n only; torch's cell also has hidden
+    biases for r and z, which only add to the input ones and double their Adam step.
+
+    r = sigmoid(W_ir x + b_ir + W_hr h), z = sigmoid(W_iz x + b_iz + W_hz h),
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h.
+    Parameters as torch's (``weight_ih``, ``weight_hh``: [3H, ...] in the order r, z, n; ``bias_ih``
+    [3H]) but ``bias_hn`` [H]; one step is torch's fused cell with zeros for the missing biases."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.bias_hn = nn.Parameter(torch.zeros(hidden_size))
+
+    def hidden_bias(self) -> Tensor:
+        """torch's [3H] hidden bias with zeros where flax has none: build once per sequence, not per step."""
+        return torch.cat([self.bias_hn.new_zeros(2 * self.hidden_size), self.bias_hn])
+
+    def forward(self, x: Tensor, h: Tensor, hidden_bias: Tensor | None = None) -> Tensor:
+        bias_hh = self.hidden_bias() if hidden_bias is None else hidden_bias
+        return torch.gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, bias_hh)
+
+
+GRU_CELLS = {"torch": nn.GRUCell, "flax": FlaxGRUCell}
+
+
 class RecurrentAgentNet(nn.Module):
     """Dense - activation - GRU - dense - activation - dense, shared by ``num_agents`` agents whose
-    one-hot id is the last ``num_agents`` inputs of the first layer. Inputs are per agent
-    (``[T, B, agents, F]``) or shared by the agents (``[T, B, F]``: the first layer's product is then
-    computed once and each agent adds its id's column). Initialised as the authors' flax networks:
-    orthogonal dense kernels with gains sqrt(2), 2 and ``output_gain``, zero biases, and the GRU's
-    input kernels LeCun-normal, its recurrent kernels orthogonal per gate.
+    one-hot id is the last ``num_agents`` inputs of the first layer (``agent_id``; without it every
+    agent reads its features alone). Inputs are per agent (``[T, B, agents, F]``) or shared by the
+    agents (``[T, B, F]``: the first layer's product is then computed once and each agent adds its
+    id's column). ``gru``: torch's cell or flax's (:class:`FlaxGRUCell`, the authors'). Initialised as
+    the authors' flax networks: orthogonal dense kernels with gains sqrt(2), 2 and ``output_gain``,
+    zero biases, and the GRU's input kernels LeCun-normal, its recurrent kernels orthogonal per gate.
     """
 
     def __init__(
@@ -48,6 +81,8 @@ class RecurrentAgentNet(nn.Module):
         outputs: int,
         activation: str,
         output_gain: float,
+        agent_id: bool = True,
+        gru: str = "torch",
     ):
         super().__init__()
         if len(hidden) != 3:
@@ -56,9 +91,11 @@ class RecurrentAgentNet(nn.Module):
             )
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
-        self.features, self.num_agents = features, num_agents
-        self.embed = nn.Linear(features + num_agents, hidden[0])
-        self.gru = nn.GRUCell(hidden[0], hidden[1])
+        if gru not in GRU_CELLS:
+            raise ValueError(f"unknown GRU cell {gru!r}; use one of {', '.join(GRU_CELLS)}")
+        self.features, self.num_agents, self.agent_id = features, num_agents, agent_id
+        self.embed = nn.Linear(features + (num_agents if agent_id else 0), hidden[0])
+        self.gru = GRU_CELLS[gru](hidden[0], hidden[1])
         self.dense = nn.Linear(hidden[1], hidden[2])
         self.out = nn.Linear(hidden[2], outputs)
         self.activation = ACTIVATIONS[activation]()
@@ -68,8 +105,9 @@ class RecurrentAgentNet(nn.Module):
         nn.init.normal_(self.gru.weight_ih, std=1.0 / math.sqrt(hidden[0]))
         for gate in self.gru.weight_hh.data.chunk(3):
             nn.init.orthogonal_(gate)
-        nn.init.zeros_(self.gru.bias_ih)
-        nn.init.zeros_(self.gru.bias_hh)
+        for name, bias in self.gru.named_parameters():
+            if name.startswith("bias"):
+                nn.init.zeros_(bias)
 
     @property
     def hidden_size(self) -> int:
@@ -82,15 +120,21 @@ class RecurrentAgentNet(nn.Module):
         embedded = nn.functional.linear(x, weight[:, : self.features], self.embed.bias)
         if x.dim() == 3:
             embedded = embedded.unsqueeze(2)
-        embedded = self.activation(embedded + weight[:, self.features :].T)  # + the agent id's column
+        if self.agent_id:
+            embedded = embedded + weight[:, self.features :].T  # + the agent id's column
+        embedded = self.activation(embedded)
         batch_shape = hidden.shape[:-1]
         embedded = embedded.expand(embedded.shape[0], *batch_shape, -1).flatten(1, 2)
         keep = (1.0 - resets).flatten(1, 2).unsqueeze(-1)
         state = hidden.flatten(0, 1)
         states = []
+        step = self.gru
+        if isinstance(self.gru, FlaxGRUCell):
+            hidden_bias = self.gru.hidden_bias()
+            step = lambda x_t, h_t: self.gru(x_t, h_t, hidden_bias)  # noqa: E731
         # unbind, not embedded[t]: each indexing's backward would write a zero-filled gradient of the whole sequence.
         for embedded_t, keep_t in zip(embedded.unbind(0), keep.unbind(0)):
-            state = self.gru(embedded_t, state * keep_t)
+            state = step(embedded_t, state * keep_t)
             states.append(state)
         features = self.activation(self.dense(torch.stack(states)))
         return self.out(features).unflatten(1, batch_shape), state.unflatten(0, batch_shape)
@@ -139,20 +183,28 @@ class RecurrentMAPPOTrainer:
         spaces = pool.spaces
         n = self.num_agents = spaces.num_agents
         hidden = tuple(c.hidden)
-        self.actor = RecurrentAgentNet(spaces.obs_size, n, hidden, spaces.action_size, c.activation, 0.01).to(
-            self.device
-        )
-        self.critic = RecurrentAgentNet(spaces.state_size, n, hidden, 1, c.activation, 1.0).to(self.device)
+        self.actor = RecurrentAgentNet(
+            spaces.obs_size, n, hidden, spaces.action_size, c.activation, 0.01, agent_id=c.actor_id, gru=c.gru
+        ).to(self.device)
+        self.critic = RecurrentAgentNet(spaces.state_size, n, hidden, 1, c.activation, 1.0, gru=c.gru).to(self.device)
         self.actor_optimizer = KPGOptimizer(
             self.actor, k=k, optimizer="adam", lr=c.lr, eps=1e-5, max_grad_norm=c.max_grad_norm, num_agents=n
         )
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         steps_per_iteration = c.rollout * pool.copies
         self.schedulers = []
+        self.anneal_updates = None
+        if c.lr_anneal_steps is not None and (not c.lr_anneal or c.lr_anneal_steps < steps_per_iteration):
+            raise ValueError(
+                f"--mappo.lr-anneal-steps {c.lr_anneal_steps} needs --mappo.lr-anneal and at least one update's "
+                f"steps ({steps_per_iteration} = --mappo.rollout x --copies)"
+            )
         if c.lr_anneal:
-            if total_steps is None:
-                raise ValueError("--mappo.lr-anneal needs the run's length (total_steps)")
-            updates = max(1, total_steps // steps_per_iteration)
+            horizon = c.lr_anneal_steps if c.lr_anneal_steps is not None else total_steps
+            if horizon is None:
+                raise ValueError("--mappo.lr-anneal needs the run's length (total_steps) or --mappo.lr-anneal-steps")
+            # The authors' NUM_UPDATES = TOTAL_TIMESTEPS // NUM_STEPS // NUM_ENVS.
+            updates = self.anneal_updates = max(1, horizon // steps_per_iteration)
             per_update = c.epochs * c.minibatches
             factor = lambda count: anneal_factor(count, per_update, updates)  # noqa: E731
             self.schedulers = [
@@ -333,6 +385,7 @@ class RecurrentMAPPOTrainer:
             "actor_optimizer": self.actor_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
             "schedulers": [s.state_dict() for s in self.schedulers],
+            "anneal_updates": self.anneal_updates,
             "k_schedule": None if self.k_schedule is None else self.k_schedule.state_dict(),
             "generator": self.generator.bit_generator.state,
             "hidden": {"actor": self.actor_hidden, "critic": self.critic_hidden, "last_done": self.last_done},
@@ -341,6 +394,13 @@ class RecurrentMAPPOTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_anneal = state.get("anneal_updates", self.anneal_updates)
+        if saved_anneal != self.anneal_updates:
+            raise ValueError(
+                f"the saved run anneals its lr over {saved_anneal} updates, this one over {self.anneal_updates}; "
+                "resume with the run's --steps, or set --mappo.lr-anneal-steps to the saved horizon "
+                "(its updates x --mappo.rollout x --copies)"
+            )
         # load_state_dict copies in place, so the actor's parameters stay views of the optimizer's arena.
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])

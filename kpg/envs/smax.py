@@ -14,6 +14,7 @@ imported); torch's threads are ``kpg train --threads`` (default 1).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,10 @@ try:
     from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
 except ImportError as error:
     raise ImportError(f"smax: environments need JaxMARL and JAX: pip install 'kpg[smax]' ({error})") from None
+
+# The packages that ran the environment, for each run's summary.json: SMAX changed between JaxMARL
+# releases (0.0.7, the authors', against 0.2.0, kpg[smax]'s), so a result names the one it ran on.
+VERSIONS = {name: importlib.metadata.version(name) for name in ("jaxmarl", "jax", "jaxlib")}
 
 # Compiling a map's step takes tens of seconds on a small CPU: keep the compiled code on disk for
 # the next run and the resumes (JAX_COMPILATION_CACHE_DIR, or jax's config, chooses another place).
@@ -74,6 +79,7 @@ class SMAXPool:
             raise ValueError(f"unknown SMAX map {map_name!r} ({error}); e.g. smax:3s_vs_5z, smax:2s3z") from None
         self.env = HeuristicEnemySMAX(scenario=scenario, **{**AUTHORS_OPTIONS, **options})
         self.map_name, self.copies, self.seed = map_name, copies, seed
+        self.versions = dict(VERSIONS)
         env = self.env
         self.agent_names = list(env.agents)
         n = len(self.agent_names)

@@ -1,0 +1,304 @@
+"""Aggregates the SMAX study (scripts/smax_study.py) into ``results/smax_study/``, finished or not.
+
+Reads ``<study>/<map>/runs/<run>/`` (metrics.csv, config.json, summary.json) and writes:
+
+- ``results.md``: one table, per map and k, of the win rate at 1M, 2M and 3M steps (the mean of
+  the per-update win rate over the last 8 % of the updates before the budget, then over seeds, with
+  a 95 % Student-t interval), the paired per-seed differences K2 - K1, the step at which each seed's
+  per-update win rate first reaches 0.5, CPU seconds per run and k=2's CPU overhead;
+- ``results.json``: the same numbers per seed, the command, the code commit, the versions of torch,
+  JAX and JaxMARL that ran (from the runs' summaries) and each run's state;
+- ``curves.png``: every run's curve, one panel per map;
+- ``runs/<map>/<run>/``: a copy of each run's metrics.csv, config.json and summary.json.
+
+A run still going (no summary.json) or stopped (its summary says interrupted) is marked as such; a
+budget enters the table only for the runs whose curve has reached it, and says for how many seeds.
+
+    python scripts/smax_study_report.py --study /work/studies/smax_study --out results/smax_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MAPS = ("3s_vs_5z", "2s3z", "3s5z", "10m_vs_11m")
+BUDGETS = (1_000_000, 2_000_000, 3_000_000)
+WINDOW = 0.08  # the last 8 % of the updates before a budget
+THRESHOLD = 0.5
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean, 95 % Student-t half-width (nan for one value) and count of the finite values."""
+    values = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan, 0
+    if len(values) == 1:
+        return float(values[0]), math.nan, 1
+    half = T95.get(len(values) - 1, 1.96) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half), len(values)
+
+
+def read_curve(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(env_steps, win_rate) per update; an update in which no episode ended has no win rate (nan)."""
+    steps, wins = [], []
+    with open(metrics) as file:
+        for row in csv.DictReader(file):
+            steps.append(float(row["env_steps"]))
+            wins.append(float(row["win_rate"]) if row.get("win_rate") else math.nan)
+    return np.asarray(steps), np.asarray(wins)
+
+
+def win_rate_at(steps: np.ndarray, wins: np.ndarray, budget: int, total_steps: int) -> float | None:
+    """Mean win rate over the last 8 % of the updates before ``budget``; None if the run has not got
+    there (its next update would not pass the budget yet) or the budget lies beyond its length."""
+    if len(steps) == 0 or budget > total_steps:
+        return None
+    per_update = steps[0]
+    if steps[-1] + per_update <= budget:
+        return None
+    before = wins[steps <= budget]
+    window = max(1, math.ceil(WINDOW * len(before)))
+    return float(np.nanmean(before[-window:]))
+
+
+def first_passing(steps: np.ndarray, wins: np.ndarray) -> float | None:
+    passed = np.nonzero(wins >= THRESHOLD)[0]
+    return float(steps[passed[0]]) if len(passed) else None
+
+
+def run_state(run_dir: Path) -> tuple[str, dict | None]:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        return "running or stopped without a summary", None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("interrupted"):
+        return "interrupted (resumes)", summary
+    return "finished", summary
+
+
+def collect(study: Path) -> dict:
+    """Every run of the study folder, per map, with its numbers."""
+    maps = {}
+    for map_dir in sorted(p for p in study.iterdir() if (p / "runs").is_dir()):
+        runs = []
+        for run_dir in sorted(p for p in (map_dir / "runs").iterdir() if (p / "config.json").exists()):
+            config = json.loads((run_dir / "config.json").read_text())
+            state, summary = run_state(run_dir)
+            steps, wins = (
+                read_curve(run_dir / "metrics.csv")
+                if (run_dir / "metrics.csv").exists()
+                else (np.zeros(0), np.zeros(0))
+            )
+            runs.append(
+                {
+                    "run": run_dir.name,
+                    "dir": run_dir,
+                    "k": config["k"],
+                    "seed": config["seed"],
+                    "steps": config["steps"],
+                    "state": state,
+                    "updates_logged": len(steps),
+                    "env_steps_logged": int(steps[-1]) if len(steps) else 0,
+                    "win_rate_at": {
+                        str(b): win_rate_at(steps, wins, b, config["steps"]) for b in BUDGETS if b <= config["steps"]
+                    },
+                    "first_step_win_rate_0.5": first_passing(steps, wins),
+                    "cpu_seconds": summary["cpu_seconds"] if state == "finished" else None,
+                    "wall_seconds": summary["wall_seconds"] if state == "finished" else None,
+                    "versions": (summary or {}).get("versions"),
+                    "curve": (steps, wins),
+                }
+            )
+        maps[map_dir.name] = runs
+    return maps
+
+
+def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
+    if n == 0:
+        return "-"
+    text = f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    return f"{text} (n={n})"
+
+
+def summarize(maps: dict) -> dict:
+    """Per map: per k the budgets' mean and interval, the paired K2 - K1 differences, first passes, CPU."""
+    table = {}
+    for map_name, runs in maps.items():
+        by_k = {}
+        for k in sorted({r["k"] for r in runs}):
+            mine = sorted((r for r in runs if r["k"] == k), key=lambda r: r["seed"])
+            entry = {
+                "seeds": [r["seed"] for r in mine],
+                "states": {
+                    r["seed"]: r["state"]
+                    if r["state"] == "finished"
+                    else f"{r['state']}, {r['env_steps_logged']} steps"
+                    for r in mine
+                },
+            }
+            for budget in map(str, BUDGETS):
+                values = {r["seed"]: r["win_rate_at"].get(budget) for r in mine}
+                entry[f"win_rate_{budget}"] = mean_ci(values.values())
+                entry[f"win_rate_{budget}_per_seed"] = values
+            entry["first_step_win_rate_0.5"] = {r["seed"]: r["first_step_win_rate_0.5"] for r in mine}
+            entry["cpu_seconds_per_seed"] = {r["seed"]: r["cpu_seconds"] for r in mine}
+            entry["cpu_seconds"] = mean_ci(entry["cpu_seconds_per_seed"].values())
+            by_k[k] = entry
+        differences = {}
+        if 1 in by_k and 2 in by_k:
+            for budget in map(str, BUDGETS):
+                one, two = by_k[1][f"win_rate_{budget}_per_seed"], by_k[2][f"win_rate_{budget}_per_seed"]
+                paired = {s: two[s] - one[s] for s in one if two.get(s) is not None and one[s] is not None}
+                differences[budget] = {"per_seed": paired, "mean_ci": mean_ci(paired.values())}
+            cpu_one, cpu_two = by_k[1]["cpu_seconds_per_seed"], by_k[2]["cpu_seconds_per_seed"]
+            ratios = {s: cpu_two[s] / cpu_one[s] - 1 for s in cpu_one if cpu_one[s] and cpu_two.get(s)}
+            differences["cpu_overhead_k2"] = {"per_seed": ratios, "mean_ci": mean_ci(ratios.values())}
+        table[map_name] = {"by_k": by_k, "k2_minus_k1": differences}
+    return table
+
+
+def markdown(table: dict, maps: dict, meta: dict) -> str:
+    header = (
+        "| map | k | win rate 1M | win rate 2M | win rate 3M | first step at 0.5, per seed | CPU s per run | runs |"
+    )
+    lines = [
+        "# SMAX study: K2-MAPPO against MAPPO, four maps, one preset",
+        "",
+        f"Command: `{meta['command']}`; code commit `{meta['commit']}`; study folder `{meta['study']}`.",
+        f"Ran on: {meta['versions_ran']}.",
+        "",
+        header,
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for map_name, entry in table.items():
+        for k, e in entry["by_k"].items():
+            firsts = ", ".join(
+                "-" if v is None else f"{v / 1e6:.2f}M" for _, v in sorted(e["first_step_win_rate_0.5"].items())
+            )
+            states = ", ".join(f"s{s}: {st}" for s, st in sorted(e["states"].items()))
+            lines.append(
+                f"| {map_name} | {k} | "
+                + " | ".join(_fmt(*e[f"win_rate_{b}"]) for b in BUDGETS)
+                + f" | {firsts} | {_fmt(*e['cpu_seconds'], digits=0)} | {states} |"
+            )
+        d = entry["k2_minus_k1"]
+        if d:
+            per_seed = lambda values: ", ".join(f"{v:+.2f}" for _, v in sorted(values.items()))  # noqa: E731
+            cells = [f"{_fmt(*d[str(b)]['mean_ci'])} [{per_seed(d[str(b)]['per_seed'])}]" for b in BUDGETS]
+            overhead = d["cpu_overhead_k2"]["mean_ci"]
+            overhead_text = "-" if overhead[2] == 0 else f"{100 * overhead[0]:+.0f} % (n={overhead[2]})"
+            lines.append(f"| {map_name} | K2 - K1 | " + " | ".join(cells) + f" | | k=2 CPU {overhead_text} | |")
+    missing = [m for m in MAPS if m not in table]
+    if missing:
+        lines += ["", f"Not started yet: {', '.join(missing)}."]
+    lines += [
+        "",
+        "Win rate at a budget: the per-update win rate (episodes won / finished in the update) averaged over the "
+        "last 8 % of the updates before the budget, then over the seeds that reached it (n), ± the 95 % Student-t "
+        "half-width. K2 - K1: the paired per-seed differences (same seed), their mean ± 95 % half-width, and each "
+        "seed's difference in brackets. First step at 0.5: the first update whose win rate reaches 0.5 (- : none "
+        "yet). CPU s: the run's process CPU time (one core; finished runs only), the k=2 overhead paired per seed. "
+        "Curves of every run: curves.png; raw per-run metrics.csv, config.json and summary.json under runs/.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(maps: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in MAPS if m in maps] + [m for m in maps if m not in MAPS]
+    figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.6), squeeze=False)
+    for axis, map_name in zip(axes[0], names):
+        for run in sorted(maps[map_name], key=lambda r: (r["k"], r["seed"])):
+            steps, wins = run["curve"]
+            if len(steps):
+                color = "tab:blue" if run["k"] == 1 else "tab:orange"
+                axis.plot(steps, wins, color=color, alpha=0.75, lw=0.9, label=f"k={run['k']} s{run['seed']}")
+        axis.set_title(map_name)
+        axis.set_xlabel("environment steps")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("win rate per update")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(study: Path, out: Path, command: str | None = None) -> dict:
+    if not study.is_dir():
+        raise FileNotFoundError(f"no study folder at {study}; run scripts/smax_study.py --out {study} first")
+    maps = collect(study)
+    if not maps:
+        raise ValueError(f"{study} holds no <map>/runs/ folder with runs; is it the folder of scripts/smax_study.py?")
+    table = summarize(maps)
+    ran = [r["versions"] for rs in maps.values() for r in rs if r["versions"]]
+    versions_ran = sorted({json.dumps(v, sort_keys=True) for v in ran})
+    meta = {
+        "command": command or "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "commit": _commit(),
+        "study": str(study),
+        "versions_ran": "; ".join(versions_ran) if versions_ran else "no finished run yet",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for map_name, runs in maps.items():
+        for run in runs:
+            target = out / "runs" / map_name / run["run"]
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.csv", "config.json", "summary.json"):
+                if (run["dir"] / name).exists():
+                    shutil.copyfile(run["dir"] / name, target / name)
+    results = {
+        **meta,
+        "versions_ran": [json.loads(v) for v in versions_ran],
+        "budgets": list(BUDGETS),
+        "window": WINDOW,
+        "maps": table,
+        "runs": {
+            m: [{key: value for key, value in r.items() if key not in ("dir", "curve")} for r in rs]
+            for m, rs in maps.items()
+        },
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(markdown(table, maps, meta))
+    plot(maps, out / "curves.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", type=Path, default=Path("/work/studies/smax_study"))
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "smax_study")
+    args = parser.parse_args(argv)
+    report(args.study, args.out)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

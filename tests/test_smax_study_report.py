@@ -1,0 +1,81 @@
+"""scripts/smax_study_report.py on a small fake study folder: finished pairs, a run still going."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PER_UPDATE = 100_000  # 30 updates to 3M steps
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("smax_study_report", ROOT / "scripts" / "smax_study_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(study: Path, map_name: str, k: int, seed: int, wins: list[float], cpu: float | None) -> None:
+    run = study / map_name / "runs" / f"mappo-smax_{map_name}-k{k}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"k": k, "seed": seed, "steps": 3_000_000, "env": f"smax:{map_name}"}))
+    rows = ["env_steps,win_rate,actor_loss"]
+    rows += [f"{(u + 1) * PER_UPDATE},{w},0.1" for u, w in enumerate(wins)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if cpu is not None:
+        summary = {"cpu_seconds": cpu, "wall_seconds": 2 * cpu, "interrupted": False, "env_steps": 3_000_000}
+        summary["versions"] = {"torch": "2.13.0", "jax": "0.6.0", "jaxmarl": "0.0.7"}
+        (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_of_a_partial_study(tmp_path):
+    study, out = tmp_path / "study", tmp_path / "out"
+    # k=1: 0.2 everywhere. k=2 seed 0: 0.6, but 0.0 at update 27 and 0.9 in the last 3 updates (the 8 % window of
+    # 30 updates is 3 updates, of 10 updates 1, of 20 updates 2); seed 1: 0.4 up to 1M, then 0.7.
+    k2_seed0 = [0.6] * 26 + [0.0] + [0.9] * 3
+    k2_seed1 = [0.4] * 10 + [0.7] * 20
+    for seed in (0, 1):
+        _fake_run(study, "3s_vs_5z", 1, seed, [0.2] * 30, cpu=100.0)
+    _fake_run(study, "3s_vs_5z", 2, 0, k2_seed0, cpu=130.0)
+    _fake_run(study, "3s_vs_5z", 2, 1, k2_seed1, cpu=126.0)
+    _fake_run(study, "3s_vs_5z", 2, 2, [0.55] * 15, cpu=None)  # still going at 1.5M steps
+    _fake_run(study, "3s_vs_5z", 1, 2, [0.3] * 15, cpu=None)
+
+    results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
+    by_k = results["maps"]["3s_vs_5z"]["by_k"]
+    assert by_k[2]["win_rate_1000000_per_seed"] == {0: 0.6, 1: 0.4, 2: 0.55}
+    assert by_k[2]["win_rate_2000000_per_seed"] == {0: 0.6, 1: 0.7, 2: None}  # seed 2 has not reached 2M
+    assert by_k[2]["win_rate_3000000_per_seed"] == {0: pytest.approx(0.9), 1: pytest.approx(0.7), 2: None}
+    assert by_k[2]["first_step_win_rate_0.5"] == {0: 100_000, 1: 1_100_000, 2: 100_000}
+    assert by_k[1]["first_step_win_rate_0.5"] == {0: None, 1: None, 2: None}
+    assert by_k[2]["states"][2].startswith("running")
+    differences = results["maps"]["3s_vs_5z"]["k2_minus_k1"]
+    assert differences["3000000"]["per_seed"] == {0: pytest.approx(0.7), 1: pytest.approx(0.5)}
+    mean, half, n = differences["3000000"]["mean_ci"]
+    assert (mean, n) == (pytest.approx(0.6), 2) and half == pytest.approx(12.706 * 0.1414213 / 2**0.5, rel=1e-4)
+    assert differences["1000000"]["per_seed"] == {0: pytest.approx(0.4), 1: pytest.approx(0.2), 2: pytest.approx(0.25)}
+    assert differences["cpu_overhead_k2"]["per_seed"] == {0: pytest.approx(0.30), 1: pytest.approx(0.26)}
+    assert results["commit"] and results["versions_ran"] == [{"jax": "0.6.0", "jaxmarl": "0.0.7", "torch": "2.13.0"}]
+
+    table = (out / "results.md").read_text()
+    assert "| 3s_vs_5z | 2 | 0.52 ± " in table and "(n=3)" in table  # 1M: mean of 0.6, 0.4, 0.55
+    assert "+28 % (n=2)" in table and "s2: running or stopped without a summary, 1500000 steps" in table
+    assert "Not started yet: 2s3z, 3s5z, 10m_vs_11m." in table
+    assert (out / "curves.png").stat().st_size > 0
+    copied = out / "runs" / "3s_vs_5z" / "mappo-smax_3s_vs_5z-k2-s2"
+    assert (copied / "metrics.csv").read_text() == (
+        study / "3s_vs_5z" / "runs" / "mappo-smax_3s_vs_5z-k2-s2" / "metrics.csv"
+    ).read_text()
+    assert not (copied / "summary.json").exists()
+
+
+def test_report_refuses_a_folder_that_is_not_a_study(tmp_path):
+    report = _report_module().report
+    with pytest.raises(FileNotFoundError, match="no study folder"):
+        report(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="holds no <map>/runs/"):
+        report(tmp_path, tmp_path / "out")
