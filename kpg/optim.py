@@ -28,7 +28,7 @@ from kpg.arena import ParameterArena, batched_num_agents
 from kpg.distributed import DEFAULT_BUCKET_BYTES, PARALLEL_MODES, Communicator, LocalCommunicator
 from kpg.levels import KPGContext, LevelEvaluator
 from kpg.nn import AgentModule
-from kpg.optim_state import check_k, exported_state, stage_state_dict, validate_groups
+from kpg.optim_state import check_k, check_tensor_lrs, exported_state, is_real, stage_state_dict, validate_groups
 from kpg.profiling import KPGStats, PhaseTimer
 
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
@@ -208,6 +208,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._skip = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
+        # nonfinite="raise": the commit's backup, and the workspace of its check (_checked_commit).
+        self._backups: list[Tensor] = []
+        self._check_norm = torch.zeros(segments, **f64)
+        self._check_scale = torch.zeros(segments, **f64)
+        self._check_flags = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._anticipated = arena.new_buffer()
         self.sync_hyperparameters()
         self._expose_state()
@@ -255,9 +260,10 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout (per-parameter ``step``, ``exp_avg``, ... and ``param_groups`` with
-        every hyperparameter), with tensors copied out of the arena, plus a ``kpg`` entry (k,
-        optimizer). A state tensor an agent has not used yet (SGD's momentum buffer before momentum
-        was on) is left out, as torch.optim keeps none."""
+        every hyperparameter), with tensors copied out of the arena, plus a ``kpg`` entry (``k``,
+        ``optimizer`` and ``nonfinite``, all restored by :meth:`load_state_dict`). A state tensor an
+        agent has not used yet (SGD's momentum buffer before momentum was on) is left out, as
+        torch.optim keeps none."""
         state = super().state_dict()
         state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel.state_names)
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
@@ -266,9 +272,12 @@ class KPGOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a :meth:`state_dict`, or a torch.optim state dict of the same optimizer over the
         same parameters, by copying into the arena: its ``param_groups`` hyperparameters act from
-        the next step, and the state buffers they or the saved state need are created. Every check
-        runs before anything changes."""
-        staged = stage_state_dict(state_dict, self.param_groups, self._kernel, self.optimizer_name)
+        the next step, and the state buffers they or the saved state need are created; the ``k`` and
+        ``nonfinite`` a kpg state dict carries are restored too (a torch.optim one carries neither,
+        and leaves both as they are). Every check runs before anything changes: a state dict of
+        another optimizer, a step count that is negative or not finite, a sum of squares below zero
+        or any non-finite state value is refused."""
+        staged = stage_state_dict(state_dict, self.param_groups, self._kernel, self.optimizer_name, NONFINITE_POLICIES)
         # Everything is checked: from here on nothing raises.
         for group, merged_group in zip(self.param_groups, staged.groups):
             group.update({key: value for key, value in merged_group.items() if key != "params"})
@@ -286,6 +295,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._live.copy_(staged.live)
         if staged.k is not None:
             self.k = staged.k
+        if staged.nonfinite is not None:
+            self.nonfinite = staged.nonfinite
 
     # ---- the KPG step -------------------------------------------------------------------------
 
@@ -393,10 +404,53 @@ class KPGOptimizer(torch.optim.Optimizer):
                 skip=skip,
                 chunks=self.arena.chunks,
             )
-            if commit:
+            if commit and self.nonfinite == "raise":
+                self._checked_commit(lambda: kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common))
+            elif commit:
                 kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
             else:
                 kernel(self.arena.param, self.arena.grad, self._anticipated, **self._state_buffers, **common)
+
+    def _checked_commit(self, commit: Callable[[], None]) -> None:
+        """``commit()``, undone if it left a parameter or state value inf or NaN although every loss
+        and gradient was finite (an lr or eps that overflows, a sum of squares that overflows):
+        ``nonfinite="raise"`` promises that no step leaves one. Costs a copy of the parameters and
+        state before the commit and one pass over them after it."""
+        buffers = [self.arena.param, *(b for b in self._state_buffers.values() if b is not None)]
+        if len(self._backups) < len(buffers):
+            self._backups.extend(self.arena.new_buffer() for _ in range(len(buffers) - len(self._backups)))
+        for backup, buffer in zip(self._backups, buffers):
+            backup.copy_(buffer)
+        step, live = self._step.clone(), self._live.clone()
+        commit()
+        flags = torch.zeros_like(self._nonfinite)
+        for buffer in buffers:
+            ops.agent_grad_norms(
+                buffer,
+                self.arena.chunks,
+                self.arena.agent_chunks,
+                self._chunk_sq,
+                None,
+                self._check_norm,
+                self._check_scale,
+                self._check_flags,
+            )
+            flags |= self._check_flags
+        bad, _ = self._communicator.nonfinite_agents(flags, torch.zeros_like(flags))
+        if not bad:
+            return
+        for backup, buffer in zip(self._backups, buffers):
+            buffer.copy_(backup)
+        self._step.copy_(step)
+        self._live.copy_(live)
+        who = "the shared network's" if self.shared else f"agent {bad[0]}'s"
+        others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
+        raise FloatingPointError(
+            f"the update made {who} parameters or optimizer state inf or NaN{others} although its losses and "
+            "gradients were finite (a learning rate or eps that overflows, or state that does); the step was rolled "
+            "back and nothing changed; lower the learning rate or raise eps, or pass nonfinite='propagate' to let "
+            "the values through"
+        )
 
     def _raise_if_nonfinite(self, level: int) -> None:
         bad, from_loss = self._communicator.nonfinite_agents(self._skip, self._loss_nonfinite)
@@ -428,15 +482,20 @@ class KPGOptimizer(torch.optim.Optimizer):
 
         Plain numbers travel in one copy, and only when some value changed (on CUDA from pinned
         memory, without waiting for the device); a tensor ``lr`` is copied on the device at every
-        call, so that in-place changes (schedulers ``fill_`` it) act without a synchronization.
+        call, so that in-place changes (schedulers ``fill_`` it) act, and checked (NaN, inf or
+        negative raises before anything changes): for a CUDA tensor lr that check is one
+        synchronization per step, left out while a CUDA graph is being captured.
         """
         current = list(map(self._read_groups, self.param_groups))
         if current != self._synced_groups:
             self._upload_groups(current)
         if self._tensor_lrs is not None:
             tensors, agents, which = self._tensor_lrs
-            values = torch.stack([t.detach().reshape(()) for t in tensors]).to(self._lr, non_blocking=True)
-            self._lr.index_copy_(0, agents, values.index_select(0, which))
+            values = torch.stack([t.detach().reshape(()) for t in tensors])
+            if not _capturing(values.device):
+                readers = [[a for a, w in zip(agents.tolist(), which.tolist()) if w == i] for i in range(len(tensors))]
+                check_tensor_lrs(values, readers)
+            self._lr.index_copy_(0, agents, values.to(self._lr, non_blocking=True).index_select(0, which))
 
     def _upload_groups(self, current: list[tuple]) -> None:
         groups = [dict(zip(self._group_keys, values)) for values in current]
@@ -534,7 +593,7 @@ class KSchedule:
     def __init__(self, optimizer: KPGOptimizer, switch_step: int, early_k: int = 2, late_k: int = 1):
         check_k(early_k)
         check_k(late_k)
-        if switch_step < 0:
+        if isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {switch_step}")
         self.optimizer, self.switch_step, self.early_k, self.late_k = optimizer, switch_step, early_k, late_k
         self.steps_done = 0
@@ -556,9 +615,25 @@ class KSchedule:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restores :meth:`state_dict`'s four counts, after checking all of them (nothing changes
+        if one is missing or invalid)."""
+        keys = ("steps_done", "switch_step", "early_k", "late_k")
+        if not isinstance(state, dict) or set(keys) - set(state):
+            raise ValueError(f"KSchedule.load_state_dict needs a dict with {', '.join(keys)}, got {state!r}")
+        check_k(state["early_k"])
+        check_k(state["late_k"])
+        for key in ("steps_done", "switch_step"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KSchedule state {key} must be an int >= 0, got {value!r}")
         self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
         self.early_k, self.late_k = state["early_k"], state["late_k"]
         self.optimizer.k = self.current_k()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (no host reads then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _closure_takes_context(closure: Callable) -> bool:
@@ -593,6 +668,13 @@ def _agent_parameters(
     if isinstance(agents, nn.Module):
         if _is_agent_batched(agents):
             return None, False, _batched_trainable(agents)
+        if isinstance(agents, (nn.ModuleList, nn.ModuleDict)):
+            entries = "list(agents.values())" if isinstance(agents, nn.ModuleDict) else "list(agents)"
+            raise TypeError(
+                f"agents is an nn.{type(agents).__name__}, which could mean one network per entry or one network "
+                f"shared by all agents; say which: KPGOptimizer({entries}, ...) for one agent per entry, or "
+                "KPGOptimizer(list(agents.parameters()), ...) for one network shared by all agents"
+            )
         return [_trainable(agents.parameters(), "the shared model")], True, None
     entries = list(agents)
     if not entries:
@@ -646,6 +728,14 @@ def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
         if not isinstance(p, Tensor):
             raise TypeError(f"{who} has a {type(p).__name__} among its parameters; pass tensors or modules")
     trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        if not p.is_leaf:
+            raise ValueError(
+                f"{who} has a non-leaf tensor of shape {tuple(p.shape)} (computed by {type(p.grad_fn).__name__}) "
+                "among its parameters: backward does not fill a non-leaf tensor's .grad and a step cannot change "
+                "the values it was computed from, so it would never train; pass leaf tensors (nn.Parameter, or "
+                "t.detach().requires_grad_())"
+            )
     if not trainable:
         raise ValueError(f"{who} has no trainable parameters (none requires grad)")
     return trainable
@@ -654,9 +744,19 @@ def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
 def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
     if isinstance(value, Tensor) and value.numel() == 1:
         return [value] * segments  # one tensor for every agent, as torch.optim gives every group the default
-    if value is None or isinstance(value, (int, float)):
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if value is None or is_real(value):
         return [None if value is None else float(value)] * segments
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name}={value!r} is a {type(value).__name__}; pass a number, a one-element tensor, or a sequence with "
+            "one per agent"
+        )
     values = list(value)
+    for agent, v in enumerate(values):
+        if not (v is None or is_real(v) or (isinstance(v, Tensor) and v.numel() == 1)):
+            raise TypeError(f"{name}[{agent}]={v!r} is a {type(v).__name__}; pass a number for each agent")
     if shared:
         raise ValueError(f"{name} is per agent but the agents share one network; pass a single {name}")
     if len(values) != segments:
