@@ -191,7 +191,10 @@ class KPGOptimizer(torch.optim.Optimizer):
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
         self._state_buffers: dict[str, Tensor | None] = dict.fromkeys(self._kernel.state_names)
-        self._step = torch.zeros(segments, **f64)
+        pieces = arena.num_pieces
+        # Step counts and live states are per piece (an agent's tensor), as torch.optim keeps them per
+        # parameter: a piece that backward did not reach is not stepped (NOTE [No gradient, not stepped]).
+        self._step = torch.zeros(pieces, **f64)
         # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
         width = len(self._kernel.row_names)
         self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in self._kernel.hyperparameters))
@@ -200,7 +203,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._lr = self._values[:segments]
         self._max_norm = self._values[segments : 2 * segments]
         self._hyper = self._values[2 * segments :].view(segments, width)
-        self._live = torch.zeros(segments, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        self._live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        # The per-agent values above, expanded to the pieces the update kernels step.
+        self._piece_lr = torch.zeros(pieces, **f64)
+        self._piece_hyper = torch.zeros(pieces, width, **f64)
+        self._piece_scale = torch.ones(pieces, **f64)
+        self._piece_skip = torch.zeros(pieces, dtype=torch.uint8, device=device)
         self._synced_groups: list[tuple] | None = None
         self._tensor_lrs: tuple[list[Tensor], Tensor, Tensor] | None = None
         self._norm = torch.zeros(segments, **f64)
@@ -323,6 +331,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             )
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
+        torch.index_select(self._lr, 0, self.arena.piece_agent, out=self._piece_lr)
+        torch.index_select(self._hyper, 0, self.arena.piece_agent, out=self._piece_hyper)
         self.arena.restore_gradient_views()
         try:
             for level in range(1, self.k + 1):
@@ -395,14 +405,27 @@ class KPGOptimizer(torch.optim.Optimizer):
                     if commit:
                         self.stats.skipped_agent_steps_tensor += self._skip.sum()
             kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
+            piece_agent = self.arena.piece_agent
+            if clipping:
+                torch.index_select(self._grad_scale, 0, piece_agent, out=self._piece_scale)
+            unreached = self._levels.unreached_pieces()
+            piece_skip = None
+            if skip is not None or unreached is not None:
+                if skip is not None:
+                    torch.index_select(skip, 0, piece_agent, out=self._piece_skip)
+                else:
+                    self._piece_skip.zero_()
+                if unreached is not None:
+                    self._piece_skip.bitwise_or_(unreached)
+                piece_skip = self._piece_skip
             common = dict(
                 step=self._step,
                 live=self._live,
-                lr=self._lr,
-                hyper=self._hyper,
-                grad_scale=self._grad_scale if clipping else None,
-                skip=skip,
-                chunks=self.arena.chunks,
+                lr=self._piece_lr,
+                hyper=self._piece_hyper,
+                grad_scale=self._piece_scale if clipping else None,
+                skip=piece_skip,
+                chunks=self.arena.piece_chunks,
             )
             if commit and self.nonfinite == "raise":
                 self._checked_commit(lambda: kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common))
@@ -550,19 +573,21 @@ class KPGOptimizer(torch.optim.Optimizer):
                 value = 0.0 if start < 0 else self._kernel.row(self.param_groups[agent])[start]
                 for view in views[agent]:
                     view.fill_(value)
+        first = self.arena.agent_first_piece
         for agent in agents:
-            self._live[agent].zero_()
+            self._live[first[agent] : first[agent + 1]].zero_()
 
     def _expose_state(self) -> None:
         """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
-        state, with ``step`` a view of the agent's step count; for an agent-batched model ``p`` is an
+        state, with ``step`` a view of its own step count; for an agent-batched model ``p`` is an
         agent's slice of a parameter (the tensors of the parameter groups). A state tensor that an
         agent's settings never used holds its starting value (:meth:`state_dict` leaves it out)."""
         buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
+        first = self.arena.agent_first_piece
         for agent, tensors in enumerate(self.arena.agent_tensors):
             for index, p in enumerate(tensors):
                 self.state[p] = {
-                    "step": self._step[agent],
+                    "step": self._step[first[agent] + index],
                     **{name: views[agent][index] for name, views in buffer_views.items()},
                 }
 

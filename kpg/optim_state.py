@@ -108,18 +108,18 @@ def exported_state(
     state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor, state_names: Sequence[str]
 ) -> dict[str, Any]:
     """torch.optim's ``state`` entries of ``Optimizer.state_dict()`` with tensors copied out of the
-    arena; a state tensor an agent has not used yet (``live`` [agents, states] is 0) is left out,
-    as torch.optim keeps none."""
+    arena; a state tensor a parameter has not used yet (``live`` [pieces, states] is 0, the pieces
+    numbered as the groups' parameters) is left out, as torch.optim keeps none."""
     live = live.cpu()
     exported = dict(state)
     index = 0
-    for agent, group in enumerate(param_groups):
+    for group in param_groups:
         for _ in group["params"]:
             entry = state.get(index, {})
             exported[index] = {
                 name: t.clone()
                 for name, t in entry.items()
-                if name == "step" or (name in state_names and live[agent, state_names.index(name)])
+                if name == "step" or (name in state_names and live[index, state_names.index(name)])
             }
             index += 1
     return exported
@@ -131,8 +131,8 @@ class StagedState:
 
     groups: list[dict[str, Any]]  # every agent's group settings, merged over the current ones
     tensors: list[tuple[int, str, int, Tensor]]  # (agent, state name, parameter position, value)
-    steps: Tensor  # [agents] float64 on the CPU
-    live: Tensor  # [agents, states] uint8 on the CPU
+    steps: Tensor  # [pieces] float64 on the CPU: every agent's parameters, in the groups' order
+    live: Tensor  # [pieces, states] uint8 on the CPU
     k: int | None  # the saved k, if any
     nonfinite: str | None  # the saved nonfinite policy, if any
 
@@ -184,23 +184,25 @@ def stage_state_dict(
     validate_groups(kernel, merged)
     names = kernel.state_names
     staged: list[tuple[int, str, int, Tensor]] = []
-    steps = torch.zeros(len(param_groups), dtype=torch.float64)
-    live = torch.zeros(len(param_groups), ops.MAX_STATES, dtype=torch.uint8)
+    pieces = sum(len(group["params"]) for group in param_groups)
+    steps = torch.zeros(pieces, dtype=torch.float64)
+    live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8)
+    piece = 0
     for agent, (group, saved_group) in enumerate(zip(param_groups, groups)):
         if len(saved_group["params"]) != len(group["params"]):
             raise ValueError(
                 f"agent {agent} has {len(group['params'])} parameters, the state dict {len(saved_group['params'])}"
             )
-        agent_steps, agent_live = set(), set()
         for position, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
             saved = {n: v for n, v in state_dict["state"].get(saved_id, {}).items() if v is not None}
-            present = frozenset(n for n in names if n in saved)
-            agent_live.add(present)
+            present = [n for n in names if n in saved]
             if present:
                 # torch.optim's SGD keeps no step count: a saved momentum buffer means "stepped".
-                agent_steps.add(_checked_step(saved.get("step", 1.0), agent))
+                steps[piece + position] = _checked_step(saved.get("step", 1.0), agent)
             elif "step" in saved:
-                agent_steps.add(_checked_step(saved["step"], agent))
+                steps[piece + position] = _checked_step(saved["step"], agent)
+            for name in present:
+                live[piece + position, names.index(name)] = 1
             for name in present:
                 value = torch.as_tensor(saved[name])
                 if not value.is_floating_point():
@@ -226,19 +228,7 @@ def stage_state_dict(
                         "or corrupted"
                     )
                 staged.append((agent, name, position, value))
-        if len(agent_steps) > 1:
-            raise ValueError(
-                f"agent {agent}'s parameters have different step counts {sorted(agent_steps)}; kpg steps an agent as a "
-                "whole"
-            )
-        if len(agent_live) > 1:
-            raise ValueError(
-                f"agent {agent}'s parameters hold different state tensors ({sorted(map(sorted, agent_live))}); kpg "
-                "steps an agent as a whole"
-            )
-        steps[agent] = agent_steps.pop() if agent_steps else 0.0
-        for name in agent_live.pop() if agent_live else ():
-            live[agent, names.index(name)] = 1
+        piece += len(group["params"])
     return StagedState(merged, staged, steps, live, extra.get("k"), extra.get("nonfinite"))
 
 
