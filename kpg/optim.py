@@ -44,6 +44,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             differ in shape); or a single ``nn.Module`` / iterable of parameters shared by all
             agents (parameter sharing); or one agent-batched model: a module built from
             :mod:`kpg.nn` layers (detected), whose slice ``[a]`` of every parameter is agent ``a``.
+            An ``nn.ModuleList`` / ``nn.ModuleDict`` is refused (it could mean either); parameters
+            must be leaf tensors.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``, with
             ``torch.optim``'s hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``,
@@ -92,6 +94,9 @@ class KPGOptimizer(torch.optim.Optimizer):
       SGD's momentum buffer starts from the gradient at its first use, as torch's; where torch.optim
       raises ``KeyError`` (amsgrad, RMSprop momentum or centering turned on after its state exists)
       kpg starts the buffer at zeros, where torch would have started it at construction.
+    - a parameter that the backward of the loss did not reach is not stepped at that level, as
+      torch.optim skips a parameter whose ``.grad`` is None (its state and step count included:
+      step counts are per parameter).
     - a tensor ``lr`` is read on the device at every step (a scheduler's ``fill_`` acts; keep it on
       the parameters' device so no host copy is needed, and under :meth:`capture_step`).
     - ``state_dict()`` and ``load_state_dict()`` use torch.optim's layout and names (``step``,
