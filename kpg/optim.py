@@ -221,11 +221,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._skip = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
-        # nonfinite="raise": the commit's backup, and the workspace of its check (_checked_commit).
-        self._backups: list[Tensor] = []
-        self._check_norm = torch.zeros(segments, **f64)
-        self._check_scale = torch.zeros(segments, **f64)
-        self._check_flags = torch.zeros(segments, dtype=torch.uint8, device=device)
+        self._backups: list[Tensor] = []  # nonfinite="raise": the commit's backup (_checked_commit)
         self._anticipated = arena.new_buffer()
         self.sync_hyperparameters()
         self._expose_state()
@@ -443,7 +439,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         """``commit()``, undone if it left a parameter or state value inf or NaN although every loss
         and gradient was finite (an lr or eps that overflows, a sum of squares that overflows):
         ``nonfinite="raise"`` promises that no step leaves one. Costs a copy of the parameters and
-        state before the commit and one pass over them after it."""
+        state before the commit and one pass over them (and a host synchronization) after it."""
         buffers = [self.arena.param, *(b for b in self._state_buffers.values() if b is not None)]
         if len(self._backups) < len(buffers):
             self._backups.extend(self.arena.new_buffer() for _ in range(len(buffers) - len(self._backups)))
@@ -452,18 +448,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         step, live = self._step.clone(), self._live.clone()
         commit()
         flags = torch.zeros_like(self._nonfinite)
-        for buffer in buffers:
-            ops.agent_grad_norms(
-                buffer,
-                self.arena.chunks,
-                self.arena.agent_chunks,
-                self._chunk_sq,
-                None,
-                self._check_norm,
-                self._check_scale,
-                self._check_flags,
-            )
-            flags |= self._check_flags
+        if not bool(torch.stack([torch.isfinite(buffer).all() for buffer in buffers]).all()):
+            for buffer in buffers:
+                for agent, views in enumerate(self.arena.agent_views(buffer)):
+                    if not all(bool(torch.isfinite(view).all()) for view in views):
+                        flags[agent] = 1
+        # Every rank learns every rank's flags (agent sharding), so all raise or none.
         bad, _ = self._communicator.nonfinite_agents(flags, torch.zeros_like(flags))
         if not bad:
             return

@@ -126,3 +126,26 @@ def test_every_level_leaves_parameters_without_gradient_as_brute_force(optimizer
     if closure_style == "ctx":
         assert all(torch.equal(p, b) for p, b in zip(ours.models[1].parameters(), before[1]))
     assert all(torch.equal(m.spare, b[0]) for m, b in zip(ours.models, before))  # spare is listed first
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum-decay", "adam", "adagrad"])
+def test_an_unused_layer_of_an_agent_batched_model_is_not_stepped(optimizer):
+    """kpg.nn: an agent-batched layer the loss does not use gets no gradient in torch.optim (over the
+    same batched model), and every agent's slice of it stays as it is in kpg."""
+    name, hyper = OPTIMIZERS[optimizer]
+    torch.manual_seed(0)
+    ours = nn.ModuleList(
+        [kpg.nn.AgentLinear(3, 2, 4, dtype=torch.float64), kpg.nn.AgentLinear(3, 4, 1, dtype=torch.float64)]
+    )
+    theirs = copy.deepcopy(ours)
+    x = torch.linspace(-1, 1, 3 * 5 * 2, dtype=torch.float64).reshape(3, 5, 2)
+    opt = kpg.KPGOptimizer(ours, k=1, optimizer=name, lr=0.1, **hyper)
+    reference = torch_optimizer(name, list(theirs.parameters()), 0.1, **hyper)
+    for step in range(3):
+        layers = 2 if step == 1 else 1  # the second layer is used at step 1 only
+        opt.step(lambda ctx, layers=layers: torch.nn.Sequential(*ours[:layers])(x).square().mean(dim=(1, 2)))
+        reference.zero_grad(set_to_none=True)
+        torch.nn.Sequential(*theirs[:layers])(x).square().mean(dim=(1, 2)).sum().backward()
+        reference.step()
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert_close_to_scale(p.detach(), q.detach(), 1e-13, what=f"step {step}")

@@ -90,6 +90,8 @@ def test_raise_rolls_back_an_update_that_overflows():
     opt = kpg.KPGOptimizer(models, k=2, optimizer="sgd", lr=0.1, momentum=0.9)
     opt.step(quadratic_closure(models))  # momentum buffers become live
     opt.param_groups[1]["lr"] = 1e308
+    with torch.no_grad():
+        models[1].weight.fill_(1e10)  # a gradient of about 1e10: 1e308 * 1e10 overflows
     before = snapshot(opt)
     with pytest.raises(FloatingPointError, match=r"agent 1's parameters or optimizer state inf or NaN.*rolled back"):
         opt.step(quadratic_closure(models))
