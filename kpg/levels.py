@@ -210,6 +210,7 @@ class LevelEvaluator:
         except Exception as caught:
             error = caught
         loss_nonfinite = communicator.agree_on_level(level, k, error, loss_nonfinite)
+        self._piece_reached = communicator.agree_on_reached(self._piece_reached, level)
         if not communicator.sharded:
             communicator.average_gradients(self.arena.grad, level)
         return loss, loss_nonfinite
