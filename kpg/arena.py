@@ -37,6 +37,12 @@ class ParameterArena:
     :attr:`parameters`, index along the agent dimension or None for the whole tensor), and
     ``agent_tensors[a]`` the matching tensors: the parameters themselves, or their agent slices
     (views of :attr:`param`).
+
+    The *pieces* are those shares numbered agent after agent (agent 0's tensors, then agent 1's):
+    torch.optim's unit of state, each with its own step count and its own "no gradient, not stepped".
+    ``piece_chunks`` is the chunk table over pieces (its first column a piece number, as the
+    update kernels read per-"agent" values), ``piece_agent`` the agent of each piece and
+    ``piece_parameter`` its index into :attr:`parameters`.
     """
 
     def __init__(self, agents: Sequence[Sequence[Tensor]]):
@@ -49,6 +55,7 @@ class ParameterArena:
         self._place(parameters, pieces)
         self.agent_tensors = [[parameters[index] for index, _ in agent] for agent in pieces]
         self.chunks, self.agent_chunks = chunk_table(self.offsets, self.device)
+        self._number_pieces()
 
     @classmethod
     def batched(cls, parameters: Sequence[Tensor]) -> ParameterArena:
@@ -69,7 +76,27 @@ class ParameterArena:
                 (agent, begin + agent * per_agent, begin + (agent + 1) * per_agent) for agent in range(num_agents)
             )
         arena.chunks, arena.agent_chunks = range_chunk_table(ranges, num_agents, arena.device)
+        arena._number_pieces()
         return arena
+
+    def _number_pieces(self) -> None:
+        ranges, agents, parameters = [], [], []
+        for agent, pieces in enumerate(self.agent_pieces):
+            for index, slot in pieces:
+                view = self.param_views[index]
+                size = view.numel() if slot is None else view[slot].numel()
+                begin = view.storage_offset() + (0 if slot is None else slot * size)
+                ranges.append((len(agents), begin, begin + size))
+                agents.append(agent)
+                parameters.append(index)
+        self.num_pieces = len(agents)
+        self.piece_parameter = parameters
+        self.piece_agent = torch.tensor(agents, dtype=torch.int64, device=self.device)
+        self.piece_chunks, _ = range_chunk_table(ranges, self.num_pieces, self.device)
+        first = [0]
+        for pieces in self.agent_pieces:
+            first.append(first[-1] + len(pieces))
+        self.agent_first_piece = first
 
     @property
     def is_batched(self) -> bool:

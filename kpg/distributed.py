@@ -286,6 +286,18 @@ class Communicator:
             "everywhere"
         )
 
+    def agree_on_reached(self, reached: list[bool], level: int) -> list[bool]:
+        """Which pieces (an agent's tensors) backward reached, agreed by the ranks. Data parallel: a
+        piece reached on any rank is reached on all, since its averaged gradient is every rank's,
+        and all ranks must step the same pieces to stay replicas. Agent sharding: this rank's own."""
+        if self.sharded:
+            return reached
+        flags = torch.tensor(reached, dtype=torch.float64).to(self._device)
+        _collective(
+            lambda: dist.all_reduce(flags, group=self.group), self.group, f"the reached all-reduce of level {level}"
+        )
+        return [count > 0 for count in flags.tolist()]
+
     def average_gradients(self, grad: Tensor, level: int) -> None:
         _average_(grad, self.group, self.bucket_bytes, f"the gradient all-reduce of level {level}")
 
@@ -330,6 +342,9 @@ class LocalCommunicator:
         if error is not None:
             raise error
         return loss_nonfinite
+
+    def agree_on_reached(self, reached: list[bool], level: int) -> list[bool]:
+        return reached
 
     def average_gradients(self, grad: Tensor, level: int) -> None:
         pass

@@ -161,6 +161,16 @@ class LevelEvaluator:
         self.at_base_outputs: list[tuple[Any, Any]] = []
         self.inside_anticipated = False
         self._anticipated_views = arena.views(anticipated)
+        # NOTE [No gradient, not stepped]: torch.optim skips a parameter whose .grad is None: the loss
+        # does not reach it. kpg's gradients are arena views, never None, so whether backward reached
+        # a parameter is recorded here: by a hook that autograd calls after accumulating into it, or
+        # by autograd.grad's None; the update kernels leave an unreached piece as it is (its own step
+        # count included), as torch.optim leaves a parameter without gradient.
+        self._parameter_reached = [False] * len(arena.parameters)
+        self._piece_reached = [True] * arena.num_pieces
+        self._unreached_masks: dict[tuple[int, ...], Tensor] = {}
+        for index, p in enumerate(arena.parameters):
+            p.register_post_accumulate_grad_hook(_reached_hook(self._parameter_reached, index))
 
     def anticipated_views(self, level: int) -> list[Tensor]:
         """Per parameter, its level ``level - 1`` values (the base parameters at level 1)."""
@@ -200,9 +210,31 @@ class LevelEvaluator:
         except Exception as caught:
             error = caught
         loss_nonfinite = communicator.agree_on_level(level, k, error, loss_nonfinite)
+        self._piece_reached = communicator.agree_on_reached(self._piece_reached, level)
         if not communicator.sharded:
             communicator.average_gradients(self.arena.grad, level)
         return loss, loss_nonfinite
+
+    def unreached_pieces(self) -> Tensor | None:
+        """The last level's pieces that backward did not reach (uint8 [pieces] on the arena's device,
+        1 = not reached), or None when it reached every piece."""
+        if all(self._piece_reached):
+            return None
+        key = tuple(piece for piece, reached in enumerate(self._piece_reached) if not reached)
+        mask = self._unreached_masks.get(key)
+        if mask is None:
+            if len(self._unreached_masks) >= 64:
+                self._unreached_masks.clear()
+            mask = torch.zeros(self.arena.num_pieces, dtype=torch.uint8)
+            mask[list(key)] = 1
+            mask = self._unreached_masks[key] = mask.to(self.arena.device)
+        return mask
+
+    def _backward_into_parameters(self, loss: Tensor, retain_graph: bool) -> None:
+        """``loss``'s gradient accumulated into every parameter it reaches, and which it reached."""
+        self._parameter_reached[:] = [False] * len(self._parameter_reached)
+        torch.autograd.backward(loss, inputs=self.arena.parameters, retain_graph=retain_graph)
+        self._piece_reached = [self._parameter_reached[index] for index in self.arena.piece_parameter]
 
     def end_step(self) -> None:
         """Back to the base parameters, and the step's ``ctx.at_base`` outputs dropped."""
@@ -221,7 +253,7 @@ class LevelEvaluator:
         # ctx.at_base outputs are reused by the next level, so their graph must survive this backward.
         keep_graph = bool(self.at_base_outputs) and level < k
         with self.timer.timed("backward", level), torch.enable_grad():
-            torch.autograd.backward(loss.sum(), inputs=self.arena.parameters, retain_graph=keep_graph)
+            self._backward_into_parameters(loss.sum(), retain_graph=keep_graph)
         return loss, ~torch.isfinite(agent_losses.detach())
 
     def _brute_force_level(self, closure, level: int) -> tuple[Tensor, Tensor]:
@@ -232,7 +264,7 @@ class LevelEvaluator:
             agent_losses = self._checked_loss(loss, level)
             with self.timer.timed("backward", level), torch.enable_grad():
                 if loss.dim() == 0:
-                    torch.autograd.backward(loss, inputs=arena.parameters)
+                    self._backward_into_parameters(loss, retain_graph=False)
                 else:
                     for agent in range(arena.num_agents):
                         self._add_agent_gradient(agent, agent_losses[agent], retain_graph=True)
@@ -268,7 +300,9 @@ class LevelEvaluator:
         pieces = self.arena.agent_pieces[agent]
         inputs = [self.arena.parameters[index] for index, _ in pieces]
         grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
-        for (_, slot), grad, target in zip(pieces, grads, self._agent_grad_views[agent]):
+        first = self.arena.agent_first_piece[agent]
+        for position, ((_, slot), grad, target) in enumerate(zip(pieces, grads, self._agent_grad_views[agent])):
+            self._piece_reached[first + position] = grad is not None
             if grad is not None:
                 target += grad if slot is None else grad[slot]
 
@@ -316,6 +350,16 @@ class LevelEvaluator:
         if loss.dim() == 0 or self.shared:
             return loss.reshape(1).expand(segments) if loss.dim() == 0 else loss.sum().reshape(1)
         return loss
+
+
+def _reached_hook(flags: list[bool], index: int) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook that records that backward reached parameter ``index``; it holds
+    the flags only, not the optimizer."""
+
+    def hook(_: Tensor) -> None:
+        flags[index] = True
+
+    return hook
 
 
 @dataclass

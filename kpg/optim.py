@@ -28,7 +28,7 @@ from kpg.arena import ParameterArena, batched_num_agents
 from kpg.distributed import DEFAULT_BUCKET_BYTES, PARALLEL_MODES, Communicator, LocalCommunicator
 from kpg.levels import KPGContext, LevelEvaluator
 from kpg.nn import AgentModule
-from kpg.optim_state import check_k, exported_state, stage_state_dict, validate_groups
+from kpg.optim_state import check_k, check_tensor_lrs, exported_state, is_real, stage_state_dict, validate_groups
 from kpg.profiling import KPGStats, PhaseTimer
 
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
@@ -44,6 +44,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             differ in shape); or a single ``nn.Module`` / iterable of parameters shared by all
             agents (parameter sharing); or one agent-batched model: a module built from
             :mod:`kpg.nn` layers (detected), whose slice ``[a]`` of every parameter is agent ``a``.
+            An ``nn.ModuleList`` / ``nn.ModuleDict`` is refused (it could mean either); parameters
+            must be leaf tensors.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``, with
             ``torch.optim``'s hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``,
@@ -92,6 +94,9 @@ class KPGOptimizer(torch.optim.Optimizer):
       SGD's momentum buffer starts from the gradient at its first use, as torch's; where torch.optim
       raises ``KeyError`` (amsgrad, RMSprop momentum or centering turned on after its state exists)
       kpg starts the buffer at zeros, where torch would have started it at construction.
+    - a parameter that the backward of the loss did not reach is not stepped at that level, as
+      torch.optim skips a parameter whose ``.grad`` is None (its state and step count included:
+      step counts are per parameter).
     - a tensor ``lr`` is read on the device at every step (a scheduler's ``fill_`` acts; keep it on
       the parameters' device so no host copy is needed, and under :meth:`capture_step`).
     - ``state_dict()`` and ``load_state_dict()`` use torch.optim's layout and names (``step``,
@@ -191,7 +196,10 @@ class KPGOptimizer(torch.optim.Optimizer):
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
         self._state_buffers: dict[str, Tensor | None] = dict.fromkeys(self._kernel.state_names)
-        self._step = torch.zeros(segments, **f64)
+        pieces = arena.num_pieces
+        # Step counts and live states are per piece (an agent's tensor), as torch.optim keeps them per
+        # parameter: a piece that backward did not reach is not stepped (NOTE [No gradient, not stepped]).
+        self._step = torch.zeros(pieces, **f64)
         # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
         width = len(self._kernel.row_names)
         self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in self._kernel.hyperparameters))
@@ -200,7 +208,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._lr = self._values[:segments]
         self._max_norm = self._values[segments : 2 * segments]
         self._hyper = self._values[2 * segments :].view(segments, width)
-        self._live = torch.zeros(segments, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        self._live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        # The per-agent values above, expanded to the pieces the update kernels step.
+        self._piece_lr = torch.zeros(pieces, **f64)
+        self._piece_hyper = torch.zeros(pieces, width, **f64)
+        self._piece_scale = torch.ones(pieces, **f64)
+        self._piece_skip = torch.zeros(pieces, dtype=torch.uint8, device=device)
         self._synced_groups: list[tuple] | None = None
         self._tensor_lrs: tuple[list[Tensor], Tensor, Tensor] | None = None
         self._norm = torch.zeros(segments, **f64)
@@ -208,6 +221,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._skip = torch.zeros(segments, dtype=torch.uint8, device=device)
         self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
+        self._backups: list[Tensor] = []  # nonfinite="raise": the commit's backup (_checked_commit)
         self._anticipated = arena.new_buffer()
         self.sync_hyperparameters()
         self._expose_state()
@@ -255,9 +269,10 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout (per-parameter ``step``, ``exp_avg``, ... and ``param_groups`` with
-        every hyperparameter), with tensors copied out of the arena, plus a ``kpg`` entry (k,
-        optimizer). A state tensor an agent has not used yet (SGD's momentum buffer before momentum
-        was on) is left out, as torch.optim keeps none."""
+        every hyperparameter), with tensors copied out of the arena, plus a ``kpg`` entry (``k``,
+        ``optimizer`` and ``nonfinite``, all restored by :meth:`load_state_dict`). A state tensor an
+        agent has not used yet (SGD's momentum buffer before momentum was on) is left out, as
+        torch.optim keeps none."""
         state = super().state_dict()
         state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel.state_names)
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
@@ -266,9 +281,12 @@ class KPGOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a :meth:`state_dict`, or a torch.optim state dict of the same optimizer over the
         same parameters, by copying into the arena: its ``param_groups`` hyperparameters act from
-        the next step, and the state buffers they or the saved state need are created. Every check
-        runs before anything changes."""
-        staged = stage_state_dict(state_dict, self.param_groups, self._kernel, self.optimizer_name)
+        the next step, and the state buffers they or the saved state need are created; the ``k`` and
+        ``nonfinite`` a kpg state dict carries are restored too (a torch.optim one carries neither,
+        and leaves both as they are). Every check runs before anything changes: a state dict of
+        another optimizer, a step count that is negative or not finite, a sum of squares below zero
+        or any non-finite state value is refused."""
+        staged = stage_state_dict(state_dict, self.param_groups, self._kernel, self.optimizer_name, NONFINITE_POLICIES)
         # Everything is checked: from here on nothing raises.
         for group, merged_group in zip(self.param_groups, staged.groups):
             group.update({key: value for key, value in merged_group.items() if key != "params"})
@@ -286,6 +304,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._live.copy_(staged.live)
         if staged.k is not None:
             self.k = staged.k
+        if staged.nonfinite is not None:
+            self.nonfinite = staged.nonfinite
 
     # ---- the KPG step -------------------------------------------------------------------------
 
@@ -312,6 +332,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             )
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
+        torch.index_select(self._lr, 0, self.arena.piece_agent, out=self._piece_lr)
+        torch.index_select(self._hyper, 0, self.arena.piece_agent, out=self._piece_hyper)
         self.arena.restore_gradient_views()
         try:
             for level in range(1, self.k + 1):
@@ -384,19 +406,69 @@ class KPGOptimizer(torch.optim.Optimizer):
                     if commit:
                         self.stats.skipped_agent_steps_tensor += self._skip.sum()
             kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
+            piece_agent = self.arena.piece_agent
+            if clipping:
+                torch.index_select(self._grad_scale, 0, piece_agent, out=self._piece_scale)
+            unreached = self._levels.unreached_pieces()
+            piece_skip = None
+            if skip is not None or unreached is not None:
+                if skip is not None:
+                    torch.index_select(skip, 0, piece_agent, out=self._piece_skip)
+                else:
+                    self._piece_skip.zero_()
+                if unreached is not None:
+                    self._piece_skip.bitwise_or_(unreached)
+                piece_skip = self._piece_skip
             common = dict(
                 step=self._step,
                 live=self._live,
-                lr=self._lr,
-                hyper=self._hyper,
-                grad_scale=self._grad_scale if clipping else None,
-                skip=skip,
-                chunks=self.arena.chunks,
+                lr=self._piece_lr,
+                hyper=self._piece_hyper,
+                grad_scale=self._piece_scale if clipping else None,
+                skip=piece_skip,
+                chunks=self.arena.piece_chunks,
             )
-            if commit:
+            if commit and self.nonfinite == "raise":
+                self._checked_commit(lambda: kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common))
+            elif commit:
                 kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
             else:
                 kernel(self.arena.param, self.arena.grad, self._anticipated, **self._state_buffers, **common)
+
+    def _checked_commit(self, commit: Callable[[], None]) -> None:
+        """``commit()``, undone if it left a parameter or state value inf or NaN although every loss
+        and gradient was finite (an lr or eps that overflows, a sum of squares that overflows):
+        ``nonfinite="raise"`` promises that no step leaves one. Costs a copy of the parameters and
+        state before the commit and one pass over them (and a host synchronization) after it."""
+        buffers = [self.arena.param, *(b for b in self._state_buffers.values() if b is not None)]
+        if len(self._backups) < len(buffers):
+            self._backups.extend(self.arena.new_buffer() for _ in range(len(buffers) - len(self._backups)))
+        for backup, buffer in zip(self._backups, buffers):
+            backup.copy_(buffer)
+        step, live = self._step.clone(), self._live.clone()
+        commit()
+        flags = torch.zeros_like(self._nonfinite)
+        if not bool(torch.stack([torch.isfinite(buffer).all() for buffer in buffers]).all()):
+            for buffer in buffers:
+                for agent, views in enumerate(self.arena.agent_views(buffer)):
+                    if not all(bool(torch.isfinite(view).all()) for view in views):
+                        flags[agent] = 1
+        # Every rank learns every rank's flags (agent sharding), so all raise or none.
+        bad, _ = self._communicator.nonfinite_agents(flags, torch.zeros_like(flags))
+        if not bad:
+            return
+        for backup, buffer in zip(self._backups, buffers):
+            buffer.copy_(backup)
+        self._step.copy_(step)
+        self._live.copy_(live)
+        who = "the shared network's" if self.shared else f"agent {bad[0]}'s"
+        others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
+        raise FloatingPointError(
+            f"the update made {who} parameters or optimizer state inf or NaN{others} although its losses and "
+            "gradients were finite (a learning rate or eps that overflows, or state that does); the step was rolled "
+            "back and nothing changed; lower the learning rate or raise eps, or pass nonfinite='propagate' to let "
+            "the values through"
+        )
 
     def _raise_if_nonfinite(self, level: int) -> None:
         bad, from_loss = self._communicator.nonfinite_agents(self._skip, self._loss_nonfinite)
@@ -428,15 +500,20 @@ class KPGOptimizer(torch.optim.Optimizer):
 
         Plain numbers travel in one copy, and only when some value changed (on CUDA from pinned
         memory, without waiting for the device); a tensor ``lr`` is copied on the device at every
-        call, so that in-place changes (schedulers ``fill_`` it) act without a synchronization.
+        call, so that in-place changes (schedulers ``fill_`` it) act, and checked (NaN, inf or
+        negative raises before anything changes): for a CUDA tensor lr that check is one
+        synchronization per step, left out while a CUDA graph is being captured.
         """
         current = list(map(self._read_groups, self.param_groups))
         if current != self._synced_groups:
             self._upload_groups(current)
         if self._tensor_lrs is not None:
             tensors, agents, which = self._tensor_lrs
-            values = torch.stack([t.detach().reshape(()) for t in tensors]).to(self._lr, non_blocking=True)
-            self._lr.index_copy_(0, agents, values.index_select(0, which))
+            values = torch.stack([t.detach().reshape(()) for t in tensors])
+            if not _capturing(values.device):
+                readers = [[a for a, w in zip(agents.tolist(), which.tolist()) if w == i] for i in range(len(tensors))]
+                check_tensor_lrs(values, readers)
+            self._lr.index_copy_(0, agents, values.to(self._lr, non_blocking=True).index_select(0, which))
 
     def _upload_groups(self, current: list[tuple]) -> None:
         groups = [dict(zip(self._group_keys, values)) for values in current]
@@ -491,19 +568,21 @@ class KPGOptimizer(torch.optim.Optimizer):
                 value = 0.0 if start < 0 else self._kernel.row(self.param_groups[agent])[start]
                 for view in views[agent]:
                     view.fill_(value)
+        first = self.arena.agent_first_piece
         for agent in agents:
-            self._live[agent].zero_()
+            self._live[first[agent] : first[agent + 1]].zero_()
 
     def _expose_state(self) -> None:
         """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
-        state, with ``step`` a view of the agent's step count; for an agent-batched model ``p`` is an
+        state, with ``step`` a view of its own step count; for an agent-batched model ``p`` is an
         agent's slice of a parameter (the tensors of the parameter groups). A state tensor that an
         agent's settings never used holds its starting value (:meth:`state_dict` leaves it out)."""
         buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
+        first = self.arena.agent_first_piece
         for agent, tensors in enumerate(self.arena.agent_tensors):
             for index, p in enumerate(tensors):
                 self.state[p] = {
-                    "step": self._step[agent],
+                    "step": self._step[first[agent] + index],
                     **{name: views[agent][index] for name, views in buffer_views.items()},
                 }
 
@@ -534,7 +613,7 @@ class KSchedule:
     def __init__(self, optimizer: KPGOptimizer, switch_step: int, early_k: int = 2, late_k: int = 1):
         check_k(early_k)
         check_k(late_k)
-        if switch_step < 0:
+        if isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {switch_step}")
         self.optimizer, self.switch_step, self.early_k, self.late_k = optimizer, switch_step, early_k, late_k
         self.steps_done = 0
@@ -556,9 +635,25 @@ class KSchedule:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restores :meth:`state_dict`'s four counts, after checking all of them (nothing changes
+        if one is missing or invalid)."""
+        keys = ("steps_done", "switch_step", "early_k", "late_k")
+        if not isinstance(state, dict) or set(keys) - set(state):
+            raise ValueError(f"KSchedule.load_state_dict needs a dict with {', '.join(keys)}, got {state!r}")
+        check_k(state["early_k"])
+        check_k(state["late_k"])
+        for key in ("steps_done", "switch_step"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KSchedule state {key} must be an int >= 0, got {value!r}")
         self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
         self.early_k, self.late_k = state["early_k"], state["late_k"]
         self.optimizer.k = self.current_k()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (no host reads then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _closure_takes_context(closure: Callable) -> bool:
@@ -593,6 +688,13 @@ def _agent_parameters(
     if isinstance(agents, nn.Module):
         if _is_agent_batched(agents):
             return None, False, _batched_trainable(agents)
+        if isinstance(agents, (nn.ModuleList, nn.ModuleDict)):
+            entries = "list(agents.values())" if isinstance(agents, nn.ModuleDict) else "list(agents)"
+            raise TypeError(
+                f"agents is an nn.{type(agents).__name__}, which could mean one network per entry or one network "
+                f"shared by all agents; say which: KPGOptimizer({entries}, ...) for one agent per entry, or "
+                "KPGOptimizer(list(agents.parameters()), ...) for one network shared by all agents"
+            )
         return [_trainable(agents.parameters(), "the shared model")], True, None
     entries = list(agents)
     if not entries:
@@ -646,6 +748,14 @@ def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
         if not isinstance(p, Tensor):
             raise TypeError(f"{who} has a {type(p).__name__} among its parameters; pass tensors or modules")
     trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        if not p.is_leaf:
+            raise ValueError(
+                f"{who} has a non-leaf tensor of shape {tuple(p.shape)} (computed by {type(p.grad_fn).__name__}) "
+                "among its parameters: backward does not fill a non-leaf tensor's .grad and a step cannot change "
+                "the values it was computed from, so it would never train; pass leaf tensors (nn.Parameter, or "
+                "t.detach().requires_grad_())"
+            )
     if not trainable:
         raise ValueError(f"{who} has no trainable parameters (none requires grad)")
     return trainable
@@ -654,9 +764,19 @@ def _trainable(params: Iterable[Any], who: str) -> list[Tensor]:
 def _per_agent(name: str, value: Any, segments: int, shared: bool) -> list[Any]:
     if isinstance(value, Tensor) and value.numel() == 1:
         return [value] * segments  # one tensor for every agent, as torch.optim gives every group the default
-    if value is None or isinstance(value, (int, float)):
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if value is None or is_real(value):
         return [None if value is None else float(value)] * segments
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name}={value!r} is a {type(value).__name__}; pass a number, a one-element tensor, or a sequence with "
+            "one per agent"
+        )
     values = list(value)
+    for agent, v in enumerate(values):
+        if not (v is None or is_real(v) or (isinstance(v, Tensor) and v.numel() == 1)):
+            raise TypeError(f"{name}[{agent}]={v!r} is a {type(v).__name__}; pass a number for each agent")
     if shared:
         raise ValueError(f"{name} is per agent but the agents share one network; pass a single {name}")
     if len(values) != segments:

@@ -5,6 +5,7 @@ checks everything before the optimizer changes anything."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,24 @@ from torch import Tensor
 
 from kpg import _ops as ops
 
-__all__ = ["StagedState", "check_k", "exported_state", "stage_state_dict", "validate_groups"]
+__all__ = [
+    "StagedState",
+    "check_k",
+    "check_tensor_lrs",
+    "exported_state",
+    "is_real",
+    "stage_state_dict",
+    "validate_groups",
+]
+
+# State tensors that only ever hold sums of squares: a negative value is a square root of a negative
+# number at the next step (NaN in the parameters), which no gradient check sees coming.
+NON_NEGATIVE_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+
+
+def is_real(value: Any) -> bool:
+    """A real number as torch.optim takes one: Python and NumPy ints and floats, not bools or strings."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_k(k: Any) -> None:
@@ -41,10 +59,10 @@ def validate_groups(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]
                 raise ValueError(
                     f"Invalid learning rate {float(lr)!r} for agent {agent}: it must be a finite number >= 0"
                 )
-        elif isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
+        elif not (is_real(lr) and lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"Invalid learning rate {lr!r} for agent {agent}: it must be a finite number >= 0")
         m = group["max_grad_norm"]
-        if m is not None and not (isinstance(m, (int, float)) and m > 0.0):
+        if m is not None and not (is_real(m) and m > 0.0):
             raise ValueError(f"Invalid max_grad_norm {m!r} for agent {agent}: it must be > 0, or None for no clipping")
         for name, width, kind, _ in kernel.hyperparameters:
             value = group[name]
@@ -52,18 +70,33 @@ def validate_groups(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]
                 if not (isinstance(value, (tuple, list)) and len(value) == width):
                     raise ValueError(f"Invalid {name} value {value!r} for agent {agent}: expected {width} numbers")
                 for i, v in enumerate(value):
-                    if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                    if not (is_real(v) and 0.0 <= v < 1.0):
                         raise ValueError(f"Invalid beta parameter at index {i}: {v} (agent {agent}'s {name})")
             elif kind == "flag":
                 if value not in (True, False):
                     raise ValueError(f"Invalid {name} value {value!r} for agent {agent}: it must be True or False")
-            elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            elif not (is_real(value) and math.isfinite(value)):
                 raise ValueError(f"Invalid {name} value: {value!r}; it must be a finite number (agent {agent})")
             elif kind == "non_negative" and not value >= 0.0:
                 raise ValueError(f"Invalid {name} value: {value} (agent {agent}); it must be >= 0")
     agent, message = _invalid_row(kernel, groups)
     if agent >= 0:
         raise ValueError(f"{message} (agent {agent})")
+
+
+def check_tensor_lrs(values: Tensor, agents: Sequence[Sequence[int]]) -> None:
+    """Raises ValueError naming the agents if a tensor lr (``values[i]``, read by ``agents[i]``) is
+    NaN, infinite or negative: it may have been changed in place (``lr.fill_``) since it was set, and
+    the kernels would take it as it is (ascent, or NaN weights)."""
+    bad = ~(torch.isfinite(values) & (values >= 0.0))
+    if not bool(bad.any()):
+        return
+    index = int(bad.nonzero()[0, 0])
+    who = ", ".join(map(str, agents[index]))
+    raise ValueError(
+        f"Invalid learning rate {float(values[index])!r} in the tensor lr of agent(s) {who}: it must be a finite "
+        "number >= 0; it was changed in place (fill_, a scheduler) after it was set; nothing was stepped"
+    )
 
 
 def _invalid_row(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]]) -> tuple[int, str]:
@@ -75,18 +108,18 @@ def exported_state(
     state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor, state_names: Sequence[str]
 ) -> dict[str, Any]:
     """torch.optim's ``state`` entries of ``Optimizer.state_dict()`` with tensors copied out of the
-    arena; a state tensor an agent has not used yet (``live`` [agents, states] is 0) is left out,
-    as torch.optim keeps none."""
+    arena; a state tensor a parameter has not used yet (``live`` [pieces, states] is 0, the pieces
+    numbered as the groups' parameters) is left out, as torch.optim keeps none."""
     live = live.cpu()
     exported = dict(state)
     index = 0
-    for agent, group in enumerate(param_groups):
+    for group in param_groups:
         for _ in group["params"]:
             entry = state.get(index, {})
             exported[index] = {
                 name: t.clone()
                 for name, t in entry.items()
-                if name == "step" or (name in state_names and live[agent, state_names.index(name)])
+                if name == "step" or (name in state_names and live[index, state_names.index(name)])
             }
             index += 1
     return exported
@@ -98,13 +131,18 @@ class StagedState:
 
     groups: list[dict[str, Any]]  # every agent's group settings, merged over the current ones
     tensors: list[tuple[int, str, int, Tensor]]  # (agent, state name, parameter position, value)
-    steps: Tensor  # [agents] float64 on the CPU
-    live: Tensor  # [agents, states] uint8 on the CPU
+    steps: Tensor  # [pieces] float64 on the CPU: every agent's parameters, in the groups' order
+    live: Tensor  # [pieces, states] uint8 on the CPU
     k: int | None  # the saved k, if any
+    nonfinite: str | None  # the saved nonfinite policy, if any
 
 
 def stage_state_dict(
-    state_dict: Any, param_groups: Sequence[dict[str, Any]], kernel: ops.OptimizerKernel, optimizer_name: str
+    state_dict: Any,
+    param_groups: Sequence[dict[str, Any]],
+    kernel: ops.OptimizerKernel,
+    optimizer_name: str,
+    nonfinite_policies: Sequence[str],
 ) -> StagedState:
     """Checks a KPGOptimizer or torch.optim state dict of optimizer ``optimizer_name`` against the
     optimizer's ``param_groups`` (one per agent) and stages what loading it copies in."""
@@ -124,39 +162,54 @@ def stage_state_dict(
             f"the state dict has {len(groups)} parameter groups, this optimizer {len(param_groups)} (one per agent)"
         )
     extra = state_dict.get("kpg", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"the state dict's 'kpg' entry must be a dict (k, optimizer, nonfinite), got {extra!r}")
     if extra.get("optimizer", optimizer_name) != optimizer_name:
         raise ValueError(f"the state dict is for optimizer {extra['optimizer']!r}, this one is {optimizer_name!r}")
     if "k" in extra:
         check_k(extra["k"])
+    if "nonfinite" in extra and extra["nonfinite"] not in nonfinite_policies:
+        raise ValueError(
+            f"the state dict's nonfinite={extra['nonfinite']!r} is not one of "
+            f"{', '.join(map(repr, nonfinite_policies))}"
+        )
+    _check_same_optimizer(state_dict, kernel, optimizer_name)
     merged = [
         {**own, **{key: value for key, value in saved.items() if key != "params"}}
         for own, saved in zip(param_groups, groups)
     ]
     for group in merged:
-        if isinstance(group["lr"], (int, float)) and not isinstance(group["lr"], bool):
+        if is_real(group["lr"]):
             group["lr"] = float(group["lr"])
     validate_groups(kernel, merged)
     names = kernel.state_names
     staged: list[tuple[int, str, int, Tensor]] = []
-    steps = torch.zeros(len(param_groups), dtype=torch.float64)
-    live = torch.zeros(len(param_groups), ops.MAX_STATES, dtype=torch.uint8)
+    pieces = sum(len(group["params"]) for group in param_groups)
+    steps = torch.zeros(pieces, dtype=torch.float64)
+    live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8)
+    piece = 0
     for agent, (group, saved_group) in enumerate(zip(param_groups, groups)):
         if len(saved_group["params"]) != len(group["params"]):
             raise ValueError(
                 f"agent {agent} has {len(group['params'])} parameters, the state dict {len(saved_group['params'])}"
             )
-        agent_steps, agent_live = set(), set()
         for position, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
             saved = {n: v for n, v in state_dict["state"].get(saved_id, {}).items() if v is not None}
-            present = frozenset(n for n in names if n in saved)
-            agent_live.add(present)
+            present = [n for n in names if n in saved]
             if present:
                 # torch.optim's SGD keeps no step count: a saved momentum buffer means "stepped".
-                agent_steps.add(float(saved.get("step", 1.0)))
+                steps[piece + position] = _checked_step(saved.get("step", 1.0), agent)
             elif "step" in saved:
-                agent_steps.add(float(saved["step"]))
+                steps[piece + position] = _checked_step(saved["step"], agent)
+            for name in present:
+                live[piece + position, names.index(name)] = 1
             for name in present:
                 value = torch.as_tensor(saved[name])
+                if not value.is_floating_point():
+                    raise ValueError(
+                        f"{name!r} of agent {agent}'s parameter is a {value.dtype} tensor; optimizer state is "
+                        "floating-point"
+                    )
                 if value.shape != p.shape:
                     raise ValueError(
                         f"{name!r} of agent {agent}'s parameter has shape {tuple(value.shape)}, "
@@ -167,18 +220,55 @@ def stage_state_dict(
                         f"{name!r} of agent {agent}'s parameter of shape {tuple(p.shape)} holds inf or NaN: the "
                         "saved run had already diverged; load an earlier state dict"
                     )
+                if name in NON_NEGATIVE_STATES and bool((value < 0).any()):
+                    raise ValueError(
+                        f"{name!r} of agent {agent}'s parameter of shape {tuple(p.shape)} holds negative values "
+                        f"(min {float(value.min())!r}); it is a running sum of squares, >= 0 in any run, and a "
+                        "negative value turns the parameters into NaN at the next step: the state dict was edited "
+                        "or corrupted"
+                    )
                 staged.append((agent, name, position, value))
-        if len(agent_steps) > 1:
+        piece += len(group["params"])
+    return StagedState(merged, staged, steps, live, extra.get("k"), extra.get("nonfinite"))
+
+
+def _checked_step(value: Any, agent: int) -> float:
+    """A saved step count as a float, refused unless it is one finite number >= 0."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
             raise ValueError(
-                f"agent {agent}'s parameters have different step counts {sorted(agent_steps)}; kpg steps an agent as a "
-                "whole"
+                f"agent {agent}'s saved 'step' is a tensor of shape {tuple(value.shape)}; expected one number"
             )
-        if len(agent_live) > 1:
-            raise ValueError(
-                f"agent {agent}'s parameters hold different state tensors ({sorted(map(sorted, agent_live))}); kpg "
-                "steps an agent as a whole"
-            )
-        steps[agent] = agent_steps.pop() if agent_steps else 0.0
-        for name in agent_live.pop() if agent_live else ():
-            live[agent, names.index(name)] = 1
-    return StagedState(merged, staged, steps, live, extra.get("k"))
+        number = float(value)
+    elif is_real(value):
+        number = float(value)
+    else:
+        raise ValueError(f"agent {agent}'s saved 'step' is {value!r}; expected a number of steps taken")
+    if not (math.isfinite(number) and number >= 0.0):
+        raise ValueError(
+            f"agent {agent}'s saved 'step' is {number!r}; a step count is a finite number >= 0 (Adam's bias "
+            "correction divides by 1 - beta**step, which a negative or non-finite count turns into inf or NaN)"
+        )
+    return number
+
+
+def _check_same_optimizer(state_dict: dict[str, Any], kernel: ops.OptimizerKernel, optimizer_name: str) -> None:
+    """Refuses a state dict written by another optimizer (torch.optim's SGD into kpg's Adam): its groups
+    hold hyperparameters, or its state tensors, that only other optimizers have; they would be taken
+    as settings of this one, or dropped, in silence."""
+    own_keys = {name for name, *_ in kernel.hyperparameters}
+    others = [entry for entry in ops.OPTIMIZERS.values() if entry.kernel is not kernel]
+    foreign_keys = {key for entry in others for key in entry.defaults} - own_keys
+    foreign_states = {name for entry in others for name in entry.kernel.state_names} - set(kernel.state_names)
+    keys = {key for group in state_dict["param_groups"] if isinstance(group, dict) for key in group}
+    states = {name for saved in state_dict["state"].values() if isinstance(saved, dict) for name in saved}
+    found = sorted(keys & foreign_keys) + sorted(states & foreign_states)
+    if not found:
+        return
+    source = next((entry.name for entry in others if set(entry.defaults) <= keys), None)
+    looks_like = f"a state dict of {source!r}" if source else "another optimizer's state dict"
+    fix = f"load it into KPGOptimizer(..., optimizer={source!r})" if source else "load it into that optimizer"
+    raise ValueError(
+        f"the state dict holds {', '.join(map(repr, found))}, which {optimizer_name!r} does not have: it looks like "
+        f"{looks_like}; {fix}, or build this optimizer's state by training with it"
+    )

@@ -194,12 +194,13 @@ def brute_force_step(game, optimizers, k, max_norms):
         for i, (model, opt) in enumerate(zip(models, optimizers)):
             own = {n: t.clone().requires_grad_() for n, t in base[i].items()}
             loss = game.brute_force_loss(i, own, anticipated)
-            grads = torch.autograd.grad(loss, list(own.values()))
+            # A parameter the loss does not reach gets no gradient (None): torch.optim leaves it as it is.
+            grads = torch.autograd.grad(loss, list(own.values()), allow_unused=True)
             saved = copy.deepcopy(opt.state_dict())
             with torch.no_grad():
                 for p, b, g in zip(model.parameters(), base[i].values(), grads):
                     p.copy_(b)
-                    p.grad = g.clone()
+                    p.grad = None if g is None else g.clone()
             if max_norms is not None:
                 torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norms[i], foreach=False)
             opt.step()

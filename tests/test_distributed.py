@@ -182,6 +182,26 @@ def data_parallel_parity(rank, world, workdir):
     return {"differences": differences}
 
 
+def data_parallel_reached_on_one_rank(rank, world, workdir):
+    """A head only rank 0's loss reaches: its averaged gradient is every rank's, so every rank steps
+    it and the replicas stay equal (verify_replicas checks after every step)."""
+    torch.manual_seed(0)
+    body, head, other = nn.Linear(2, 2).double(), nn.Linear(2, 1).double(), nn.Linear(2, 1).double()
+    agents = [[*body.parameters(), *head.parameters()], list(other.parameters())]
+    opt = kpg.KPGOptimizer(agents, k=2, optimizer="adam", process_group=dist.group.WORLD, verify_replicas=True)
+    x = torch.full((3, 2), float(rank + 1), dtype=torch.float64)
+    before = head.weight.detach().clone()
+
+    def closure(ctx):
+        hidden = torch.tanh(body(x))
+        own = head(hidden).square().mean() if rank == 0 else hidden.square().mean()
+        return torch.stack([own, other(x).square().mean()])
+
+    for _ in range(2):
+        opt.step(closure)
+    return {"head_moved": float((head.weight.detach() - before).abs().max())}
+
+
 def data_parallel_shared_network(rank, world, workdir):
     """One network shared by all agents (agent ids appended), data parallel vs one process."""
 
@@ -558,6 +578,7 @@ SCENARIOS = {
     f.__name__: f
     for f in [
         data_parallel_parity,
+        data_parallel_reached_on_one_rank,
         data_parallel_shared_network,
         agent_sharded_outputs,
         agent_sharded_parameters,
@@ -587,6 +608,7 @@ def runs(tmp_path_factory):
         [
             "data_parallel_parity",
             "data_parallel_shared_network",
+            "data_parallel_reached_on_one_rank",
             "agent_sharded_outputs",
             "agent_sharded_parameters",
             "failures_agree",
@@ -615,6 +637,11 @@ def test_data_parallel_steps_equal_one_process_on_the_whole_batch(runs, world):
             assert found["moved"] > 1e-3, f"{found['case']}: the steps did not move the parameters"
             assert found["parameters"] <= F64_TOLERANCE, f"rank {rank}, {found}"
             assert found["state"] <= F64_TOLERANCE, f"rank {rank}, {found}"
+
+
+def test_a_parameter_one_rank_reaches_is_stepped_on_every_rank(runs):
+    moved = [result(runs[2], rank, "data_parallel_reached_on_one_rank")["head_moved"] for rank in range(2)]
+    assert moved[0] == moved[1] > 0
 
 
 def test_data_parallel_with_a_shared_network(runs):

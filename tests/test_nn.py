@@ -564,7 +564,7 @@ def test_kpg_step_on_batched_model_equals_per_agent_models(optimizer, k, style, 
         loss_theirs = theirs.step(per_agent_closure)
         assert_close_to_scale(loss_ours, loss_theirs, RTOL64, what="loss")
     assert_twins_equal(twins)
-    assert ours._step.tolist() == theirs._step.tolist() == [3.0] * NUM_AGENTS
+    assert ours._step.tolist() == theirs._step.tolist() == [3.0] * ours.arena.num_pieces
     for slot_ours, slot_theirs in zip(
         *([p for group in opt.param_groups for p in group["params"]] for opt in (ours, theirs))
     ):
@@ -605,7 +605,7 @@ def test_nonfinite_gradient_in_one_agent_skips_only_that_agent(device):
     ours.step(with_bad_agent(batched_closure, lambda: twins.batched[0].weight[bad]))
     theirs.step(with_bad_agent(per_agent_closure, lambda: twins.per_agent[bad][0].weight))
     assert ours.stats.skipped_agent_steps == theirs.stats.skipped_agent_steps == 1
-    assert ours._step.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert [float(ours._step[first]) for first in ours.arena.agent_first_piece[:-1]] == [1.0, 1.0, 0.0, 1.0]
     assert all(torch.equal(p, b) for p, b in zip(twins.per_agent[bad].parameters(), before))
     assert_twins_equal(twins)
 

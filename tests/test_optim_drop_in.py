@@ -310,14 +310,24 @@ def test_enabling_a_state_mid_run_creates_its_buffer_for_that_agent(name, key, s
     value = True if key in ("amsgrad", "centered") else 0.9
     opt.param_groups[1][key] = value
     opt.step(lambda ctx: problem.losses(problem.ours))
-    rows = ops.hyper_rows(opt._kernel.name, [opt.param_groups[0], opt.param_groups[1]])
+    piece_agent = opt.arena.piece_agent
+    rows = ops.hyper_rows(opt._kernel.name, [opt.param_groups[0], opt.param_groups[1]])[piece_agent].contiguous()
     states = [expected[n] if expected[n] is not None else torch.zeros_like(param) for n in opt._kernel.state_names]
     reference.UPDATE_OPS[(opt._kernel.name, True)](
-        param, opt.arena.grad, *states, step, live, opt._lr.clone(), rows, None, None, opt.arena.chunks
+        param,
+        opt.arena.grad,
+        *states,
+        step,
+        live,
+        opt._lr[piece_agent].clone(),
+        rows,
+        None,
+        None,
+        opt.arena.piece_chunks,
     )
     assert_close_to_scale(opt.arena.param, param, 1e-12, what="param")
     index = opt._kernel.state_names.index(state)
-    assert opt._live[:, index].tolist() == [0, 1]
+    assert opt._live[:, index].tolist() == [0 if agent == 0 else 1 for agent in piece_agent.tolist()]
     assert state in opt.state_dict()["state"][2] and state not in opt.state_dict()["state"][0]
 
 
@@ -418,7 +428,7 @@ def test_agent_nonfinite_at_an_intermediate_level_is_skipped_at_commit():
     opt.step(closure)
     changed = [not all(torch.equal(p, b) for p, b in zip(m.parameters(), bs)) for m, bs in zip(game.models, before)]
     assert changed == [True, False]
-    assert opt._step.tolist() == [1.0, 0.0]
+    assert opt._step.tolist() == [1.0] * len(before[0]) + [0.0] * len(before[1])
     assert opt.stats.skipped_agent_steps == 1
     first_of_agent_1 = len(before[0])
     assert "exp_avg" not in opt.state_dict()["state"][first_of_agent_1]  # never stepped: no state, as in torch
