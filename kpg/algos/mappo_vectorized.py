@@ -51,7 +51,7 @@ class VectorizedMAPPOTrainer(MAPPOTrainer):
             old_log_prob[t] = self.head.log_prob(dist, action).transpose(0, 1)
             values[t] = self.returns.denormalize(self._values(state))
             alive[t] = pool.alive
-            step = pool.step(actions[t])
+            step = pool.step(self.head.env_actions(action).transpose(0, 1))
             rewards[t], dones[t] = step.reward, step.done
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             cut_off = step.done * (1.0 - step.terminated)
