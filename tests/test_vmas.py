@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,46 @@ def test_off_policy_resume_continues_a_vmas_run(tmp_path, checkpoint_replay):
     assert [int(float(row["gradient_steps"])) for row in rows] == [0, 2, 4, 6, 8]
     sizes = [int(float(row["buffer_size"])) for row in rows]
     assert sizes == ([40, 80, 120, 160, 200] if checkpoint_replay else [40, 80, 120, 40, 80])
+
+
+BENCHMARL_PRESET = Path(__file__).resolve().parent.parent / "configs" / "vmas_benchmarl.toml"
+
+
+def test_benchmarl_preset_loads_with_benchmarls_mappo():
+    from kpg.cli import _from_dict, _read_config_file
+    from kpg.compare import CompareConfig
+
+    compare = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET))
+    train, mappo = compare.train, compare.train.mappo
+    assert compare.ks == (1, 2) and compare.seeds == (0, 1, 2)
+    assert (train.env, train.agents, train.steps) == ("vmas:navigation", 3, 300_000)
+    assert train.copies * mappo.rollout == 6000 and mappo.epochs * mappo.minibatches == 45
+    assert (mappo.action_scale, mappo.squash, mappo.init) == ("state", True, "torch")
+    assert not mappo.normalize_advantages and not mappo.normalize_returns and mappo.entropy_coef == 0
+
+
+@needs_vmas
+@pytest.mark.parametrize(
+    "env, agents, env_options",
+    [("vmas:navigation", 3, {"shared_rew": "false"}), ("vmas:balance", 4, {})],
+    ids=["navigation", "balance"],
+)
+def test_benchmarl_preset_trains_two_updates(tmp_path, env, agents, env_options):
+    from kpg.cli import _from_dict, _read_config_file
+    from kpg.compare import CompareConfig
+
+    preset = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET)).train
+    config = dataclasses.replace(
+        preset,
+        env=env,
+        agents=agents,
+        env_options=env_options,
+        copies=2,
+        steps=400,
+        logdir=tmp_path,
+        eval_episodes=1,
+        tensorboard=False,
+    )
+    summary = train(config)
+    assert summary["updates"] == 2 and summary["env_steps"] == 400 and summary["agents"] == agents
+    assert math.isfinite(summary["eval_return"])

@@ -257,7 +257,8 @@ class PolicyHead:
         squashed, else the actions themselves."""
         if not self.squash:
             return actions
-        return self.centre[:, None, :] + self.half_range[:, None, :] * torch.tanh(actions)
+        # A dimension an agent does not have gets the centre, 0.
+        return self.centre[:, None, :] + (self.half_range * self.action_mask)[:, None, :] * torch.tanh(actions)
 
     def greedy(self, dist) -> Tensor:
         """The deterministic action: the most likely one (discrete), or the mean's (squashed) image."""
