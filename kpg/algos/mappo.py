@@ -196,6 +196,11 @@ class MAPPOTrainer:
         """The policies of every agent from observations [agents, batch, obs_size]."""
         return self.head.distribution(self.actor(obs), self._log_std())
 
+    def _returns_of(self, values: Tensor) -> Tensor:
+        """The critic's outputs as returns: denormalized when it learns normalized targets, else as
+        they are (the normalizer then never sees a target; its neutral moments must not rescale them)."""
+        return self.returns.denormalize(values) if self.config.normalize_returns else values
+
     def _values(self, state: Tensor) -> Tensor:
         """Normalized values [batch, agents] of global states [batch, state_size].
 
@@ -258,12 +263,12 @@ class MAPPOTrainer:
         alive_mask = as_tensor(alive_list)
         with torch.no_grad():
             states = as_tensor(state_list + [state])
-            values = self.returns.denormalize(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
+            values = self._returns_of(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             steps, copies = cut_off.sum(-1).nonzero(as_tuple=True)
             if len(steps):
                 final_states = as_tensor(next_state_list)[steps, copies]
-                final_values = self.returns.denormalize(self._values(final_states))
+                final_values = self._returns_of(self._values(final_states))
                 rewards[steps, copies] += c.gamma * final_values * cut_off[steps, copies]
         advantages = generalized_advantages(rewards, values, dones, c.gamma, c.gae_lambda)
         targets = advantages + values[:-1]
