@@ -177,3 +177,13 @@ def test_recurrent_trainer_refuses_the_feed_forward_options():
     config = TrainConfig(env="simple_spread", mappo=dataclasses.replace(MAPPOConfig(), recurrent=True, squash=True))
     with pytest.raises(ValueError, match="--mappo.squash is an option of the feed-forward MAPPO trainers"):
         _trainer_class(config)
+
+
+def test_without_return_normalization_the_rollout_uses_the_critics_values_as_they_are():
+    """normalize_returns off: the critic learns raw targets, so GAE must run against its raw outputs (the
+    unused normalizer's neutral moments once scaled them by 0.1)."""
+    config = dataclasses.replace(SMALL, normalize_returns=False)
+    trainer = MAPPOTrainer(_continuous_pool(), config, k=1, k_until=None, device="cpu", seed=0)
+    trainer._values = lambda state: torch.full((state.shape[0], 2), 2.0)
+    batch, _ = trainer._collect()
+    torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))

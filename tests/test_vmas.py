@@ -380,3 +380,13 @@ def test_benchmarl_preset_trains_two_updates(tmp_path, env, agents, env_options)
     summary = train(config)
     assert summary["updates"] == 2 and summary["env_steps"] == 400 and summary["agents"] == agents
     assert math.isfinite(summary["eval_return"])
+
+
+@needs_vmas
+def test_without_return_normalization_the_tensor_rollout_uses_raw_values(tmp_path):
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    config = dataclasses.replace(config, mappo=dataclasses.replace(config.mappo, normalize_returns=False))
+    pool, trainer = build_trainer(config)
+    trainer._values = lambda state: torch.full((state.shape[0], 3), 2.0)
+    batch, _ = trainer._collect()
+    torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))
