@@ -201,7 +201,8 @@ def checkpoint_lines(args: argparse.Namespace, results: dict) -> list[str]:
         "",
         f"The mean of the {WINDOW} iterations (6000 frames each) that end at or before that many frames, per seed; "
         "then the mean and 95 % interval over the seeds that got there (n), and in brackets the mean wall-clock "
-        "seconds from the start of a run to that frame (BenchMARL: its whole run at the last frame only).",
+        "seconds from the start of a run to that frame (BenchMARL: its whole run at the last frame only). "
+        "Only folders whose runs' metrics.csv are at hand have a row.",
         "",
         f"| task | implementation | {header} |",
         "| --- | --- | " + " | ".join("---" for _ in args.at) + " |",
@@ -231,8 +232,10 @@ def checkpoint_lines(args: argparse.Namespace, results: dict) -> list[str]:
                 if name in walls and frames == args.frames and walls[name] is not None:
                     seconds = [walls[name]]
                 wall = f" [{np.mean(seconds):.0f}]" if seconds else ""
-                cells.append(f"{mean:.2f} ± {halfwidth:.2f} (n={len(reached)}){wall}")
-            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+                spread = f" ± {halfwidth:.2f}" if len(reached) > 1 else ""
+                cells.append(f"{mean:.2f}{spread} (n={len(reached)}){wall}")
+            if any(cell != "-" for cell in cells):  # folders without their runs' metrics (not kept) have no row
+                lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
         for study in entry["kpg"]:
             if not {"1", "2"} <= set(study["ks"]):
                 continue
