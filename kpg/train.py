@@ -270,6 +270,7 @@ MAPPO_FEED_FORWARD_OPTIONS = (
     "actor_output_gain",
     "adam_eps",
     "normalize_advantages",
+    "bootstrap_time_limit",
 )
 
 

@@ -390,3 +390,26 @@ def test_without_return_normalization_the_tensor_rollout_uses_raw_values(tmp_pat
     trainer._values = lambda state: torch.full((state.shape[0], 3), 2.0)
     batch, _ = trainer._collect()
     torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))
+
+
+@needs_vmas
+def test_without_time_limit_bootstrap_the_time_limit_ends_the_episode_like_a_terminal_state(tmp_path):
+    """bootstrap_time_limit off (BenchMARL's GAE through TorchRL's VmasEnv): with V = 2 everywhere, step 4's
+    reward gains nothing at the time limit and the recursion still stops after it."""
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    config = dataclasses.replace(config, mappo=dataclasses.replace(config.mappo, bootstrap_time_limit=False))
+    pool, trainer = build_trainer(config)
+    n, gamma, lam = 3, trainer.config.gamma, trainer.config.gae_lambda
+    trainer.returns.denormalize = lambda values: values
+    trainer._values = lambda state: torch.full((state.shape[0], n), 2.0)
+    seen, step = [], pool.step
+    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
+    batch, _ = trainer._collect()
+    rewards = torch.stack([s.reward for s in seen])
+    expected = torch.zeros(5, 8, n)
+    running = torch.zeros(8, n)
+    for t in reversed(range(5)):
+        next_value = 0.0 if t == 3 else 2.0
+        running = rewards[t] + gamma * next_value - 2.0 + (0.0 if t == 3 else gamma * lam * running)
+        expected[t] = running
+    torch.testing.assert_close(batch["advantages"].view(5, 8, n), expected)

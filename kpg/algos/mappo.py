@@ -82,6 +82,9 @@ class MAPPOConfig:
     actor_output_gain: float = 0.01  # the orthogonal init's gain of the actor's last layer
     adam_eps: float = 1e-5  # actor and critic
     normalize_advantages: bool = True  # standardize each rollout's advantages (BenchMARL's MAPPO does not)
+    # A time limit's last reward gains gamma * V(the state it cut off); off: a time limit ends the episode like a
+    # terminal state (TorchRL's VmasEnv marks it terminated, so BenchMARL's GAE does not bootstrap it)
+    bootstrap_time_limit: bool = True
 
 
 class MAPPOTrainer:
@@ -266,7 +269,7 @@ class MAPPOTrainer:
             values = self._returns_of(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             steps, copies = cut_off.sum(-1).nonzero(as_tuple=True)
-            if len(steps):
+            if len(steps) and c.bootstrap_time_limit:
                 final_states = as_tensor(next_state_list)[steps, copies]
                 final_values = self._returns_of(self._values(final_states))
                 rewards[steps, copies] += c.gamma * final_values * cut_off[steps, copies]

@@ -56,7 +56,7 @@ class VectorizedMAPPOTrainer(MAPPOTrainer):
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             cut_off = step.done * (1.0 - step.terminated)
             cut_copies = cut_off.any(1).nonzero().flatten()
-            if len(cut_copies):
+            if len(cut_copies) and c.bootstrap_time_limit:
                 final_values = self._returns_of(self._values(step.final_state[cut_copies].to(device, dtype)))
                 rewards[t, cut_copies] += c.gamma * final_values * cut_off[cut_copies]
             episodes += step.finished
