@@ -301,6 +301,20 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
     return pool, trainer
 
 
+# MAPPOConfig's options that only MAPPOTrainer and VectorizedMAPPOTrainer read.
+MAPPO_FEED_FORWARD_OPTIONS = (
+    "action_scale",
+    "scale_bias",
+    "scale_min",
+    "squash",
+    "init",
+    "actor_output_gain",
+    "adam_eps",
+    "normalize_advantages",
+    "bootstrap_time_limit",
+)
+
+
 def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
     """The trainer class and its extra arguments: the recurrent MAPPO trainer (SMAX), the tensor-rollout
     one (VMAS) or ALGORITHMS' (whose off-policy trainers step VMAS's tensors themselves)."""
@@ -312,6 +326,15 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
             "rollout of kpg.algos.mappo_vectorized), --algo maddpg or --algo facmac"
         )
     if recurrent:
+        defaults, options = MAPPOConfig(), config.mappo
+        feed_forward_only = [
+            name for name in MAPPO_FEED_FORWARD_OPTIONS if getattr(options, name) != getattr(defaults, name)
+        ]
+        if feed_forward_only:
+            raise ValueError(
+                f"--mappo.{feed_forward_only[0].replace('_', '-')} is an option of the feed-forward MAPPO trainers; "
+                "leave it at its default with --mappo.recurrent"
+            )
         from kpg.algos.mappo_recurrent import RecurrentMAPPOTrainer
 
         return RecurrentMAPPOTrainer, {"total_steps": config.steps}

@@ -13,9 +13,19 @@ task=vmas/TASK``) with its defaults, except the budget (``experiment.max_n_frame
 CSV logging, no rendering, a checkpoint every ``--checkpoint-every`` frames and a greedy evaluation
 every ``--evaluate-every`` frames. A finished run
 (``finished.json`` in its folder) is never rerun; an unfinished one continues from its newest
-checkpoint. Then the report: BenchMARL's per-iteration mean episode return (per agent, as kpg's
+checkpoint. ``--benchmarl-results`` takes BenchMARL's side from an earlier report's results.json
+instead (its per-seed returns, curves and seconds), so BenchMARL need not be installed to remake the
+table.
+
+Then the report: BenchMARL's per-iteration mean episode return (per agent, as kpg's
 ``episode_return``) averaged over the last 10 % of the frames, mean and 95 % interval over the
-seeds, next to the ``kpg compare`` results folders given with ``--kpg``.
+seeds, next to the ``kpg compare`` results folders given with ``--kpg``; and the return at
+``--at`` frames (30 000, 100 000, 300 000): the mean of the three iterations that end at or before
+that many frames (BenchMARL's ``episode_reward_mean``, kpg's ``episode_return``: the same quantity,
+the mean return per agent of the episodes that ended in the iteration), with the wall-clock seconds
+each run took to get there, and the paired per-seed difference K2 - K1. A kpg folder whose runs
+have not all finished (no results.json yet) is reported from its runs' metrics.csv, up to the
+frames each run reached.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from kpg.compare import FINAL_FRACTION, mean_and_halfwidth
 RETURN_FILE = "collection_agents_reward_episode_reward_mean.csv"
 EVAL_RETURN_FILE = "eval_agents_reward_episode_reward_mean.csv"
 FRAMES_FILE = "counters_total_frames.csv"
+WINDOW = 3  # iterations averaged for the return at a checkpoint
 
 
 def benchmarl_arguments(
@@ -124,6 +135,129 @@ def benchmarl_summary(folder: Path, frames: int) -> dict:
     }
 
 
+def benchmarl_entry(summaries: list[dict]) -> dict:
+    finals = np.array([s["final_return"] for s in summaries])
+    mean, halfwidth = mean_and_halfwidth(finals)
+    evals = [s["eval_return"] for s in summaries if s["eval_return"] is not None]
+    walls = [s["wall_seconds"] for s in summaries if s["wall_seconds"] is not None]
+    return {
+        "final_return": float(mean),
+        "final_return_ci95": float(halfwidth),
+        "final_return_per_seed": finals.tolist(),
+        "eval_return": float(np.mean(evals)) if evals else None,
+        "wall_seconds": float(np.mean(walls)) if walls else None,
+        "curves": [s["curve"] for s in summaries],
+    }
+
+
+def earlier_benchmarl(path: Path, task: str, frames: int, seeds: list[int]) -> dict:
+    """BenchMARL's entry for ``task`` in an earlier report of this script (same frames and seeds)."""
+    earlier = json.loads(path.read_text())
+    if earlier["frames"] != frames or earlier["seeds"] != seeds or task not in earlier["tasks"]:
+        raise ValueError(
+            f"{path} holds BenchMARL's {', '.join(earlier['tasks'])} at {earlier['frames']} frames, seeds "
+            f"{earlier['seeds']}; this report needs {task} at {frames} frames, seeds {seeds}: run BenchMARL "
+            "(--benchmarl-python, --runs) or pass a matching file"
+        )
+    return earlier["tasks"][task]["benchmarl"]
+
+
+def kpg_run_rows(folder: Path, k: str, seed: int) -> list[dict[str, float]]:
+    """A kpg run's per-iteration rows (frames, return of the iteration's episodes, wall seconds so far)."""
+    path = folder / "runs"
+    matches = sorted(path.glob(f"*-k{k}-s{seed}/metrics.csv"))
+    if not matches:
+        return []
+    rows = []
+    with open(matches[0]) as file:
+        for row in csv.DictReader(file):
+            if row.get("episode_return"):
+                rows.append(
+                    {
+                        "frames": float(row["env_steps"]),
+                        "return": float(row["episode_return"]),
+                        "wall": float(row["wall_seconds"]),
+                    }
+                )
+    return rows
+
+
+def at_frames(rows: list[dict[str, float]], frames: int) -> dict[str, float] | None:
+    """The return at ``frames``: the mean of the WINDOW iterations ending at or before it, and the
+    wall-clock seconds of the last of them (None when the run has not got there)."""
+    before = [row for row in rows if row["frames"] <= frames]
+    if not rows or rows[-1]["frames"] < frames or len(before) < WINDOW:
+        return None
+    window = before[-WINDOW:]
+    return {"return": float(np.mean([row["return"] for row in window])), "wall": window[-1].get("wall")}
+
+
+def checkpoint_lines(args: argparse.Namespace, results: dict) -> list[str]:
+    """The returns at --at frames and the paired K2 - K1 differences, for every implementation."""
+    header = " | ".join(f"{f // 1000}k frames: return (95% CI) [s]" for f in args.at)
+    lines = [
+        "",
+        "## Returns at " + ", ".join(f"{f:_}".replace("_", " ") for f in args.at) + " frames",
+        "",
+        f"The mean of the {WINDOW} iterations (6000 frames each) that end at or before that many frames, per seed; "
+        "then the mean and 95 % interval over the seeds that got there (n), and in brackets the mean wall-clock "
+        "seconds from the start of a run to that frame (BenchMARL: its whole run at the last frame only). "
+        "Only folders whose runs' metrics.csv are at hand have a row.",
+        "",
+        f"| task | implementation | {header} |",
+        "| --- | --- | " + " | ".join("---" for _ in args.at) + " |",
+    ]
+    paired = []
+    for task, entry in results["tasks"].items():
+        rows = {
+            "BenchMARL MAPPO": [
+                [{"frames": f, "return": r} for f, r in curve] for curve in entry["benchmarl"]["curves"]
+            ]
+        }
+        walls = {"BenchMARL MAPPO": entry["benchmarl"]["wall_seconds"]}
+        for study in entry["kpg"]:
+            for k in study["ks"]:
+                runs = [kpg_run_rows(Path(study["results"]), k, seed) for seed in args.seeds]
+                rows[f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {study['label']}"] = runs
+        for name, runs in rows.items():
+            cells = []
+            for frames in args.at:
+                points = [at_frames(run, frames) for run in runs]
+                reached = [p for p in points if p is not None]
+                if not reached:
+                    cells.append("-")
+                    continue
+                mean, halfwidth = mean_and_halfwidth(np.array([p["return"] for p in reached]))
+                seconds = [p["wall"] for p in reached if p.get("wall") is not None]
+                if name in walls and frames == args.frames and walls[name] is not None:
+                    seconds = [walls[name]]
+                wall = f" [{np.mean(seconds):.0f}]" if seconds else ""
+                spread = f" ± {halfwidth:.2f}" if len(reached) > 1 else ""
+                cells.append(f"{mean:.2f}{spread} (n={len(reached)}){wall}")
+            if any(cell != "-" for cell in cells):  # folders without their runs' metrics (not kept) have no row
+                lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+        for study in entry["kpg"]:
+            if not {"1", "2"} <= set(study["ks"]):
+                continue
+            for frames in args.at:
+                for seed in args.seeds:
+                    k1 = at_frames(kpg_run_rows(Path(study["results"]), "1", seed), frames)
+                    k2 = at_frames(kpg_run_rows(Path(study["results"]), "2", seed), frames)
+                    if k1 is not None and k2 is not None:
+                        paired.append((task, study["label"], frames, seed, k1["return"], k2["return"]))
+    lines += [
+        "",
+        "Paired per seed, K2 - K1 (the same seed: the same initial networks and environment seeds):",
+        "",
+        "| task | kpg | frames | seed | k=1 | k=2 | K2 - K1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {t} | {label} | {f} | {s} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for t, label, f, s, a, b in paired]
+    if not paired:
+        lines.append("| (no seed has both k at any of these frames yet) | | | | | | |")
+    return lines
+
+
 def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> dict:
     results: dict = {
         "command": "python " + shlex.join(sys.argv),
@@ -142,30 +276,27 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
     ]
     kpg_studies = [parse_kpg_study(entry) for entry in args.kpg]
     for task in args.tasks:
-        summaries = [benchmarl_summary(folders[task, seed], args.frames) for seed in args.seeds]
-        finals = np.array([s["final_return"] for s in summaries])
-        mean, halfwidth = mean_and_halfwidth(finals)
-        evals = [s["eval_return"] for s in summaries if s["eval_return"] is not None]
-        walls = [s["wall_seconds"] for s in summaries if s["wall_seconds"] is not None]
-        entry = {
-            "benchmarl": {
-                "final_return": float(mean),
-                "final_return_ci95": float(halfwidth),
-                "final_return_per_seed": finals.tolist(),
-                "eval_return": float(np.mean(evals)) if evals else None,
-                "wall_seconds": float(np.mean(walls)) if walls else None,
-                "curves": [s["curve"] for s in summaries],
+        if args.benchmarl_results is not None:
+            entry = {"benchmarl": earlier_benchmarl(args.benchmarl_results, task, args.frames, args.seeds)}
+        else:
+            entry = {
+                "benchmarl": benchmarl_entry([benchmarl_summary(folders[task, s], args.frames) for s in args.seeds])
             }
-        }
         rows = [("BenchMARL MAPPO", entry["benchmarl"])]
         entry["kpg"] = []
         for study_task, folder, label in kpg_studies:
             if study_task != task:
                 continue
+            if not (folder / "results.json").exists():
+                # Still running: its rows come from the runs' metrics (the returns at --at frames below).
+                ks = sorted({path.name.rsplit("-k", 1)[1].split("-s")[0] for path in (folder / "runs").glob("*-k*-s*")})
+                entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, "unfinished": True})
+                continue
             kpg_results = json.loads((folder / "results.json").read_text())
             if kpg_results["train"]["steps"] != args.frames:
                 raise ValueError(f"{folder} ran {kpg_results['train']['steps']} steps, not {args.frames}")
-            entry["kpg"].append({"results": str(folder), "label": label, **kpg_results})
+            ks = sorted(kpg_results["by_k"])
+            entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, **kpg_results})
             for k, by_k in sorted(kpg_results["by_k"].items()):
                 rows.append((f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {label}", by_k))
         for name, row in rows:
@@ -185,8 +316,19 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
         "20 episodes, as `kpg compare` reports it. Greedy eval return: BenchMARL's last deterministic evaluation "
         "(10 episodes), kpg's 20 greedy episodes after training. kpg commands: ",
     ]
-    kpg_commands = [study["command"] for entry in results["tasks"].values() for study in entry["kpg"]]
+    kpg_commands = [
+        study["command"] for entry in results["tasks"].values() for study in entry["kpg"] if "command" in study
+    ]
     lines[-1] += "; ".join(f"`{command}`" for command in kpg_commands)
+    unfinished = [
+        study["results"] for entry in results["tasks"].values() for study in entry["kpg"] if "unfinished" in study
+    ]
+    if unfinished:
+        lines[-1] += (
+            f". Not finished when this report was made (no final row; returns at the frames they reached below): "
+            f"{', '.join(unfinished)}"
+        )
+    lines += checkpoint_lines(args, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
@@ -200,7 +342,7 @@ def plot(args: argparse.Namespace, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kpg.compare import CURVE_POINTS, _curve
+    from kpg.compare import CURVE_POINTS
 
     figure, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4), squeeze=False)
     grid = np.linspace(args.frames / CURVE_POINTS, args.frames, CURVE_POINTS)
@@ -210,11 +352,13 @@ def plot(args: argparse.Namespace, results: dict) -> None:
             "BenchMARL MAPPO": np.stack([np.interp(grid, *np.array(curve).T) for curve in entry["benchmarl"]["curves"]])
         }
         for study in entry["kpg"]:
-            for k in study["by_k"]:
-                folders = sorted((Path(study["results"]) / "runs").glob(f"*-k{k}-s*"))
-                curves[f"kpg k={k}, {study['label']}"] = np.stack([_curve(folder, grid) for folder in folders])
+            for k in study["ks"]:
+                # Runs shorter than the budget (unfinished) are drawn only as far as they got.
+                folders = sorted((Path(study["results"]) / "runs").glob(f"*-k{k}-s*/metrics.csv"))
+                if folders:
+                    curves[f"kpg k={k}, {study['label']}"] = np.stack([_partial_curve(f.parent, grid) for f in folders])
         for name, curve in curves.items():
-            mean, halfwidth = mean_and_halfwidth(curve)
+            mean, halfwidth = mean_and_halfwidth(curve) if len(curve) > 1 else (curve[0], np.zeros_like(curve[0]))
             axis.plot(grid, mean, label=name)
             axis.fill_between(grid, mean - halfwidth, mean + halfwidth, alpha=0.2)
         axis.set_title(f"vmas:{task}")
@@ -225,10 +369,26 @@ def plot(args: argparse.Namespace, results: dict) -> None:
     figure.savefig(args.out / "curves.png", dpi=120)
 
 
+def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
+    """kpg compare's curve of a run (recent_return), NaN beyond the frames the run reached."""
+    from kpg.compare import _curve
+
+    with open(run_dir / "metrics.csv") as file:
+        reached = max((float(row["env_steps"]) for row in csv.DictReader(file)), default=0.0)
+    curve = _curve(run_dir, grid) if reached else np.full_like(grid, np.nan)
+    return np.where(grid <= reached, curve, np.nan)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmarl-python", required=True, help="the Python of an environment with benchmarl")
-    parser.add_argument("--runs", type=Path, required=True, help="BenchMARL's run folders (outside the repository)")
+    parser.add_argument("--benchmarl-python", help="the Python of an environment with benchmarl")
+    parser.add_argument("--runs", type=Path, help="BenchMARL's run folders (outside the repository)")
+    parser.add_argument(
+        "--benchmarl-results",
+        type=Path,
+        help="take BenchMARL's side from this earlier results.json of this script instead of running it",
+    )
+    parser.add_argument("--at", nargs="+", type=int, default=[30_000, 100_000, 300_000], help="frames to compare at")
     parser.add_argument("--tasks", nargs="+", default=["navigation", "balance"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=300_000)
@@ -240,6 +400,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.benchmarl_results is not None:
+        report(args, {})
+        print((args.out / "results.md").read_text())
+        return
+    if args.benchmarl_python is None or args.runs is None:
+        parser.error("give --benchmarl-python and --runs (to run BenchMARL), or --benchmarl-results")
     jobs = [(task, seed) for seed in args.seeds for task in args.tasks]
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         done = pool.map(

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,79 @@ def test_off_policy_resume_continues_a_vmas_run(tmp_path, checkpoint_replay):
     assert [int(float(row["gradient_steps"])) for row in rows] == [0, 2, 4, 6, 8]
     sizes = [int(float(row["buffer_size"])) for row in rows]
     assert sizes == ([40, 80, 120, 160, 200] if checkpoint_replay else [40, 80, 120, 40, 80])
+
+
+BENCHMARL_PRESET = Path(__file__).resolve().parent.parent / "configs" / "vmas_benchmarl.toml"
+
+
+def test_benchmarl_preset_loads_with_benchmarls_mappo():
+    from kpg.cli import _from_dict, _read_config_file
+    from kpg.compare import CompareConfig
+
+    compare = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET))
+    train, mappo = compare.train, compare.train.mappo
+    assert compare.ks == (1, 2) and compare.seeds == (0, 1, 2)
+    assert (train.env, train.agents, train.steps) == ("vmas:navigation", 3, 300_000)
+    assert train.copies * mappo.rollout == 6000 and mappo.epochs * mappo.minibatches == 45
+    assert (mappo.action_scale, mappo.squash, mappo.init) == ("state", True, "torch")
+    assert not mappo.normalize_advantages and not mappo.normalize_returns and mappo.entropy_coef == 0
+
+
+@needs_vmas
+@pytest.mark.parametrize(
+    "env, agents, env_options",
+    [("vmas:navigation", 3, {"shared_rew": "false"}), ("vmas:balance", 4, {})],
+    ids=["navigation", "balance"],
+)
+def test_benchmarl_preset_trains_two_updates(tmp_path, env, agents, env_options):
+    from kpg.cli import _from_dict, _read_config_file
+    from kpg.compare import CompareConfig
+
+    preset = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET)).train
+    config = dataclasses.replace(
+        preset,
+        env=env,
+        agents=agents,
+        env_options=env_options,
+        copies=2,
+        steps=400,
+        logdir=tmp_path,
+        eval_episodes=1,
+        tensorboard=False,
+    )
+    summary = train(config)
+    assert summary["updates"] == 2 and summary["env_steps"] == 400 and summary["agents"] == agents
+    assert math.isfinite(summary["eval_return"])
+
+
+@needs_vmas
+def test_without_return_normalization_the_tensor_rollout_uses_raw_values(tmp_path):
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    config = dataclasses.replace(config, mappo=dataclasses.replace(config.mappo, normalize_returns=False))
+    pool, trainer = build_trainer(config)
+    trainer._values = lambda state: torch.full((state.shape[0], 3), 2.0)
+    batch, _ = trainer._collect()
+    torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))
+
+
+@needs_vmas
+def test_without_time_limit_bootstrap_the_time_limit_ends_the_episode_like_a_terminal_state(tmp_path):
+    """bootstrap_time_limit off (BenchMARL's GAE through TorchRL's VmasEnv): with V = 2 everywhere, step 4's
+    reward gains nothing at the time limit and the recursion still stops after it."""
+    config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
+    config = dataclasses.replace(config, mappo=dataclasses.replace(config.mappo, bootstrap_time_limit=False))
+    pool, trainer = build_trainer(config)
+    n, gamma, lam = 3, trainer.config.gamma, trainer.config.gae_lambda
+    trainer.returns.denormalize = lambda values: values
+    trainer._values = lambda state: torch.full((state.shape[0], n), 2.0)
+    seen, step = [], pool.step
+    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
+    batch, _ = trainer._collect()
+    rewards = torch.stack([s.reward for s in seen])
+    expected = torch.zeros(5, 8, n)
+    running = torch.zeros(8, n)
+    for t in reversed(range(5)):
+        next_value = 0.0 if t == 3 else 2.0
+        running = rewards[t] + gamma * next_value - 2.0 + (0.0 if t == 3 else gamma * lam * running)
+        expected[t] = running
+    torch.testing.assert_close(batch["advantages"].view(5, 8, n), expected)

@@ -4,6 +4,7 @@ normalization, and the wall-clock split of an update."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,20 +17,33 @@ from torch.nn.utils import skip_init
 
 from kpg import nn as kpg_nn
 
+INITS = ("orthogonal", "torch")
+
 
 def mlp(
-    inputs: int, hidden: Sequence[int], outputs: int, activation: str = "tanh", output_gain: float = 1.0
+    inputs: int,
+    hidden: Sequence[int],
+    outputs: int,
+    activation: str = "tanh",
+    output_gain: float = 1.0,
+    init: str = "orthogonal",
 ) -> nn.Sequential:
-    """An MLP with orthogonal initialization (the MAPPO/PPO convention); ``output_gain`` scales the
-    last layer (0.01 for policy logits keeps the initial policy near uniform)."""
+    """An MLP. ``init``: ``orthogonal`` (the MAPPO/PPO convention: zero biases, orthogonal weights,
+    ``output_gain`` on the last layer; 0.01 for policy outputs keeps the initial policy near uniform)
+    or ``torch`` (``nn.Linear``'s own initialization everywhere, as TorchRL's and BenchMARL's MLPs;
+    ``output_gain`` is not used)."""
     if activation not in kpg_nn.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(kpg_nn.ACTIVATIONS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     layers: list[nn.Module] = []
     width = inputs
     for size in hidden:
         layers += [nn.Linear(width, size), kpg_nn.ACTIVATIONS[activation]()]
         width = size
     layers.append(nn.Linear(width, outputs))
+    if init == "torch":
+        return nn.Sequential(*layers)
     gain = nn.init.calculate_gain("relu" if activation == "relu" else "tanh")
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     for layer in linears:
@@ -74,13 +88,14 @@ class AgentActors(nn.ModuleList):
         hidden: Sequence[int],
         activation: str,
         output_gain: float,
+        init: str = "orthogonal",
     ):
         if layout not in ACTOR_LAYOUTS:
             raise ValueError(f"unknown actor layout {layout!r}; choose one of {', '.join(ACTOR_LAYOUTS)}")
         if layout == "shared":
-            networks = [mlp(obs_size + num_agents, hidden, outputs, activation, output_gain)]
+            networks = [mlp(obs_size + num_agents, hidden, outputs, activation, output_gain, init)]
         else:
-            networks = [mlp(obs_size, hidden, outputs, activation, output_gain) for _ in range(num_agents)]
+            networks = [mlp(obs_size, hidden, outputs, activation, output_gain, init) for _ in range(num_agents)]
         if layout == "batched":
             # The per-agent networks' initialization, in AgentMLP's faster evaluation (skip_init draws no
             # random numbers, so the torch generator advances exactly as in the per-agent layout).
@@ -123,36 +138,131 @@ class AgentActors(nn.ModuleList):
         return per_network, {}
 
 
-class PolicyHead:
-    """Action distributions for every agent at once from network outputs ``[..., action_size]``.
+ACTION_SCALES = ("parameter", "state")
 
-    Discrete: logits, with the actions an agent does not have masked out. Continuous: a Gaussian
-    whose mean is the output and whose log standard deviation is a learned parameter per agent and
-    action dimension; dimensions an agent does not have contribute nothing to log-probabilities or
-    entropy.
+
+def inverse_softplus(value: float) -> float:
+    """The x with softplus(x) = value (value > 0)."""
+    return math.log(math.expm1(value))
+
+
+class PolicyHead:
+    """Action distributions for every agent at once from network outputs ``[..., outputs]``.
+
+    Discrete: logits, with the actions an agent does not have masked out. Continuous: a Gaussian over
+    a latent action u per dimension; dimensions an agent does not have contribute nothing to
+    log-probabilities or entropy.
+
+    - ``scale="parameter"``: the output is the mean; the log standard deviation is a learned
+      parameter per agent and action dimension, given to :meth:`distribution`.
+    - ``scale="state"``: the output holds the mean and a raw scale per dimension (``[mean, raw]``,
+      twice the action size); the standard deviation is ``softplus(raw + b) + scale_min`` with b
+      chosen so that raw = 0 gives ``scale_bias`` (TorchRL's ``biased_softplus``, the scale mapping of
+      BenchMARL's MAPPO).
+    - ``squash_bounds=(low, high)`` ([agents, action_size], finite): the environment's action is
+      ``a = c + h tanh(u)`` with ``c = (high + low) / 2``, ``h = (high - low) / 2`` (TorchRL's
+      ``TanhNormal``), so it always lies inside the bounds. The trainers keep u (the latent) as the
+      action they store, and :meth:`env_actions` maps it to a. Log-probabilities are those of a, by
+      the change of variables: ``log N(u) - sum log(h (1 - tanh(u)^2))``, with ``log(1 - tanh(u)^2)
+      = 2 (log 2 - u - softplus(-2u))``, finite for every u. Without bounds a = u (a plain Normal,
+      which the environment clamps).
+
+    The entropy of a squashed Normal has no closed form. :meth:`entropy` returns an unbiased
+    one-sample estimate: the Normal's exact entropy plus ``sum log(h (1 - tanh(u)^2))`` at one
+    reparameterized draw u (differentiable in the mean and scale). TorchRL estimates it by
+    ``-log p(a)`` at a draw; the two have the same expectation, this one a smaller variance.
     """
 
-    def __init__(self, discrete: bool, action_mask: Tensor):
+    def __init__(
+        self,
+        discrete: bool,
+        action_mask: Tensor,
+        scale: str = "parameter",
+        squash_bounds: tuple[Tensor, Tensor] | None = None,
+        scale_bias: float = 1.0,
+        scale_min: float = 0.01,
+    ):
+        if scale not in ACTION_SCALES:
+            raise ValueError(f"unknown action scale {scale!r}; choose one of {', '.join(ACTION_SCALES)}")
+        if discrete and (scale != "parameter" or squash_bounds is not None):
+            raise ValueError(
+                "the action scale and tanh squashing are options of continuous actions; this environment's actions "
+                "are discrete: leave them at their defaults"
+            )
+        if scale == "state" and not 0 < scale_min < scale_bias:
+            raise ValueError(
+                f"a state-dependent scale needs 0 < scale_min < scale_bias, got scale_min={scale_min}, "
+                f"scale_bias={scale_bias}"
+            )
         self.discrete = discrete
         self.action_mask = action_mask  # [agents, action_size]
+        self.scale = scale
+        self.scale_min = scale_min
+        self.softplus_shift = inverse_softplus(scale_bias - scale_min) if scale == "state" else 0.0
+        self.squash = squash_bounds is not None
+        if self.squash:
+            low, high = squash_bounds
+            present = action_mask != 0
+            if not (torch.isfinite(low) & torch.isfinite(high) & (high > low))[present].all():
+                raise ValueError(
+                    "a tanh-squashed policy needs finite action bounds with high > low for every action dimension; "
+                    f"got low={low.tolist()}, high={high.tolist()}: use the plain Normal (no squashing)"
+                )
+            # Missing dimensions: centre 0, half-range 1 (log 1 = 0), masked out of every sum anyway.
+            self.centre = torch.where(present, (high + low) / 2, torch.zeros_like(low))
+            self.half_range = torch.where(present, (high - low) / 2, torch.ones_like(low))
+
+    @property
+    def outputs_per_action(self) -> int:
+        """Network outputs per action dimension: 2 (mean and raw scale) for a state-dependent scale."""
+        return 2 if self.scale == "state" else 1
 
     def distribution(self, output: Tensor, log_std: Tensor | None = None):
-        """``output``: [agents, batch, action_size]; ``log_std``: [agents, action_size]."""
+        """``output``: [agents, batch, outputs]; ``log_std``: [agents, action_size] (``scale="parameter"``).
+        Continuous: the Normal of the latent u."""
         if self.discrete:
             logits = output.masked_fill(self.action_mask[:, None, :] == 0, torch.finfo(output.dtype).min)
             return Categorical(logits=logits)
+        if self.scale == "state":
+            mean, raw = output.chunk(2, dim=-1)
+            return Normal(mean, nn.functional.softplus(raw + self.softplus_shift) + self.scale_min)
         return Normal(output, log_std[:, None, :].exp().expand_as(output))
 
+    def _log_jacobian(self, latent: Tensor) -> Tensor:
+        """log |da/du| per dimension, [agents, batch, action_size]."""
+        log_one_minus_tanh_sq = 2.0 * (math.log(2.0) - latent - nn.functional.softplus(-2.0 * latent))
+        return self.half_range[:, None, :].log() + log_one_minus_tanh_sq
+
     def log_prob(self, dist, actions: Tensor) -> Tensor:
-        """[agents, batch] log-probabilities of ``actions`` ([agents, batch] or [agents, batch, dims])."""
+        """[agents, batch] log-probabilities of ``actions`` ([agents, batch] or [agents, batch, dims];
+        continuous: the latent u) as actions of the environment (squashed: a's density)."""
         if self.discrete:
             return dist.log_prob(actions)
-        return (dist.log_prob(actions) * self.action_mask[:, None, :]).sum(-1)
+        log_prob = dist.log_prob(actions)
+        if self.squash:
+            log_prob = log_prob - self._log_jacobian(actions)
+        return (log_prob * self.action_mask[:, None, :]).sum(-1)
 
     def entropy(self, dist) -> Tensor:
+        """[agents, batch] entropies (squashed: the one-sample estimate of the class docstring)."""
         if self.discrete:
             return dist.entropy()
-        return (dist.entropy() * self.action_mask[:, None, :]).sum(-1)
+        entropy = dist.entropy()
+        if self.squash:
+            entropy = entropy + self._log_jacobian(dist.rsample())
+        return (entropy * self.action_mask[:, None, :]).sum(-1)
+
+    def env_actions(self, actions: Tensor) -> Tensor:
+        """The environment's actions for sampled ``actions`` [agents, batch, ...]: a = c + h tanh(u) when
+        squashed, else the actions themselves."""
+        if not self.squash:
+            return actions
+        # A dimension an agent does not have gets the centre, 0.
+        return self.centre[:, None, :] + (self.half_range * self.action_mask)[:, None, :] * torch.tanh(actions)
+
+    def greedy(self, dist) -> Tensor:
+        """The deterministic action: the most likely one (discrete), or the mean's (squashed) image."""
+        return dist.probs.argmax(-1) if self.discrete else self.env_actions(dist.mean)
 
 
 class ReturnNormalizer(nn.Module):

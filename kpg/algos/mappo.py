@@ -74,6 +74,24 @@ class MAPPOConfig:
     advantage_norm: Literal["batch", "minibatch"] = "batch"
     # agents: a sum of per-agent means (N times the gradient with a shared actor); samples: one mean over all samples
     actor_loss_mean: Literal["agents", "samples"] = "agents"
+    # Policy parametrization and optimizer details of the feed-forward trainers (configs/vmas_benchmarl.toml sets
+    # BenchMARL's; docs/vmas.md). The defaults are kpg's own.
+    # Continuous actions' scale: "parameter", a learned log-std per action dimension starting at initial_log_std;
+    # "state", from the actor's output: softplus(raw + b) + scale_min, b such that raw = 0 gives scale_bias
+    # (TorchRL's biased_softplus; BenchMARL's scale_mapping "biased_softplus_1.0" is scale_bias 1, scale_min 0.01)
+    action_scale: Literal["parameter", "state"] = "parameter"
+    scale_bias: float = 1.0
+    scale_min: float = 0.01
+    squash: bool = (
+        False  # continuous: tanh-squashed Normal onto the action bounds (TorchRL's TanhNormal), else a Normal
+    )
+    init: Literal["orthogonal", "torch"] = "orthogonal"  # torch: nn.Linear's default init, actor and critic
+    actor_output_gain: float = 0.01  # the orthogonal init's gain of the actor's last layer
+    adam_eps: float = 1e-5  # actor and critic
+    normalize_advantages: bool = True  # standardize each rollout's advantages (BenchMARL's MAPPO does not)
+    # A time limit's last reward gains gamma * V(the state it cut off); off: a time limit ends the episode like a
+    # terminal state (TorchRL's VmasEnv marks it terminated, so BenchMARL's GAE does not bootstrap it)
+    bootstrap_time_limit: bool = True
 
     def validate(self) -> None:
         """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
@@ -128,19 +146,33 @@ class MAPPOTrainer:
         spaces = pool.spaces
         n, c = spaces.num_agents, config
         self.num_agents = n
-        self.head = PolicyHead(spaces.discrete, torch.as_tensor(spaces.action_mask(), device=self.device))
+        self.head = PolicyHead(
+            spaces.discrete,
+            torch.as_tensor(spaces.action_mask(), device=self.device),
+            scale=c.action_scale,
+            squash_bounds=self._action_bounds(spaces) if c.squash else None,
+            scale_bias=c.scale_bias,
+            scale_min=c.scale_min,
+        )
         layout = actor_layout(c.share_actor, c.batch_actors, spaces.homogeneous)
         self.actor = AgentActors(
-            layout, n, spaces.obs_size, spaces.action_size, c.hidden, c.activation, output_gain=0.01
+            layout,
+            n,
+            spaces.obs_size,
+            spaces.action_size * self.head.outputs_per_action,
+            c.hidden,
+            c.activation,
+            output_gain=c.actor_output_gain,
+            init=c.init,
         ).to(self.device)
-        # Continuous actions: a learned log-std per network (with the batched network's agent
-        # dimension), so it belongs to that agent's KPG segment.
+        # Continuous actions with a state-independent scale: a learned log-std per network (with the
+        # batched network's agent dimension), so it belongs to that agent's KPG segment.
         log_std_shape = (n, spaces.action_size) if layout == "batched" else (spaces.action_size,)
         self.log_std = nn.ParameterList(
             nn.Parameter(torch.full(log_std_shape, c.initial_log_std, device=self.device))
-            for _ in range(0 if spaces.discrete else len(self.actor))
+            for _ in range(0 if spaces.discrete or c.action_scale == "state" else len(self.actor))
         )
-        self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation).to(self.device)
+        self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation, init=c.init).to(self.device)
         self.returns = ReturnNormalizer(n).to(self.device)
         actor_agents, layout_arguments = self.actor.optimizer_arguments(extra=list(self.log_std))
         self.actor_optimizer = KPGOptimizer(
@@ -148,7 +180,7 @@ class MAPPOTrainer:
             k=k,
             optimizer="adam",
             lr=c.lr,
-            eps=1e-5,
+            eps=c.adam_eps,
             max_grad_norm=c.max_grad_norm,
             **layout_arguments,
             process_group=process_group,
@@ -162,16 +194,25 @@ class MAPPOTrainer:
             self.k_schedule = KSchedule(
                 self.actor_optimizer, iterations * c.epochs * c.minibatches, early_k=k, late_k=1
             )
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=c.adam_eps)
         self.clock = WallClock()
         self.env_steps = 0
         self.updates = 0
+
+    def _action_bounds(self, spaces) -> tuple[Tensor, Tensor]:
+        if spaces.discrete or spaces.action_low is None:
+            raise ValueError(
+                "--mappo.squash maps continuous actions onto the environment's bounds; this environment has "
+                f"{'discrete actions' if spaces.discrete else 'no action bounds'}: leave --mappo.squash off"
+            )
+        as_tensor = lambda bounds: torch.as_tensor(bounds, dtype=self.dtype, device=self.device)  # noqa: E731
+        return as_tensor(spaces.action_low), as_tensor(spaces.action_high)
 
     # ---- acting ------------------------------------------------------------------------------
 
     def _log_std(self) -> Tensor | None:
         """[agents, action_size], or None for discrete actions."""
-        if not len(self.log_std):
+        if not len(self.log_std):  # discrete actions, or the scale comes from the actor's output
             return None
         if self.actor.layout == "per_agent":
             return torch.stack(list(self.log_std))
@@ -180,6 +221,11 @@ class MAPPOTrainer:
     def _distribution(self, obs: Tensor):
         """The policies of every agent from observations [agents, batch, obs_size]."""
         return self.head.distribution(self.actor(obs), self._log_std())
+
+    def _returns_of(self, values: Tensor) -> Tensor:
+        """The critic's outputs as returns: denormalized when it learns normalized targets, else as
+        they are (the normalizer then never sees a target; its neutral moments must not rescale them)."""
+        return self.returns.denormalize(values) if self.config.normalize_returns else values
 
     def _values(self, state: Tensor) -> Tensor:
         """Normalized values [batch, agents] of global states [batch, state_size].
@@ -202,9 +248,8 @@ class MAPPOTrainer:
     def act_tensor(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> Tensor:
         """:meth:`act` as a tensor [copies, agents, ...] on the trainer's device."""
         dist = self._distribution(torch.as_tensor(obs, dtype=self.dtype, device=self.device).transpose(0, 1))
-        if not deterministic:
-            return dist.sample().transpose(0, 1)
-        return (dist.probs.argmax(-1) if self.head.discrete else dist.mean).transpose(0, 1)
+        actions = self.head.greedy(dist) if deterministic else self.head.env_actions(dist.sample())
+        return actions.transpose(0, 1)
 
     # ---- one iteration: rollout, then update -----------------------------------------------------
 
@@ -232,7 +277,7 @@ class MAPPOTrainer:
                 dist = self._distribution(obs_t)
                 action = dist.sample()
                 logp = self.head.log_prob(dist, action)
-            step = pool.step(action.transpose(0, 1).cpu().numpy())
+            step = pool.step(self.head.env_actions(action).transpose(0, 1).cpu().numpy())
             obs_list.append(obs), state_list.append(state), alive_list.append(alive)
             action_list.append(action.transpose(0, 1)), logp_list.append(logp.transpose(0, 1))
             reward_list.append(step.reward), done_list.append(step.done)
@@ -244,12 +289,12 @@ class MAPPOTrainer:
         alive_mask = as_tensor(alive_list)
         with torch.no_grad():
             states = as_tensor(state_list + [state])
-            values = self.returns.denormalize(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
+            values = self._returns_of(self._values(states.flatten(0, 1)).view(c.rollout + 1, pool.copies, -1))
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             steps, copies = cut_off.sum(-1).nonzero(as_tuple=True)
-            if len(steps):
+            if len(steps) and c.bootstrap_time_limit:
                 final_states = as_tensor(next_state_list)[steps, copies]
-                final_values = self.returns.denormalize(self._values(final_states))
+                final_values = self._returns_of(self._values(final_states))
                 rewards[steps, copies] += c.gamma * final_values * cut_off[steps, copies]
         advantages = generalized_advantages(rewards, values, dones, c.gamma, c.gae_lambda)
         targets = advantages + values[:-1]
@@ -275,7 +320,7 @@ class MAPPOTrainer:
         valid = all_alive.sum().clamp_min(1.0)
         mean = (all_advantages * all_alive).sum() / valid
         std = (((all_advantages - mean) * all_alive).square().sum() / valid).sqrt()
-        advantages = (batch["advantages"] - mean) / (std + 1e-8)
+        advantages = (batch["advantages"] - mean) / (std + 1e-8) if c.normalize_advantages else batch["advantages"]
         if c.normalize_returns:
             self.returns.update(all_targets, all_alive)
         targets = self.returns.normalize(batch["targets"]) if c.normalize_returns else batch["targets"]

@@ -49,19 +49,19 @@ class VectorizedMAPPOTrainer(MAPPOTrainer):
             action = dist.sample()
             obs_buffer[t], actions[t] = obs, action.transpose(0, 1)
             old_log_prob[t] = self.head.log_prob(dist, action).transpose(0, 1)
-            values[t] = self.returns.denormalize(self._values(state))
+            values[t] = self._returns_of(self._values(state))
             alive[t] = pool.alive
-            step = pool.step(actions[t])
+            step = pool.step(self.head.env_actions(action).transpose(0, 1))
             rewards[t], dones[t] = step.reward, step.done
             # A time limit is not a terminal state: the value of the state it cut off is added to the last reward.
             cut_off = step.done * (1.0 - step.terminated)
             cut_copies = cut_off.any(1).nonzero().flatten()
-            if len(cut_copies):
-                final_values = self.returns.denormalize(self._values(step.final_state[cut_copies].to(device, dtype)))
+            if len(cut_copies) and c.bootstrap_time_limit:
+                final_values = self._returns_of(self._values(step.final_state[cut_copies].to(device, dtype)))
                 rewards[t, cut_copies] += c.gamma * final_values * cut_off[cut_copies]
             episodes += step.finished
             obs, state = step.obs.to(device, dtype), step.state.to(device, dtype)
-        values[steps] = self.returns.denormalize(self._values(state))
+        values[steps] = self._returns_of(self._values(state))
         self.env_steps += steps * self.copies_per_iteration
         advantages = generalized_advantages(rewards, values, dones, c.gamma, c.gae_lambda)
         obs_rows = obs_buffer.flatten(0, 1)
