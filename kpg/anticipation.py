@@ -57,6 +57,7 @@ class AgentTiling:
     lengths: Tensor  # int64 [runs], on the arena's device
     num_agents: int
     numel: int
+    one_run_per_agent: bool  # runs are agents 0, 1, ... in order (per-agent and shared arenas)
 
     @classmethod
     def of(cls, arena: ParameterArena) -> AgentTiling:
@@ -79,16 +80,24 @@ class AgentTiling:
             torch.tensor(lengths, dtype=torch.int64, device=device),
             arena.num_agents,
             arena.numel,
+            agents == list(range(arena.num_agents)),
         )
 
     def per_element(self, per_agent: Tensor) -> Tensor:
         """``per_agent[agent of element]`` for every element of the arena."""
-        return per_agent.index_select(0, self.agents).repeat_interleave(self.lengths, output_size=self.numel)
+        per_run = per_agent if self.one_run_per_agent else per_agent.index_select(0, self.agents)
+        return per_run.repeat_interleave(self.lengths, output_size=self.numel)
 
     def agent_sums(self, values: Tensor) -> Tensor:
-        """Per agent, the sum of ``values`` (one per arena element) over its elements, in float64."""
-        runs = torch.segment_reduce(values.to(torch.float64), "sum", lengths=self.lengths)
-        return torch.zeros(self.num_agents, dtype=torch.float64, device=values.device).index_add_(0, self.agents, runs)
+        """Per agent, the sums of ``values`` (``[rows, arena elements]``) over its elements:
+        ``[rows, agents]`` in float64, every row in one reduction."""
+        rows = values.shape[0]
+        lengths = self.lengths.expand(rows, -1).contiguous()
+        runs = torch.segment_reduce(values.to(torch.float64), "sum", lengths=lengths, axis=1)
+        if self.one_run_per_agent:
+            return runs
+        sums = torch.zeros(rows, self.num_agents, dtype=torch.float64, device=values.device)
+        return sums.index_add_(1, self.agents, runs)
 
 
 def _gate(dot: Tensor, latest_sq: Tensor, previous_sq: Tensor) -> Tensor:
@@ -110,8 +119,7 @@ def momentum_record(param: Tensor, base: Tensor, latest: Tensor, latest_sq: Tens
     clip(cos(new update, latest), 0, 1) and ``latest_sq`` the new update's squared norm, per agent.
     The caller then treats ``base`` as u1 and ``latest`` as u2."""
     torch.sub(param, base, out=base)
-    dot = tiling.agent_sums(base * latest)
-    fresh_sq = tiling.agent_sums(base * base)
+    dot, fresh_sq = tiling.agent_sums(base * torch.stack((latest, base)))
     gate.copy_(_gate(dot, fresh_sq, latest_sq))
     latest_sq.copy_(fresh_sq)
 
@@ -123,8 +131,7 @@ def momentum_audit(
     agent: the gate, cos(u1, exact step) (NaN while u1 or the step is zero), ``|prediction - exact
     step| / |exact step|`` and ``|prediction| / |exact step|`` (NaN where the exact step is zero)."""
     step = exact - param
-    dot = tiling.agent_sums(step * latest)
-    step_sq = tiling.agent_sums(step * step)
+    dot, step_sq = tiling.agent_sums(step * torch.stack((latest, step)))
     nan = torch.full_like(step_sq, float("nan"))
     error_sq = (gate * gate * latest_sq - 2 * gate * dot + step_sq).clamp_min(0.0)
     step_norm = step_sq.sqrt()

@@ -237,6 +237,7 @@ class GamePlay:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         anticipation: str = "exact",
+        audit_anticipation: bool = False,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -260,6 +261,7 @@ class GamePlay:
             lr=agent_lrs,
             agent_dim=0,
             anticipation=anticipation,
+            audit_anticipation=audit_anticipation,
             **hyperparameters,
         )
 

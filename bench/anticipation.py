@@ -1,0 +1,85 @@
+"""Momentum anticipation's price: one MAPPO actor update with kpg at k=1, exact k=2 and momentum k=2
+(``KPGOptimizer(anticipation="momentum")``), side by side, from 8 to 2048 agents.
+
+The update, the models, the rollout and the side-by-side timing are bench/agents.py's (its kpg_k1,
+kpg_k2 and kpg_mk2 methods, timed call by call in turn by its ``time_side_by_side``); this script
+times only these three, so that it finishes on a loaded machine where agents.py's plain-PyTorch
+methods (seconds per call at 2048 agents) do not. Target (issue 28): momentum k=2 at most 1.35x
+k=1 at every agent count, the floor being one extra forward of the others' terms.
+
+    python bench/anticipation.py [--agents 8 64 512 2048] [--threads 1] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agents import BUILDERS, FULL_AGENTS, make_rollout, pin_malloc_thresholds, time_side_by_side  # noqa: E402
+from optimizer import machine_metadata  # noqa: E402
+
+METHODS = ("kpg_k1", "kpg_k2", "kpg_mk2")
+TARGET = 1.35  # momentum k=2 / k=1
+
+
+def run_case(agents: int, min_run_time: float, max_run_time: float) -> dict:
+    rollout = make_rollout(agents, torch.device("cpu"))
+    timings = time_side_by_side({name: BUILDERS[name](rollout) for name in METHODS}, min_run_time, max_run_time)
+    seconds = {name: timing.median for name, timing in timings.items()}
+    return {
+        "agents": agents,
+        "seconds": seconds,
+        "samples": {name: len(timing.times) for name, timing in timings.items()},
+        "other_processes_cores": {name: timing.other_cores for name, timing in timings.items()},
+        "momentum_k2_over_k1": seconds["kpg_mk2"] / seconds["kpg_k1"],
+        "momentum_k2_over_exact_k2": seconds["kpg_mk2"] / seconds["kpg_k2"],
+        "exact_k2_over_k1": seconds["kpg_k2"] / seconds["kpg_k1"],
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", nargs="+", type=int, default=list(FULL_AGENTS), metavar="N")
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--max-run-time", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pin_malloc_thresholds()
+    cases = []
+    for agents in args.agents:
+        print(f"timing {agents} agents ...", file=sys.stderr)
+        cases.append(run_case(agents, args.min_run_time, args.max_run_time))
+    print(f"\none actor update, ms (median), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
+    print(
+        f"{'agents':>6}  {'kpg k=1':>9}  {'exact k=2':>9}  {'mom. k=2':>9}  {'k2/k1':>6}  {'mk2/k1':>6}  "
+        f"{'mk2/k2':>6}  others"
+    )
+    for case in cases:
+        s = case["seconds"]
+        busiest = max((c for c in case["other_processes_cores"].values() if c is not None), default=None)
+        print(
+            f"{case['agents']:>6}  {s['kpg_k1'] * 1e3:9.2f}  {s['kpg_k2'] * 1e3:9.2f}  {s['kpg_mk2'] * 1e3:9.2f}  "
+            f"{case['exact_k2_over_k1']:6.2f}  {case['momentum_k2_over_k1']:6.2f}  "
+            f"{case['momentum_k2_over_exact_k2']:6.2f}  {'-' if busiest is None else f'{busiest:.2f}'}"
+        )
+    for case in cases:
+        value = case["momentum_k2_over_k1"]
+        verdict = "PASS" if value <= TARGET else "MISS"
+        print(f"target momentum k=2 / k=1 <= {TARGET} at {case['agents']} agents: {value:.2f}  {verdict}")
+    print("others: the most cores other processes kept busy while one of the row's steps was timed")
+    if args.json:
+        meta = machine_metadata(argparse.Namespace(**vars(args), quick=False))
+        Path(args.json).write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
+    return cases
+
+
+if __name__ == "__main__":
+    main()
