@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = []
     for agents in args.agents:
         print(f"timing {agents} agents ...", file=sys.stderr)
-        cases.append(run_case(agents, args.min_run_time, args.max_run_time))
+        case = run_case(agents, args.min_run_time, args.max_run_time)
+        cases.append(case)
+        ms = "  ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in case["seconds"].items())
+        print(f"  {ms}; momentum k=2 / k=1 {case['momentum_k2_over_k1']:.2f}", file=sys.stderr)
     print(f"\none actor update, ms (median), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
     print(
         f"{'agents':>6}  {'kpg k=1':>9}  {'exact k=2':>9}  {'mom. k=2':>9}  {'k2/k1':>6}  {'mk2/k1':>6}  "

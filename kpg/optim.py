@@ -365,6 +365,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         :meth:`sync_hyperparameters` before the next replay. Needs ``nonfinite="skip"`` or
         ``"propagate"``: ``"raise"`` reads flags on the host, which a graph cannot do.
         """
+        if self._momentum is not None:
+            raise ValueError(
+                "capture_step does not support anticipation='momentum': its step swaps the u1 and u2 buffers, which "
+                "a graph would replay at fixed addresses; step eagerly, or use anticipation='exact'"
+            )
         if self.arena.device.type != "cuda":
             raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
         if self.nonfinite == "raise":
@@ -372,11 +377,6 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "capture_step needs nonfinite='skip' or 'propagate': nonfinite='raise' synchronizes with the host"
             )
         self._communicator.check_capturable()
-        if self._momentum is not None:
-            raise ValueError(
-                "capture_step does not support anticipation='momentum': its step swaps the u1 and u2 buffers, which "
-                "a graph would replay at fixed addresses; step eagerly, or use anticipation='exact'"
-            )
         side_stream = torch.cuda.Stream(self.arena.device)
         side_stream.wait_stream(torch.cuda.current_stream(self.arena.device))
         with torch.cuda.stream(side_stream):

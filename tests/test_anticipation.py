@@ -261,3 +261,9 @@ def test_a_failed_step_leaves_the_history_unchanged():
         opt.step(failing)
     after = (opt._momentum.latest, opt._momentum.latest_sq, opt._momentum.gate)
     assert all(torch.equal(b, a) for b, a in zip(history, after))
+
+
+def test_capture_step_refuses_momentum():
+    ours, opt, _ = build("adam", shared=False)
+    with pytest.raises(ValueError, match="capture_step does not support anticipation='momentum'"):
+        opt.capture_step(ours.closure_with_context)
