@@ -267,3 +267,12 @@ def test_capture_step_refuses_momentum():
     ours, opt, _ = build("adam", shared=False)
     with pytest.raises(ValueError, match="capture_step does not support anticipation='momentum'"):
         opt.capture_step(ours.closure_with_context)
+
+
+def test_a_closure_without_context_follows_the_same_rule():
+    """Such a closure is evaluated once per agent at the mixed point; the others sit at the prediction."""
+    ours, opt, plain = build("adam", shared=False)
+    for _ in range(4):
+        opt.step(ours.closure_without_context)
+        plain.step()
+        assert_same(ours, plain)
