@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,15 +29,39 @@ METHODS = ("kpg_k1", "kpg_k2", "kpg_mk2")
 TARGET = 1.35  # momentum k=2 / k=1
 
 
-def run_case(agents: int, min_run_time: float, max_run_time: float) -> dict:
+def process_time_side_by_side(steps: dict, calls: int) -> dict[str, list[float]]:
+    """This process's CPU seconds per call, the steps taking turns call by call: on a machine shared
+    with other jobs, CPU time is what the other jobs inflate least (wall-clock counts the time the
+    process waits for a core)."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(calls):
+        for name, step in steps.items():
+            started = time.process_time()
+            step()
+            times[name].append(time.process_time() - started)
+    return times
+
+
+def run_case(agents: int, min_run_time: float, max_run_time: float, process_calls: int | None) -> dict:
     rollout = make_rollout(agents, torch.device("cpu"))
-    timings = time_side_by_side({name: BUILDERS[name](rollout) for name in METHODS}, min_run_time, max_run_time)
+    steps = {name: BUILDERS[name](rollout) for name in METHODS}
+    if process_calls is not None:
+        times = process_time_side_by_side(steps, process_calls)
+        return _case(agents, {name: statistics.median(t) for name, t in times.items()}, times, None)
+    timings = time_side_by_side(steps, min_run_time, max_run_time)
     seconds = {name: timing.median for name, timing in timings.items()}
+    others = {name: timing.other_cores for name, timing in timings.items()}
+    return _case(agents, seconds, {name: timing.times for name, timing in timings.items()}, others)
+
+
+def _case(agents: int, seconds: dict, times: dict, others: dict | None) -> dict:
     return {
         "agents": agents,
         "seconds": seconds,
-        "samples": {name: len(timing.times) for name, timing in timings.items()},
-        "other_processes_cores": {name: timing.other_cores for name, timing in timings.items()},
+        "samples": {name: len(t) for name, t in times.items()},
+        "other_processes_cores": others or {},
         "momentum_k2_over_k1": seconds["kpg_mk2"] / seconds["kpg_k1"],
         "momentum_k2_over_exact_k2": seconds["kpg_mk2"] / seconds["kpg_k2"],
         "exact_k2_over_k1": seconds["kpg_k2"] / seconds["kpg_k1"],
@@ -48,6 +74,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--max-run-time", type=float, default=10.0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--process-time",
+        type=int,
+        metavar="CALLS",
+        help="time this process's CPU seconds over CALLS calls per method, in turn, instead of wall-clock",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -56,11 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = []
     for agents in args.agents:
         print(f"timing {agents} agents ...", file=sys.stderr)
-        case = run_case(agents, args.min_run_time, args.max_run_time)
+        case = run_case(agents, args.min_run_time, args.max_run_time, args.process_time)
         cases.append(case)
         ms = "  ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in case["seconds"].items())
         print(f"  {ms}; momentum k=2 / k=1 {case['momentum_k2_over_k1']:.2f}", file=sys.stderr)
-    print(f"\none actor update, ms (median), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
+    clock = "process CPU time" if args.process_time else "wall-clock"
+    print(f"\none actor update, ms (median {clock}), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
     print(
         f"{'agents':>6}  {'kpg k=1':>9}  {'exact k=2':>9}  {'mom. k=2':>9}  {'k2/k1':>6}  {'mk2/k1':>6}  "
         f"{'mk2/k2':>6}  others"

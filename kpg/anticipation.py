@@ -58,6 +58,9 @@ class AgentTiling:
     num_agents: int
     numel: int
     one_run_per_agent: bool  # runs are agents 0, 1, ... in order (per-agent and shared arenas)
+    # Agent-batched arenas: per parameter (first element, elements per agent); its elements are
+    # [agents, per agent] row-major, so the rule runs as one broadcast op per parameter.
+    blocks: tuple[tuple[int, int], ...] | None
 
     @classmethod
     def of(cls, arena: ParameterArena) -> AgentTiling:
@@ -81,7 +84,37 @@ class AgentTiling:
             arena.num_agents,
             arena.numel,
             agents == list(range(arena.num_agents)),
+            tuple((v.storage_offset(), v.numel() // arena.num_agents) for v in arena.param_views)
+            if arena.is_batched
+            else None,
         )
+
+    def _rows(self, buffer: Tensor) -> list[Tensor]:
+        """An agent-batched arena's ``buffer`` as one ``[agents, per agent]`` view per parameter."""
+        agents = self.num_agents
+        return [buffer[start : start + agents * width].view(agents, width) for start, width in self.blocks]
+
+    def scale_add(self, param: Tensor, per_agent: Tensor, update: Tensor, out: Tensor) -> None:
+        """``out = param + per_agent[agent] * update`` elementwise."""
+        scale = per_agent.to(param.dtype)
+        if self.blocks is None:
+            torch.addcmul(param, self.per_element(scale), update, out=out)
+            return
+        column = scale.unsqueeze(1)
+        for p, u, o in zip(self._rows(param), self._rows(update), self._rows(out)):
+            torch.addcmul(p, column, u, out=o)
+
+    def dot_and_square(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Per agent, in float64: the dot product of ``a`` and ``b`` and the squared norm of ``a``."""
+        if self.blocks is None:
+            dot, square = self.agent_sums(a * torch.stack((b, a)))
+            return dot, square
+        dot = torch.zeros(self.num_agents, dtype=torch.float64, device=a.device)
+        square = torch.zeros_like(dot)
+        for a_rows, b_rows in zip(self._rows(a), self._rows(b)):
+            dot += torch.linalg.vecdot(a_rows, b_rows)
+            square += torch.linalg.vecdot(a_rows, a_rows)
+        return dot, square
 
     def per_element(self, per_agent: Tensor) -> Tensor:
         """``per_agent[agent of element]`` for every element of the arena."""
@@ -90,10 +123,12 @@ class AgentTiling:
 
     def agent_sums(self, values: Tensor) -> Tensor:
         """Per agent, the sums of ``values`` (``[rows, arena elements]``) over its elements:
-        ``[rows, agents]`` in float64, every row in one reduction."""
+        ``[rows, agents]`` in float64, every row in one reduction. Each run is summed in the arena's
+        dtype (converting every element to float64 first cost more than the rest of the rule), the
+        runs of an agent in float64."""
         rows = values.shape[0]
         lengths = self.lengths.expand(rows, -1).contiguous()
-        runs = torch.segment_reduce(values.to(torch.float64), "sum", lengths=lengths, axis=1)
+        runs = torch.segment_reduce(values, "sum", lengths=lengths, axis=1).to(torch.float64)
         if self.one_run_per_agent:
             return runs
         sums = torch.zeros(rows, self.num_agents, dtype=torch.float64, device=values.device)
@@ -110,7 +145,7 @@ def _gate(dot: Tensor, latest_sq: Tensor, previous_sq: Tensor) -> Tensor:
 def momentum_predict(param: Tensor, latest: Tensor, gate: Tensor, anticipated: Tensor, base: Tensor, tiling) -> None:
     """``anticipated = param + gate[agent] * latest`` (the predicted level-1 parameters) and
     ``base = param`` (kept for :func:`momentum_record`), every agent at once."""
-    torch.addcmul(param, tiling.per_element(gate.to(param.dtype)), latest, out=anticipated)
+    tiling.scale_add(param, gate, latest, anticipated)
     base.copy_(param)
 
 
@@ -119,7 +154,7 @@ def momentum_record(param: Tensor, base: Tensor, latest: Tensor, latest_sq: Tens
     clip(cos(new update, latest), 0, 1) and ``latest_sq`` the new update's squared norm, per agent.
     The caller then treats ``base`` as u1 and ``latest`` as u2."""
     torch.sub(param, base, out=base)
-    dot, fresh_sq = tiling.agent_sums(base * torch.stack((latest, base)))
+    dot, fresh_sq = tiling.dot_and_square(base, latest)
     gate.copy_(_gate(dot, fresh_sq, latest_sq))
     latest_sq.copy_(fresh_sq)
 
@@ -131,7 +166,7 @@ def momentum_audit(
     agent: the gate, cos(u1, exact step) (NaN while u1 or the step is zero), ``|prediction - exact
     step| / |exact step|`` and ``|prediction| / |exact step|`` (NaN where the exact step is zero)."""
     step = exact - param
-    dot, step_sq = tiling.agent_sums(step * torch.stack((latest, step)))
+    dot, step_sq = tiling.dot_and_square(step, latest)
     nan = torch.full_like(step_sq, float("nan"))
     error_sq = (gate * gate * latest_sq - 2 * gate * dot + step_sq).clamp_min(0.0)
     step_norm = step_sq.sqrt()
