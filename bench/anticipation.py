@@ -5,7 +5,9 @@ The update, the models, the rollout and the side-by-side timing are bench/agents
 kpg_k2 and kpg_mk2 methods, timed call by call in turn by its ``time_side_by_side``); this script
 times only these three, so that it finishes on a loaded machine where agents.py's plain-PyTorch
 methods (seconds per call at 2048 agents) do not. Target (issue 28): momentum k=2 at most 1.35x
-k=1 at every agent count, the floor being one extra forward of the others' terms.
+k=1 at every agent count, the floor being one extra forward of the others' terms. With
+``--process-time`` (this process's CPU time, for machines shared with other jobs) it also times the
+rule alone (``rule``: predict and record over the arena, no closure), in the same turns.
 
     python bench/anticipation.py [--agents 8 64 512 2048] [--threads 1] [--json PATH]
 """
@@ -17,12 +19,22 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from kpg.anticipation import momentum_predict, momentum_record
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agents import BUILDERS, FULL_AGENTS, make_rollout, pin_malloc_thresholds, time_side_by_side  # noqa: E402
+from agents import (  # noqa: E402
+    BUILDERS,
+    FULL_AGENTS,
+    kpg_actor_step,
+    make_rollout,
+    pin_malloc_thresholds,
+    time_side_by_side,
+)
 from optimizer import machine_metadata  # noqa: E402
 
 METHODS = ("kpg_k1", "kpg_k2", "kpg_mk2")
@@ -44,10 +56,24 @@ def process_time_side_by_side(steps: dict, calls: int) -> dict[str, list[float]]
     return times
 
 
+def rule_step(rollout) -> Callable[[], object]:
+    """The momentum rule alone (predict, then record) on the arena of kpg_mk2's optimizer: what
+    momentum adds over a k=1 step besides the closure's level-2 work."""
+    optimizer, _ = kpg_actor_step(rollout, 2, anticipation="momentum")
+    arena, rule = optimizer.arena, optimizer._momentum
+
+    def step() -> None:
+        momentum_predict(arena.param, rule.latest, rule.gate, optimizer._anticipated, rule.scratch, rule.tiling)
+        momentum_record(arena.param, rule.scratch, rule.latest, rule.latest_sq, rule.gate, rule.tiling)
+
+    return step
+
+
 def run_case(agents: int, min_run_time: float, max_run_time: float, process_calls: int | None) -> dict:
     rollout = make_rollout(agents, torch.device("cpu"))
     steps = {name: BUILDERS[name](rollout) for name in METHODS}
     if process_calls is not None:
+        steps["rule"] = rule_step(rollout)
         times = process_time_side_by_side(steps, process_calls)
         return _case(agents, {name: statistics.median(t) for name, t in times.items()}, times, None)
     timings = time_side_by_side(steps, min_run_time, max_run_time)
@@ -96,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\none actor update, ms (median {clock}), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
     print(
         f"{'agents':>6}  {'kpg k=1':>9}  {'exact k=2':>9}  {'mom. k=2':>9}  {'k2/k1':>6}  {'mk2/k1':>6}  "
-        f"{'mk2/k2':>6}  others"
+        f"{'mk2/k2':>6}  {'rule':>7}  others"
     )
     for case in cases:
         s = case["seconds"]
@@ -104,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"{case['agents']:>6}  {s['kpg_k1'] * 1e3:9.2f}  {s['kpg_k2'] * 1e3:9.2f}  {s['kpg_mk2'] * 1e3:9.2f}  "
             f"{case['exact_k2_over_k1']:6.2f}  {case['momentum_k2_over_k1']:6.2f}  "
-            f"{case['momentum_k2_over_exact_k2']:6.2f}  {'-' if busiest is None else f'{busiest:.2f}'}"
+            f"{case['momentum_k2_over_exact_k2']:6.2f}  {s['rule'] * 1e3 if 'rule' in s else float('nan'):7.2f}  "
+            f"{'-' if busiest is None else f'{busiest:.2f}'}"
         )
     for case in cases:
         value = case["momentum_k2_over_k1"]
