@@ -249,6 +249,12 @@ class MomentumAnticipation:
         starts afresh."""
         if saved is None or saved.get("mode") != "momentum":
             return None
+        missing = [key for key in ("latest_update", "latest_update_sq_norm", "gate") if key not in saved]
+        if missing:
+            raise ValueError(
+                f"the state dict's momentum anticipation entry lacks {', '.join(missing)}; pass a state dict that "
+                "KPGOptimizer(anticipation='momentum').state_dict() wrote"
+            )
         tensors = (saved["latest_update"], saved["latest_update_sq_norm"], saved["gate"])
         expected = (self.latest, self.latest_sq, self.gate)
         for name, value, own in zip(("latest_update", "latest_update_sq_norm", "gate"), tensors, expected):

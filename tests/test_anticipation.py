@@ -276,3 +276,24 @@ def test_a_closure_without_context_follows_the_same_rule():
         opt.step(ours.closure_without_context)
         plain.step()
         assert_same(ours, plain)
+
+
+def test_a_damaged_momentum_state_dict_is_refused_before_anything_changes():
+    ours, opt, _ = build("adam", shared=False)
+    for _ in range(3):
+        opt.step(ours.closure_with_context)
+    saved = copy.deepcopy(opt.state_dict())
+    before = opt._momentum.latest.clone()
+    damaged = copy.deepcopy(saved)
+    del damaged["kpg"]["anticipation"]["gate"]
+    with pytest.raises(ValueError, match="lacks gate"):
+        opt.load_state_dict(damaged)
+    damaged = copy.deepcopy(saved)
+    damaged["kpg"]["anticipation"]["latest_update"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="latest_update has shape"):
+        opt.load_state_dict(damaged)
+    assert torch.equal(opt._momentum.latest, before)
+    # A state dict without the entry (exact mode, torch.optim) starts the history afresh.
+    del saved["kpg"]["anticipation"]
+    opt.load_state_dict(saved)
+    assert opt._momentum.gate.eq(0).all() and opt._momentum.latest.eq(0).all()
