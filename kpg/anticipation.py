@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 ANTICIPATIONS = ("exact", "momentum")
-AUDIT_KEYS = ("gate", "cosine", "relative_error", "norm_ratio")
 
 
 @dataclass(frozen=True)
