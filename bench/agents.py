@@ -19,6 +19,9 @@ that a training process would keep (pin_malloc_thresholds):
     kpg_k1     kpg.nn.AgentMLP (all agents in one batched module) and kpg.KPGOptimizer(k=1)
     kpg_k2     the same with k=2; the own-policy forward is computed once (ctx.at_base) and reused
                at level 2, where only the anticipated forward is new
+    kpg_mk2    k=2 with anticipation="momentum": no level 1; the others' level-1 parameters are
+               predicted from their last two committed updates (kpg.anticipation), so the step is
+               one closure evaluation (own and anticipated forward), one backward and one commit
 
 FLOP model (matmuls only, per sample): forward 2 * sum(in * out) over the three layers, backward
 the weight gradients (the same again) and the input gradients of layers 2 and 3 (no gradient flows
@@ -91,13 +94,13 @@ REFERENCE_STEP = f"kpg_k2_{PER_AGENT_REFERENCE}_agents"
 # the references its targets divide by, then the per-agent torch modules. Timed in one group, the
 # second's garbage (deep copies of thousands of modules) left the allocator in a state that slowed
 # the kpg steps after it: kpg k2 at 2048 agents took 515 ms there against 440 ms without them.
-TIMING_GROUPS = (("kpg_k1", "kpg_k2", "bmm", REFERENCE_STEP), ("torch_k1", "naive_k2"))
+TIMING_GROUPS = (("kpg_k1", "kpg_k2", "kpg_mk2", "bmm", REFERENCE_STEP), ("torch_k1", "naive_k2"))
 # Side-by-side timing (time_side_by_side): rounds, fewest calls per step, accepted spread.
 ROUNDS = 4
 MIN_CALLS = 4
 SPREAD_THRESHOLD = 0.1
 
-METHODS = ("torch_k1", "naive_k2", "kpg_k1", "kpg_k2")
+METHODS = ("torch_k1", "naive_k2", "kpg_k1", "kpg_k2", "kpg_mk2")
 
 LAYER_SHAPES = tuple(zip((OBSERVATION_SIZE, *HIDDEN_SIZES), (*HIDDEN_SIZES, ACTIONS)))
 FORWARD_FLOPS = sum(2 * i * o for i, o in LAYER_SHAPES)
@@ -120,6 +123,8 @@ TARGETS = (
     Target("kpg_k2_over_k1", 2.3, False, FULL_AGENTS),
     Target("kpg_k1_fraction_of_matmul_rate", 0.40, True, (512, 2048)),
     Target("kpg_k2_time_per_agent_vs_512", 1.05, False, (2048,)),
+    # Issue 28: momentum k=2 pays one extra forward of the others' terms over k=1.
+    Target("kpg_momentum_k2_over_k1", 1.35, False, FULL_AGENTS),
 )
 
 
@@ -254,9 +259,9 @@ def kpg_actor_step(
     return optimizer, closure
 
 
-def build_kpg(k: int) -> Callable[[Rollout], Callable[[], object]]:
+def build_kpg(k: int, **options) -> Callable[[Rollout], Callable[[], object]]:
     def build(rollout: Rollout) -> Callable[[], object]:
-        optimizer, closure = kpg_actor_step(rollout, k)
+        optimizer, closure = kpg_actor_step(rollout, k, **options)
         return lambda: optimizer.step(closure)
 
     return build
@@ -267,6 +272,7 @@ BUILDERS: dict[str, Callable[[Rollout], Callable[[], object]]] = {
     "naive_k2": build_naive_k2,
     "kpg_k1": build_kpg(1),
     "kpg_k2": build_kpg(2),
+    "kpg_mk2": build_kpg(2, anticipation="momentum"),
 }
 assert tuple(BUILDERS) == METHODS
 
@@ -617,6 +623,8 @@ def add_ratios(cases: list[dict]) -> None:
             "k2_speedup_over_naive": s["naive_k2"] / s["kpg_k2"],
             "k1_speedup_over_torch": s["torch_k1"] / s["kpg_k1"],
             "kpg_k2_over_k1": s["kpg_k2"] / s["kpg_k1"],
+            "kpg_momentum_k2_over_k1": s["kpg_mk2"] / s["kpg_k1"],
+            "kpg_momentum_k2_over_k2": s["kpg_mk2"] / s["kpg_k2"],
             "kpg_k1_fraction_of_matmul_rate": case["kpg_k1_flops_per_second"] / case["matmul_flops_per_second"],
             "kpg_k2_time_per_agent_vs_512": (s["kpg_k2"] / case["agents"])
             / (case["reference_kpg_k2_seconds"] / PER_AGENT_REFERENCE),
@@ -652,7 +660,8 @@ def print_report(cases: list[dict], device: torch.device) -> None:
         f"batch {BATCH} per agent, Adam, float32, {device}, {torch.get_num_threads()} threads"
     )
     header = (
-        f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS) + f"  {'naive/k2':>8}  {'k2/k1':>6}  "
+        f"{'agents':>6}  " + "  ".join(f"{m:>9}" for m in METHODS) + f"  {'naive/k2':>8}  {'k2/k1':>6}  {'mk2/k1':>6}  "
+        f"{'mk2/k2':>6}  "
         f"{'k1 GFLOP/s':>10}  {'bmm GFLOP/s':>11}  {'k1/bmm':>6}  {'k2 us/agent':>11}  {'others':>6}"
     )
     print(header)
@@ -662,7 +671,8 @@ def print_report(cases: list[dict], device: torch.device) -> None:
         print(
             f"{case['agents']:>6}  "
             + "  ".join(f"{s[m] * 1e3:9.2f}" for m in METHODS)
-            + f"  {r['k2_speedup_over_naive']:8.2f}  {r['kpg_k2_over_k1']:6.2f}  "
+            + f"  {r['k2_speedup_over_naive']:8.2f}  {r['kpg_k2_over_k1']:6.2f}  {r['kpg_momentum_k2_over_k1']:6.2f}  "
+            f"{r['kpg_momentum_k2_over_k2']:6.2f}  "
             f"{case['kpg_k1_flops_per_second'] / 1e9:10.1f}  {case['matmul_flops_per_second'] / 1e9:11.1f}  "
             f"{r['kpg_k1_fraction_of_matmul_rate']:6.2f}  {s['kpg_k2'] / case['agents'] * 1e6:11.1f}  "
             f"{'-' if busiest is None else f'{busiest:.2f}':>6}"

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from kpg.anticipation import ANTICIPATIONS
 from kpg.couplings import joint_ratio_loss
 from kpg.optim import KPGOptimizer
 
@@ -235,6 +236,8 @@ class GamePlay:
         init_scale: float = 1.0,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        anticipation: str = "exact",
+        audit_anticipation: bool = False,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -251,7 +254,16 @@ class GamePlay:
         per_block = torch.tensor([float(lr) for lr in lrs], dtype=torch.float64)
         agent_lrs = per_block.repeat_interleave(copies * players).tolist()
         name, hyperparameters = OPTIMIZERS[optimizer]
-        self.optimizer = KPGOptimizer([self.logits], k=k, optimizer=name, lr=agent_lrs, agent_dim=0, **hyperparameters)
+        self.optimizer = KPGOptimizer(
+            [self.logits],
+            k=k,
+            optimizer=name,
+            lr=agent_lrs,
+            agent_dim=0,
+            anticipation=anticipation,
+            audit_anticipation=audit_anticipation,
+            **hyperparameters,
+        )
 
     def policies(self) -> Tensor:
         """``[copies (all learning rates), players, actions]``, without gradient."""
@@ -345,6 +357,9 @@ class GamesConfig:
     steps: int = 200  # KPG steps
     # exact: closed-form expected payoff; sampled: sampled joint actions through the K-MAPPO surrogate
     mode: Literal["exact", "sampled"] = "exact"
+    # KPGOptimizer's anticipation for every cell: "momentum" predicts level 1 from each agent's last two
+    # updates (k=1 and k=2 only; its k=1 is the plain step)
+    anticipation: Literal["exact", "momentum"] = "exact"
     batch: int = 32  # sampled mode: joint actions sampled per copy and step
     clip_eps: float = 0.2  # sampled mode: the surrogate's clip range
     init_scale: float = 1.0  # initial logits ~ N(0, init_scale^2)
@@ -383,6 +398,12 @@ def check_config(config: GamesConfig) -> None:
     if config.mode == "sampled" and config.batch < 2:
         raise ValueError(
             f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}"
+        )
+    if config.anticipation not in ANTICIPATIONS:
+        raise ValueError(f"--anticipation must be one of {', '.join(ANTICIPATIONS)}, got {config.anticipation!r}")
+    if config.anticipation == "momentum" and max(config.ks) > 2:
+        raise ValueError(
+            f"--anticipation momentum predicts only level 1, so it runs k=1 or k=2; got --ks {list(config.ks)}"
         )
     if not config.init_scale >= 0:
         raise ValueError(f"--init-scale must be >= 0, got {config.init_scale}")
@@ -453,6 +474,7 @@ def _run_cell(cell: tuple[GamesConfig, str, str, int]) -> list[dict]:
         clip_eps=config.clip_eps,
         init_scale=config.init_scale,
         seed=config.seed,
+        anticipation=config.anticipation,
     )
     seconds, cpu_seconds = play.train(config.steps)
     success, value = game.outcome(play.policies())
@@ -531,7 +553,7 @@ def markdown(results: dict) -> str:
     lrs = config["lrs"]
     lines = [
         f"# kpg games: {config['mode']} gradients, {config['copies']} copies per learning rate, "
-        f"{config['steps']} KPG steps",
+        f"{config['steps']} KPG steps, {config.get('anticipation', 'exact')} anticipation",
         "",
         f"Command: `{results['command']}`" if results["command"] else "",
         "",

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kpg import _ops as ops
+from kpg.anticipation import ANTICIPATIONS, MomentumAnticipation
 from kpg.arena import ParameterArena, batched_num_agents
 from kpg.distributed import DEFAULT_BUCKET_BYTES, PARALLEL_MODES, Communicator, LocalCommunicator
 from kpg.levels import KPGContext, LevelEvaluator
@@ -74,6 +75,13 @@ class KPGOptimizer(torch.optim.Optimizer):
         verify_replicas: data parallel: check after every step that all ranks hold the same
             parameters and optimizer state (a debugging aid; one broadcast of both per step).
         bucket_bytes: the largest all-reduce of the data-parallel gradient average.
+        anticipation: ``"exact"`` computes levels 1..k-1 (the paper's rule); ``"momentum"`` predicts
+            each agent's level-1 parameters from its last two committed updates and runs only the
+            last level (:mod:`kpg.anticipation`; k=1 or k=2). :meth:`reset_anticipation` forgets
+            the history (at a new rollout, say).
+        audit_anticipation: momentum mode: also compute the exact level-1 step at every k=2 step (at
+            its cost; the committed step is unchanged) and report per agent in
+            ``stats.anticipation_audit`` how far the prediction is from it.
 
     ``step(closure)`` calls ``closure(ctx)`` once per level; see :class:`KPGContext`. A closure
     without parameters is also accepted, for objectives that cannot be split into own and
@@ -131,8 +139,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         parallel: str = "data",
         verify_replicas: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        anticipation: str = "exact",
+        audit_anticipation: bool = False,
         **hyperparameters: Any,
     ):
+        _check_anticipation(anticipation, audit_anticipation, k)
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(map(repr, PARALLEL_MODES))}, got {parallel!r}")
         if parallel == "agents" and process_group is None:
@@ -238,6 +249,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._levels = LevelEvaluator(
             arena, self._anticipated, self.num_agents, self.shared, self._communicator, self._timer
         )
+        self.anticipation = anticipation
+        self._momentum = MomentumAnticipation(arena, audit_anticipation) if anticipation == "momentum" else None
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
@@ -276,6 +289,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel.state_names)
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
+        if self._momentum is not None:
+            state["kpg"]["anticipation"] = self._momentum.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -287,6 +302,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         another optimizer, a step count that is negative or not finite, a sum of squares below zero
         or any non-finite state value is refused."""
         staged = stage_state_dict(state_dict, self.param_groups, self._kernel, self.optimizer_name, NONFINITE_POLICIES)
+        if self._momentum is not None:
+            staged_momentum = self._momentum.stage(state_dict.get("kpg", {}).get("anticipation"))
         # Everything is checked: from here on nothing raises.
         for group, merged_group in zip(self.param_groups, staged.groups):
             group.update({key: value for key, value in merged_group.items() if key != "params"})
@@ -306,6 +323,15 @@ class KPGOptimizer(torch.optim.Optimizer):
             self.k = staged.k
         if staged.nonfinite is not None:
             self.nonfinite = staged.nonfinite
+        if self._momentum is not None:
+            self._momentum.load(staged_momentum)
+
+    def reset_anticipation(self) -> None:
+        """Momentum mode: forgets the committed updates (u1 = u2 = 0), so the others sit at their
+        base parameters until two more steps are committed; the authors' RESET_MOMENTUM_EACH_UPDATE
+        calls it before the first minibatch of every new rollout. Exact mode has nothing to forget."""
+        if self._momentum is not None:
+            self._momentum.reset()
 
     # ---- the KPG step -------------------------------------------------------------------------
 
@@ -336,9 +362,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         torch.index_select(self._hyper, 0, self.arena.piece_agent, out=self._piece_hyper)
         self.arena.restore_gradient_views()
         try:
-            for level in range(1, self.k + 1):
-                loss, self._loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
-                self._update(level, commit=level == self.k)
+            if self._momentum is not None:
+                loss = self._momentum.run_levels(self, closure, takes_context)
+            else:
+                for level in range(1, self.k + 1):
+                    loss, self._loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
+                    self._update(level, commit=level == self.k)
         finally:
             self._levels.end_step()
         self.stats.steps += 1
@@ -358,6 +387,11 @@ class KPGOptimizer(torch.optim.Optimizer):
         :meth:`sync_hyperparameters` before the next replay. Needs ``nonfinite="skip"`` or
         ``"propagate"``: ``"raise"`` reads flags on the host, which a graph cannot do.
         """
+        if self._momentum is not None:
+            raise ValueError(
+                "capture_step does not support anticipation='momentum': its step swaps the u1 and u2 buffers, which "
+                "a graph would replay at fixed addresses; step eagerly, or use anticipation='exact'"
+            )
         if self.arena.device.type != "cuda":
             raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
         if self.nonfinite == "raise":
@@ -654,6 +688,23 @@ class KSchedule:
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on ``device``'s current stream (no host reads then)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_anticipation(anticipation: Any, audit: Any, k: Any) -> None:
+    if anticipation not in ANTICIPATIONS:
+        raise ValueError(f"anticipation must be one of {', '.join(map(repr, ANTICIPATIONS))}, got {anticipation!r}")
+    if not isinstance(audit, bool):
+        raise TypeError(f"audit_anticipation must be True or False, got {audit!r}")
+    if audit and anticipation != "momentum":
+        raise ValueError(
+            "audit_anticipation=True measures the momentum prediction against the exact level-1 step; it needs "
+            "anticipation='momentum'"
+        )
+    if anticipation == "momentum" and isinstance(k, int) and k > 2:
+        raise ValueError(
+            f"anticipation='momentum' predicts only level 1, so it runs k=1 or k=2, got k={k}; use "
+            "anticipation='exact' for k >= 3"
+        )
 
 
 def _closure_takes_context(closure: Callable) -> bool:

@@ -186,3 +186,57 @@ def agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_
             grad_scale[agent] = 1.0
         else:
             grad_scale[agent] = torch.clamp(max_norm[agent] / (agent_norm + 1e-6), max=1.0)
+
+
+# ---- momentum anticipation (kpg.anticipation), agent by agent --------------------------------------
+
+
+def _agent_slices(tiling) -> dict[int, list[slice]]:
+    """Each agent's element runs of an AgentTiling, as slices of the arena."""
+    slices: dict[int, list[slice]] = {agent: [] for agent in range(tiling.num_agents)}
+    begin = 0
+    for agent, length in zip(tiling.agents.tolist(), tiling.lengths.tolist()):
+        slices[agent].append(slice(begin, begin + length))
+        begin += length
+    return slices
+
+
+def _agent_vector(buffer: Tensor, runs: list[slice]) -> Tensor:
+    return torch.cat([buffer[run] for run in runs]).to(torch.float64)
+
+
+def momentum_predict(param, latest, gate, anticipated, base, tiling) -> None:
+    for agent, runs in _agent_slices(tiling).items():
+        for run in runs:
+            anticipated[run] = param[run] + float(gate[agent]) * latest[run]
+            base[run] = param[run]
+
+
+def _gate(u1: Tensor, u2: Tensor) -> float:
+    norms = u1.norm() * u2.norm()
+    if norms == 0:
+        return 0.0
+    return float((u1.dot(u2) / norms).clamp(0.0, 1.0))
+
+
+def momentum_record(param, base, latest, latest_sq, gate, tiling) -> None:
+    for agent, runs in _agent_slices(tiling).items():
+        for run in runs:
+            base[run] = param[run] - base[run]
+        fresh, previous = _agent_vector(base, runs), _agent_vector(latest, runs)
+        gate[agent] = _gate(fresh, previous)
+        latest_sq[agent] = fresh.dot(fresh)
+
+
+def momentum_audit(param, exact, latest, latest_sq, gate, tiling) -> dict[str, Tensor]:
+    figures = {name: torch.full_like(gate, float("nan")) for name in ("cosine", "relative_error", "norm_ratio")}
+    for agent, runs in _agent_slices(tiling).items():
+        step = _agent_vector(exact, runs) - _agent_vector(param, runs)
+        u1 = _agent_vector(latest, runs)
+        prediction = float(gate[agent]) * u1
+        if u1.norm() > 0 and step.norm() > 0:
+            figures["cosine"][agent] = u1.dot(step) / (u1.norm() * step.norm())
+        if step.norm() > 0:
+            figures["relative_error"][agent] = (prediction - step).norm() / step.norm()
+            figures["norm_ratio"][agent] = prediction.norm() / step.norm()
+    return {"gate": gate.clone(), **figures}

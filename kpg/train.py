@@ -48,6 +48,10 @@ class TrainConfig:
     env_options: dict[str, str] = field(default_factory=dict)  # extra keyword arguments of the environment
     k: int = 2  # KPG levels of the actor update; 1 is the plain algorithm
     k_until: int | None = None  # environment steps after which k drops to 1
+    # the actor's KPGOptimizer anticipation: exact levels, or "momentum" (k <= 2: level 1 predicted from each
+    # agent's last two updates, one closure evaluation per step; docs/algorithm.md)
+    anticipation: Literal["exact", "momentum"] = "exact"
+    anticipation_reset: bool = False  # MAPPO, momentum: forget the updates at every new rollout
     seed: int = 0  # seeds the environments, the networks and action sampling (0 to 2**32 - 1)
     steps: int = 100_000  # environment steps (summed over copies)
     copies: int = 8  # environment copies stepped together
@@ -92,7 +96,9 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.algo}-{self.env.replace(':', '_')}-k{self.k}-s{self.seed}"
+        # A momentum run gets its own folder, so that kpg compare never reuses an exact run's results.
+        anticipation = "" if self.anticipation == "exact" else f"-{self.anticipation}"
+        return self.name or f"{self.algo}-{self.env.replace(':', '_')}-k{self.k}{anticipation}-s{self.seed}"
 
     @property
     def run_dir(self) -> Path:
@@ -287,6 +293,15 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
     trainer_class, extra = _trainer_class(config)
     pool = config.make_pool(run.local_copies(config.copies), run.rank_seed(config.seed), run.device(config.device))
     distributed = {"process_group": run.group} if run.distributed else {}
+    if config.anticipation != "exact":
+        extra["anticipation"] = config.anticipation
+    if config.anticipation_reset:
+        if config.algo != "mappo" or config.anticipation != "momentum":
+            raise ValueError(
+                "--anticipation-reset forgets the momentum history at every new rollout: it needs --algo mappo and "
+                "--anticipation momentum"
+            )
+        extra["anticipation_reset"] = True
     trainer = trainer_class(
         pool,
         getattr(config, config.algo),

@@ -317,3 +317,19 @@ def test_check_config_accepts_the_default_study():
     check_config(GamesConfig())
     with pytest.raises(ValueError, match="unknown game"):
         make_game("prisoners")
+
+
+def test_momentum_anticipation_reaches_the_optimizer_and_refuses_k3():
+    game = make_game("pennies")
+    exact = GamePlay(game, copies=3, lrs=[0.3], k=2, optimizer="sgd", seed=2, dtype=torch.float64)
+    momentum = GamePlay(
+        game, copies=3, lrs=[0.3], k=2, optimizer="sgd", seed=2, dtype=torch.float64, anticipation="momentum"
+    )
+    for _ in range(4):
+        exact.step()
+        momentum.step()
+    # The first two momentum steps anticipate nothing (gate 0), later ones predict: they differ from exact k=2.
+    assert momentum.optimizer.anticipation == "momentum"
+    assert not torch.allclose(exact.policies(), momentum.policies())
+    with pytest.raises(ValueError, match="--anticipation momentum predicts only level 1"):
+        check_config(GamesConfig(ks=(1, 2, 3), anticipation="momentum"))

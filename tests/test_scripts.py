@@ -52,7 +52,7 @@ def test_agents_benchmark_json_has_every_method_and_ratio(tmp_path):
     report = json.loads(path.read_text())
     assert report["meta"]["threads"] >= 1 and report["meta"]["quick"]
     for case in report["cases"]:
-        assert set(case["seconds"]) == {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2"}
+        assert set(case["seconds"]) == {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2", "kpg_mk2"}
         assert all(seconds > 0 for seconds in case["seconds"].values())
         assert case["ratios"]["k2_speedup_over_naive"] > 0 and case["ratios"]["kpg_k2_over_k1"] > 0
         assert case["ratios"]["kpg_k1_fraction_of_matmul_rate"] > 0

@@ -325,3 +325,18 @@ def test_compare_writes_table_plot_and_json(tmp_path):
 def test_confidence_halfwidth_by_hand():
     mean, halfwidth = mean_and_halfwidth(np.array([1.0, 2.0, 3.0]))
     assert mean == 2.0 and halfwidth == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+
+
+def test_momentum_resume_continues_exactly_and_carries_the_history(tmp_path):
+    momentum = dict(anticipation="momentum", anticipation_reset=False)
+    whole = train(small_config(tmp_path, steps=400, name="whole", **momentum))
+    train(small_config(tmp_path, steps=200, name="split", **momentum))
+    resumed = train(small_config(tmp_path, steps=400, name="split", resume=True, **momentum))
+    assert resumed["env_steps"] == whole["env_steps"] == 400
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["trainer"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["trainer"]
+    for name, value in a["actor"].items():
+        assert torch.equal(value, b["actor"][name]), f"actor.{name} differs after a momentum resume"
+    history = a["actor_optimizer"]["kpg"]["anticipation"]
+    assert history["mode"] == "momentum" and history["latest_update"].abs().sum() > 0
+    assert small_config(tmp_path, **momentum).run_name == "mappo-simple_spread-k2-momentum-s0"

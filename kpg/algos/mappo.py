@@ -135,10 +135,14 @@ class MAPPOTrainer:
         device: str,
         seed: int,
         process_group=None,
+        anticipation: str = "exact",
+        anticipation_reset: bool = False,
     ):
         """``k_until``: environment steps after which the actor drops to k=1 (the paper's schedule:
         coordinate early, save compute later); None keeps ``k`` throughout. ``process_group``: train
-        data-parallel with the other ranks (each steps its own ``pool``; ``env_steps`` counts all)."""
+        data-parallel with the other ranks (each steps its own ``pool``; ``env_steps`` counts all).
+        ``anticipation``: the actor optimizer's (KPGOptimizer); ``anticipation_reset``: momentum mode
+        forgets its history at every new rollout (the authors' RESET_MOMENTUM_EACH_UPDATE)."""
         torch.manual_seed(seed)
         self.pool, self.config, self.device = pool, config, torch.device(device)
         self.dtype = torch.get_default_dtype()
@@ -184,7 +188,9 @@ class MAPPOTrainer:
             max_grad_norm=c.max_grad_norm,
             **layout_arguments,
             process_group=process_group,
+            anticipation=anticipation,
         )
+        self.anticipation_reset = anticipation_reset
         self.process_group = process_group
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
         self.copies_per_iteration = pool.copies * (1 if process_group is None else process_group.size())
@@ -311,6 +317,8 @@ class MAPPOTrainer:
 
     def _update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         c = self.config
+        if self.anticipation_reset:
+            self.actor_optimizer.reset_anticipation()
         k = self.actor_optimizer.k  # the schedule switches k only between iterations
         alive = batch["alive"]  # [samples, agents]
         # Statistics over every rank's samples, so that data-parallel ranks normalize alike.

@@ -164,6 +164,8 @@ class RecurrentMAPPOTrainer:
         seed: int,
         process_group=None,
         total_steps: int | None = None,
+        anticipation: str = "exact",
+        anticipation_reset: bool = False,
     ):
         if process_group is not None:
             raise ValueError("the recurrent MAPPO trainer runs in one process; start it without torchrun")
@@ -188,8 +190,16 @@ class RecurrentMAPPOTrainer:
         ).to(self.device)
         self.critic = RecurrentAgentNet(spaces.state_size, n, hidden, 1, c.activation, 1.0, gru=c.gru).to(self.device)
         self.actor_optimizer = KPGOptimizer(
-            self.actor, k=k, optimizer="adam", lr=c.lr, eps=1e-5, max_grad_norm=c.max_grad_norm, num_agents=n
+            self.actor,
+            k=k,
+            optimizer="adam",
+            lr=c.lr,
+            eps=1e-5,
+            max_grad_norm=c.max_grad_norm,
+            num_agents=n,
+            anticipation=anticipation,
         )
+        self.anticipation_reset = anticipation_reset
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         steps_per_iteration = c.rollout * pool.copies
         self.schedulers = []
@@ -290,6 +300,8 @@ class RecurrentMAPPOTrainer:
         return {**batch, **start}, episodes
 
     def _update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        if self.anticipation_reset:
+            self.actor_optimizer.reset_anticipation()
         c = self.config
         k = self.actor_optimizer.k  # the schedule switches k only between iterations
         advantages = batch["advantages"]

@@ -84,10 +84,21 @@ class OffPolicyTrainer(abc.ABC):
     # The entries of state_dict() that are each data-parallel rank's own; the rest is alike on every rank.
     RANK_STATE = ("replay", "generator", "noise_generator")
 
-    def __init__(self, pool: EnvPool, config, k: int, k_until: int | None, device: str, seed: int, process_group=None):
+    def __init__(
+        self,
+        pool: EnvPool,
+        config,
+        k: int,
+        k_until: int | None,
+        device: str,
+        seed: int,
+        process_group=None,
+        anticipation: str = "exact",
+    ):
         """``k_until``: environment steps after which the actor drops to k=1; None keeps ``k``.
         ``process_group``: train data-parallel with the other ranks (module docstring); each steps
-        its own ``pool``, and ``env_steps`` counts every rank's."""
+        its own ``pool``, and ``env_steps`` counts every rank's. ``anticipation``: the actor
+        optimizer's (KPGOptimizer)."""
         check_options(config, type(config).__name__.removesuffix("Config").lower() + ".")
         if k_until is not None and k_until < 0:
             raise ValueError(f"k_until must be >= 0 environment steps or None, got {k_until}")
@@ -143,6 +154,7 @@ class OffPolicyTrainer(abc.ABC):
             max_grad_norm=c.max_grad_norm,
             **layout_arguments,
             process_group=process_group,
+            anticipation=anticipation,
         )
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
         local_capacity = -(-c.buffer_size // run.world_size)

@@ -1,0 +1,299 @@
+"""anticipation="momentum" (kpg.anticipation) against the rule written in plain PyTorch.
+
+The plain rule keeps separate copies of every agent and one torch.optim optimizer per agent, and for
+every step: gate_i = clip(cos(u1_i, u2_i), 0, 1) (0 while either is zero), the others at
+base + gate * u1, each agent's gradient at its base parameters against them, one committed step,
+then u2 = u1 and u1 = after - before. The fused ops are also checked one by one against
+kpg.reference's agent-by-agent versions.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import kpg
+from kpg import anticipation as ops
+from kpg import reference
+from kpg.arena import ParameterArena
+
+from helpers import Game, torch_optimizer
+
+OPTIMIZERS = {
+    "sgd": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "adam": ("adam", dict(betas=(0.8, 0.99), eps=1e-6)),
+    "adamw": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
+    "rmsprop": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True)),
+    "adagrad": ("adagrad", dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+}
+TOLERANCE = 1e-12
+
+
+class PlainMomentumRule:
+    """The momentum rule over a Game's separate models, each stepped by its own torch.optim optimizer."""
+
+    def __init__(self, game, optimizers):
+        self.game, self.optimizers = game, optimizers
+        self.latest = [torch.zeros_like(flat(m)) for m in game.models]
+        self.previous = [torch.zeros_like(flat(m)) for m in game.models]
+
+    def gates(self):
+        gates = []
+        for u1, u2 in zip(self.latest, self.previous):
+            norms = u1.norm() * u2.norm()
+            gates.append(0.0 if norms == 0 else float((u1.dot(u2) / norms).clamp(0.0, 1.0)))
+        return gates
+
+    def step(self):
+        models = self.game.models
+        base = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+        before = [flat(m) for m in models]
+        anticipated = []
+        for agent, gate in enumerate(self.gates()):
+            moved = before[agent] + gate * self.latest[agent]
+            anticipated.append(unflatten(moved, base[agent]))
+        for agent, (model, opt) in enumerate(zip(models, self.optimizers)):
+            own = {n: t.clone().requires_grad_() for n, t in base[agent].items()}
+            loss = self.game.brute_force_loss(agent, own, anticipated)
+            grads = torch.autograd.grad(loss, list(own.values()))
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+        self.previous = self.latest
+        self.latest = [flat(m) - b for m, b in zip(models, before)]
+
+    def reset(self):
+        self.latest = [torch.zeros_like(u) for u in self.latest]
+        self.previous = [torch.zeros_like(u) for u in self.previous]
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def unflatten(vector, like):
+    out, offset = {}, 0
+    for name, t in like.items():
+        out[name] = vector[offset : offset + t.numel()].view_as(t)
+        offset += t.numel()
+    return out
+
+
+def build(optimizer, shared, seed=0, **options):
+    name, hyper = OPTIMIZERS[optimizer]
+    ours = Game(3, torch.float64, not shared, shared, seed)
+    theirs = copy.deepcopy(ours)
+    lr = 0.05
+    opt = kpg.KPGOptimizer(
+        ours.models[0] if shared else ours.models,
+        k=2,
+        optimizer=name,
+        lr=lr,
+        num_agents=3 if shared else None,
+        anticipation="momentum",
+        **options,
+        **hyper,
+    )
+    plain = PlainMomentumRule(theirs, [torch_optimizer(name, list(m.parameters()), lr, **hyper) for m in theirs.models])
+    return ours, opt, plain
+
+
+def assert_same(ours, plain):
+    for a, (mine, theirs) in enumerate(zip(ours.models, plain.game.models)):
+        difference = (flat(mine) - flat(theirs)).abs().max().item()
+        assert difference <= TOLERANCE, f"agent {a}'s parameters differ by {difference:.3g}"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-agent", "shared"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_momentum_k2_equals_the_plain_rule_across_steps_and_a_state_dict_round_trip(optimizer, shared):
+    ours, opt, plain = build(optimizer, shared)
+    for _ in range(4):
+        opt.step(ours.closure_with_context)
+        plain.step()
+        assert_same(ours, plain)
+    assert (opt._momentum.gate > 0).all(), "the gate never opened: the test would not exercise the prediction"
+    expected_gates = torch.tensor(plain.gates(), dtype=torch.float64)
+    assert torch.allclose(opt._momentum.gate, expected_gates, rtol=0, atol=TOLERANCE)
+
+    # A fresh optimizer over copies of the models, loaded from the state dict, goes on as the original.
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_game = copy.deepcopy(ours)
+    name, hyper = OPTIMIZERS[optimizer]
+    resumed = kpg.KPGOptimizer(
+        resumed_game.models[0] if shared else resumed_game.models,
+        k=2,
+        optimizer=name,
+        num_agents=3 if shared else None,
+        anticipation="momentum",
+        **hyper,
+    )
+    resumed.load_state_dict(saved)
+    for _ in range(2):
+        resumed.step(resumed_game.closure_with_context)
+        plain.step()
+        assert_same(resumed_game, plain)
+
+
+def test_first_two_steps_have_gate_zero_and_reset_closes_it_again():
+    ours, opt, plain = build("adam", shared=False)
+    opt.step(ours.closure_with_context)
+    plain.step()
+    assert opt._momentum.gate.eq(0).all(), "one committed update gives no cosine: the gate stays 0"
+    for _ in range(2):
+        opt.step(ours.closure_with_context)
+        plain.step()
+    assert (opt._momentum.gate > 0).all()
+    opt.reset_anticipation()
+    plain.reset()
+    assert opt._momentum.gate.eq(0).all()
+    for _ in range(3):
+        opt.step(ours.closure_with_context)
+        plain.step()
+        assert_same(ours, plain)
+
+
+def test_momentum_k1_is_the_plain_step():
+    ours, opt, _ = build("adam", shared=False)
+    exact_game = copy.deepcopy(ours)
+    exact = kpg.KPGOptimizer(exact_game.models, k=1, optimizer="adam", lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    opt.k = 1
+    for _ in range(3):
+        opt.step(ours.closure_with_context)
+        exact.step(exact_game.closure_with_context)
+    for mine, theirs in zip(ours.models, exact_game.models):
+        assert torch.equal(flat(mine), flat(theirs))
+
+
+def test_audit_leaves_the_step_unchanged_and_reports_the_exact_level1_step():
+    ours, opt, plain = build("sgd", shared=False, audit_anticipation=True)
+    for _ in range(4):
+        # The exact level-1 step of this step, from a copy with its own optimizer state.
+        probe_game = copy.deepcopy(ours)
+        probe = kpg.KPGOptimizer(probe_game.models, k=1, optimizer="sgd", lr=0.05, **OPTIMIZERS["sgd"][1])
+        probe.load_state_dict(opt.state_dict())
+        probe.k = 1
+        before = [flat(m) for m in probe_game.models]
+        probe.step(probe_game.closure_with_context)
+        exact_steps = [flat(m) - b for m, b in zip(probe_game.models, before)]
+        gates, latest = opt._momentum.gate.clone(), opt._momentum.latest.clone()
+
+        opt.step(ours.closure_with_context)
+        plain.step()
+        assert_same(ours, plain)
+        audit = opt.stats.anticipation_audit
+        assert torch.equal(audit["gate"], gates)
+        for agent, (step, u1) in enumerate(zip(exact_steps, opt.arena.agent_views(latest))):
+            u1 = torch.cat([t.reshape(-1) for t in u1])
+            prediction = gates[agent] * u1
+            if u1.norm() > 0:
+                expected_cosine = u1.dot(step) / (u1.norm() * step.norm())
+                assert abs(audit["cosine"][agent] - expected_cosine) <= 1e-10
+            else:
+                assert audit["cosine"][agent].isnan()
+            expected_error = (prediction - step).norm() / step.norm()
+            assert abs(audit["relative_error"][agent] - expected_error) <= 1e-10
+            assert abs(audit["norm_ratio"][agent] - prediction.norm() / step.norm()) <= 1e-10
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-agent", "agent-batched"])
+def test_fused_ops_equal_the_agent_by_agent_reference(batched):
+    torch.manual_seed(3)
+    if batched:
+        arena = ParameterArena.batched(
+            [torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)]
+        )
+    else:
+        sizes = [(7,), (2, 3), (4,)]
+        arena = ParameterArena([[torch.randn(*size, dtype=torch.float64)] for size in sizes])
+    tiling = ops.AgentTiling.of(arena)
+    agents = arena.num_agents
+    param, latest, exact = arena.param, torch.randn_like(arena.param), torch.randn_like(arena.param)
+    # One agent without history (u1 = 0), one whose new update points away from u1 (gate 0).
+    for view in arena.agent_views(latest)[0]:
+        view.zero_()
+    gate = torch.rand(agents, dtype=torch.float64)
+    latest_sq = torch.stack([sum(v.pow(2).sum() for v in views) for views in arena.agent_views(latest)])
+    results = {}
+    for name, module in (("fused", ops), ("reference", reference)):
+        anticipated, base = torch.zeros_like(param), torch.zeros_like(param)
+        module.momentum_predict(param, latest, gate, anticipated, base, tiling)
+        moved = param + torch.randn(param.shape, generator=torch.Generator().manual_seed(5), dtype=param.dtype)
+        for target, start, u1 in zip(*(arena.agent_views(b)[1] for b in (moved, param, latest))):
+            target.copy_(start - u1)
+        record_gate, record_sq = gate.clone(), latest_sq.clone()
+        module.momentum_record(moved, base, latest, record_sq, record_gate, tiling)
+        audit = module.momentum_audit(param, exact, latest, latest_sq, gate, tiling)
+        results[name] = dict(anticipated=anticipated, update=base, next_gate=record_gate, sq=record_sq, **audit)
+    fused, expected = results["fused"], results["reference"]
+    assert expected["cosine"][0].isnan() and expected["next_gate"][1] == 0
+    for key in fused:
+        assert torch.allclose(fused[key], expected[key], rtol=0, atol=TOLERANCE, equal_nan=True), key
+
+
+def test_bad_settings_are_refused_clearly():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="anticipation must be one of 'exact', 'momentum', got 'lookahead'"):
+        kpg.KPGOptimizer([model], anticipation="lookahead")
+    with pytest.raises(ValueError, match="k=1 or k=2, got k=3"):
+        kpg.KPGOptimizer([model], k=3, anticipation="momentum")
+    with pytest.raises(ValueError, match="needs anticipation='momentum'"):
+        kpg.KPGOptimizer([model], audit_anticipation=True)
+    ours, opt, _ = build("adam", shared=False)
+    opt.k = 3
+    before = [flat(m) for m in ours.models]
+    with pytest.raises(ValueError, match="k=1 or k=2, got k=3"):
+        opt.step(ours.closure_with_context)
+    assert all(torch.equal(b, flat(m)) for b, m in zip(before, ours.models))
+
+
+def test_a_failed_step_leaves_the_history_unchanged():
+    ours, opt, _ = build("adam", shared=False)
+    for _ in range(3):
+        opt.step(ours.closure_with_context)
+    history = [t.clone() for t in (opt._momentum.latest, opt._momentum.latest_sq, opt._momentum.gate)]
+
+    def failing(ctx):
+        losses = ours.closure_with_context(ctx)
+        return losses * float("nan")
+
+    with pytest.raises(FloatingPointError):
+        opt.step(failing)
+    after = (opt._momentum.latest, opt._momentum.latest_sq, opt._momentum.gate)
+    assert all(torch.equal(b, a) for b, a in zip(history, after))
+
+
+def test_capture_step_refuses_momentum():
+    ours, opt, _ = build("adam", shared=False)
+    with pytest.raises(ValueError, match="capture_step does not support anticipation='momentum'"):
+        opt.capture_step(ours.closure_with_context)
+
+
+def test_a_closure_without_context_follows_the_same_rule():
+    """Such a closure is evaluated once per agent at the mixed point; the others sit at the prediction."""
+    ours, opt, plain = build("adam", shared=False)
+    for _ in range(4):
+        opt.step(ours.closure_without_context)
+        plain.step()
+        assert_same(ours, plain)
+
+
+def test_a_damaged_momentum_state_dict_is_refused_before_anything_changes():
+    ours, opt, _ = build("adam", shared=False)
+    for _ in range(3):
+        opt.step(ours.closure_with_context)
+    saved = copy.deepcopy(opt.state_dict())
+    before = opt._momentum.latest.clone()
+    damaged = copy.deepcopy(saved)
+    del damaged["kpg"]["anticipation"]["gate"]
+    with pytest.raises(ValueError, match="lacks gate"):
+        opt.load_state_dict(damaged)
+    damaged = copy.deepcopy(saved)
+    damaged["kpg"]["anticipation"]["latest_update"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="latest_update has shape"):
+        opt.load_state_dict(damaged)
+    assert torch.equal(opt._momentum.latest, before)
+    # A state dict without the entry (exact mode, torch.optim) starts the history afresh.
+    del saved["kpg"]["anticipation"]
+    opt.load_state_dict(saved)
+    assert opt._momentum.gate.eq(0).all() and opt._momentum.latest.eq(0).all()
