@@ -27,6 +27,7 @@ so that the step reads the same with and without torch.distributed.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -72,6 +73,12 @@ def init_from_environment(device: str = "cpu", timeout: timedelta = DEFAULT_TIME
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated when
+    # the module is first imported (torch.optim imports it with the first optimizer). Imported after
+    # the group exists, those defaults hold it for the interpreter's life: destroy_process_group then
+    # cannot free it, and gloo's worker threads run on into interpreter shutdown, where a rank can
+    # abort ("terminate called without an active exception"). Imported now, the defaults are None.
+    importlib.import_module("torch.distributed.nn")
     dist.init_process_group(backend, timeout=timeout)
     return dist.group.WORLD
 

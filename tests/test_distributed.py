@@ -18,6 +18,9 @@ import json
 import math
 import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -779,3 +782,52 @@ def _assert_same_state(expected, actual, where):
             _assert_same_state(e, a, f"{where}[{i}]")
     else:
         assert expected == actual, f"{where}: {expected!r} != {actual!r}"
+
+
+# ---- the process group a run initializes is gone before the interpreter shuts down ----------------------
+
+_RANK_THAT_CLOSES_ITS_RUN = """
+import gc, json, os
+import torch
+from kpg.algos.run_context import RunContext
+
+run = RunContext.from_environment("cpu")
+# A trainer's first torch.optim optimizer, which imports torch.distributed.nn.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+run.close()
+del run
+gc.collect()
+print(json.dumps(sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from Linux's /proc")
+def test_a_run_that_closes_stops_gloo_threads_before_interpreter_shutdown():
+    """RunContext.close() frees the group it initialized, so gloo's worker threads are joined while
+    the interpreter is whole; threads left running into interpreter shutdown aborted a finished rank
+    ("terminate called without an active exception", exit code 1 from torchrun)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_THAT_CLOSES_ITS_RUN],
+            env={
+                **os.environ,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, process in enumerate(ranks):
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+        assert process.returncode == 0, stderr
+        threads = json.loads(stdout.strip().splitlines()[-1])
+        assert not [name for name in threads if "gloo" in name], f"rank {rank} still runs {threads} after close()"

@@ -38,9 +38,10 @@ class RunContext:
         return cls(group, owns_group=group is not None and not initialized_before)
 
     def close(self) -> None:
-        """Destroys the process group this run initialized (one the caller made stays theirs). A gloo
-        group left to the interpreter's exit can abort the process ("terminate called without an
-        active exception") while its worker threads still hold tensors."""
+        """Destroys the process group this run initialized (one the caller made stays theirs). The
+        group is freed, and gloo's worker threads joined, once the last reference to it goes (this
+        object's included); threads left running into interpreter shutdown can abort a finished rank
+        ("terminate called without an active exception"): see init_from_environment."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
