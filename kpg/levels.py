@@ -166,22 +166,9 @@ class LevelEvaluator:
         """Per parameter, its level ``level - 1`` values (the base parameters at level 1)."""
         return self._anticipated_views if level > 1 else self.arena.param_views
 
-    @contextlib.contextmanager
-    def anticipated(self, ctx: KPGContext):
+    def anticipated(self, ctx: KPGContext) -> _AnticipatedBlock:
         """``ctx.anticipated()``: the agents' parameters at level l-1, gradients off."""
-        swap = ctx.level > 1
-        started = time.perf_counter()
-        with torch.no_grad(), self.timer.range("anticipated_forward", ctx.level):
-            if swap:
-                self.bind(self._anticipated_views)
-            self.inside_anticipated = True
-            try:
-                yield ctx
-            finally:
-                self.inside_anticipated = False
-                if swap:
-                    self.bind(self.arena.param_views)
-                self.timer.stats.add("anticipated_forward", ctx.level, time.perf_counter() - started)
+        return _AnticipatedBlock(self, ctx)
 
     def evaluate(self, closure: Callable, level: int, k: int, takes_context: bool) -> tuple[Tensor, Tensor]:
         """Level ``level``'s gradients into ``arena.grad`` (zeroed first); returns the loss and
@@ -316,6 +303,40 @@ class LevelEvaluator:
         if loss.dim() == 0 or self.shared:
             return loss.reshape(1).expand(segments) if loss.dim() == 0 else loss.sum().reshape(1)
         return loss
+
+
+class _AnticipatedBlock:
+    """``with ctx.anticipated():``: the parameters rebound to level l-1 (``.data`` of every parameter
+    swapped) and gradients off while the block runs. torch.compile cannot trace the rebinding: a
+    compiled closure would run the block at the base parameters, silently. Entering and leaving
+    therefore run eagerly (``torch.compiler.disable``): Dynamo breaks the closure's graph there, and
+    the forwards inside the block (or a compiled model they call) see the rebound parameters."""
+
+    def __init__(self, levels: LevelEvaluator, ctx: KPGContext):
+        self._levels, self._ctx = levels, ctx
+        self._exits = contextlib.ExitStack()
+        self._started = 0.0
+
+    @torch.compiler.disable
+    def __enter__(self) -> KPGContext:
+        levels, level = self._levels, self._ctx.level
+        self._started = time.perf_counter()
+        self._exits.enter_context(torch.no_grad())
+        self._exits.enter_context(levels.timer.range("anticipated_forward", level))
+        if level > 1:
+            levels.bind(levels.anticipated_views(level))
+        levels.inside_anticipated = True
+        return self._ctx
+
+    @torch.compiler.disable
+    def __exit__(self, *exception: Any) -> bool:
+        levels, level = self._levels, self._ctx.level
+        levels.inside_anticipated = False
+        if level > 1:
+            levels.bind(levels.arena.param_views)
+        self._exits.__exit__(*exception)
+        levels.timer.stats.add("anticipated_forward", level, time.perf_counter() - self._started)
+        return False
 
 
 @dataclass

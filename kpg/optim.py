@@ -34,6 +34,10 @@ from kpg.profiling import KPGStats, PhaseTimer
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+_COMPILE_THE_CLOSURE = (
+    "KPGOptimizer.step runs eagerly under torch.compile (its levels rebind the parameters, which a graph cannot "
+    "capture); compile the model or the closure instead, or use capture_step for CUDA graphs"
+)
 
 
 class KPGOptimizer(torch.optim.Optimizer):
@@ -289,6 +293,9 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     # ---- the KPG step -------------------------------------------------------------------------
 
+    # Under torch.compile the step runs eagerly (Dynamo breaks the graph here): traced, the levels'
+    # parameter rebinding and host-side bookkeeping are lost and a k >= 2 step silently trains nothing.
+    @torch.compiler.disable(reason=_COMPILE_THE_CLOSURE)
     @torch.no_grad()
     def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One KPG step: k levels, each one closure evaluation, backward and fused update; only
