@@ -202,8 +202,10 @@ class LevelEvaluator:
 
     def _context_level(self, closure, level: int, k: int) -> tuple[Tensor, Tensor]:
         ctx = KPGContext(self, level, k)
+        version = self.arena.grad._version
         with self.timer.timed("closure", level), torch.enable_grad():
             loss = closure(ctx)
+        self._refuse_gradients_written(version, level, gradients_held=False)
         agent_losses = self._checked_loss(loss, level)
         # ctx.at_base outputs are reused by the next level, so their graph must survive this backward.
         keep_graph = bool(self.at_base_outputs) and level < k
@@ -214,8 +216,10 @@ class LevelEvaluator:
     def _brute_force_level(self, closure, level: int) -> tuple[Tensor, Tensor]:
         arena = self.arena
         if level == 1:
+            version = arena.grad._version
             with self.timer.timed("closure", level), torch.enable_grad():
                 loss = closure()
+            self._refuse_gradients_written(version, level, gradients_held=False)
             agent_losses = self._checked_loss(loss, level)
             with self.timer.timed("backward", level), torch.enable_grad():
                 if loss.dim() == 0:
@@ -235,8 +239,10 @@ class LevelEvaluator:
                 for slot, base in zip(mixed.agent_views[agent], mixed.base_agent_views[agent]):
                     slot.copy_(base)
                 try:
+                    version = arena.grad._version
                     with self.timer.timed("closure", level), torch.enable_grad():
                         loss = closure()
+                    self._refuse_gradients_written(version, level, gradients_held=agent > 0)
                     self._checked_loss(loss, level)
                     with self.timer.timed("backward", level), torch.enable_grad():
                         agent_loss = loss[agent] if loss.dim() == 1 else loss
@@ -248,6 +254,22 @@ class LevelEvaluator:
         finally:
             self.bind(arena.param_views)
         return loss, torch.cat(flags)
+
+    def _refuse_gradients_written(self, version: int, level: int, gradients_held: bool) -> None:
+        """Refuses a closure that wrote into the gradient buffer, as one that calls ``backward()``
+        (the torch.optim habit) does: kpg's own backward would add to it, counting a linear loss
+        twice, silently. Every write bumps the buffer's version counter (the parameters' ``.grad``
+        views share it), so this costs nothing unless something wrote; then a buffer that is still
+        all zeros (``zero_grad()`` in the closure) passes, unless it held earlier agents' gradients
+        (``gradients_held``), which any write corrupts."""
+        grad = self.arena.grad
+        if grad._version == version or (not gradients_held and not bool(grad.any())):
+            return
+        raise RuntimeError(
+            f"the closure wrote into the agents' gradients at level {level}: it called backward() (or zero_grad(), "
+            "or changed .grad in place); kpg runs the backward pass itself, only into the agents' parameters, so "
+            "return the loss without calling backward(). Parameters and optimizer state are unchanged"
+        )
 
     def _add_agent_gradient(self, agent: int, loss: Tensor, retain_graph: bool) -> None:
         """Adds the gradient of ``loss`` with respect to agent ``agent``'s share of the parameters

@@ -191,6 +191,7 @@ class KPGOptimizer(torch.optim.Optimizer):
             {"lr": lrs[0], "max_grad_norm": max_norms[0], **hyperparameters},
         )
         self._constructing = False
+        self._stepping = False  # a step in progress: its closure may not start another (see step)
 
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
@@ -317,14 +318,21 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "under agent sharding the closure must take ctx: the other ranks' agents reach this rank only through "
                 "ctx.gather_agents or ctx.gather_anticipated_parameters"
             )
+        if self._stepping:
+            raise RuntimeError(
+                "KPGOptimizer.step was called from inside its own closure; a step's closure only computes the loss "
+                "(kpg evaluates it once per level and commits once at the end): call step outside the closure"
+            )
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
         self.arena.restore_gradient_views()
+        self._stepping = True
         try:
             for level in range(1, self.k + 1):
                 loss, self._loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
                 self._update(level, commit=level == self.k)
         finally:
+            self._stepping = False
             self._levels.end_step()
         self.stats.steps += 1
         if self.verify_replicas:

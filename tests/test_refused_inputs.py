@@ -1,0 +1,132 @@
+"""Inputs kpg refuses because it cannot give the right result (issue 25 items 4, 5, 8): a closure
+that calls backward() itself, a step started inside a step's closure, sparse gradients, and op
+calls whose chunk rows overlap. Each is refused with a message naming the fix, before anything
+changes."""
+
+import pytest
+import torch
+from torch import nn
+
+import kpg
+
+
+def _two_linear_agents():
+    torch.manual_seed(0)
+    return [nn.Linear(3, 1), nn.Linear(3, 1)]
+
+
+def _snapshot(agents, opt):
+    return [p.clone() for a in agents for p in a.parameters()], opt.state_dict()
+
+
+def _assert_unchanged(agents, opt, snapshot):
+    params, state = snapshot
+    assert all(torch.equal(p, b) for p, b in zip((p for a in agents for p in a.parameters()), params))
+    now = opt.state_dict()
+    assert now["state"].keys() == state["state"].keys()
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(now["state"][index][name], value), f"state {name} of parameter {index} changed"
+
+
+X = torch.linspace(-1, 1, 15).reshape(5, 3)
+
+
+def _loss(agents, ctx, linear):
+    own = torch.stack([a(X).mean() for a in agents])
+    if ctx is None:
+        return own if linear else (own * own.flip(0) - 0.5) ** 2
+    with ctx.anticipated():
+        anticipated = torch.stack([a(X).mean() for a in agents])
+    return own if linear else (own * anticipated.flip(0) - 0.5) ** 2
+
+
+# ---- item 4: a closure that calls backward() ------------------------------------------------------
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear-loss", "nonlinear-loss"])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("takes_context", [True, False], ids=["ctx-closure", "zero-argument-closure"])
+def test_closure_calling_backward_is_refused_and_changes_nothing(linear, k, takes_context):
+    agents = _two_linear_agents()
+    opt = kpg.KPGOptimizer(agents, k=k, optimizer="adam", lr=0.1)
+
+    def loss(ctx=None):
+        return _loss(agents, ctx, linear)
+
+    def closure(ctx):
+        value = loss(ctx)
+        value.sum().backward()
+        return value
+
+    def zero_argument_closure():
+        value = loss()
+        value.sum().backward()
+        return value
+
+    snapshot = _snapshot(agents, opt)
+    with pytest.raises(RuntimeError, match=r"called backward\(\).*kpg runs the backward pass itself"):
+        opt.step(closure if takes_context else zero_argument_closure)
+    _assert_unchanged(agents, opt, snapshot)
+    assert opt.stats.steps == 0
+
+    # zero_grad() in the closure (the other torch.optim habit) writes only zeros at level 1: the
+    # step goes on and equals the same step without it.
+    results = []
+    for zeroing in (False, True):
+        fresh = _two_linear_agents()
+        fresh_opt = kpg.KPGOptimizer(fresh, k=1, optimizer="adam", lr=0.1)
+
+        def fresh_closure(ctx, fresh=fresh, fresh_opt=fresh_opt, zeroing=zeroing):
+            if zeroing:
+                fresh_opt.zero_grad()
+            return _loss(fresh, ctx, linear)
+
+        fresh_opt.step(fresh_closure)
+        results.append([p for a in fresh for p in a.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
+def test_zero_grad_in_a_zero_argument_closure_after_earlier_agents_is_refused():
+    """From level 2 a closure without parameters is evaluated once per agent into one gradient
+    buffer; zero_grad() there would erase the gradients of the agents before."""
+    agents = _two_linear_agents()
+    opt = kpg.KPGOptimizer(agents, k=2, optimizer="sgd", lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        return _loss(agents, None, linear=False)
+
+    snapshot = _snapshot(agents, opt)
+    with pytest.raises(RuntimeError, match=r"wrote into the agents' gradients at level 2.*zero_grad\(\)"):
+        opt.step(closure)
+    _assert_unchanged(agents, opt, snapshot)
+
+
+# ---- item 5: a step inside a step's closure -------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner_level", [1, 2])
+def test_step_inside_the_closure_is_refused_and_the_outer_step_changes_nothing(inner_level):
+    agents = _two_linear_agents()
+    opt = kpg.KPGOptimizer(agents, k=2, optimizer="adam", lr=0.1)
+    inner_calls = []
+
+    def inner_closure(ctx):
+        return _loss(agents, ctx, linear=False)
+
+    def outer_closure(ctx):
+        if ctx.level == inner_level and not inner_calls:
+            inner_calls.append(ctx.level)
+            opt.step(inner_closure)
+        return _loss(agents, ctx, linear=False)
+
+    snapshot = _snapshot(agents, opt)
+    with pytest.raises(RuntimeError, match=r"step was called from inside its own closure"):
+        opt.step(outer_closure)
+    assert inner_calls == [inner_level]
+    _assert_unchanged(agents, opt, snapshot)
+    assert opt.stats.steps == 0
+    # The optimizer is usable afterwards.
+    opt.step(inner_closure)
+    assert opt.stats.steps == 1
