@@ -106,7 +106,8 @@ class KPGOptimizer(torch.optim.Optimizer):
     live in one arena); ``zero_grad(set_to_none=True)`` zeroes (gradients stay arena views);
     ``foreach``, ``fused``, ``capturable`` and ``differentiable`` group keys loaded from a torch.optim
     state dict are kept but have no effect (kpg has one fused path and is not differentiable);
-    sparse gradients and complex parameters are not supported (float32 and float64 only); with a
+    sparse gradients are refused (an embedding layer with ``sparse=True`` among the agents' modules, at
+    construction and at every step) and complex parameters are not supported (float32 and float64 only); with a
     float32 tensor lr torch computes Adam's step size in float32 while kpg uses float64.
 
     Parameters become views into one flat arena (and their ``.grad`` views into its gradient
@@ -138,6 +139,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "parallel='agents' shards the agents over the ranks of a process group; pass process_group="
             )
+        self._embeddings = _embedding_layers(agents)
+        _refuse_sparse_gradients(self._embeddings)
         agent_params, self.shared, batched_params = _agent_parameters(agents, agent_dim)
         if parallel == "agents" and self.shared:
             raise ValueError(
@@ -323,6 +326,7 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "KPGOptimizer.step was called from inside its own closure; a step's closure only computes the loss "
                 "(kpg evaluates it once per level and commits once at the end): call step outside the closure"
             )
+        _refuse_sparse_gradients(self._embeddings)
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
         self.arena.restore_gradient_views()
@@ -574,6 +578,36 @@ class KSchedule:
         self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
         self.early_k, self.late_k = state["early_k"], state["late_k"]
         self.optimizer.k = self.current_k()
+
+
+def _embedding_layers(agents: Any) -> list[tuple[str, nn.Embedding | nn.EmbeddingBag]]:
+    """(name, layer) of every embedding layer in the agents' modules: the layers whose ``sparse``
+    flag makes autograd produce sparse gradients (it may be switched on after construction)."""
+    if isinstance(agents, nn.Module):
+        roots = [("", agents)]
+    elif isinstance(agents, (list, tuple)):
+        roots = [(f"agents[{index}].", entry) for index, entry in enumerate(agents) if isinstance(entry, nn.Module)]
+    else:
+        return []
+    return [
+        (prefix + name, module)
+        for prefix, root in roots
+        for name, module in root.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+    ]
+
+
+def _refuse_sparse_gradients(embeddings: list[tuple[str, nn.Embedding | nn.EmbeddingBag]]) -> None:
+    """A sparse gradient reaching the arena's dense gradient buffer is added into it densely, in
+    silence: momentum, Adam's moments and weight decay then move rows the batch never touched, where
+    torch.optim's Adam refuses sparse gradients and its Adagrad steps only the rows present."""
+    for name, layer in embeddings:
+        if layer.sparse and layer.weight.requires_grad:
+            raise ValueError(
+                f"{type(layer).__name__} {name or '(the model)'} has sparse=True, which makes sparse gradients; kpg "
+                "steps dense gradients only (its gradients are views of one dense buffer): build the layer with "
+                "sparse=False (the default), or freeze it"
+            )
 
 
 def _closure_takes_context(closure: Callable) -> bool:

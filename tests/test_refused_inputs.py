@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kpg
+from kpg import _ops as ops
 
 
 def _two_linear_agents():
@@ -130,3 +131,106 @@ def test_step_inside_the_closure_is_refused_and_the_outer_step_changes_nothing(i
     # The optimizer is usable afterwards.
     opt.step(inner_closure)
     assert opt.stats.steps == 1
+
+
+# ---- item 8: sparse gradients, overlapping chunk rows ---------------------------------------------
+
+
+class _Bag(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.embed = nn.Embedding(6, 2, sparse=sparse)
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens)).mean()
+
+
+def _bag_closure(agents):
+    tokens = torch.tensor([0, 2, 2, 5])
+
+    def closure(ctx):
+        own = torch.stack([a(tokens) for a in agents])
+        with ctx.anticipated():
+            anticipated = torch.stack([a(tokens) for a in agents])
+        return (own * anticipated.flip(0) - 0.5) ** 2
+
+    return closure
+
+
+def test_an_embedding_with_sparse_gradients_is_refused_at_construction():
+    torch.manual_seed(0)
+    agents = [_Bag(sparse=False), _Bag(sparse=True)]
+    with pytest.raises(
+        ValueError, match=r"Embedding agents\[1\]\.embed has sparse=True.*build the layer with sparse=False"
+    ):
+        kpg.KPGOptimizer(agents, k=2)
+    with pytest.raises(ValueError, match=r"Embedding embed has sparse=True"):
+        kpg.KPGOptimizer(agents[1], k=2)
+    agents[1].embed.weight.requires_grad_(False)  # a frozen sparse layer makes no gradient: accepted
+    kpg.KPGOptimizer(agents, k=2).step(_bag_closure(agents))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sparse_gradients_switched_on_after_construction_are_refused_at_the_step(optimizer):
+    torch.manual_seed(0)
+    agents = [_Bag(sparse=False), _Bag(sparse=False)]
+    hyperparameters = {"momentum": 0.9} if optimizer == "sgd" else {}
+    opt = kpg.KPGOptimizer(agents, k=2, optimizer=optimizer, lr=0.1, **hyperparameters)
+    closure = _bag_closure(agents)
+    opt.step(closure)
+    agents[0].embed.sparse = True
+    snapshot = _snapshot(agents, opt)
+    with pytest.raises(ValueError, match=r"Embedding agents\[0\]\.embed has sparse=True"):
+        opt.step(closure)
+    _assert_unchanged(agents, opt, snapshot)
+
+
+def _overlapping_sgd_call(device):
+    """An SGD commit over 10 elements of one agent whose two chunk rows share elements 5..9."""
+    param = torch.linspace(-1, 1, 10, dtype=torch.float64, device=device)
+    grad = torch.ones(10, dtype=torch.float64, device=device)
+    chunks = torch.tensor([[0, 0, 10], [0, 5, 10]], dtype=torch.int64, device=device)
+    arguments = dict(
+        param=param,
+        grad=grad,
+        momentum_buffer=None,
+        step=torch.zeros(1, dtype=torch.float64, device=device),
+        live=torch.zeros(1, ops.MAX_STATES, dtype=torch.uint8, device=device),
+        lr=torch.full((1,), 0.1, dtype=torch.float64, device=device),
+        hyper=ops.hyper_rows("sgd", {}, 1, device=device),
+        grad_scale=None,
+        skip=None,
+        chunks=chunks,
+    )
+    return ops.sgd_commit, arguments
+
+
+def test_update_op_with_overlapping_chunk_rows_is_refused(device):
+    op, arguments = _overlapping_sgd_call(device)
+    before = arguments["param"].clone()
+    with pytest.raises(ValueError, match=r"sgd_commit: chunk rows 0 and 1 share elements from 5"):
+        op(**arguments)
+    assert torch.equal(arguments["param"], before)
+    # The same rows without the overlap step every element once.
+    arguments["chunks"] = torch.tensor([[0, 0, 5], [0, 5, 10]], dtype=torch.int64, device=device)
+    op(**arguments)
+    assert torch.allclose(arguments["param"], before - 0.1)
+
+
+def test_agent_grad_norms_with_overlapping_chunk_rows_is_refused(device):
+    f64 = dict(dtype=torch.float64, device=device)
+    chunks = torch.tensor([[0, 0, 4], [0, 2, 6], [1, 6, 8]], dtype=torch.int64, device=device)
+    norm = torch.zeros(2, **f64)
+    with pytest.raises(ValueError, match=r"agent_grad_norms: chunk rows 0 and 1 share elements from 2"):
+        ops.agent_grad_norms(
+            torch.ones(8, **f64),
+            chunks,
+            torch.tensor([0, 2, 3], dtype=torch.int64, device=device),
+            torch.zeros(3, **f64),
+            None,
+            norm,
+            torch.zeros(2, **f64),
+            torch.zeros(2, dtype=torch.uint8, device=device),
+        )
+    assert torch.equal(norm, torch.zeros(2, **f64))
