@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import kpg
+from kpg import _ops as ops
 
 BACKENDS = ["eager", "aot_eager"]
 
@@ -17,12 +18,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _game(k: int, optimizer: str, compile_model: str | None = None):
+def _game(k: int, optimizer: str, compile_model: str | None = None, **options):
     """Two small agents with a coupled, non-linear loss: each agent's loss reads the other's
     anticipated output. ``compile_model`` names a backend that compiles the agents' modules."""
     torch.manual_seed(0)
     agents = [nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)) for _ in range(2)]
-    opt = kpg.KPGOptimizer(agents, k=k, optimizer=optimizer, lr=0.1)
+    opt = kpg.KPGOptimizer(agents, k=k, optimizer=optimizer, lr=0.1, **options)
     forwards = [torch.compile(a, backend=compile_model) for a in agents] if compile_model else agents
     x = torch.randn(5, 3)
 
@@ -108,3 +109,35 @@ def test_closure_over_compiled_models_equals_the_eager_closure(backend, k):
     for _ in range(2):
         opt.step(closure)
     _assert_same((agents, opt), _eager(k, "adam", steps=2))
+
+
+@pytest.mark.parametrize("optimizer,hyperparameters", [("adam", {"amsgrad": True}), ("sgd", {"momentum": 0.9})])
+def test_ops_pass_opcheck_on_the_buffers_of_a_live_optimizer(optimizer, hyperparameters):
+    """torch.library.opcheck (schema, fake tensors, AOT dispatch) with the arguments a step passes:
+    the arena's buffers, and lr, max_norm and the hyperparameter rows, which are views of one buffer."""
+    _, opt, closure, _ = _game(2, optimizer, max_grad_norm=1.0, **hyperparameters)
+    opt.step(closure)
+    assert opt._lr.untyped_storage().data_ptr() == opt._hyper.untyped_storage().data_ptr()
+    opt.arena.grad.normal_(generator=torch.Generator().manual_seed(0))
+    common = dict(
+        step=opt._step,
+        live=opt._live,
+        lr=opt._lr,
+        hyper=opt._hyper,
+        grad_scale=opt._grad_scale,
+        skip=opt._skip,
+        chunks=opt.arena.chunks,
+    )
+    for commit in (False, True):
+        op = ops.UPDATE_OPS[(opt._kernel.name, commit)]
+        named = dict(param=opt.arena.param, grad=opt.arena.grad)
+        if not commit:
+            named["anticipated"] = opt._anticipated
+        named.update(opt._state_buffers)
+        named.update(common)
+        results = torch.library.opcheck(op, tuple(named[a.name] for a in op.default._schema.arguments))
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+    norms = (opt.arena.grad, opt.arena.chunks, opt.arena.agent_chunks, opt._chunk_sq)
+    outputs = (opt._max_norm, opt._norm, opt._grad_scale, opt._nonfinite)
+    results = torch.library.opcheck(torch.ops.kpg.agent_grad_norms, (*norms, *outputs))
+    assert set(results.values()) == {"SUCCESS"}, results
