@@ -3,11 +3,13 @@ that calls backward() itself, a step started inside a step's closure, sparse gra
 calls whose chunk rows overlap. Each is refused with a message naming the fix, before anything
 changes."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import kpg
+from kpg import _C
 from kpg import _ops as ops
 
 
@@ -234,3 +236,15 @@ def test_agent_grad_norms_with_overlapping_chunk_rows_is_refused(device):
             torch.zeros(2, dtype=torch.uint8, device=device),
         )
     assert torch.equal(norm, torch.zeros(2, **f64))
+
+
+def test_host_check_of_a_device_chunk_table_refuses_overlapping_rows():
+    """The check a CUDA chunk table gets on the host (at its first use and after in-place changes),
+    run here on host arrays: rows in any order pass when disjoint; shared elements do not."""
+    grouped_by_agent = np.array([[0, 6, 8], [0, 0, 2], [1, 2, 6]], dtype=np.int64)
+    _C.check_chunk_table("adam_commit", grouped_by_agent, np.array([0, 2, 3]), 2, 8)
+    overlapping = np.array([[0, 6, 8], [0, 0, 3], [1, 2, 6]], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"adam_commit: chunk rows 1 and 2 share elements from 2"):
+        _C.check_chunk_table("adam_commit", overlapping, None, 2, 8)
+    empty_rows_share_nothing = np.array([[0, 2, 2], [0, 0, 4], [1, 4, 8]], dtype=np.int64)
+    _C.check_chunk_table("adam_commit", empty_rows_share_nothing, None, 2, 8)
