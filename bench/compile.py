@@ -13,7 +13,8 @@ ways, side by side (call by call, in turn, round after round: agents.time_side_b
 
 Every method starts from the same weights and is warmed up (compiled) before timing; compile time
 is reported separately. Run ``python bench/compile.py`` (``--agents 64 512``, ``--backend`` to pick
-torch.compile's backend, default inductor; ``--json PATH`` for machine-readable results).
+torch.compile's backend, default inductor; ``--quick`` for a smoke run; ``--json PATH`` for
+machine-readable results).
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--max-run-time", type=float, default=8.0)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 agents, short timings")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.quick:
+        args.agents, args.min_run_time, args.max_run_time = [4], 0.01, 0.1
     device = torch.device("cpu")
     cases = []
     for agents in args.agents:
