@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -194,6 +195,21 @@ py::tuple range_chunk_table(py::array_t<int64_t, py::array::c_style | py::array:
   return py::make_tuple(chunks, agent_chunks);
 }
 
+// The CPU entry points' check of a chunk table (bounds, overlapping rows, agent_chunks), for a
+// table copied from the device: the CUDA path cannot read it without a synchronization.
+void check_chunk_table_on_host(
+    const std::string& op, py::array_t<int64_t, py::array::c_style | py::array::forcecast> chunks,
+    std::optional<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> agent_chunks,
+    int64_t num_agents, int64_t numel) {
+  if (chunks.ndim() != 2 || chunks.shape(1) != kChunkColumns ||
+      (agent_chunks && agent_chunks->size() != num_agents + 1)) {
+    throw std::invalid_argument(
+        op + ": chunks must be [num_chunks, 3] and agent_chunks num_agents + 1 entries");
+  }
+  check_chunk_table(op.c_str(), chunks.data(), chunks.shape(0),
+                    agent_chunks ? agent_chunks->data() : nullptr, num_agents, numel);
+}
+
 py::array_t<int32_t> element_visits(
     py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets, int64_t chunk_elems,
     int threads, int vec) {
@@ -235,6 +251,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("chunk_table", &chunk_table, "offsets"_a, "chunk_elems"_a);
   m.def("range_chunk_table", &range_chunk_table, "ranges"_a, "num_agents"_a, "chunk_elems"_a);
+  m.def("check_chunk_table", &check_chunk_table_on_host, "op"_a, "chunks"_a, "agent_chunks"_a,
+        "num_agents"_a, "numel"_a);
   m.def("element_visits", &element_visits, "offsets"_a, "chunk_elems"_a, "threads"_a, "vec"_a);
 
   py::dict dtypes;

@@ -24,6 +24,27 @@ void check_chunk_table(const char* op, const int64_t* chunks, int64_t num_chunks
           " elements; build the table from this arena's offsets with chunk_table");
     }
   }
+  // Two rows sharing an element would update it twice (on CUDA, two blocks would race on it).
+  std::vector<std::pair<int64_t, int64_t>> begin_and_row;
+  begin_and_row.reserve(static_cast<size_t>(num_chunks));
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const ChunkRange r = chunk_at(chunks, c);
+    if (r.begin < r.end) begin_and_row.emplace_back(r.begin, c);
+  }
+  // chunk_table's rows come sorted; range_chunk_table's are grouped by agent.
+  if (!std::is_sorted(begin_and_row.begin(), begin_and_row.end())) {
+    std::sort(begin_and_row.begin(), begin_and_row.end());
+  }
+  for (size_t i = 1; i < begin_and_row.size(); ++i) {
+    const int64_t previous = begin_and_row[i - 1].second, row = begin_and_row[i].second;
+    if (begin_and_row[i].first < chunk_at(chunks, previous).end) {
+      throw std::invalid_argument(
+          std::string(op) + ": chunk rows " + std::to_string(previous) + " and " +
+          std::to_string(row) + " share elements from " + std::to_string(begin_and_row[i].first) +
+          "; an element in two rows would be updated twice. Every element belongs to at most one "
+          "row: build the table with chunk_table or range_chunk_table");
+    }
+  }
   if (agent_chunks == nullptr) return;
   for (int64_t a = 0; a < num_agents; ++a) {
     if (agent_chunks[a] < 0 || agent_chunks[a] > agent_chunks[a + 1] ||

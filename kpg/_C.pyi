@@ -33,6 +33,12 @@ def range_chunk_table(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Like ``chunk_table``, from rows (agent, begin, end) in any order; the rows come grouped by agent."""
 
+def check_chunk_table(
+    op: str, chunks: npt.ArrayLike, agent_chunks: npt.ArrayLike | None, num_agents: int, numel: int
+) -> None:
+    """Raises ValueError naming ``op`` and the first row outside the arena, two rows sharing an
+    element, or an agent whose ``agent_chunks`` entries are not a range of the table."""
+
 def element_visits(offsets: npt.ArrayLike, chunk_elems: int, threads: int, vec: int) -> npt.NDArray[np.int32]: ...
 def kept_states(family: int, rows: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """[agents, states]: the state tensors a commit with each hyperparameter row keeps."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.weak
 from torch import Tensor
 
 from kpg import _C
@@ -251,6 +252,33 @@ def _check_chunks(op: str, device: torch.device, chunks: Tensor, name: str = "ch
         raise ValueError(f"{op}: {name} must be contiguous")
 
 
+# Device-resident chunk tables already checked on the host, with the version counters they had.
+_checked_device_tables: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _check_device_chunk_table(
+    op: str, chunks: Tensor, agent_chunks: Tensor | None, num_agents: int, numel: int
+) -> None:
+    """The CPU kernels check their chunk table at every call (bounds, no two rows sharing an
+    element); the CUDA kernels cannot read it without a synchronization and only skip rows outside
+    the arena, so rows that overlap would update elements twice and race. A CUDA table is copied to
+    the host and checked once, and again after any in-place change (its version counter moves) or
+    with other companions."""
+    if chunks.device.type != "cuda":
+        return
+    key = (
+        chunks._version,
+        num_agents,
+        numel,
+        None if agent_chunks is None else (id(agent_chunks), agent_chunks._version),
+    )
+    if _checked_device_tables.get(chunks) == key:
+        return
+    host_agent_chunks = None if agent_chunks is None else agent_chunks.cpu().numpy()
+    _C.check_chunk_table(op, chunks.cpu().numpy(), host_agent_chunks, num_agents, numel)
+    _checked_device_tables[chunks] = key
+
+
 def _reject_meta(op: str, named: dict[str, object]) -> None:
     """The fake implementations double as the ops' Meta kernels, so meta tensors reach them outside
     tracing too; they hold no values to update, and returning would look as if the step had run."""
@@ -317,6 +345,7 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
         }
         _check_storage(op, everything)
         _check_disjoint(op, everything, written)
+        _check_device_chunk_table(op, a["chunks"], None, num_agents, param.numel())
         device, stream = _device_and_stream(param)
         buffers = _C.UpdateBuffers()
         buffers.param, buffers.grad = param.data_ptr(), a["grad"].data_ptr()
@@ -406,6 +435,7 @@ def agent_grad_norms(
     )
     _check_storage(op, everything)
     _check_disjoint(op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"))
+    _check_device_chunk_table(op, chunks, agent_chunks, num_agents, grad.numel())
     device, stream = _device_and_stream(grad)
     _C.agent_grad_norms(
         device,

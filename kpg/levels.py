@@ -176,22 +176,9 @@ class LevelEvaluator:
         """Per parameter, its level ``level - 1`` values (the base parameters at level 1)."""
         return self._anticipated_views if level > 1 else self.arena.param_views
 
-    @contextlib.contextmanager
-    def anticipated(self, ctx: KPGContext):
+    def anticipated(self, ctx: KPGContext) -> _AnticipatedBlock:
         """``ctx.anticipated()``: the agents' parameters at level l-1, gradients off."""
-        swap = ctx.level > 1
-        started = time.perf_counter()
-        with torch.no_grad(), self.timer.range("anticipated_forward", ctx.level):
-            if swap:
-                self.bind(self._anticipated_views)
-            self.inside_anticipated = True
-            try:
-                yield ctx
-            finally:
-                self.inside_anticipated = False
-                if swap:
-                    self.bind(self.arena.param_views)
-                self.timer.stats.add("anticipated_forward", ctx.level, time.perf_counter() - started)
+        return _AnticipatedBlock(self, ctx)
 
     def evaluate(self, closure: Callable, level: int, k: int, takes_context: bool) -> tuple[Tensor, Tensor]:
         """Level ``level``'s gradients into ``arena.grad`` (zeroed first); returns the loss and
@@ -247,8 +234,10 @@ class LevelEvaluator:
 
     def _context_level(self, closure, level: int, k: int) -> tuple[Tensor, Tensor]:
         ctx = KPGContext(self, level, k)
+        version = self.arena.grad._version
         with self.timer.timed("closure", level), torch.enable_grad():
             loss = closure(ctx)
+        self._refuse_gradients_written(version, level, gradients_held=False)
         agent_losses = self._checked_loss(loss, level)
         # ctx.at_base outputs are reused by the next level, so their graph must survive this backward.
         keep_graph = bool(self.at_base_outputs) and level < k
@@ -259,8 +248,10 @@ class LevelEvaluator:
     def _brute_force_level(self, closure, level: int) -> tuple[Tensor, Tensor]:
         arena = self.arena
         if level == 1:
+            version = arena.grad._version
             with self.timer.timed("closure", level), torch.enable_grad():
                 loss = closure()
+            self._refuse_gradients_written(version, level, gradients_held=False)
             agent_losses = self._checked_loss(loss, level)
             with self.timer.timed("backward", level), torch.enable_grad():
                 if loss.dim() == 0:
@@ -280,8 +271,10 @@ class LevelEvaluator:
                 for slot, base in zip(mixed.agent_views[agent], mixed.base_agent_views[agent]):
                     slot.copy_(base)
                 try:
+                    version = arena.grad._version
                     with self.timer.timed("closure", level), torch.enable_grad():
                         loss = closure()
+                    self._refuse_gradients_written(version, level, gradients_held=agent > 0)
                     self._checked_loss(loss, level)
                     with self.timer.timed("backward", level), torch.enable_grad():
                         agent_loss = loss[agent] if loss.dim() == 1 else loss
@@ -293,6 +286,22 @@ class LevelEvaluator:
         finally:
             self.bind(arena.param_views)
         return loss, torch.cat(flags)
+
+    def _refuse_gradients_written(self, version: int, level: int, gradients_held: bool) -> None:
+        """Refuses a closure that wrote into the gradient buffer, as one that calls ``backward()``
+        (the torch.optim habit) does: kpg's own backward would add to it, counting a linear loss
+        twice, silently. Every write bumps the buffer's version counter (the parameters' ``.grad``
+        views share it), so this costs nothing unless something wrote; then a buffer that is still
+        all zeros (``zero_grad()`` in the closure) passes, unless it held earlier agents' gradients
+        (``gradients_held``), which any write corrupts."""
+        grad = self.arena.grad
+        if grad._version == version or (not gradients_held and not bool(grad.any())):
+            return
+        raise RuntimeError(
+            f"the closure wrote into the agents' gradients at level {level}: it called backward() (or zero_grad(), "
+            "or changed .grad in place); kpg runs the backward pass itself, only into the agents' parameters, so "
+            "return the loss without calling backward(). Parameters and optimizer state are unchanged"
+        )
 
     def _add_agent_gradient(self, agent: int, loss: Tensor, retain_graph: bool) -> None:
         """Adds the gradient of ``loss`` with respect to agent ``agent``'s share of the parameters
@@ -360,6 +369,40 @@ def _reached_hook(flags: list[bool], index: int) -> Callable[[Tensor], None]:
         flags[index] = True
 
     return hook
+
+
+class _AnticipatedBlock:
+    """``with ctx.anticipated():``: the parameters rebound to level l-1 (``.data`` of every parameter
+    swapped) and gradients off while the block runs. torch.compile cannot trace the rebinding: a
+    compiled closure would run the block at the base parameters, silently. Entering and leaving
+    therefore run eagerly (``torch.compiler.disable``): Dynamo breaks the closure's graph there, and
+    the forwards inside the block (or a compiled model they call) see the rebound parameters."""
+
+    def __init__(self, levels: LevelEvaluator, ctx: KPGContext):
+        self._levels, self._ctx = levels, ctx
+        self._exits = contextlib.ExitStack()
+        self._started = 0.0
+
+    @torch.compiler.disable
+    def __enter__(self) -> KPGContext:
+        levels, level = self._levels, self._ctx.level
+        self._started = time.perf_counter()
+        self._exits.enter_context(torch.no_grad())
+        self._exits.enter_context(levels.timer.range("anticipated_forward", level))
+        if level > 1:
+            levels.bind(levels.anticipated_views(level))
+        levels.inside_anticipated = True
+        return self._ctx
+
+    @torch.compiler.disable
+    def __exit__(self, *exception: Any) -> bool:
+        levels, level = self._levels, self._ctx.level
+        levels.inside_anticipated = False
+        if level > 1:
+            levels.bind(levels.arena.param_views)
+        self._exits.__exit__(*exception)
+        levels.timer.stats.add("anticipated_forward", level, time.perf_counter() - self._started)
+        return False
 
 
 @dataclass

@@ -35,6 +35,10 @@ from kpg.profiling import KPGStats, PhaseTimer
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+_COMPILE_THE_CLOSURE = (
+    "KPGOptimizer.step runs eagerly under torch.compile (its levels rebind the parameters, which a graph cannot "
+    "capture); compile the model or the closure instead, or use capture_step for CUDA graphs"
+)
 
 
 class KPGOptimizer(torch.optim.Optimizer):
@@ -115,7 +119,8 @@ class KPGOptimizer(torch.optim.Optimizer):
     live in one arena); ``zero_grad(set_to_none=True)`` zeroes (gradients stay arena views);
     ``foreach``, ``fused``, ``capturable`` and ``differentiable`` group keys loaded from a torch.optim
     state dict are kept but have no effect (kpg has one fused path and is not differentiable);
-    sparse gradients and complex parameters are not supported (float32 and float64 only); with a
+    sparse gradients are refused (an embedding layer with ``sparse=True`` among the agents' modules, at
+    construction and at every step) and complex parameters are not supported (float32 and float64 only); with a
     float32 tensor lr torch computes Adam's step size in float32 while kpg uses float64.
 
     Parameters become views into one flat arena (and their ``.grad`` views into its gradient
@@ -150,6 +155,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "parallel='agents' shards the agents over the ranks of a process group; pass process_group="
             )
+        self._embeddings = _embedding_layers(agents)
+        _refuse_sparse_gradients(self._embeddings)
         agent_params, self.shared, batched_params = _agent_parameters(agents, agent_dim)
         if parallel == "agents" and self.shared:
             raise ValueError(
@@ -203,6 +210,7 @@ class KPGOptimizer(torch.optim.Optimizer):
             {"lr": lrs[0], "max_grad_norm": max_norms[0], **hyperparameters},
         )
         self._constructing = False
+        self._stepping = False  # a step in progress: its closure may not start another (see step)
 
         arena, device = self.arena, self.arena.device
         f64 = dict(dtype=torch.float64, device=device)
@@ -335,6 +343,9 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     # ---- the KPG step -------------------------------------------------------------------------
 
+    # Under torch.compile the step runs eagerly (Dynamo breaks the graph here): traced, the levels'
+    # parameter rebinding and host-side bookkeeping are lost and a k >= 2 step silently trains nothing.
+    @torch.compiler.disable(reason=_COMPILE_THE_CLOSURE)
     @torch.no_grad()
     def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One KPG step: k levels, each one closure evaluation, backward and fused update; only
@@ -356,11 +367,18 @@ class KPGOptimizer(torch.optim.Optimizer):
                 "under agent sharding the closure must take ctx: the other ranks' agents reach this rank only through "
                 "ctx.gather_agents or ctx.gather_anticipated_parameters"
             )
+        if self._stepping:
+            raise RuntimeError(
+                "KPGOptimizer.step was called from inside its own closure; a step's closure only computes the loss "
+                "(kpg evaluates it once per level and commits once at the end): call step outside the closure"
+            )
+        _refuse_sparse_gradients(self._embeddings)
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
         torch.index_select(self._lr, 0, self.arena.piece_agent, out=self._piece_lr)
         torch.index_select(self._hyper, 0, self.arena.piece_agent, out=self._piece_hyper)
         self.arena.restore_gradient_views()
+        self._stepping = True
         try:
             if self._momentum is not None:
                 loss = self._momentum.run_levels(self, closure, takes_context)
@@ -369,6 +387,7 @@ class KPGOptimizer(torch.optim.Optimizer):
                     loss, self._loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
                     self._update(level, commit=level == self.k)
         finally:
+            self._stepping = False
             self._levels.end_step()
         self.stats.steps += 1
         if self.verify_replicas:
@@ -705,6 +724,36 @@ def _check_anticipation(anticipation: Any, audit: Any, k: Any) -> None:
             f"anticipation='momentum' predicts only level 1, so it runs k=1 or k=2, got k={k}; use "
             "anticipation='exact' for k >= 3"
         )
+
+
+def _embedding_layers(agents: Any) -> list[tuple[str, nn.Embedding | nn.EmbeddingBag]]:
+    """(name, layer) of every embedding layer in the agents' modules: the layers whose ``sparse``
+    flag makes autograd produce sparse gradients (it may be switched on after construction)."""
+    if isinstance(agents, nn.Module):
+        roots = [("", agents)]
+    elif isinstance(agents, (list, tuple)):
+        roots = [(f"agents[{index}].", entry) for index, entry in enumerate(agents) if isinstance(entry, nn.Module)]
+    else:
+        return []
+    return [
+        (prefix + name, module)
+        for prefix, root in roots
+        for name, module in root.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+    ]
+
+
+def _refuse_sparse_gradients(embeddings: list[tuple[str, nn.Embedding | nn.EmbeddingBag]]) -> None:
+    """A sparse gradient reaching the arena's dense gradient buffer is added into it densely, in
+    silence: momentum, Adam's moments and weight decay then move rows the batch never touched, where
+    torch.optim's Adam refuses sparse gradients and its Adagrad steps only the rows present."""
+    for name, layer in embeddings:
+        if layer.sparse and layer.weight.requires_grad:
+            raise ValueError(
+                f"{type(layer).__name__} {name or '(the model)'} has sparse=True, which makes sparse gradients; kpg "
+                "steps dense gradients only (its gradients are views of one dense buffer): build the layer with "
+                "sparse=False (the default), or freeze it"
+            )
 
 
 def _closure_takes_context(closure: Callable) -> bool:
