@@ -826,8 +826,9 @@ def test_agents_benchmark_reports_every_method(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     case = json.loads(path.read_text())["cases"][0]
-    methods = {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2"}
+    methods = {"torch_k1", "naive_k2", "kpg_k1", "kpg_k2", "kpg_mk2"}  # kpg_mk2: momentum anticipation, k=2
     assert set(case["seconds"]) == set(case["memory"]) == methods
     assert all(s > 0 for s in case["seconds"].values())
     assert all(m["peak_bytes_above_baseline"] > 0 for m in case["memory"].values())
     assert case["matmul_flops_per_second"] > 0 and math.isfinite(case["ratios"]["kpg_k2_over_k1"])
+    assert math.isfinite(case["ratios"]["kpg_momentum_k2_over_k1"])
