@@ -146,18 +146,25 @@ def test_the_rollout_stays_tensors(tmp_path):
     assert len(episodes) == 8  # every copy ended once (step 4 of 5)
 
 
+def _collect_with_values_of_two(config: TrainConfig):
+    """One rollout of ``config``'s MAPPO trainer with the critic's value fixed at 2 everywhere (3
+    agents): the trainer, its batch and every step the pool returned."""
+    pool, trainer = build_trainer(config)
+    trainer.returns.denormalize = lambda values: values
+    trainer._values = lambda state: torch.full((state.shape[0], 3), 2.0)
+    seen, step = [], pool.step
+    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
+    batch, _ = trainer._collect()
+    return trainer, batch, seen
+
+
 @needs_vmas
 def test_the_time_limit_bootstraps_the_value_of_the_state_it_cut_off(tmp_path):
     """With V = 2 everywhere, GAE over the rewards seen, where step 4's reward gains gamma * 2 (the time
     limit cut an episode that would have gone on) and the recursion stops after it."""
     config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
-    pool, trainer = build_trainer(config)
+    trainer, batch, seen = _collect_with_values_of_two(config)
     n, gamma, lam = 3, trainer.config.gamma, trainer.config.gae_lambda
-    trainer.returns.denormalize = lambda values: values
-    trainer._values = lambda state: torch.full((state.shape[0], n), 2.0)
-    seen, step = [], pool.step
-    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
-    batch, _ = trainer._collect()
     rewards = torch.stack([s.reward for s in seen])
     dones = torch.stack([s.done for s in seen])
     assert dones[3].eq(1).all() and dones[[0, 1, 2, 4]].eq(0).all()
@@ -398,13 +405,8 @@ def test_without_time_limit_bootstrap_the_time_limit_ends_the_episode_like_a_ter
     reward gains nothing at the time limit and the recursion still stops after it."""
     config = vmas_config("navigation", tmp_path, env_options={"max_steps": "4"})
     config = dataclasses.replace(config, mappo=dataclasses.replace(config.mappo, bootstrap_time_limit=False))
-    pool, trainer = build_trainer(config)
+    trainer, batch, seen = _collect_with_values_of_two(config)
     n, gamma, lam = 3, trainer.config.gamma, trainer.config.gae_lambda
-    trainer.returns.denormalize = lambda values: values
-    trainer._values = lambda state: torch.full((state.shape[0], n), 2.0)
-    seen, step = [], pool.step
-    pool.step = lambda actions: seen.append(step(actions)) or seen[-1]
-    batch, _ = trainer._collect()
     rewards = torch.stack([s.reward for s in seen])
     expected = torch.zeros(5, 8, n)
     running = torch.zeros(8, n)
