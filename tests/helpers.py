@@ -3,10 +3,13 @@ the torch.optim builder the parity tests compare with, the brute-force KPG, the 
 hyperparameters, a GIL probe and tiny PettingZoo environments (``helpers:uneven_agents`` as an
 ``--env``)."""
 
+import contextlib
 import copy
+import importlib.util
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -542,3 +545,17 @@ def opponent_plays_time(observations, env, rng):
 def opponent_plays_first_action(observations, env, rng):
     """A fixed opponent for any discrete environment: action 0 for everyone."""
     return dict.fromkeys(observations, 0)
+
+
+@contextlib.contextmanager
+def loaded_module(path: Path, name: str):
+    """The Python file at ``path`` imported as module ``name``, registered in ``sys.modules`` while in
+    use (dataclasses look their module up there) and removed after."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]

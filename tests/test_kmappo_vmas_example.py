@@ -4,12 +4,12 @@ at k=1 (MAPPO) and at k=2."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import loaded_module
 
 pytest.importorskip("vmas", reason="the example needs VMAS: pip install 'kpg[vmas]'")
 
@@ -18,12 +18,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kmappo_vmas.py"
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("kmappo_vmas", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kmappo_vmas"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["kmappo_vmas"]
+    with loaded_module(EXAMPLE, "kmappo_vmas") as module:
+        yield module
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -4,12 +4,12 @@ k=2 the closure's anticipated policy is the level-1 one, and the run differs fro
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import loaded_module
 
 pytest.importorskip("torchrl", reason="the TorchRL example needs the torchrl extra: pip install 'kpg[torchrl]'")
 pytest.importorskip("vmas", reason="the TorchRL example needs VMAS: pip install 'kpg[torchrl]'")
@@ -19,12 +19,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchrl_mappo.p
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("torchrl_mappo", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torchrl_mappo"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["torchrl_mappo"]
+    with loaded_module(EXAMPLE, "torchrl_mappo") as module:
+        yield module
 
 
 def small(example, **changes):
