@@ -7,20 +7,45 @@ episodes restarted).
     nohup nice -n 15 python scripts/benchmarl_kmappo.py --runs /work/studies/benchmarl \\
         --tasks navigation balance --ks 1 2 --seeds 0 1 2 --frames 300000 > /work/studies/benchmarl/log.txt 2>&1 &
 
-Each run's BenchMARL CSV logs are under ``RUNS/TASK_kK_sSEED/kmappo_*/``.
+Each run's BenchMARL CSV logs are under ``RUNS/TASK_kK_sSEED/kmappo_*/``; ``provenance.json`` beside them
+lists, for every start or resumption, the command, the code commit and the package versions that ran it.
+``scripts/benchmarl_kmappo_report.py`` turns the folder into ``results/benchmarl/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+import time
+from importlib import metadata
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("kpg", "torch", "benchmarl", "torchrl", "tensordict", "vmas", "hydra-core")
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
     checkpoints = list(folder.glob("*/checkpoints/checkpoint_*.pt"))
     return max(checkpoints, key=lambda p: int(p.stem.split("_")[-1])) if checkpoints else None
+
+
+def record_start(folder: Path, command: list[str]) -> None:
+    """Appends this start's command, code commit and package versions to the run's provenance.json."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    path = folder / "provenance.json"
+    starts = json.loads(path.read_text()) if path.exists() else []
+    starts.append(
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": " ".join(command),
+            "commit": commit + ("+uncommitted changes" if dirty else ""),
+            "versions": {name: metadata.version(name) for name in PACKAGES},
+        }
+    )
+    path.write_text(json.dumps(starts, indent=2))
 
 
 def main() -> None:
@@ -58,6 +83,7 @@ def main() -> None:
                 if checkpoint is not None:
                     command.append(f"experiment.restore_file={checkpoint}")
                 print(" ".join(command), flush=True)
+                record_start(folder, command)
                 subprocess.run(command, check=True)
                 (folder / "done").touch()
 
