@@ -2,7 +2,7 @@
 use. kpg adds no communication layer: every exchange is one torch.distributed collective (gloo on
 CPU, NCCL on GPUs) over the caller's process group. A training run's place among the ranks (its
 environment copies, seeds and checkpoints) is the trainers' concern:
-:class:`kpg.algos.run_context.RunContext`.
+:class:`kpg.app.run_context.RunContext`.
 
 - Data parallel (``KPGOptimizer(..., process_group=group)``): every rank holds every agent and its
   own share of the batch. At each level the ranks first all-reduce a small control vector (which

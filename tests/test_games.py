@@ -1,4 +1,4 @@
-"""kpg.games: closed-form payoffs and gradients by hand, the exact-gradient game against an independent
+"""kpg.app.games: closed-form payoffs and gradients by hand, the exact-gradient game against an independent
 per-agent KPG loop (../shared/KPG.md), the sampled mode against the exact one, and ``kpg games``."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kpg import cli
-from kpg.games import GAMES, GamePlay, GamesConfig, check_config, make_game, three_player_penalty_game
+from kpg.app import cli
+from kpg.app.games import GAMES, GamePlay, GamesConfig, check_config, make_game, three_player_penalty_game
 
 
 def _random_policies(copies: int, players: int, actions: int, seed: int) -> torch.Tensor:

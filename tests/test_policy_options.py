@@ -16,8 +16,8 @@ from torch.distributions import AffineTransform, Normal, TanhTransform, Transfor
 from kpg.algos import mappo as mappo_module
 from kpg.algos.common import PolicyHead, mlp
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
+from kpg.app.train import TrainConfig, _trainer_class
 from kpg.envs import EnvPool, make_env_factory
-from kpg.train import TrainConfig, _trainer_class
 
 LOW = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
 HIGH = torch.tensor([[1.0, 3.0], [0.5, 0.0]])

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from kpg.algos import MAPPOConfig
-from kpg.checkpoint import MAGIC, CheckpointError
-from kpg.cli import main as cli_main
+from kpg.app.checkpoint import MAGIC, CheckpointError
+from kpg.app.cli import main as cli_main
+from kpg.app.train import TrainConfig, load_checkpoint, save_checkpoint, train
 from kpg.options import RunFolderError
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 
 def write_crafted(path: Path, header: bytes | dict, data: bytes = b"") -> None:

@@ -40,7 +40,7 @@ from kpg.algos.replay import (
     transition_rows,
     with_observation_states,
 )
-from kpg.algos.run_context import RunContext
+from kpg.app.run_context import RunContext
 from kpg.distributed import average_gradients, check_replicas_agree
 from kpg.envs import EnvPool
 from kpg.nn import ACTIVATIONS

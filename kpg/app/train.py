@@ -28,8 +28,14 @@ import torch
 
 from kpg.algos import ALGORITHMS, FACMACConfig, MADDPGConfig, MAPPOConfig
 from kpg.algos.replay import without_rows
-from kpg.algos.run_context import RunContext
-from kpg.checkpoint import CheckpointError, load_checkpoint, numpy_state_as_data, numpy_state_from_data, save_checkpoint
+from kpg.app.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    numpy_state_as_data,
+    numpy_state_from_data,
+    save_checkpoint,
+)
+from kpg.app.run_context import RunContext
 from kpg.envs import SMAX_PREFIX, VMAS_PREFIX, EnvPool, make_env_factory, make_pool
 from kpg.options import MissingCheckpointError, RunFolderError, check_options, require, require_ranges
 
