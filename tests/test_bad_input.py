@@ -15,7 +15,7 @@ from torch import nn
 
 import kpg
 from kpg import _ops as ops
-from kpg.app.train import load_checkpoint, save_checkpoint
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
 from kpg.envs import EnvPool
 
 from helpers import Arena, rows
@@ -493,10 +493,9 @@ def test_recurrent_trainer_options_without_it_are_refused(option, value):
     """The SMAX loop's options mean nothing to the feed-forward trainers: naming one there is an error, not a no-op."""
     import dataclasses
 
-    from kpg.algos import MAPPOConfig
-    from kpg.app.train import TrainConfig, _trainer_class
+    from kpg.algos import MAPPOConfig, choose_trainer
 
-    config = TrainConfig(mappo=dataclasses.replace(MAPPOConfig(), **{option: value}))
+    mappo = dataclasses.replace(MAPPOConfig(), **{option: value})
     flag = option.replace("_", "-")
     with pytest.raises(ValueError, match=f"--mappo.{flag} is an option of the recurrent trainer"):
-        _trainer_class(config)
+        choose_trainer("mappo", "simple_spread", mappo, 1000)

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from kpg.algos import FACMACConfig, MADDPGConfig, MAPPOConfig
-from kpg.app.checkpoint import MAGIC, CheckpointError, convert_checkpoint
+from kpg.app.checkpoint import MAGIC, CheckpointError, convert_checkpoint, load_checkpoint, save_checkpoint
 from kpg.app.cli import main as cli_main
-from kpg.app.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from kpg.app.train import TrainConfig, train
 
 SMALL = {
     "mappo": dict(mappo=MAPPOConfig(rollout=25, epochs=1, minibatches=2, hidden=(8,)), k_until=100),

@@ -702,7 +702,7 @@ def test_a_rank_that_dies_stops_the_others_quickly(runs):
 
 
 def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs):
-    from kpg.app.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     for rank in range(2):
         found = result(runs[2], rank, "mappo_trains")
@@ -720,7 +720,7 @@ def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs)
 
 
 def test_ranks_that_cannot_meet_for_a_final_checkpoint_say_so(runs):
-    from kpg.app.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     outcomes = {rank: result(runs[2], rank, "mappo_rank_stops_at_once") for rank in range(2)}
     assert outcomes[1]["outcome"] == "KeyboardInterrupt" and outcomes[0]["outcome"] == "CommunicationError", outcomes
@@ -742,7 +742,7 @@ def test_off_policy_data_parallel_steps_equal_one_process_on_the_whole_minibatch
 
 
 def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
-    from kpg.app.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     for rank in range(2):
         # 2 copies x 25 steps per update over 2 ranks; learning starts after the first update.

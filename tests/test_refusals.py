@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from kpg.algos import MAPPOConfig
-from kpg.app.checkpoint import MAGIC, CheckpointError
+from kpg.app.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
 from kpg.app.cli import main as cli_main
-from kpg.app.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from kpg.app.train import TrainConfig, train
 from kpg.options import RunFolderError
 
 
