@@ -21,14 +21,6 @@ class Refusal(Exception):
     """An input kpg refuses before anything is written; its message is one line that says what to do."""
 
 
-class RunFolderError(Refusal, FileExistsError):
-    """A run folder that does not allow what was asked (a new run into a folder that holds one)."""
-
-
-class MissingCheckpointError(Refusal, FileNotFoundError):
-    """--resume without a checkpoint to resume from."""
-
-
 class OptionError(Refusal, ValueError):
     """An option's value that kpg refuses; the message names the option, the value and what is allowed."""
 

@@ -18,8 +18,8 @@ import torch
 from kpg.algos import MAPPOConfig
 from kpg.app.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
 from kpg.app.cli import main as cli_main
+from kpg.app.resume import RunFolderError
 from kpg.app.train import TrainConfig, train
-from kpg.options import RunFolderError
 
 
 def write_crafted(path: Path, header: bytes | dict, data: bytes = b"") -> None:

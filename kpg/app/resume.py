@@ -27,9 +27,19 @@ import torch
 from kpg.algos.replay import without_rows
 from kpg.app.checkpoint import CheckpointError, load_checkpoint, numpy_state_as_data, numpy_state_from_data
 from kpg.app.run_context import RunContext
-from kpg.options import MissingCheckpointError, RunFolderError
+from kpg.options import Refusal
 
 CHECKPOINT = "checkpoint.pt"
+
+
+class RunFolderError(Refusal, FileExistsError):
+    """A run folder that does not allow what was asked (a new run into a folder that holds one)."""
+
+
+class MissingCheckpointError(Refusal, FileNotFoundError):
+    """--resume without a checkpoint to resume from."""
+
+
 RECENT_EPISODES = 20  # the recent return averages the last this many episodes
 
 
