@@ -36,8 +36,8 @@ THEIRS = {
 def time_ours(map_name: str, k: int, updates: int) -> dict:
     import dataclasses
 
-    from kpg.cli import _from_dict, _read_config_file
-    from kpg.train import TrainConfig, build_trainer
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.train import TrainConfig, build_trainer
 
     config = _from_dict(TrainConfig, _read_config_file(ROOT / "configs" / "smax_authors.toml"))
     config = dataclasses.replace(config, env=f"smax:{map_name}", k=k, steps=(updates + 1) * 64 * 128)

@@ -1,3 +1,3 @@
-from kpg.cli import main
+from kpg.app.cli import main
 
 main()

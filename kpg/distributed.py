@@ -1,8 +1,8 @@
 """kpg on torch.distributed: data-parallel and agent-sharded KPG steps and the collectives they
 use. kpg adds no communication layer: every exchange is one torch.distributed collective (gloo on
 CPU, NCCL on GPUs) over the caller's process group. A training run's place among the ranks (its
-environment copies, seeds and checkpoints) is the trainers' concern:
-:class:`kpg.algos.run_context.RunContext`.
+environment copies, seeds and checkpoints) is the application's concern:
+:class:`kpg.app.run_context.RunContext`, which runs its exchanges through :func:`collective`.
 
 - Data parallel (``KPGOptimizer(..., process_group=group)``): every rank holds every agent and its
   own share of the batch. At each level the ranks first all-reduce a small control vector (which
@@ -49,6 +49,7 @@ __all__ = [
     "average_gradients",
     "broadcast_parameters",
     "check_replicas_agree",
+    "collective",
     "gather_samples",
     "init_from_environment",
 ]
@@ -121,7 +122,7 @@ def all_gather_agents(tensor: Tensor, counts: Sequence[int], group: dist.Process
     padded = tensor.new_zeros((widest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in counts]
-    _collective(
+    collective(
         lambda: dist.all_gather(gathered, padded.contiguous(), group=group), group, "the all-gather of agent values"
     )
     return torch.cat([part[:count] for part, count in zip(gathered, counts)])
@@ -133,7 +134,7 @@ def gather_samples(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     if group is None:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    _collective(lambda: dist.all_gather(parts, tensor.contiguous(), group=group), group, "the gather of samples")
+    collective(lambda: dist.all_gather(parts, tensor.contiguous(), group=group), group, "the gather of samples")
     return torch.cat(parts)
 
 
@@ -160,7 +161,7 @@ def broadcast_parameters(parameters: Iterable[Tensor], group: dist.ProcessGroup 
         return
     with torch.no_grad():
         for p in parameters:
-            _collective(
+            collective(
                 lambda p=p: dist.broadcast(p.data, src=dist.get_global_rank(group, src), group=group),
                 group,
                 "the broadcast of parameters",
@@ -174,7 +175,7 @@ def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.Process
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
     reference = flat.clone()
-    _collective(
+    collective(
         lambda: dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group),
         group,
         f"the agreement check of {what}",
@@ -184,7 +185,7 @@ def check_replicas_agree(tensors: Sequence[Tensor] | Tensor, group: dist.Process
     report = torch.zeros(2 * world, dtype=torch.float64, device=flat.device)
     report[rank] = float(differing.sum())
     report[world + rank] = float((flat - reference).abs()[differing].max()) if bool(differing.any()) else 0.0
-    _collective(lambda: dist.all_reduce(report, group=group), group, f"the agreement check of {what}")
+    collective(lambda: dist.all_reduce(report, group=group), group, f"the agreement check of {what}")
     counts, gaps = report[:world].tolist(), report[world:].tolist()
     bad = [r for r in range(world) if counts[r] > 0]
     if bad:
@@ -227,7 +228,7 @@ class Communicator:
         how many agents every rank owns."""
         layout = torch.zeros(2 * self.world_size, dtype=torch.float64, device=self._device)
         layout[self.rank], layout[self.world_size + self.rank] = float(self.local_agents), float(numel)
-        _collective(lambda: dist.all_reduce(layout, group=self.group), self.group, "the layout check")
+        collective(lambda: dist.all_reduce(layout, group=self.group), self.group, "the layout check")
         counts = [int(c) for c in layout[: self.world_size].tolist()]
         sizes = [int(s) for s in layout[self.world_size :].tolist()]
         if self.sharded:
@@ -257,7 +258,7 @@ class Communicator:
         control[world + self.rank] = float(k)
         if combine_losses and loss_nonfinite is not None:
             control[2 * world :] = loss_nonfinite.to(torch.float64)
-        _collective(
+        collective(
             lambda: dist.all_reduce(control, group=self.group), self.group, f"the control all-reduce of level {level}"
         )
         summary = control[: 2 * world].tolist()
@@ -278,7 +279,7 @@ class Communicator:
     def _raise_agreed_failure(self, level: int, failed: list[int], error: BaseException | None) -> None:
         messages: list[Any] = [None] * self.world_size
         mine = None if error is None else f"{type(error).__name__}: {error}"
-        _collective(
+        collective(
             lambda: dist.all_gather_object(messages, mine, group=self.group),
             self.group,
             f"the exchange of error messages at level {level}",
@@ -300,7 +301,7 @@ class Communicator:
         if self.sharded:
             return reached
         flags = torch.tensor(reached, dtype=torch.float64).to(self._device)
-        _collective(
+        collective(
             lambda: dist.all_reduce(flags, group=self.group), self.group, f"the reached all-reduce of level {level}"
         )
         return [count > 0 for count in flags.tolist()]
@@ -380,13 +381,14 @@ def _average_(buffer: Tensor, group: dist.ProcessGroup, bucket_bytes: int, what:
         for work in works:
             work.wait()
 
-    _collective(reduce, group, what)
+    collective(reduce, group, what)
     buffer.div_(dist.get_world_size(group))
 
 
-def _collective(run: Callable[[], Any], group: dist.ProcessGroup, what: str) -> Any:
-    """Runs a collective; if it fails, raises CommunicationError naming this rank and ``what``, after
-    shutting a gloo group down (note "agreed failure" in the module docstring)."""
+def collective(run: Callable[[], Any], group: dist.ProcessGroup, what: str) -> Any:
+    """Runs ``run()``, one torch.distributed collective over ``group``; if it fails, raises
+    CommunicationError naming this rank and ``what``, after shutting a gloo group down (note
+    "agreed failure" in the module docstring)."""
     rank = dist.get_rank(group)
     try:
         return run()

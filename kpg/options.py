@@ -21,14 +21,6 @@ class Refusal(Exception):
     """An input kpg refuses before anything is written; its message is one line that says what to do."""
 
 
-class RunFolderError(Refusal, FileExistsError):
-    """A run folder that does not allow what was asked (a new run into a folder that holds one)."""
-
-
-class MissingCheckpointError(Refusal, FileNotFoundError):
-    """--resume without a checkpoint to resume from."""
-
-
 class OptionError(Refusal, ValueError):
     """An option's value that kpg refuses; the message names the option, the value and what is allowed."""
 
@@ -60,9 +52,7 @@ def check_options(config: Any, prefix: str = "") -> None:
                 raise OptionError(option, value, f"expected a table of {hint.__name__} options")
             check_options(value, f"{prefix}{field.name}.")
         elif not _matches(value, hint):
-            name = type(value).__name__
-            article = "an" if name[0] in "aeiou" else "a"
-            raise OptionError(option, value, f"expected {_describe(hint)}, got {article} {name}")
+            raise OptionError(option, value, _mismatch(value, hint))
     if hasattr(config, "validate"):
         config.validate()
 
@@ -102,6 +92,30 @@ def _matches(value: Any, hint: Any) -> bool:
     raise TypeError(f"kpg.options cannot check the annotation {hint!r}; add it to kpg.options._matches")
 
 
+def _mismatch(value: Any, hint: Any) -> str:
+    """What is wrong with ``value`` for ``hint``: the first item that is not of its type, for a list
+    of the right length; else the value's type."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if (
+        origin in (tuple, list)
+        and isinstance(value, (tuple, list))
+        and (origin is list or arguments[1:] == (Ellipsis,))
+    ):
+        bad = next(item for item in value if not _matches(item, arguments[0]))
+        return f"expected {_describe(hint)}; {_shown(bad)} is not {_describe(arguments[0])}"
+    name = type(value).__name__
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"expected {_describe(hint)}, got {article} {name}"
+
+
+def _plural(description: str) -> str:
+    """ "an integer" -> "integers": the description of one item made that of several."""
+    for article in ("a ", "an "):
+        if description.startswith(article):
+            return description.removeprefix(article) + "s"
+    return f"values that are {description}"
+
+
 def _describe(hint: Any) -> str:
     origin, arguments = typing.get_origin(hint), typing.get_args(hint)
     if hint is type(None):
@@ -111,9 +125,11 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(str, arguments))
     if origin is tuple:
-        return f"a list of {_describe(arguments[0])}s" if arguments[1:] == (Ellipsis,) else "a fixed-length list"
+        return (
+            f"a list of {_plural(_describe(arguments[0]))}" if arguments[1:] == (Ellipsis,) else "a fixed-length list"
+        )
     if origin is list:
-        return f"a list of {_describe(arguments[0])}s"
+        return f"a list of {_plural(_describe(arguments[0]))}"
     if origin is dict:
         return f"a table of {_describe(arguments[0])} to {_describe(arguments[1])}"
     names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", Path: "a path"}

@@ -22,10 +22,9 @@ from torch import Tensor
 from kpg._ops import KERNELS
 
 
-def agent_segments(chunks: Tensor, num_agents: int) -> Iterator[tuple[int, slice]]:
+def agent_segments(chunks: Tensor) -> Iterator[tuple[int, slice]]:
     """(agent, slice of the arena) for every row of a chunk table of (agent, begin, end) rows, in
     table order: an agent of an agent-batched arena owns several separate ranges, one per row."""
-    del num_agents  # every row names its agent
     for agent, begin, end in chunks.cpu().tolist():
         yield agent, slice(begin, end)
 
@@ -116,7 +115,7 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
     steps, lrs, lives = step.cpu().tolist(), lr.cpu().tolist(), live.cpu().tolist()
     scales = grad_scale.cpu().tolist() if grad_scale is not None else [None] * len(steps)
     skips = skip.cpu().tolist() if skip is not None else [0] * len(steps)
-    for agent, segment in agent_segments(chunks, step.numel()):
+    for agent, segment in agent_segments(chunks):
         if skips[agent]:
             if not commit:
                 anticipated[segment] = param[segment]

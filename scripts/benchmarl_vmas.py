@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kpg.compare import FINAL_FRACTION, mean_and_halfwidth
+from kpg.app.compare import FINAL_FRACTION, mean_and_halfwidth
 
 RETURN_FILE = "collection_agents_reward_episode_reward_mean.csv"
 EVAL_RETURN_FILE = "eval_agents_reward_episode_reward_mean.csv"
@@ -342,7 +342,7 @@ def plot(args: argparse.Namespace, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kpg.compare import CURVE_POINTS
+    from kpg.app.compare import CURVE_POINTS
 
     figure, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4), squeeze=False)
     grid = np.linspace(args.frames / CURVE_POINTS, args.frames, CURVE_POINTS)
@@ -371,7 +371,7 @@ def plot(args: argparse.Namespace, results: dict) -> None:
 
 def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
     """kpg compare's curve of a run (recent_return), NaN beyond the frames the run reached."""
-    from kpg.compare import _curve
+    from kpg.app.compare import _curve
 
     with open(run_dir / "metrics.csv") as file:
         reached = max((float(row["env_steps"]) for row in csv.DictReader(file)), default=0.0)

@@ -115,7 +115,7 @@ if "$VPY" -c 'import pytest, hypothesis' 2>/dev/null; then
   # The device-parametrized tests' CUDA cases and the CUDA-only tests (ids and names with "cuda").
   TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_optim.py tests/test_nn.py)
   # The trainers' tests need the environments (kpg's runtime dependencies, not installed by --no-deps).
-  if "$VPY" -c 'import gymnasium, pettingzoo, kpg.train, kpg.compare, kpg.algos, kpg.envs' 2>/dev/null; then
+  if "$VPY" -c 'import gymnasium, pettingzoo, kpg.app.train, kpg.app.compare, kpg.algos, kpg.envs' 2>/dev/null; then
     TESTS+=(tests/test_offpolicy.py::test_actor_step_matches_brute_force
       tests/test_train.py::test_mappo_batched_actors_equal_per_agent_actors)
   else

@@ -8,7 +8,7 @@ metrics.csv, summary.json, checkpoint.pt every 10 updates) and its output to ``<
 
 Stopped at any point (a killed session, Ctrl-C), the same command continues: a finished run (its
 summary.json complete) is never run again, an unfinished one resumes from its last checkpoint,
-exactly (kpg.compare's rule). ``scripts/smax_study_report.py`` aggregates whatever has finished.
+exactly (kpg.app.compare's rule). ``scripts/smax_study_report.py`` aggregates whatever has finished.
 
     nohup nice -n 15 python scripts/smax_study.py --out /work/studies/smax_study > study.log 2>&1 &
 """
@@ -34,8 +34,8 @@ STEPS = 3_000_000
 
 def run_configs(out: Path, maps=MAPS, ks=KS, seeds=SEEDS, steps: int = STEPS) -> list[list]:
     """The study's runs as pairs (one map and seed, every k), in the order they run."""
-    from kpg.cli import _from_dict, _read_config_file
-    from kpg.train import TrainConfig
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.train import TrainConfig
 
     preset = _from_dict(TrainConfig, _read_config_file(PRESET))
     return [
@@ -60,8 +60,8 @@ def run_configs(out: Path, maps=MAPS, ks=KS, seeds=SEEDS, steps: int = STEPS) ->
 
 
 def _run_logged(config) -> dict:
-    """One run (kpg.compare's skip-or-resume rule) with its output in ``<run>.log``."""
-    from kpg.compare import _run
+    """One run (kpg.app.compare's skip-or-resume rule) with its output in ``<run>.log``."""
+    from kpg.app.compare import _run
 
     config.logdir.mkdir(parents=True, exist_ok=True)
     streams = sys.stdout, sys.stderr

@@ -15,8 +15,8 @@ from torch import nn
 
 import kpg
 from kpg import _ops as ops
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
 from kpg.envs import EnvPool
-from kpg.train import load_checkpoint, save_checkpoint
 
 from helpers import Arena, rows
 
@@ -465,7 +465,7 @@ def test_checkpoint_of_another_format_is_refused(checkpoint):
 
 
 def test_resume_from_a_damaged_checkpoint_names_it_and_leaves_the_run_alone(checkpoint):
-    from kpg.train import TrainConfig, train
+    from kpg.app.train import TrainConfig, train
 
     run_dir = checkpoint.parent
     (run_dir / "metrics.csv").write_text("env_steps,updates\n100,1\n")
@@ -493,10 +493,9 @@ def test_recurrent_trainer_options_without_it_are_refused(option, value):
     """The SMAX loop's options mean nothing to the feed-forward trainers: naming one there is an error, not a no-op."""
     import dataclasses
 
-    from kpg.algos import MAPPOConfig
-    from kpg.train import TrainConfig, _trainer_class
+    from kpg.algos import MAPPOConfig, choose_trainer
 
-    config = TrainConfig(mappo=dataclasses.replace(MAPPOConfig(), **{option: value}))
+    mappo = dataclasses.replace(MAPPOConfig(), **{option: value})
     flag = option.replace("_", "-")
     with pytest.raises(ValueError, match=f"--mappo.{flag} is an option of the recurrent trainer"):
-        _trainer_class(config)
+        choose_trainer("mappo", "simple_spread", mappo, 1000)

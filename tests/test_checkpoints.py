@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from kpg.algos import FACMACConfig, MADDPGConfig, MAPPOConfig
-from kpg.checkpoint import MAGIC, CheckpointError, convert_checkpoint
-from kpg.cli import main as cli_main
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from kpg.app.checkpoint import MAGIC, CheckpointError, convert_checkpoint, load_checkpoint, save_checkpoint
+from kpg.app.cli import main as cli_main
+from kpg.app.train import TrainConfig, train
 
 SMALL = {
     "mappo": dict(mappo=MAPPOConfig(rollout=25, epochs=1, minibatches=2, hidden=(8,)), k_until=100),
@@ -360,7 +360,7 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path, name, text, messag
 
 
 def test_compare_names_a_damaged_summary(tmp_path):
-    from kpg.compare import CompareConfig, compare
+    from kpg.app.compare import CompareConfig, compare
 
     config = CompareConfig(ks=(1,), seeds=(0,), workers=1, out=tmp_path, train=run_config(tmp_path, "mappo", None))
     summary = tmp_path / "runs" / "mappo-simple_spread-k1-s0" / "summary.json"

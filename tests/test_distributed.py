@@ -65,7 +65,7 @@ def launch(world: int, scenarios: list[str], workdir: Path) -> dict[int, dict]:
     """Runs ``scenarios`` in ``world`` gloo ranks; returns each rank's findings by scenario name."""
     workdir.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "kpg", "kpg.train", __name__])
+    context.set_forkserver_preload(["torch", "kpg", "kpg.app.train", __name__])
     ranks = [context.Process(target=_rank_main, args=(r, world, str(workdir), scenarios)) for r in range(world)]
     for process in ranks:
         process.start()
@@ -397,7 +397,7 @@ def rank_crashes(rank, world, workdir):
 
 def _train_config(workdir: Path, **changes):
     from kpg.algos.mappo import MAPPOConfig
-    from kpg.train import TrainConfig
+    from kpg.app.train import TrainConfig
 
     base = TrainConfig(
         steps=300,
@@ -414,14 +414,14 @@ def _train_config(workdir: Path, **changes):
 
 
 def mappo_trains(rank, world, workdir):
-    from kpg.train import train
+    from kpg.app.train import train
 
     summary = train(_train_config(workdir.parent))
     return {"env_steps": summary["env_steps"], "updates": summary["updates"], "has_eval": "eval_return" in summary}
 
 
 def mappo_resumes(rank, world, workdir):
-    from kpg.train import train
+    from kpg.app.train import train
 
     summary = train(_train_config(workdir.parent, steps=450, resume=True))
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
@@ -499,7 +499,7 @@ def off_policy_step_parity(rank, world, workdir):
 
 def _facmac_train_config(workdir: Path, **changes):
     from kpg.algos.facmac import FACMACConfig
-    from kpg.train import TrainConfig
+    from kpg.app.train import TrainConfig
 
     facmac = FACMACConfig(
         buffer_size=400,
@@ -527,14 +527,14 @@ def _facmac_train_config(workdir: Path, **changes):
 
 
 def facmac_trains(rank, world, workdir):
-    from kpg.train import train
+    from kpg.app.train import train
 
     summary = train(_facmac_train_config(workdir.parent))
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
 
 
 def facmac_resumes(rank, world, workdir):
-    from kpg.train import train
+    from kpg.app.train import train
 
     summary = train(_facmac_train_config(workdir.parent, steps=400, resume=True))
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
@@ -547,7 +547,7 @@ def mappo_rank_stops_at_once(rank, world, workdir):
     import io
 
     from kpg.algos.mappo import MAPPOTrainer
-    from kpg.train import train
+    from kpg.app.train import train
 
     original, calls = MAPPOTrainer.iteration, []
 
@@ -571,7 +571,7 @@ def mappo_rank_stops_at_once(rank, world, workdir):
 
 
 def facmac_uninterrupted(rank, world, workdir):
-    from kpg.train import train
+    from kpg.app.train import train
 
     summary = train(_facmac_train_config(workdir.parent, steps=400, name="facmac-whole"))
     return {"env_steps": summary["env_steps"], "updates": summary["updates"]}
@@ -702,7 +702,7 @@ def test_a_rank_that_dies_stops_the_others_quickly(runs):
 
 
 def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs):
-    from kpg.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     for rank in range(2):
         found = result(runs[2], rank, "mappo_trains")
@@ -720,7 +720,7 @@ def test_mappo_trains_data_parallel_and_resumes_on_another_number_of_ranks(runs)
 
 
 def test_ranks_that_cannot_meet_for_a_final_checkpoint_say_so(runs):
-    from kpg.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     outcomes = {rank: result(runs[2], rank, "mappo_rank_stops_at_once") for rank in range(2)}
     assert outcomes[1]["outcome"] == "KeyboardInterrupt" and outcomes[0]["outcome"] == "CommunicationError", outcomes
@@ -742,7 +742,7 @@ def test_off_policy_data_parallel_steps_equal_one_process_on_the_whole_minibatch
 
 
 def test_facmac_trains_data_parallel_and_checkpoints_every_ranks_replay(runs):
-    from kpg.train import load_checkpoint
+    from kpg.app.checkpoint import load_checkpoint
 
     for rank in range(2):
         # 2 copies x 25 steps per update over 2 ranks; learning starts after the first update.
@@ -789,7 +789,7 @@ def _assert_same_state(expected, actual, where):
 _RANK_THAT_CLOSES_ITS_RUN = """
 import gc, json, os
 import torch
-from kpg.algos.run_context import RunContext
+from kpg.app.run_context import RunContext
 
 run = RunContext.from_environment("cpu")
 # A trainer's first torch.optim optimizer, which imports torch.distributed.nn.

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from kpg.algos.mappo import MAPPOConfig
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
+from kpg.app.train import TrainConfig, train
 
 KILLS = int(os.environ.get("KPG_FAULT_KILLS", "2"))
 STEPS = 100 * max(6, 2 * KILLS)  # updates of 4 copies x 25 steps, enough for every kill to land mid-run

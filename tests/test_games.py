@@ -1,4 +1,4 @@
-"""kpg.games: closed-form payoffs and gradients by hand, the exact-gradient game against an independent
+"""kpg.app.games: closed-form payoffs and gradients by hand, the exact-gradient game against an independent
 per-agent KPG loop (../shared/KPG.md), the sampled mode against the exact one, and ``kpg games``."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from kpg import cli
-from kpg.games import GAMES, GamePlay, GamesConfig, check_config, make_game, three_player_penalty_game
+from kpg.app import cli
+from kpg.app.games import GAMES, GamePlay, GamesConfig, check_config, make_game, three_player_penalty_game
 
 
 def _random_policies(copies: int, players: int, actions: int, seed: int) -> torch.Tensor:
@@ -296,20 +297,40 @@ def test_kpg_games_sampled_mode_runs(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--games", "chess"], "unknown game.*'chess'.*choose from penalty"),
-        (["--ks", "0"], "--ks: every k must be an integer >= 1"),
-        (["--ks", "2", "-1"], "--ks: every k must be an integer >= 1"),
-        (["--lrs"], "--lrs: the learning-rate sweep is empty"),
-        (["--lrs", "0.1", "-1"], "--lrs: every learning rate must be a finite number > 0"),
-        (["--optimizers", "lbfgs"], "unknown optimizer.*'lbfgs'"),
-        (["--copies", "0"], "--copies must be >= 1"),
+        (["--games", "chess"], r"--games \('chess',\): expected one or more of penalty, "),
+        (["--ks", "0"], r"--ks \(0,\): expected an integer >= 1"),
+        (["--ks", "2", "-1"], r"--ks \(2, -1\): expected an integer >= 1"),
+        (["--lrs"], r"--lrs \(\): expected at least one learning rate"),
+        (["--lrs", "0.1", "-1"], r"--lrs \(0.1, -1.0\): expected a number > 0"),
+        (["--lrs", "nan"], r"--lrs \(nan,\): expected a list of finite numbers; nan is not a finite number"),
+        (["--optimizers", "lbfgs"], r"--optimizers \('lbfgs',\): expected one or more of sgd, "),
+        (["--copies", "0"], r"--copies 0: expected an integer >= 1"),
+        (["--mode", "sampled", "--batch", "1"], r"--batch 1: expected an integer >= 2 in sampled mode"),
+        (["--ks", "3", "--anticipation", "momentum"], r"--ks \(3,\): expected k = 1 or 2 with --anticipation momentum"),
     ],
-    ids=["unknown-game", "k-zero", "k-negative", "empty-lrs", "negative-lr", "unknown-optimizer", "no-copies"],
+    ids=[
+        "unknown-game",
+        "k-zero",
+        "k-negative",
+        "empty-lrs",
+        "negative-lr",
+        "nan-lr",
+        "unknown-optimizer",
+        "no-copies",
+        "one-sample",
+        "momentum-k3",
+    ],
 )
-def test_kpg_games_rejects_bad_options(tmp_path, args, message):
+def test_kpg_games_refuses_bad_options_with_the_usage_error_status(tmp_path, capsys, args, message):
+    """Issue 25: a bad option of kpg games exits with status 2, as kpg train's do, and one line
+    naming the option, its value and what it takes; nothing is written."""
     out = tmp_path / "never"
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["games", *args, "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert re.match(r"kpg games: " + message, error), error
+    assert "\n" not in error
     assert not out.exists()
 
 
@@ -331,5 +352,5 @@ def test_momentum_anticipation_reaches_the_optimizer_and_refuses_k3():
     # The first two momentum steps anticipate nothing (gate 0), later ones predict: they differ from exact k=2.
     assert momentum.optimizer.anticipation == "momentum"
     assert not torch.allclose(exact.policies(), momentum.policies())
-    with pytest.raises(ValueError, match="--anticipation momentum predicts only level 1"):
+    with pytest.raises(ValueError, match="expected k = 1 or 2 with --anticipation momentum"):
         check_config(GamesConfig(ks=(1, 2, 3), anticipation="momentum"))

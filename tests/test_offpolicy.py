@@ -23,9 +23,10 @@ from kpg.algos import FACMACConfig, FACMACTrainer, MADDPGConfig, MADDPGTrainer
 from kpg.algos.common import gumbel_noise, polyak_update, straight_through_gumbel_softmax
 from kpg.algos.facmac import MonotonicMixer
 from kpg.algos.replay import ReplayBuffer
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
+from kpg.app.train import TrainConfig, train
 from kpg.envs import EnvPool, make_env_factory
 from kpg.nn import AgentLinear, AgentMLP
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 TRAINERS = {"maddpg": (MADDPGTrainer, MADDPGConfig), "facmac": (FACMACTrainer, FACMACConfig)}
 

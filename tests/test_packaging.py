@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kpg.extras import EXTRAS, missing_modules, require_extra
+from kpg.app.extras import EXTRAS, missing_modules, require_extra
 
 ROOT = Path(__file__).parents[1]
 # Import names of every optional dependency (the train and envs extras, and what they pull in).
@@ -46,7 +46,7 @@ def test_import_kpg_and_an_optimizer_step_need_no_extras():
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_kpg_command_without_the_train_extra_names_it(command):
     result = run_without_extras(f"""
-        from kpg.cli import main
+        from kpg.app.cli import main
         main([{command!r}, "--help"])
     """)
     assert result.returncode == 1, result.stdout + result.stderr

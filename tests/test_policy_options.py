@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
+from kpg.algos import choose_trainer
 from kpg.algos import mappo as mappo_module
 from kpg.algos.common import PolicyHead, mlp
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 from kpg.envs import EnvPool, make_env_factory
-from kpg.train import TrainConfig, _trainer_class
 
 LOW = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
 HIGH = torch.tensor([[1.0, 3.0], [0.5, 0.0]])
@@ -174,9 +174,9 @@ def test_advantages_are_standardized_only_when_asked(monkeypatch, normalize):
 
 
 def test_recurrent_trainer_refuses_the_feed_forward_options():
-    config = TrainConfig(env="simple_spread", mappo=dataclasses.replace(MAPPOConfig(), recurrent=True, squash=True))
+    mappo = dataclasses.replace(MAPPOConfig(), recurrent=True, squash=True)
     with pytest.raises(ValueError, match="--mappo.squash is an option of the feed-forward MAPPO trainers"):
-        _trainer_class(config)
+        choose_trainer("mappo", "simple_spread", mappo, 1000)
 
 
 def test_without_return_normalization_the_rollout_uses_the_critics_values_as_they_are():

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from kpg.algos import MAPPOConfig
-from kpg.checkpoint import MAGIC, CheckpointError
-from kpg.cli import main as cli_main
-from kpg.options import RunFolderError
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from kpg.app.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
+from kpg.app.cli import main as cli_main
+from kpg.app.resume import RunFolderError
+from kpg.app.train import TrainConfig, train
 
 
 def write_crafted(path: Path, header: bytes | dict, data: bytes = b"") -> None:

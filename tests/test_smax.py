@@ -28,9 +28,10 @@ from kpg.algos.mappo_recurrent import (  # noqa: E402
     anneal_factor,
     value_loss,
 )
-from kpg.cli import _from_dict, _read_config_file  # noqa: E402
+from kpg.app.checkpoint import load_checkpoint  # noqa: E402
+from kpg.app.cli import _from_dict, _read_config_file  # noqa: E402
+from kpg.app.train import TrainConfig, train  # noqa: E402
 from kpg.envs.smax import SMAXPool  # noqa: E402
-from kpg.train import TrainConfig, load_checkpoint, train  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "smax_authors.toml"
 MAP, COPIES, ROLLOUT = "3m", 4, 16
@@ -72,11 +73,11 @@ def test_pool_shapes_masks_and_world_state(pool):
 
 
 def test_a_run_saved_on_other_ranks_says_to_resume_on_as_many(pool):
-    from kpg.algos.run_context import RunContext
+    from kpg.app.resume import resharded_pool_state
 
     states = [pool.state_dict(), pool.state_dict()]
     with pytest.raises(ValueError, match="resumes on the number of ranks it was saved on \\(2\\), not 1"):
-        RunContext(None).resharded_pool_state(states, pool)
+        resharded_pool_state(states, pool, rank=0, world_size=1)
 
 
 def test_pool_steps_copies_resets_finished_ones_and_reports_wins(pool):
@@ -414,7 +415,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_compare_preset_trains_the_authors_preset():
-    from kpg.compare import CompareConfig
+    from kpg.app.compare import CompareConfig
 
     compare = _from_dict(CompareConfig, _read_config_file(PRESET.parent / "smax_compare.toml"))
     authors = _from_dict(TrainConfig, _read_config_file(PRESET))
@@ -423,8 +424,8 @@ def test_compare_preset_trains_the_authors_preset():
 
 
 def test_compare_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, monkeypatch):
-    from kpg import compare as compare_module
-    from kpg.compare import CompareConfig, compare
+    from kpg.app import compare as compare_module
+    from kpg.app.compare import CompareConfig, compare
 
     config = CompareConfig(
         ks=(2,),

@@ -23,9 +23,9 @@ if importlib.metadata.version("jaxmarl") != "0.0.7":
         allow_module_level=True,
     )
 
-from kpg.cli import _from_dict, _read_config_file  # noqa: E402
+from kpg.app.cli import _from_dict, _read_config_file  # noqa: E402
+from kpg.app.train import TrainConfig, train  # noqa: E402
 from kpg.envs.smax import SMAXPool  # noqa: E402
-from kpg.train import TrainConfig, train  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "smax_authors.toml"
 AUTHORS_VERSIONS = {"jaxmarl": "0.0.7", "jax": "0.6.0", "jaxlib": "0.6.0"}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kpg.algos.mappo import MAPPOConfig
+from kpg.app.train import TrainConfig, build_trainer, train
 from kpg.envs import EnvPool, TeamControl, make_env_factory, random_opponent
-from kpg.train import TrainConfig, build_trainer, train
 
 from helpers import TwoTeams, opponent_plays_time
 

@@ -15,11 +15,12 @@ import torch
 
 from kpg.algos.common import AgentActors, PolicyHead, ReturnNormalizer, generalized_advantages
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
-from kpg.cli import COMMANDS
-from kpg.cli import main as cli_main
-from kpg.compare import CompareConfig, compare, mean_and_halfwidth
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
+from kpg.app.cli import COMMANDS
+from kpg.app.cli import main as cli_main
+from kpg.app.compare import CompareConfig, compare, mean_and_halfwidth
+from kpg.app.train import TrainConfig, train
 from kpg.envs import EnvPool, make_env_factory
-from kpg.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 TOY = "helpers:uneven_agents"
 SMALL_MAPPO = MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,))

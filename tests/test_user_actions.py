@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kpg
-from kpg.checkpoint import load_checkpoint, save_checkpoint
+from kpg.app.checkpoint import load_checkpoint, save_checkpoint
 
 from helpers import RTOL, Game, assert_close_to_scale, brute_force_step, torch_optimizer
 

@@ -17,8 +17,8 @@ import torch
 
 from kpg.algos import FACMACConfig, MADDPGConfig
 from kpg.algos.mappo import MAPPOConfig
+from kpg.app.train import TrainConfig, build_trainer, train
 from kpg.envs import make_pool
-from kpg.train import TrainConfig, build_trainer, train
 
 needs_vmas = pytest.mark.skipif(
     importlib.util.find_spec("vmas") is None, reason="VMAS needs the vmas extra: pip install 'kpg[vmas]'"
@@ -202,7 +202,7 @@ def test_resume_continues_a_vmas_run(tmp_path):
 def test_a_run_saved_on_two_ranks_resumes_on_one():
     """torchrun with another number of ranks: the pool takes the totals of all ranks' states; each
     rank's reset counter carries over, and the copies must add up."""
-    from kpg.algos.run_context import RunContext
+    from kpg.app.resume import resharded_pool_state
     from kpg.envs.vmas import VMASPool
 
     saved = []
@@ -213,12 +213,12 @@ def test_a_run_saved_on_two_ranks_resumes_on_one():
         saved.append(pool.state_dict())
     assert saved[0]["resets"] > 0
     single = VMASPool("navigation", 4, seed=0, agents=2, max_steps=2)
-    state = RunContext(None).resharded_pool_state(saved, single)
+    state = resharded_pool_state(saved, single, rank=0, world_size=1)
     assert state == {"scenario": "navigation", "copies": 4, "seed": 0, "resets": saved[0]["resets"]}
     single.load_state_dict(state)
     assert single.at_episode_start and single.step(torch.zeros(4, 2, 2)).reward.shape == (4, 2)
     with pytest.raises(ValueError, match="with 4 copies in all, this run 'navigation' with 6; resume with the same"):
-        RunContext(None).resharded_pool_state(saved, VMASPool("navigation", 6, seed=0, agents=2))
+        resharded_pool_state(saved, VMASPool("navigation", 6, seed=0, agents=2), rank=0, world_size=1)
 
 
 @needs_vmas
@@ -350,8 +350,8 @@ BENCHMARL_PRESET = Path(__file__).resolve().parent.parent / "configs" / "vmas_be
 
 
 def test_benchmarl_preset_loads_with_benchmarls_mappo():
-    from kpg.cli import _from_dict, _read_config_file
-    from kpg.compare import CompareConfig
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.compare import CompareConfig
 
     compare = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET))
     train, mappo = compare.train, compare.train.mappo
@@ -369,8 +369,8 @@ def test_benchmarl_preset_loads_with_benchmarls_mappo():
     ids=["navigation", "balance"],
 )
 def test_benchmarl_preset_trains_two_updates(tmp_path, env, agents, env_options):
-    from kpg.cli import _from_dict, _read_config_file
-    from kpg.compare import CompareConfig
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.compare import CompareConfig
 
     preset = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET)).train
     config = dataclasses.replace(

@@ -337,6 +337,13 @@ def generalized_advantages(rewards: Tensor, values: Tensor, dones: Tensor, gamma
     return advantages
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of data-parallel rank ``rank``: rank 0 keeps ``seed`` (one rank runs exactly as
+    without torchrun); the others get streams of their own, far from rank 0's and from the
+    evaluation pool's (seed + 10 000)."""
+    return seed + 100_003 * rank
+
+
 def agent_ids(num_agents: int, batch: int, device: torch.device | str) -> Tensor:
     """[agents, batch, agents] one-hot agent ids, the input that tells a shared network who it is."""
     return torch.eye(num_agents, device=device)[:, None, :].expand(num_agents, batch, num_agents)

@@ -22,6 +22,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from kpg.algos.common import (
@@ -31,6 +32,7 @@ from kpg.algos.common import (
     actor_level_seconds,
     gumbel_noise,
     polyak_update,
+    rank_seed,
     straight_through_gumbel_softmax,
 )
 from kpg.algos.replay import (
@@ -40,7 +42,6 @@ from kpg.algos.replay import (
     transition_rows,
     with_observation_states,
 )
-from kpg.algos.run_context import RunContext
 from kpg.distributed import average_gradients, check_replicas_agree
 from kpg.envs import EnvPool
 from kpg.nn import ACTIVATIONS
@@ -102,24 +103,24 @@ class OffPolicyTrainer(abc.ABC):
         check_options(config, type(config).__name__.removesuffix("Config").lower() + ".")
         if k_until is not None and k_until < 0:
             raise ValueError(f"k_until must be >= 0 environment steps or None, got {k_until}")
-        run = RunContext(process_group)
-        if config.batch_size % run.world_size:
+        rank = 0 if process_group is None else dist.get_rank(process_group)
+        world_size = 1 if process_group is None else dist.get_world_size(process_group)
+        if config.batch_size % world_size:
             raise ValueError(
-                f"batch_size {config.batch_size} cannot be split evenly over {run.world_size} ranks; pass a multiple "
-                "of "
-                f"{run.world_size} (every rank samples an equal share of each minibatch)"
+                f"batch_size {config.batch_size} cannot be split evenly over {world_size} ranks; pass a multiple of "
+                f"{world_size} (every rank samples an equal share of each minibatch)"
             )
         torch.manual_seed(seed)
         c = config
         self.pool, self.config, self.device = pool, config, torch.device(device)
-        self.process_group, self.world_size = process_group, run.world_size
-        self.local_batch_size = c.batch_size // run.world_size
+        self.process_group, self.world_size = process_group, world_size
+        self.local_batch_size = c.batch_size // world_size
         self.dtype = torch.get_default_dtype()
         self.k, self.k_until = k, k_until
         # Each rank samples its own rows and noise; rank 0's streams are those of one process.
-        rank_seed = run.rank_seed(seed)
-        self.generator = np.random.default_rng(rank_seed)  # replay sampling
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(rank_seed)  # exploration, Gumbel noise
+        own_seed = rank_seed(seed, rank)
+        self.generator = np.random.default_rng(own_seed)  # replay sampling
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(own_seed)  # exploration, Gumbel noise
         spaces = self.spaces = pool.spaces
         n = self.num_agents = spaces.num_agents
         self.discrete = spaces.discrete
@@ -157,7 +158,7 @@ class OffPolicyTrainer(abc.ABC):
             anticipation=anticipation,
         )
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
-        local_capacity = -(-c.buffer_size // run.world_size)
+        local_capacity = -(-c.buffer_size // world_size)
         fields = transition_fields(spaces, self.dtype, self.state_is_observations)
         self.buffer = ReplayBuffer(local_capacity, fields, self.device)
         self.clock = WallClock()

@@ -164,7 +164,7 @@ class SMAXPool:
 
     def state_dict(self) -> dict[str, Any]:
         # Each JAX leaf as its raw bytes with its numpy dtype and shape: checkpoints hold tensors and plain
-        # data only (kpg.checkpoint), and torch has no tensor type for every JAX dtype (the key's uint32).
+        # data only (kpg.app.checkpoint), and torch has no tensor type for every JAX dtype (the key's uint32).
         leaves = []
         for leaf in jax.tree.leaves((self._key, self._env_state, self._episode)):
             array = np.ascontiguousarray(np.asarray(leaf))

@@ -20,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from kpg.app.train import TrainConfig, train
 from kpg.options import require, require_ranges
-from kpg.train import TrainConfig, train
 
 CURVE_POINTS = 50
 FINAL_FRACTION = 0.1  # the final return averages the recent return over the last 10 % of steps

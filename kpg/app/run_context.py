@@ -1,11 +1,12 @@
-"""A training run's place among the ranks under ``torchrun``: the trainers' side of kpg's
-torch.distributed support (:mod:`kpg.distributed` holds the optimizer's collectives)."""
+"""A training run's place among the ranks under ``torchrun``: every rank question of ``kpg train``
+(which rank writes, its environment copies, seeds and device, exchanging checkpoints and metrics)
+is answered here; :mod:`kpg.distributed` holds the process group's set-up and the collectives."""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kpg.distributed import DEFAULT_TIMEOUT, _collective, init_from_environment
+from kpg.algos.common import rank_seed
+from kpg.distributed import DEFAULT_TIMEOUT, collective, init_from_environment
 
 __all__ = ["RunContext"]
 
@@ -21,9 +23,10 @@ T = TypeVar("T")
 
 
 class RunContext:
-    """A training run's place among the ranks under ``torchrun``: which environment copies and seeds
-    this rank uses, merging metrics, and checkpoints written once by rank 0 that resume on another
-    number of ranks. Without a process group it is one rank and every method is the plain path."""
+    """A training run's place among the ranks under ``torchrun``: which environment copies, seeds and
+    device this rank uses, which rank writes, and the exchanges of a run (rank 0's checkpoint handed
+    to all, every rank's state gathered for a checkpoint, metrics merged into one row). Without a
+    process group it is one rank and every method is the plain path."""
 
     def __init__(self, group: dist.ProcessGroup | None, owns_group: bool = False):
         self.group = group
@@ -69,9 +72,8 @@ class RunContext:
         return copies // self.world_size
 
     def rank_seed(self, seed: int) -> int:
-        """Rank 0 keeps ``seed`` (one rank runs exactly as without torchrun); the others get streams of
-        their own, far from rank 0's and from the evaluation pool's (seed + 10 000)."""
-        return seed + 100_003 * self.rank
+        """This rank's seed (:func:`kpg.algos.common.rank_seed`)."""
+        return rank_seed(seed, self.rank)
 
     def seed_rank_streams(self, seed: int) -> None:
         """Gives ranks other than 0 their own torch, numpy and Python streams (action sampling), once
@@ -92,7 +94,7 @@ class RunContext:
                 box[0] = ("result", fn())
             except Exception as error:  # every rank raises it, instead of the others waiting on rank 0
                 box[0] = ("error", error)
-        _collective(
+        collective(
             lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group),
             self.group,
             "the broadcast from rank 0",
@@ -107,7 +109,7 @@ class RunContext:
         if not self.distributed:
             return [value]
         values: list[Any] = [None] * self.world_size
-        _collective(
+        collective(
             lambda: dist.all_gather_object(values, value, group=self.group), self.group, "the gather of rank states"
         )
         return values
@@ -118,7 +120,7 @@ class RunContext:
         if not self.distributed:
             return [value]
         values: list[Any] | None = [None] * self.world_size if self.is_writer else None
-        _collective(
+        collective(
             lambda: dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group),
             self.group,
             "the gather of rank states to rank 0",
@@ -145,11 +147,3 @@ class RunContext:
             elif all(isinstance(v, (int, float)) for v in values):
                 merged[name] = float(np.mean(values)) if len(set(values)) > 1 else values[0]
         return merged
-
-    def resharded_pool_state(self, pool_states: Sequence[dict[str, Any]], pool: Any) -> dict[str, Any]:
-        """The state ``pool`` (this rank's environment copies) loads from the pool states of a run on
-        ``len(pool_states)`` ranks: the same rank's state when the count is unchanged, else what the
-        pool makes of all ranks' states (``pool.resharded_state``)."""
-        if len(pool_states) == self.world_size:
-            return pool_states[self.rank]
-        return pool.resharded_state(pool_states, self.rank, self.world_size)

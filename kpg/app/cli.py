@@ -15,12 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from kpg.checkpoint import CheckpointError, ConvertConfig, convert_command
-from kpg.compare import CompareConfig, compare
-from kpg.extras import require_extra
-from kpg.games import GamesConfig, games_command
+from kpg.app.checkpoint import CheckpointError, ConvertConfig, convert_command
+from kpg.app.compare import CompareConfig, compare
+from kpg.app.extras import require_extra
+from kpg.app.games import GamesConfig, games_command
+from kpg.app.train import TrainConfig, train
 from kpg.options import OptionError, Refusal, check_options
-from kpg.train import TrainConfig, train
 
 COMMANDS = {
     "train": (TrainConfig, train),

@@ -446,7 +446,7 @@ class ConvertConfig:
     """Converts a checkpoint of kpg's earlier pickle format (kpg-checkpoint-1) to today's format, from
     which reading runs no code; the original is kept as PATH.v1."""
 
-    path: Path  # positional on the command line (kpg.cli makes required options positional)
+    path: Path  # positional on the command line (kpg.app.cli makes required options positional)
     # Read with Python's full pickle reader, which runs any code the file holds: only for a file you
     # trust like a program you run (by default torch's weights-only reader reads it, running no code).
     trust_pickle: bool = False

@@ -36,9 +36,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from kpg.anticipation import ANTICIPATIONS
 from kpg.couplings import joint_ratio_loss
 from kpg.optim import KPGOptimizer
+from kpg.options import check_options, require, require_ranges
 
 # Within this distance of the best shared payoff a copy counts as at an optimal joint action (the
 # penalty game's "expected payoff >= 9").
@@ -369,44 +369,46 @@ class GamesConfig:
     out: Path = Path("results/games")  # results.md, results.json and games.png
     plot: bool = True
 
+    def validate(self) -> None:
+        """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
+        unknown = [game for game in self.games if game not in GAMES]
+        require(self, "", "games", bool(self.games) and not unknown, f"one or more of {', '.join(GAMES)}")
+        require(self, "", "ks", len(self.ks) > 0, "at least one k (1 is the plain optimizer step)")
+        unknown = [name for name in self.optimizers if name not in OPTIMIZERS]
+        require(
+            self, "", "optimizers", bool(self.optimizers) and not unknown, f"one or more of {', '.join(OPTIMIZERS)}"
+        )
+        require(self, "", "lrs", len(self.lrs) > 0, "at least one learning rate, e.g. --lrs 0.1 1")
+        require_ranges(
+            self,
+            "",
+            {
+                "ks": (1, None, False),
+                "lrs": (0, None, True),
+                **dict.fromkeys(("copies", "steps", "workers", "threads"), (1, None, False)),
+                "init_scale": (0, None, False),
+            },
+        )
+        require(
+            self,
+            "",
+            "batch",
+            self.mode != "sampled" or self.batch >= 2,
+            "an integer >= 2 in sampled mode (the baseline leaves one sample out)",
+        )
+        require(
+            self,
+            "",
+            "ks",
+            self.anticipation != "momentum" or max(self.ks) <= 2,
+            "k = 1 or 2 with --anticipation momentum, which predicts only level 1",
+        )
+
 
 def check_config(config: GamesConfig) -> None:
-    """Raises ValueError naming the first bad option and what it takes."""
-    unknown = [g for g in config.games if g not in GAMES]
-    if unknown or not config.games:
-        raise ValueError(
-            f"--games: unknown game(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(GAMES)}"
-        )
-    if not config.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in config.ks):
-        raise ValueError(
-            f"--ks: every k must be an integer >= 1 (1 is the plain optimizer step), got {list(config.ks)}"
-        )
-    bad = [o for o in config.optimizers if o not in OPTIMIZERS]
-    if bad or not config.optimizers:
-        raise ValueError(
-            f"--optimizers: unknown optimizer(s) {', '.join(map(repr, bad)) or '(none given)'}; "
-            f"choose from {', '.join(OPTIMIZERS)}"
-        )
-    if not config.lrs:
-        raise ValueError("--lrs: the learning-rate sweep is empty; give at least one learning rate, e.g. --lrs 0.1 1")
-    if any(not (math.isfinite(lr) and lr > 0) for lr in config.lrs):
-        raise ValueError(f"--lrs: every learning rate must be a finite number > 0, got {list(config.lrs)}")
-    for name in ("copies", "steps", "workers", "threads"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
-    if config.mode == "sampled" and config.batch < 2:
-        raise ValueError(
-            f"--batch must be >= 2 in sampled mode (the baseline leaves one sample out), got {config.batch}"
-        )
-    if config.anticipation not in ANTICIPATIONS:
-        raise ValueError(f"--anticipation must be one of {', '.join(ANTICIPATIONS)}, got {config.anticipation!r}")
-    if config.anticipation == "momentum" and max(config.ks) > 2:
-        raise ValueError(
-            f"--anticipation momentum predicts only level 1, so it runs k=1 or k=2; got --ks {list(config.ks)}"
-        )
-    if not config.init_scale >= 0:
-        raise ValueError(f"--init-scale must be >= 0, got {config.init_scale}")
+    """Raises :class:`kpg.options.OptionError` (``kpg games`` exits with status 2) naming the first
+    bad option, its value and what it takes (types first, then :meth:`GamesConfig.validate`)."""
+    check_options(config)
 
 
 def run_study(config: GamesConfig, command: str | None = None) -> dict:
@@ -667,12 +669,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def games_command(config: GamesConfig) -> dict:
-    """``kpg games``: the study, its table printed; a bad option exits with the reason."""
+    """``kpg games``: the study, its table printed (``kpg`` has checked the options: a bad one exits
+    with status 2 and the reason)."""
     command = "kpg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["games"] else None
-    try:
-        check_config(config)
-    except ValueError as error:
-        raise SystemExit(f"kpg games: {error}") from None
     results = run_study(config, command)
     print((config.out / "results.md").read_text())
     print(f"plot: {config.out / 'games.png'}" if config.plot else "")
