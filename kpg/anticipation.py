@@ -14,10 +14,12 @@ predicted point, one backward, one committed optimizer step. Per-agent networks 
 agent; a shared network has one gate (it is one optimizer agent).
 
 u2 enters the rule only through the gate, and the gate is computed when u1 is recorded (right after
-the commit): the optimizer keeps u1, its squared norm and the gate per agent, and uses u2's buffer
-as scratch. The ops of this module are the rule's arithmetic over the flat arena (every agent at
-once, no loop over agents); :mod:`kpg.reference` holds the same functions, agent by agent, in
-plain PyTorch.
+the commit), so u2 is never stored: the optimizer keeps u1, its squared norm and the gate per agent,
+and a buffer for the base parameters during a step. The step runs the fused kernels
+(``torch.ops.kpg.momentum_predict`` and ``momentum_record``, csrc/kpg/momentum.h), one pass over
+the arena each; the functions of this module are the same rule in plain PyTorch over the flat arena
+(every agent at once), which the tests compare the kernels with, and :mod:`kpg.reference` holds it
+agent by agent. The audit runs in plain PyTorch (it already costs a whole level).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from kpg import _ops as kernels
 from kpg.arena import ParameterArena
 
 if TYPE_CHECKING:
@@ -149,13 +152,14 @@ def momentum_predict(param: Tensor, latest: Tensor, gate: Tensor, anticipated: T
 
 
 def momentum_record(param: Tensor, base: Tensor, latest: Tensor, latest_sq: Tensor, gate: Tensor, tiling) -> None:
-    """After a commit: ``base`` becomes the new update ``param - base``; ``gate`` the next step's
-    clip(cos(new update, latest), 0, 1) and ``latest_sq`` the new update's squared norm, per agent.
-    The caller then treats ``base`` as u1 and ``latest`` as u2."""
-    torch.sub(param, base, out=base)
-    dot, fresh_sq = tiling.dot_and_square(base, latest)
+    """After a commit: ``latest`` (u1, about to become u2) becomes the new update ``param - base``;
+    ``gate`` the next step's clip(cos(new update, old latest), 0, 1) and ``latest_sq`` the new
+    update's squared norm, per agent."""
+    fresh = param - base
+    dot, fresh_sq = tiling.dot_and_square(fresh, latest)
     gate.copy_(_gate(dot, fresh_sq, latest_sq))
     latest_sq.copy_(fresh_sq)
+    latest.copy_(fresh)
 
 
 def momentum_audit(
@@ -181,8 +185,9 @@ class MomentumAnticipation:
     """The momentum rule's state and its part of :meth:`KPGOptimizer.step`.
 
     ``latest`` holds u1 (zeros before the first commit), ``latest_sq`` its squared norm and ``gate``
-    the gate the next step uses, per agent; ``scratch`` holds u2 between steps and the base
-    parameters during one. With ``audit`` every step also computes the exact level-1 step (one more
+    the gate the next step uses, per agent; ``base`` the base parameters during a step. Every buffer
+    keeps its address, and nothing is read on the host, so :meth:`KPGOptimizer.capture_step` can
+    capture the step. With ``audit`` every step also computes the exact level-1 step (one more
     closure evaluation, backward and anticipate pass) and leaves :func:`momentum_audit`'s figures in
     ``optimizer.stats.anticipation_audit``; the committed step is the same with and without it.
     """
@@ -190,15 +195,17 @@ class MomentumAnticipation:
     def __init__(self, arena: ParameterArena, audit: bool):
         self.audit = audit
         self.tiling = AgentTiling.of(arena)
+        self.chunks, self.agent_chunks = arena.chunks, arena.agent_chunks
         self.latest = arena.new_buffer()
-        self.scratch = arena.new_buffer()
+        self.base = arena.new_buffer()
         f64 = dict(dtype=torch.float64, device=arena.device)
         self.latest_sq = torch.zeros(arena.num_agents, **f64)
         self.gate = torch.zeros(arena.num_agents, **f64)
+        self.chunk_sums = torch.zeros(arena.chunks.shape[0], 2, **f64)
 
     def reset(self) -> None:
         """Forgets the history: u1 = u2 = 0, so the gate is 0 until two more steps are committed."""
-        for buffer in (self.latest, self.scratch, self.latest_sq, self.gate):
+        for buffer in (self.latest, self.base, self.latest_sq, self.gate):
             buffer.zero_()
 
     def run_levels(self, optimizer: KPGOptimizer, closure: Callable, takes_context: bool) -> Tensor:
@@ -224,13 +231,23 @@ class MomentumAnticipation:
         elif k == 2:
             optimizer._skip.zero_()  # no level 1 ran, so no agent is flagged before level 2
         if k == 2:
-            momentum_predict(arena.param, self.latest, self.gate, optimizer._anticipated, self.scratch, self.tiling)
+            kernels.momentum_predict(
+                arena.param, self.latest, self.gate, optimizer._anticipated, self.base, self.chunks
+            )
         else:
-            self.scratch.copy_(arena.param)
+            self.base.copy_(arena.param)
         loss, optimizer._loss_nonfinite = levels.evaluate(closure, k, k, takes_context)
         optimizer._update(k, commit=True)
-        momentum_record(arena.param, self.scratch, self.latest, self.latest_sq, self.gate, self.tiling)
-        self.latest, self.scratch = self.scratch, self.latest
+        kernels.momentum_record(
+            arena.param,
+            self.base,
+            self.latest,
+            self.latest_sq,
+            self.gate,
+            self.chunk_sums,
+            self.chunks,
+            self.agent_chunks,
+        )
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -271,4 +288,4 @@ class MomentumAnticipation:
             return
         for own, value in zip((self.latest, self.latest_sq, self.gate), staged):
             own.copy_(value)
-        self.scratch.zero_()
+        self.base.zero_()
