@@ -208,6 +208,19 @@ class MomentumAnticipation:
         for buffer in (self.latest, self.base, self.latest_sq, self.gate):
             buffer.zero_()
 
+    def check_capturable(self) -> None:
+        """Raises ValueError where :meth:`KPGOptimizer.capture_step` cannot capture this mode's step.
+
+        The step itself can: its buffers keep their addresses (no u1/u2 swap) and the gate is read
+        only by the kernels. The audit cannot: it hands its figures back as new tensors in
+        ``stats.anticipation_audit`` at every step, which a replayed graph does not do."""
+        if self.audit:
+            raise ValueError(
+                "capture_step does not capture audit_anticipation=True: the audit hands back new tensors in "
+                "stats.anticipation_audit at every step, which a replayed CUDA graph does not; capture an optimizer "
+                "without the audit, or audit eager steps"
+            )
+
     def run_levels(self, optimizer: KPGOptimizer, closure: Callable, takes_context: bool) -> Tensor:
         """The levels of one step in momentum mode; returns the loss of the committed level.
 

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from cases import KMappoMinibatch
 
 import kpg
 from kpg import _ops as kernels
@@ -18,7 +19,7 @@ from kpg import anticipation as ops
 from kpg import reference
 from kpg.arena import ParameterArena
 
-from helpers import RTOL, Game, assert_close_to_scale, torch_optimizer
+from helpers import CUDA_SKIP_REASON, RTOL, Game, assert_close_to_scale, torch_optimizer
 
 OPTIMIZERS = {
     "sgd": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
@@ -382,10 +383,56 @@ def test_a_failed_step_leaves_the_history_unchanged():
     assert all(torch.equal(b, a) for b, a in zip(history, after))
 
 
-def test_capture_step_refuses_momentum():
+def test_capture_step_takes_momentum_and_refuses_only_its_audit():
     ours, opt, _ = build("adam", shared=False)
-    with pytest.raises(ValueError, match="capture_step does not support anticipation='momentum'"):
+    # The CPU arena is the next refusal: the momentum step itself is capturable.
+    with pytest.raises(ValueError, match="capture_step needs the agents on a CUDA device"):
         opt.capture_step(ours.closure_with_context)
+    ours, opt, _ = build("adam", shared=False, audit_anticipation=True)
+    before = [flat(m) for m in ours.models]
+    with pytest.raises(ValueError, match="capture_step does not capture audit_anticipation=True"):
+        opt.capture_step(ours.closure_with_context)
+    assert all(torch.equal(b, flat(m)) for b, m in zip(before, ours.models))
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+@pytest.mark.parametrize("reset", [False, True], ids=["carried", "reset-before-capture"])
+def test_captured_momentum_steps_replay_equal_to_eager_steps(reset):
+    """The gate, u1 and the base live in device buffers that keep their addresses, so replays of a
+    captured momentum step advance the history as eager steps do (warm-up and capture included)."""
+    runs, gates = {}, {}
+    for mode in ("eager", "captured"):
+        problem = KMappoMinibatch("cuda")
+        opt = kpg.KPGOptimizer(problem.policy, k=2, lr=3e-3, nonfinite="skip", anticipation="momentum")
+        if reset:
+            opt.step(problem.closure)
+            opt.reset_anticipation()
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        runs[mode] = problem.train(opt, schedule, steps=8, capture_from=None if mode == "eager" else 2)
+        gates[mode] = opt._momentum.gate.cpu()
+    assert (gates["eager"] > 0).all(), "the gate never opened: the replays would not exercise the prediction"
+    assert_close_to_scale(gates["captured"], gates["eager"], 1e-12, what="gates after the captured steps")
+    for eager, captured in zip(runs["eager"], runs["captured"]):
+        assert_close_to_scale(captured, eager, 1e-12, what="parameters after the captured steps")
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+def test_momentum_steps_do_not_synchronize_on_cuda():
+    """After the first step (which checks the device chunk table on the host once), a momentum step
+    reads nothing on the host: the prediction and the gate stay on the device."""
+    problem = KMappoMinibatch("cuda")
+    opt = kpg.KPGOptimizer(problem.policy, k=2, lr=3e-3, nonfinite="skip", anticipation="momentum")
+    for minibatch in range(2):
+        problem.refill(minibatch)
+        opt.step(problem.closure)
+    for minibatch in range(2, 4):
+        problem.refill(minibatch)  # copies from host memory, outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(problem.closure)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_closure_without_context_follows_the_same_rule():
