@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANTICIPATIONS",
+    "AUDIT_METRICS",
     "AgentTiling",
+    "AuditMeans",
     "MomentumAnticipation",
     "momentum_audit",
     "momentum_predict",
@@ -47,6 +49,9 @@ __all__ = [
 ]
 
 ANTICIPATIONS = ("exact", "momentum")
+# The trainers' metrics.csv columns of the audit (AuditMeans): each figure of momentum_audit averaged
+# over the agents, then over the actor steps of one update.
+AUDIT_METRICS = ("audit_gate", "audit_cosine", "audit_relative_error", "audit_norm_ratio")
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,35 @@ def momentum_audit(
     }
 
 
+class AuditMeans:
+    """The audit of the actor steps of one trainer update, as metrics (:data:`AUDIT_METRICS`).
+
+    :meth:`add` after each ``optimizer.step``; :meth:`metrics` gives each figure's mean over the
+    agents and steps where it is defined (the cosine is undefined while u1 is zero, the ratios where
+    the exact step is zero) and starts over; a figure defined nowhere is left out, so its column
+    stays empty. Reading the figures synchronizes with the device once per step: the audit's price."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, optimizer: KPGOptimizer) -> None:
+        audit = optimizer.stats.anticipation_audit
+        if audit is None:  # a k=1 step audits nothing
+            return
+        for name, values in audit.items():
+            defined = values[~values.isnan()]
+            self._sums[name] = self._sums.get(name, 0.0) + float(defined.sum())
+            self._counts[name] = self._counts.get(name, 0) + defined.numel()
+
+    def metrics(self) -> dict[str, float]:
+        means = {
+            f"audit_{name}": total / self._counts[name] for name, total in self._sums.items() if self._counts[name]
+        }
+        self._sums, self._counts = {}, {}
+        return means
+
+
 class MomentumAnticipation:
     """The momentum rule's state and its part of :meth:`KPGOptimizer.step`.
 
@@ -235,6 +269,8 @@ class MomentumAnticipation:
                 "anticipation='exact' for k >= 3"
             )
         arena, levels = optimizer.arena, optimizer._levels
+        if self.audit:
+            optimizer.stats.anticipation_audit = None  # until this step's audit, if it makes one
         if k == 2 and self.audit:
             loss, optimizer._loss_nonfinite = levels.evaluate(closure, 1, k, takes_context)
             optimizer._update(1, commit=False)

@@ -52,6 +52,9 @@ class TrainConfig:
     # agent's last two updates, one closure evaluation per step; docs/algorithm.md)
     anticipation: Literal["exact", "momentum"] = "exact"
     anticipation_reset: bool = False  # MAPPO, momentum: forget the updates at every new rollout
+    # MAPPO, momentum: also compute the exact level-1 step at every actor step (its price: exact k=2's) and log
+    # how far the prediction is from it (metrics.csv's audit_* columns, docs/algorithm.md)
+    anticipation_audit: bool = False
     seed: int = 0  # seeds the environments, the networks and action sampling (0 to 2**32 - 1)
     steps: int = 100_000  # environment steps (summed over copies)
     copies: int = 8  # environment copies stepped together
@@ -226,7 +229,7 @@ class MetricsLog:
     )
 
     def __init__(self, run_dir: Path, metric_names: tuple[str, ...], tensorboard: bool, append: bool):
-        self.columns = self.BASE + tuple(name for name in metric_names if name not in self.BASE)
+        self.columns = self.columns_of(metric_names)
         path = run_dir / "metrics.csv"
         exists = append and path.exists()
         # Open for the run's whole life (closed by close()), so no context manager.
@@ -239,6 +242,30 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(run_dir))
+
+    @classmethod
+    def columns_of(cls, metric_names: tuple[str, ...]) -> tuple[str, ...]:
+        return cls.BASE + tuple(name for name in metric_names if name not in cls.BASE)
+
+    @classmethod
+    def check_resumable(cls, run_dir: Path, metric_names: tuple[str, ...]) -> None:
+        """Raises RunFolderError where the run folder's metrics.csv has other columns than this run
+        logs (an option that adds columns, such as --anticipation-audit, changed): appended rows would
+        sit under the wrong names."""
+        path = run_dir / "metrics.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as file:
+            header = next(csv.reader(file), None)
+        columns = cls.columns_of(metric_names)
+        if header is not None and tuple(header) != columns:
+            added = [c for c in columns if c not in header]
+            dropped = [c for c in header if c not in columns]
+            raise RunFolderError(
+                f"{path} was written with other columns than this run logs (this run adds {added or 'none'} and "
+                f"lacks {dropped or 'none'}); resume with the options the run started with (--anticipation-audit "
+                "adds the audit_* columns), or start over with --overwrite"
+            )
 
     def write(self, row: dict[str, Any]) -> None:
         self._writer.writerow(row)
@@ -302,6 +329,13 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
                 "--anticipation momentum"
             )
         extra["anticipation_reset"] = True
+    if config.anticipation_audit:
+        if config.algo != "mappo" or config.anticipation != "momentum":
+            raise ValueError(
+                "--anticipation-audit measures the momentum prediction against the exact level-1 step: it needs "
+                "--algo mappo and --anticipation momentum"
+            )
+        extra["anticipation_audit"] = True
     trainer = trainer_class(
         pool,
         getattr(config, config.algo),
@@ -578,6 +612,8 @@ def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     if config.resume:
         try:
+            if run.is_writer:
+                MetricsLog.check_resumable(run_dir, trainer.METRICS)
             _load_resumed_state(trainer, pool, state, run, checkpoint_path)
         except BaseException:
             pool.close()
