@@ -397,7 +397,7 @@ def test_capture_step_takes_momentum_and_refuses_only_its_audit():
 
 @pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
 @pytest.mark.parametrize("reset", [False, True], ids=["carried", "reset-before-capture"])
-def test_captured_momentum_steps_replay_equal_to_eager_steps(reset):
+def test_captured_momentum_steps_on_cuda_replay_equal_to_eager_steps(reset):
     """The gate, u1 and the base live in device buffers that keep their addresses, so replays of a
     captured momentum step advance the history as eager steps do (warm-up and capture included)."""
     runs, gates = {}, {}
