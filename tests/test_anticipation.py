@@ -279,9 +279,10 @@ def kernel_case(arena):
     return latest, gate, latest_sq, moved
 
 
-def run_kernels_and_plain_rule(arena):
-    """The kernels and the plain-PyTorch rule on the same inputs: {name: (kernels' result, plain's)}."""
-    latest, gate, latest_sq, moved = kernel_case(arena)
+def run_kernels_and_plain_rule(arena, case=None):
+    """The kernels and the plain-PyTorch rule on the same inputs (``case``, default
+    ``kernel_case(arena)``): {name: (kernels' result, plain's)}."""
+    latest, gate, latest_sq, moved = case or kernel_case(arena)
     tiling = ops.AgentTiling.of(arena)
     results = {}
     for name in ("kernels", "plain"):
@@ -318,6 +319,22 @@ def test_kernels_equal_the_plain_torch_rule(layout, dtype, device):
     if arena.num_agents > 1:
         assert gate[0] == 0 and gate[1] == 0, "the no-history and opposed-update agents must get gate 0"
     assert (gate[2:] > 0).all() if arena.num_agents > 1 else gate[0] > 0
+
+
+def test_kernel_gates_do_not_depend_on_the_thread_count():
+    """The per-agent sums run in a fixed order (a sum per chunk, then norms.h's lane tree), so the gates
+    are the same bits with one thread or several."""
+    arena = kernel_arena("per-agent", torch.float32)
+    case = kernel_case(arena)  # torch's own sums (the inputs' norms) may change with the thread count
+    previous = torch.get_num_threads()
+    gates = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            gates.append(run_kernels_and_plain_rule(arena, case)["gate"][0])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(gates[0], g) for g in gates[1:])
 
 
 def test_kernels_refuse_bad_buffers_and_change_nothing():
