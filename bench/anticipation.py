@@ -7,7 +7,8 @@ times only these three, so that it finishes on a loaded machine where agents.py'
 methods (seconds per call at 2048 agents) do not. Target (issue 28): momentum k=2 at most 1.35x
 k=1 at every agent count, the floor being one extra forward of the others' terms. With
 ``--process-time`` (this process's CPU time, for machines shared with other jobs) it also times the
-rule alone (``rule``: predict and record over the arena, no closure), in the same turns.
+rule alone (predict and record over the arena, no closure), in the same turns: ``rule`` with the
+fused kernels the optimizer runs, ``rule_plain`` with the same rule in plain PyTorch ops.
 
     python bench/anticipation.py [--agents 8 64 512 2048] [--threads 1] [--json PATH]
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kpg import _ops as kernels
 from kpg.anticipation import momentum_predict, momentum_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,24 +58,43 @@ def process_time_side_by_side(steps: dict, calls: int) -> dict[str, list[float]]
     return times
 
 
-def rule_step(rollout) -> Callable[[], object]:
+def rule_steps(rollout) -> dict[str, Callable[[], object]]:
     """The momentum rule alone (predict, then record) on the arena of kpg_mk2's optimizer: what
-    momentum adds over a k=1 step besides the closure's level-2 work."""
+    momentum adds over a k=1 step besides the closure's level-2 work. ``rule``: the fused kernels
+    the optimizer runs (torch.ops.kpg.momentum_predict and momentum_record, one pass each);
+    ``rule_plain``: the same rule in plain PyTorch ops (kpg.anticipation's reference), on copies."""
     optimizer, _ = kpg_actor_step(rollout, 2, anticipation="momentum")
     arena, rule = optimizer.arena, optimizer._momentum
+    anticipated = optimizer._anticipated
 
-    def step() -> None:
-        momentum_predict(arena.param, rule.latest, rule.gate, optimizer._anticipated, rule.scratch, rule.tiling)
-        momentum_record(arena.param, rule.scratch, rule.latest, rule.latest_sq, rule.gate, rule.tiling)
+    def fused() -> None:
+        kernels.momentum_predict(arena.param, rule.latest, rule.gate, anticipated, rule.base, rule.chunks)
+        kernels.momentum_record(
+            arena.param,
+            rule.base,
+            rule.latest,
+            rule.latest_sq,
+            rule.gate,
+            rule.chunk_sums,
+            rule.chunks,
+            rule.agent_chunks,
+        )
 
-    return step
+    latest, base = rule.latest.clone(), rule.base.clone()
+    latest_sq, gate = rule.latest_sq.clone(), rule.gate.clone()
+
+    def plain() -> None:
+        momentum_predict(arena.param, latest, gate, anticipated, base, rule.tiling)
+        momentum_record(arena.param, base, latest, latest_sq, gate, rule.tiling)
+
+    return {"rule": fused, "rule_plain": plain}
 
 
 def run_case(agents: int, min_run_time: float, max_run_time: float, process_calls: int | None) -> dict:
     rollout = make_rollout(agents, torch.device("cpu"))
     steps = {name: BUILDERS[name](rollout) for name in METHODS}
     if process_calls is not None:
-        steps["rule"] = rule_step(rollout)
+        steps.update(rule_steps(rollout))
         times = process_time_side_by_side(steps, process_calls)
         return _case(agents, {name: statistics.median(t) for name, t in times.items()}, times, None)
     timings = time_side_by_side(steps, min_run_time, max_run_time)
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\none actor update, ms (median {clock}), cpu, {torch.get_num_threads()} threads; bench/agents.py's update")
     print(
         f"{'agents':>6}  {'kpg k=1':>9}  {'exact k=2':>9}  {'mom. k=2':>9}  {'k2/k1':>6}  {'mk2/k1':>6}  "
-        f"{'mk2/k2':>6}  {'rule':>7}  others"
+        f"{'mk2/k2':>6}  {'rule':>7}  {'plain':>7}  others"
     )
     for case in cases:
         s = case["seconds"]
@@ -131,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{case['agents']:>6}  {s['kpg_k1'] * 1e3:9.2f}  {s['kpg_k2'] * 1e3:9.2f}  {s['kpg_mk2'] * 1e3:9.2f}  "
             f"{case['exact_k2_over_k1']:6.2f}  {case['momentum_k2_over_k1']:6.2f}  "
             f"{case['momentum_k2_over_exact_k2']:6.2f}  {s['rule'] * 1e3 if 'rule' in s else float('nan'):7.2f}  "
+            f"{s['rule_plain'] * 1e3 if 'rule_plain' in s else float('nan'):7.2f}  "
             f"{'-' if busiest is None else f'{busiest:.2f}'}"
         )
     for case in cases:

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kpg/launch_plan.h"
+#include "kpg/momentum.h"
 #include "kpg/norms.h"
 #include "kpg/thread_pool.h"
 #include "kpg/update.h"
@@ -74,6 +75,50 @@ void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffe
   } else {
 #if defined(KPG_WITH_CUDA)
     update_cuda(family, buffers, device, stream_of(stream));
+#else
+    (void)stream;
+    no_cuda_build(op);
+#endif
+  }
+}
+
+// Momentum anticipation's prediction (record false) or bookkeeping (record true), without the GIL;
+// the CPU path checks the chunk table first (record: with agent_chunks, whose rows it sums).
+void momentum(bool record, int device, uintptr_t stream, int dtype, uintptr_t param,
+              uintptr_t latest, uintptr_t base, uintptr_t anticipated, uintptr_t gate,
+              uintptr_t latest_sq, uintptr_t chunk_sums, uintptr_t chunks, uintptr_t agent_chunks,
+              int64_t num_chunks, int64_t num_agents, int64_t numel) {
+  MomentumBuffers b;
+  b.param = address<void>(param);
+  b.latest = address<void>(latest);
+  b.base = address<void>(base);
+  b.anticipated = address<void>(anticipated);
+  b.gate = address<double>(gate);
+  b.latest_sq = address<double>(latest_sq);
+  b.chunk_sums = address<double>(chunk_sums);
+  b.chunks = address<const int64_t>(chunks);
+  b.agent_chunks = address<const int64_t>(agent_chunks);
+  b.num_chunks = num_chunks;
+  b.num_agents = num_agents;
+  b.numel = numel;
+  b.dtype = dtype;
+  const char* op = record ? "momentum_record" : "momentum_predict";
+  py::gil_scoped_release no_gil;
+  if (device == kCpuDevice) {
+    check_chunk_table(op, b.chunks, num_chunks, record ? b.agent_chunks : nullptr, num_agents,
+                      numel);
+    if (record) {
+      momentum_record_cpu(b);
+    } else {
+      momentum_predict_cpu(b);
+    }
+  } else {
+#if defined(KPG_WITH_CUDA)
+    if (record) {
+      momentum_record_cuda(b, device, stream_of(stream));
+    } else {
+      momentum_predict_cuda(b, device, stream_of(stream));
+    }
 #else
     (void)stream;
     no_cuda_build(op);
@@ -339,4 +384,7 @@ PYBIND11_MODULE(_C, m) {
       "device"_a, "stream"_a, "dtype"_a, "grad"_a, "chunks"_a, "agent_chunks"_a, "num_chunks"_a,
       "num_agents"_a, "numel"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a,
       "nonfinite"_a);
+  m.def("momentum", &momentum, "record"_a, "device"_a, "stream"_a, "dtype"_a, "param"_a, "latest"_a,
+        "base"_a, "anticipated"_a, "gate"_a, "latest_sq"_a, "chunk_sums"_a, "chunks"_a,
+        "agent_chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a);
 }

@@ -86,6 +86,25 @@ def agent_grad_norms(
     grad_scale: int,
     nonfinite: int,
 ) -> None: ...
+def momentum(
+    record: bool,
+    device: int,
+    stream: int,
+    dtype: int,
+    param: int,
+    latest: int,
+    base: int,
+    anticipated: int,
+    gate: int,
+    latest_sq: int,
+    chunk_sums: int,
+    chunks: int,
+    agent_chunks: int,
+    num_chunks: int,
+    num_agents: int,
+    numel: int,
+) -> None:
+    """Momentum anticipation's prediction (``record`` False) or its bookkeeping after a commit (csrc/kpg/momentum.h)."""
 
 # csrc/device_bindings.cpp: the CUDA side without a GPU.
 NORM_LANES: int

@@ -1,13 +1,13 @@
 """The fused kernels as ``torch.library`` custom ops: ``torch.ops.kpg.<name>``.
 
 One op per optimizer family (csrc/kpg/optimizers.h, read through ``kpg._C``) and mode, plus the
-per-agent gradient norms. Every op works on flat
-arena buffers laid out agent by agent (see :class:`kpg.arena.ParameterArena`) and a chunk table
-from :func:`chunk_table`. Mode ``anticipate`` writes one KPG level's parameters to
-``anticipated`` and changes nothing else; mode ``commit`` updates parameters, optimizer state and
-step counts in place. Ops validate their arguments, then hand raw addresses to ``kpg._C``
-(NOTE [Torch-free boundary] in csrc/kpg/common.h). ``kpg.reference`` holds the same ops in plain
-PyTorch.
+per-agent gradient norms and momentum anticipation's prediction and bookkeeping
+(csrc/kpg/momentum.h). Every op works on flat arena buffers laid out agent by agent (see
+:class:`kpg.arena.ParameterArena`) and a chunk table from :func:`chunk_table`. Mode ``anticipate``
+writes one KPG level's parameters to ``anticipated`` and changes nothing else; mode ``commit``
+updates parameters, optimizer state and step counts in place. Ops validate their arguments, then
+hand raw addresses to ``kpg._C`` (NOTE [Torch-free boundary] in csrc/kpg/common.h).
+``kpg.reference`` holds the same ops in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -263,7 +263,9 @@ def _check_device_chunk_table(
     element); the CUDA kernels cannot read it without a synchronization and only skip rows outside
     the arena, so rows that overlap would update elements twice and race. A CUDA table is copied to
     the host and checked once, and again after any in-place change (its version counter moves) or
-    with other companions."""
+    with other companions. A check with ``agent_chunks`` covers the rows alone too, so ops that pass
+    the table without it (momentum_predict) and with it (agent_grad_norms, momentum_record) take
+    turns on one table without copying it at every call."""
     if chunks.device.type != "cuda":
         return
     key = (
@@ -272,7 +274,8 @@ def _check_device_chunk_table(
         numel,
         None if agent_chunks is None else (id(agent_chunks), agent_chunks._version),
     )
-    if _checked_device_tables.get(chunks) == key:
+    checked = _checked_device_tables.get(chunks)
+    if checked == key or (agent_chunks is None and checked is not None and checked[:3] == key[:3]):
         return
     host_agent_chunks = None if agent_chunks is None else agent_chunks.cpu().numpy()
     _C.check_chunk_table(op, chunks.cpu().numpy(), host_agent_chunks, num_agents, numel)
@@ -468,5 +471,137 @@ def _(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinit
             norm=norm,
             grad_scale=grad_scale,
             nonfinite=nonfinite,
+        ),
+    )
+
+
+def _check_agent_chunks(op: str, device: torch.device, agent_chunks: Tensor, num_agents: int, per: str) -> None:
+    if (
+        agent_chunks.dtype != torch.int64
+        or agent_chunks.device != device
+        or agent_chunks.numel() != num_agents + 1
+        or not agent_chunks.is_contiguous()
+    ):
+        raise ValueError(
+            f"{op}: agent_chunks must be the contiguous int64 table of num_agents + 1 entries ({num_agents + 1}, "
+            f"one agent per {per} entry) on {device} from chunk_table, got {agent_chunks.dtype} with "
+            f"{agent_chunks.numel()} entries on {agent_chunks.device}"
+        )
+
+
+def _momentum(record: bool, param: Tensor, named: dict[str, Tensor], chunks: Tensor) -> None:
+    """Hands the momentum buffers to ``kpg._C.momentum`` (csrc/kpg/momentum.h)."""
+    device, stream = _device_and_stream(param)
+    agent_chunks = named.get("agent_chunks")
+    _C.momentum(
+        record,
+        device,
+        stream,
+        _DTYPE_CODES[param.dtype],
+        param.data_ptr(),
+        named["latest"].data_ptr(),
+        named["base"].data_ptr(),
+        _address(named.get("anticipated")),
+        named["gate"].data_ptr(),
+        _address(named.get("latest_sq")),
+        _address(named.get("chunk_sums")),
+        chunks.data_ptr(),
+        _address(agent_chunks),
+        chunks.shape[0],
+        named["gate"].numel(),
+        param.numel(),
+    )
+
+
+@torch.library.custom_op("kpg::momentum_predict", mutates_args=("anticipated", "base"))
+def momentum_predict(
+    param: Tensor, latest: Tensor, gate: Tensor, anticipated: Tensor, base: Tensor, chunks: Tensor
+) -> None:
+    """Momentum anticipation's prediction in one pass: ``anticipated = param + gate[agent] * latest``
+    (``gate`` rounded to the parameters' dtype first) and ``base = param``, every agent's chunks at
+    once. ``gate`` holds one float64 entry per agent of the chunk table."""
+    op = "momentum_predict"
+    arena = dict(latest=latest, anticipated=anticipated, base=base)
+    _check_arena_tensors(op, param, arena, ("anticipated", "base"))
+    _check_agent_tensors(op, param.device, gate.numel(), {"gate": (gate, torch.float64)})
+    _check_chunks(op, param.device, chunks)
+    everything = dict(param=param, **arena, gate=gate, chunks=chunks)
+    _check_storage(op, everything)
+    _check_disjoint(op, everything, ("anticipated", "base"))
+    _check_device_chunk_table(op, chunks, None, gate.numel(), param.numel())
+    _momentum(False, param, everything, chunks)
+
+
+@momentum_predict.register_fake
+def _(param, latest, gate, anticipated, base, chunks) -> None:
+    _reject_meta(
+        "momentum_predict",
+        dict(param=param, latest=latest, gate=gate, anticipated=anticipated, base=base, chunks=chunks),
+    )
+
+
+@torch.library.custom_op("kpg::momentum_record", mutates_args=("latest", "latest_sq", "gate", "chunk_sums"))
+def momentum_record(
+    param: Tensor,
+    base: Tensor,
+    latest: Tensor,
+    latest_sq: Tensor,
+    gate: Tensor,
+    chunk_sums: Tensor,
+    chunks: Tensor,
+    agent_chunks: Tensor,
+) -> None:
+    """Momentum anticipation's bookkeeping after a commit, in one pass: ``latest`` (u1 before, then
+    u2) becomes the committed update ``param - base``; per agent, ``gate`` the next step's
+    clip(cos(new update, old latest), 0, 1) (0 while either is zero) and ``latest_sq`` the new
+    update's squared norm (it held the old one's). Sums run in float64 in a fixed order (as
+    :func:`agent_grad_norms`); ``chunk_sums`` is a float64 ``[num_chunks, 2]`` workspace."""
+    op = "momentum_record"
+    arena = dict(base=base, latest=latest)
+    _check_arena_tensors(op, param, arena, ("latest",))
+    num_agents = gate.numel()
+    _check_agent_tensors(
+        op, param.device, num_agents, {"gate": (gate, torch.float64), "latest_sq": (latest_sq, torch.float64)}
+    )
+    _check_chunks(op, param.device, chunks)
+    _check_agent_chunks(op, param.device, agent_chunks, num_agents, "gate")
+    if (
+        chunk_sums.dtype != torch.float64
+        or chunk_sums.device != param.device
+        or chunk_sums.shape != (chunks.shape[0], 2)
+        or not chunk_sums.is_contiguous()
+    ):
+        raise ValueError(
+            f"{op}: chunk_sums must be a contiguous float64 workspace of shape ({chunks.shape[0]}, 2) (two sums per "
+            f"chunk) on {param.device}, got {chunk_sums.dtype} {tuple(chunk_sums.shape)} on {chunk_sums.device}"
+        )
+    everything = dict(
+        param=param,
+        **arena,
+        latest_sq=latest_sq,
+        gate=gate,
+        chunk_sums=chunk_sums,
+        chunks=chunks,
+        agent_chunks=agent_chunks,
+    )
+    _check_storage(op, everything)
+    _check_disjoint(op, everything, ("latest", "latest_sq", "gate", "chunk_sums"))
+    _check_device_chunk_table(op, chunks, agent_chunks, num_agents, param.numel())
+    _momentum(True, param, everything, chunks)
+
+
+@momentum_record.register_fake
+def _(param, base, latest, latest_sq, gate, chunk_sums, chunks, agent_chunks) -> None:
+    _reject_meta(
+        "momentum_record",
+        dict(
+            param=param,
+            base=base,
+            latest=latest,
+            latest_sq=latest_sq,
+            gate=gate,
+            chunk_sums=chunk_sums,
+            chunks=chunks,
+            agent_chunks=agent_chunks,
         ),
     )

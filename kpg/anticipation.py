@@ -14,10 +14,12 @@ predicted point, one backward, one committed optimizer step. Per-agent networks 
 agent; a shared network has one gate (it is one optimizer agent).
 
 u2 enters the rule only through the gate, and the gate is computed when u1 is recorded (right after
-the commit): the optimizer keeps u1, its squared norm and the gate per agent, and uses u2's buffer
-as scratch. The ops of this module are the rule's arithmetic over the flat arena (every agent at
-once, no loop over agents); :mod:`kpg.reference` holds the same functions, agent by agent, in
-plain PyTorch.
+the commit), so u2 is never stored: the optimizer keeps u1, its squared norm and the gate per agent,
+and a buffer for the base parameters during a step. The step runs the fused kernels
+(``torch.ops.kpg.momentum_predict`` and ``momentum_record``, csrc/kpg/momentum.h), one pass over
+the arena each; the functions of this module are the same rule in plain PyTorch over the flat arena
+(every agent at once), which the tests compare the kernels with, and :mod:`kpg.reference` holds it
+agent by agent. The audit runs in plain PyTorch (it already costs a whole level).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from kpg import _ops as kernels
 from kpg.arena import ParameterArena
 
 if TYPE_CHECKING:
@@ -36,7 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANTICIPATIONS",
+    "AUDIT_METRICS",
     "AgentTiling",
+    "AuditMeans",
     "MomentumAnticipation",
     "momentum_audit",
     "momentum_predict",
@@ -44,6 +49,9 @@ __all__ = [
 ]
 
 ANTICIPATIONS = ("exact", "momentum")
+# The trainers' metrics.csv columns of the audit (AuditMeans): each figure of momentum_audit averaged
+# over the agents, then over the actor steps of one update.
+AUDIT_METRICS = ("audit_gate", "audit_cosine", "audit_relative_error", "audit_norm_ratio")
 
 
 @dataclass(frozen=True)
@@ -149,13 +157,14 @@ def momentum_predict(param: Tensor, latest: Tensor, gate: Tensor, anticipated: T
 
 
 def momentum_record(param: Tensor, base: Tensor, latest: Tensor, latest_sq: Tensor, gate: Tensor, tiling) -> None:
-    """After a commit: ``base`` becomes the new update ``param - base``; ``gate`` the next step's
-    clip(cos(new update, latest), 0, 1) and ``latest_sq`` the new update's squared norm, per agent.
-    The caller then treats ``base`` as u1 and ``latest`` as u2."""
-    torch.sub(param, base, out=base)
-    dot, fresh_sq = tiling.dot_and_square(base, latest)
+    """After a commit: ``latest`` (u1, about to become u2) becomes the new update ``param - base``;
+    ``gate`` the next step's clip(cos(new update, old latest), 0, 1) and ``latest_sq`` the new
+    update's squared norm, per agent."""
+    fresh = param - base
+    dot, fresh_sq = tiling.dot_and_square(fresh, latest)
     gate.copy_(_gate(dot, fresh_sq, latest_sq))
     latest_sq.copy_(fresh_sq)
+    latest.copy_(fresh)
 
 
 def momentum_audit(
@@ -177,12 +186,42 @@ def momentum_audit(
     }
 
 
+class AuditMeans:
+    """The audit of the actor steps of one trainer update, as metrics (:data:`AUDIT_METRICS`).
+
+    :meth:`add` after each ``optimizer.step``; :meth:`metrics` gives each figure's mean over the
+    agents and steps where it is defined (the cosine is undefined while u1 is zero, the ratios where
+    the exact step is zero) and starts over; a figure defined nowhere is left out, so its column
+    stays empty. Reading the figures synchronizes with the device once per step: the audit's price."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, optimizer: KPGOptimizer) -> None:
+        audit = optimizer.stats.anticipation_audit
+        if audit is None:  # a k=1 step audits nothing
+            return
+        for name, values in audit.items():
+            defined = values[~values.isnan()]
+            self._sums[name] = self._sums.get(name, 0.0) + float(defined.sum())
+            self._counts[name] = self._counts.get(name, 0) + defined.numel()
+
+    def metrics(self) -> dict[str, float]:
+        means = {
+            f"audit_{name}": total / self._counts[name] for name, total in self._sums.items() if self._counts[name]
+        }
+        self._sums, self._counts = {}, {}
+        return means
+
+
 class MomentumAnticipation:
     """The momentum rule's state and its part of :meth:`KPGOptimizer.step`.
 
     ``latest`` holds u1 (zeros before the first commit), ``latest_sq`` its squared norm and ``gate``
-    the gate the next step uses, per agent; ``scratch`` holds u2 between steps and the base
-    parameters during one. With ``audit`` every step also computes the exact level-1 step (one more
+    the gate the next step uses, per agent; ``base`` the base parameters during a step. Every buffer
+    keeps its address, and nothing is read on the host, so :meth:`KPGOptimizer.capture_step` can
+    capture the step. With ``audit`` every step also computes the exact level-1 step (one more
     closure evaluation, backward and anticipate pass) and leaves :func:`momentum_audit`'s figures in
     ``optimizer.stats.anticipation_audit``; the committed step is the same with and without it.
     """
@@ -190,16 +229,31 @@ class MomentumAnticipation:
     def __init__(self, arena: ParameterArena, audit: bool):
         self.audit = audit
         self.tiling = AgentTiling.of(arena)
+        self.chunks, self.agent_chunks = arena.chunks, arena.agent_chunks
         self.latest = arena.new_buffer()
-        self.scratch = arena.new_buffer()
+        self.base = arena.new_buffer()
         f64 = dict(dtype=torch.float64, device=arena.device)
         self.latest_sq = torch.zeros(arena.num_agents, **f64)
         self.gate = torch.zeros(arena.num_agents, **f64)
+        self.chunk_sums = torch.zeros(arena.chunks.shape[0], 2, **f64)
 
     def reset(self) -> None:
         """Forgets the history: u1 = u2 = 0, so the gate is 0 until two more steps are committed."""
-        for buffer in (self.latest, self.scratch, self.latest_sq, self.gate):
+        for buffer in (self.latest, self.base, self.latest_sq, self.gate):
             buffer.zero_()
+
+    def check_capturable(self) -> None:
+        """Raises ValueError where :meth:`KPGOptimizer.capture_step` cannot capture this mode's step.
+
+        The step itself can: its buffers keep their addresses (no u1/u2 swap) and the gate is read
+        only by the kernels. The audit cannot: it hands its figures back as new tensors in
+        ``stats.anticipation_audit`` at every step, which a replayed graph does not do."""
+        if self.audit:
+            raise ValueError(
+                "capture_step does not capture audit_anticipation=True: the audit hands back new tensors in "
+                "stats.anticipation_audit at every step, which a replayed CUDA graph does not; capture an optimizer "
+                "without the audit, or audit eager steps"
+            )
 
     def run_levels(self, optimizer: KPGOptimizer, closure: Callable, takes_context: bool) -> Tensor:
         """The levels of one step in momentum mode; returns the loss of the committed level.
@@ -215,6 +269,8 @@ class MomentumAnticipation:
                 "anticipation='exact' for k >= 3"
             )
         arena, levels = optimizer.arena, optimizer._levels
+        if self.audit:
+            optimizer.stats.anticipation_audit = None  # until this step's audit, if it makes one
         if k == 2 and self.audit:
             loss, optimizer._loss_nonfinite = levels.evaluate(closure, 1, k, takes_context)
             optimizer._update(1, commit=False)
@@ -224,13 +280,23 @@ class MomentumAnticipation:
         elif k == 2:
             optimizer._skip.zero_()  # no level 1 ran, so no agent is flagged before level 2
         if k == 2:
-            momentum_predict(arena.param, self.latest, self.gate, optimizer._anticipated, self.scratch, self.tiling)
+            kernels.momentum_predict(
+                arena.param, self.latest, self.gate, optimizer._anticipated, self.base, self.chunks
+            )
         else:
-            self.scratch.copy_(arena.param)
+            self.base.copy_(arena.param)
         loss, optimizer._loss_nonfinite = levels.evaluate(closure, k, k, takes_context)
         optimizer._update(k, commit=True)
-        momentum_record(arena.param, self.scratch, self.latest, self.latest_sq, self.gate, self.tiling)
-        self.latest, self.scratch = self.scratch, self.latest
+        kernels.momentum_record(
+            arena.param,
+            self.base,
+            self.latest,
+            self.latest_sq,
+            self.gate,
+            self.chunk_sums,
+            self.chunks,
+            self.agent_chunks,
+        )
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -271,4 +337,4 @@ class MomentumAnticipation:
             return
         for own, value in zip((self.latest, self.latest_sq, self.gate), staged):
             own.copy_(value)
-        self.scratch.zero_()
+        self.base.zero_()

@@ -404,13 +404,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         must read its inputs from tensors that keep their storage, refilled in place before each
         replay. Each replay is a step with the captured k; after changing a learning rate, call
         :meth:`sync_hyperparameters` before the next replay. Needs ``nonfinite="skip"`` or
-        ``"propagate"``: ``"raise"`` reads flags on the host, which a graph cannot do.
+        ``"propagate"``: ``"raise"`` reads flags on the host, which a graph cannot do. In momentum
+        mode the gate and the updates stay on the device and each replay advances them; the audit
+        is refused (:meth:`MomentumAnticipation.check_capturable`).
         """
         if self._momentum is not None:
-            raise ValueError(
-                "capture_step does not support anticipation='momentum': its step swaps the u1 and u2 buffers, which "
-                "a graph would replay at fixed addresses; step eagerly, or use anticipation='exact'"
-            )
+            self._momentum.check_capturable()
         if self.arena.device.type != "cuda":
             raise ValueError(f"capture_step needs the agents on a CUDA device, they are on {self.arena.device}")
         if self.nonfinite == "raise":

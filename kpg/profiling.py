@@ -28,7 +28,7 @@ class KPGStats:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     # Agents left unchanged by committed steps (nonfinite="skip"), counted on the device.
     skipped_agent_steps_tensor: Tensor | None = None
-    # anticipation="momentum" with audit_anticipation=True: the last k=2 step's per-agent figures
+    # anticipation="momentum" with audit_anticipation=True: this step's per-agent figures (None after a k=1 step)
     # (kpg.anticipation.momentum_audit: gate, cosine, relative_error, norm_ratio), on the device.
     anticipation_audit: dict[str, Tensor] | None = None
 

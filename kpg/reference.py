@@ -220,9 +220,10 @@ def _gate(u1: Tensor, u2: Tensor) -> float:
 
 def momentum_record(param, base, latest, latest_sq, gate, tiling) -> None:
     for agent, runs in _agent_slices(tiling).items():
+        previous = _agent_vector(latest, runs)
         for run in runs:
-            base[run] = param[run] - base[run]
-        fresh, previous = _agent_vector(base, runs), _agent_vector(latest, runs)
+            latest[run] = param[run] - base[run]
+        fresh = _agent_vector(latest, runs)
         gate[agent] = _gate(fresh, previous)
         latest_sq[agent] = fresh.dot(fresh)
 

@@ -113,7 +113,7 @@ stage info 20 "$VPY" -m kpg.info
 
 if "$VPY" -c 'import pytest, hypothesis' 2>/dev/null; then
   # The device-parametrized tests' CUDA cases and the CUDA-only tests (ids and names with "cuda").
-  TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_optim.py tests/test_nn.py)
+  TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_optim.py tests/test_nn.py tests/test_anticipation.py)
   # The trainers' tests need the environments (kpg's runtime dependencies, not installed by --no-deps).
   if "$VPY" -c 'import gymnasium, pettingzoo, kpg.app.train, kpg.app.compare, kpg.algos, kpg.envs' 2>/dev/null; then
     TESTS+=(tests/test_offpolicy.py::test_actor_step_matches_brute_force

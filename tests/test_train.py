@@ -15,12 +15,15 @@ import torch
 
 from kpg.algos.common import AgentActors, PolicyHead, ReturnNormalizer, generalized_advantages
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
+from kpg.anticipation import AUDIT_METRICS
 from kpg.app.checkpoint import load_checkpoint, save_checkpoint
 from kpg.app.cli import COMMANDS
 from kpg.app.cli import main as cli_main
 from kpg.app.compare import CompareConfig, compare, mean_and_halfwidth
+from kpg.app.resume import RunFolderError
 from kpg.app.train import TrainConfig, train
 from kpg.envs import EnvPool, make_env_factory
+from kpg.options import OptionError
 
 TOY = "helpers:uneven_agents"
 SMALL_MAPPO = MAPPOConfig(rollout=25, epochs=2, minibatches=2, hidden=(16,))
@@ -341,3 +344,48 @@ def test_momentum_resume_continues_exactly_and_carries_the_history(tmp_path):
     history = a["actor_optimizer"]["kpg"]["anticipation"]
     assert history["mode"] == "momentum" and history["latest_update"].abs().sum() > 0
     assert small_config(tmp_path, **momentum).run_name == "mappo-simple_spread-k2-momentum-s0"
+
+
+def test_compare_puts_exact_and_momentum_side_by_side(tmp_path):
+    config = CompareConfig(
+        ks=(1, 2),
+        seeds=(0,),
+        anticipations=("exact", "momentum"),
+        workers=1,
+        out=tmp_path / "cmp",
+        train=small_config(tmp_path, eval_episodes=0, checkpoint_every=0, anticipation_audit=True),
+    )
+    results = compare(config)
+    assert list(results["by_k"]) == [1, 2, "2-momentum"]
+    momentum = results["by_k"]["2-momentum"]
+    assert (momentum["k"], momentum["anticipation"]) == (2, "momentum")
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| 2 momentum | 1 |" in table and "| 2 | 1 |" in table
+    runs = tmp_path / "cmp" / "runs"
+    # The audit goes to the momentum run only; exact runs refuse it.
+    with open(runs / "mappo-simple_spread-k2-momentum-s0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert all(rows[-1][column] != "" for column in ("audit_gate", "audit_relative_error", "audit_norm_ratio"))
+    with open(runs / "mappo-simple_spread-k2-s0" / "metrics.csv") as file:
+        assert "audit_gate" not in next(csv.reader(file))
+
+
+def test_compare_refuses_momentum_beyond_k2():
+    with pytest.raises(OptionError, match="k of 1 or 2 with --anticipations momentum"):
+        CompareConfig(ks=(1, 3), anticipations=("exact", "momentum")).validate()
+
+
+def test_mappo_metrics_carry_the_momentum_audit(tmp_path):
+    config = small_config(tmp_path, anticipation="momentum", anticipation_audit=True, steps=400)
+    train(config)
+    with open(config.run_dir / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    for column in AUDIT_METRICS:
+        values = [float(row[column]) for row in rows if row[column] != ""]
+        assert values and all(math.isfinite(v) for v in values), column
+    assert max(float(row["audit_gate"]) for row in rows) > 0, "the gate opens once two updates are committed"
+    # A resume without the audit would append rows under the audit's column names: refused.
+    with pytest.raises(RunFolderError, match="adds the audit_\\* columns"):
+        train(dataclasses.replace(config, steps=600, resume=True, anticipation_audit=False))
+    with pytest.raises(ValueError, match="--anticipation-audit .* needs --algo mappo and --anticipation momentum"):
+        train(small_config(tmp_path, name="exact", anticipation_audit=True))

@@ -29,6 +29,7 @@ from kpg.algos.common import (
     generalized_advantages,
     mlp,
 )
+from kpg.anticipation import AUDIT_METRICS, AuditMeans
 from kpg.couplings import FORMS, OTHERS_MODES, joint_ratio_loss
 from kpg.distributed import average_gradients, check_replicas_agree, gather_samples
 from kpg.envs import EnvPool
@@ -137,6 +138,7 @@ class MAPPOTrainer:
         process_group=None,
         anticipation: str = "exact",
         anticipation_reset: bool = False,
+        anticipation_audit: bool = False,
     ):
         """``k_until``: environment steps after which the actor drops to k=1 (the paper's schedule:
         coordinate early, save compute later); None keeps ``k`` throughout. ``process_group``: train
@@ -189,8 +191,13 @@ class MAPPOTrainer:
             **layout_arguments,
             process_group=process_group,
             anticipation=anticipation,
+            audit_anticipation=anticipation_audit,
         )
         self.anticipation_reset = anticipation_reset
+        # The audit's figures join this run's metrics.csv columns (kpg.anticipation.AUDIT_METRICS).
+        self.audit = AuditMeans() if anticipation_audit else None
+        if anticipation_audit:
+            self.METRICS = (*type(self).METRICS, *AUDIT_METRICS)
         self.process_group = process_group
         check_replicas_agree(list(self.critic.parameters()), process_group, "the critic's parameters")
         self.copies_per_iteration = pool.copies * (1 if process_group is None else process_group.size())
@@ -375,6 +382,8 @@ class MAPPOTrainer:
 
                 with self.clock.phase("actor"):
                     actor_loss = self.actor_optimizer.step(closure)
+                if self.audit is not None:
+                    self.audit.add(self.actor_optimizer)
                 if self.k_schedule is not None:
                     self.k_schedule.step()
                 with self.clock.phase("critic"):
@@ -397,6 +406,8 @@ class MAPPOTrainer:
         for level, fractions in clip_fractions.items():
             metrics[f"clip_fraction_level{level}"] = float(np.mean(fractions))
         metrics["k"] = k
+        if self.audit is not None:
+            metrics.update(self.audit.metrics())
         return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------

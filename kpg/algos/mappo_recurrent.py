@@ -26,6 +26,7 @@ from torch.distributions import Categorical
 
 from kpg.algos.common import WallClock, generalized_advantages
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
+from kpg.anticipation import AUDIT_METRICS, AuditMeans
 from kpg.couplings import joint_ratio_loss
 from kpg.optim import KPGOptimizer, KSchedule
 
@@ -166,6 +167,7 @@ class RecurrentMAPPOTrainer:
         total_steps: int | None = None,
         anticipation: str = "exact",
         anticipation_reset: bool = False,
+        anticipation_audit: bool = False,
     ):
         if process_group is not None:
             raise ValueError("the recurrent MAPPO trainer runs in one process; start it without torchrun")
@@ -198,8 +200,13 @@ class RecurrentMAPPOTrainer:
             max_grad_norm=c.max_grad_norm,
             num_agents=n,
             anticipation=anticipation,
+            audit_anticipation=anticipation_audit,
         )
         self.anticipation_reset = anticipation_reset
+        # The audit's figures join this run's metrics.csv columns (kpg.anticipation.AUDIT_METRICS).
+        self.audit = AuditMeans() if anticipation_audit else None
+        if anticipation_audit:
+            self.METRICS = (*type(self).METRICS, *AUDIT_METRICS)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5)
         steps_per_iteration = c.rollout * pool.copies
         self.schedulers = []
@@ -320,6 +327,8 @@ class RecurrentMAPPOTrainer:
                     adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-8)
                 with self.clock.phase("actor"):
                     actor_loss, entropy = self._actor_step(mb, adv, clip_fractions)
+                if self.audit is not None:
+                    self.audit.add(self.actor_optimizer)
                 with self.clock.phase("critic"):
                     value_loss = self._critic_step(mb)
                 for scheduler in self.schedulers:
@@ -334,6 +343,8 @@ class RecurrentMAPPOTrainer:
         for level, fractions in clip_fractions.items():
             metrics[f"clip_fraction_level{level}"] = float(np.mean(fractions))
         metrics["k"] = k
+        if self.audit is not None:
+            metrics.update(self.audit.metrics())
         return metrics
 
     def _sequence_log_prob(self, mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,8 @@
 """``kpg compare``: the same training run for several k and seeds, then learning curves with
 confidence bands (PNG), a results table (Markdown and JSON) and the wall-clock split.
+``--anticipations exact momentum`` adds momentum anticipation's runs beside exact ones at every k >= 2
+(k=1 has nothing to anticipate and runs once): results keyed ``k`` for exact, ``"k-momentum"`` for
+momentum.
 
 Runs go to ``<out>/runs/``; they are started in ``workers`` processes (one torch thread each) and a
 finished run (its ``summary.json`` exists) is not run again, so an interrupted comparison resumes.
@@ -37,6 +40,7 @@ class CompareConfig:
     """k values x seeds of one training configuration, compared."""
 
     ks: tuple[int, ...] = (1, 2)
+    anticipations: tuple[Literal["exact", "momentum"], ...] = ("exact",)  # at each k >= 2 (train --anticipation)
     seeds: tuple[int, ...] = (0, 1, 2)
     workers: int = 2  # runs in parallel, one process each
     out: Path = Path("results/compare")
@@ -48,6 +52,14 @@ class CompareConfig:
         require_ranges(self, "", {"ks": (1, None, False), "seeds": (0, 2**32 - 1, False), "workers": (1, None, False)})
         require(self, "", "ks", len(self.ks) > 0, "at least one k")
         require(self, "", "seeds", len(self.seeds) > 0, "at least one seed")
+        require(self, "", "anticipations", len(self.anticipations) > 0, "at least one anticipation")
+        require(
+            self,
+            "",
+            "ks",
+            "momentum" not in self.anticipations or max(self.ks) <= 2,
+            "k of 1 or 2 with --anticipations momentum (momentum predicts level 1 only)",
+        )
         for folder in (self.out, *self.out.parents):
             require(self, "", "out", not folder.exists() or folder.is_dir(), f"a folder; {folder} is a file")
 
@@ -97,10 +109,15 @@ def _curve(run_dir: Path, grid: np.ndarray, column: str = "recent_return") -> np
 def compare(config: CompareConfig) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     # A seed's k values run next to each other, so with --workers len(ks) they share the machine's load alike.
+    variants = _variants(config)
     runs = [
         dataclasses.replace(
             config.train,
             k=k,
+            anticipation=anticipation,
+            # The momentum-only options leave the exact runs.
+            anticipation_reset=config.train.anticipation_reset and anticipation == "momentum",
+            anticipation_audit=config.train.anticipation_audit and anticipation == "momentum",
             seed=seed,
             logdir=config.out / "runs",
             name=None,
@@ -109,7 +126,7 @@ def compare(config: CompareConfig) -> dict:
             progress=False,
         )
         for seed in config.seeds
-        for k in config.ks
+        for k, anticipation in variants
     ]
     if config.workers > 1:
         with ProcessPoolExecutor(max_workers=config.workers) as executor:
@@ -129,10 +146,11 @@ def compare(config: CompareConfig) -> dict:
         "agents": summaries[0]["agents"],
     }
     curves = {}
-    for k in config.ks:
-        mine = [(run, s) for run, s in zip(runs, summaries) if run.k == k]
+    for k, anticipation in variants:
+        label = _label(k, anticipation)
+        mine = [(run, s) for run, s in zip(runs, summaries) if (run.k, run.anticipation) == (k, anticipation)]
         curve = np.stack([_curve(run.run_dir, grid, CURVE_METRICS[config.metric][0]) for run, _ in mine])
-        curves[k] = curve
+        curves[label] = curve
         final, final_ci = mean_and_halfwidth(curve[:, final_from:].mean(axis=1))
         evals = [s["eval_return"] for _, s in mine if s.get("eval_return") is not None]
         wall, wall_ci = mean_and_halfwidth(np.array([s["wall_seconds"] for _, s in mine]))
@@ -146,7 +164,9 @@ def compare(config: CompareConfig) -> dict:
             float(np.mean([s["actor_level_seconds"][l] if l < len(s["actor_level_seconds"]) else 0.0 for _, s in mine]))
             for l in range(levels)
         ]
-        results["by_k"][k] = {
+        results["by_k"][label] = {
+            "k": k,
+            "anticipation": anticipation,
             "seeds": [s["seed"] for _, s in mine],
             "final_return": float(final),
             "final_return_ci95": float(final_ci),
@@ -159,7 +179,7 @@ def compare(config: CompareConfig) -> dict:
             "seconds": split,
             "actor_level_seconds": split_levels,
         }
-    base_k = min(config.ks)
+    base_k = _label(*variants[0])
     for entry in results["by_k"].values():
         entry[f"wall_overhead_vs_k{base_k}"] = entry["wall_seconds"] / results["by_k"][base_k]["wall_seconds"] - 1.0
         entry[f"cpu_overhead_vs_k{base_k}"] = entry["cpu_seconds"] / results["by_k"][base_k]["cpu_seconds"] - 1.0
@@ -171,7 +191,22 @@ def compare(config: CompareConfig) -> dict:
     return results
 
 
-def _markdown(results: dict, base_k: int) -> str:
+def _variants(config: CompareConfig) -> list[tuple[int, str]]:
+    """(k, anticipation) of every run of a seed, k in order: k=1 once (exact; momentum's k=1 is the
+    same plain step), each k >= 2 with every anticipation."""
+    variants = []
+    for k in sorted(set(config.ks)):
+        anticipations = ("exact",) if k == 1 else dict.fromkeys(config.anticipations)
+        variants.extend((k, anticipation) for anticipation in anticipations)
+    return variants
+
+
+def _label(k: int, anticipation: str) -> int | str:
+    """The key of a variant in results.json's by_k (its row in the table, its curve): k for exact."""
+    return k if anticipation == "exact" else f"{k}-{anticipation}"
+
+
+def _markdown(results: dict, base_k: int | str) -> str:
     train_config = results["train"]
     lines = [
         f"# {train_config['algo']} on {train_config['env']} ({results['agents']} agents), "
@@ -184,7 +219,8 @@ def _markdown(results: dict, base_k: int) -> str:
         f"CPU s | CPU overhead vs k={base_k} | environment s | critic s | actor s | actor s per level |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for k, e in results["by_k"].items():
+    for key, e in results["by_k"].items():
+        k = str(key).replace("-", " ")
         levels = " / ".join(f"{s:.1f}" for s in e["actor_level_seconds"])
         evaluation = "-" if e["eval_return"] is None else f"{e['eval_return']:.2f}"
         lines.append(
@@ -205,7 +241,7 @@ def _markdown(results: dict, base_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray], agents: int) -> None:
+def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int | str, np.ndarray], agents: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +250,7 @@ def _plot(config: CompareConfig, grid: np.ndarray, curves: dict[int, np.ndarray]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for k, curve in curves.items():
         mean, halfwidth = mean_and_halfwidth(curve)
-        axes.plot(grid, mean, label=f"k={k}" + (" (plain)" if k == 1 else ""))
+        axes.plot(grid, mean, label=f"k={str(k).replace('-', ' ')}" + (" (plain)" if k == 1 else ""))
         axes.fill_between(grid, mean - halfwidth, mean + halfwidth, alpha=0.25)
     t = config.train
     axes.set_title(f"{t.algo} on {t.env} ({agents} agents), {len(config.seeds)} seeds, 95% CI")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kpg.app.checkpoint import save_checkpoint
-from kpg.app.resume import CHECKPOINT, RunTotals, checkpoint_payload
+from kpg.app.resume import CHECKPOINT, RunFolderError, RunTotals, checkpoint_payload
 from kpg.app.run_context import RunContext
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class MetricsLog:
     )
 
     def __init__(self, run_dir: Path, metric_names: tuple[str, ...], tensorboard: bool, append: bool):
-        self.columns = self.BASE + tuple(name for name in metric_names if name not in self.BASE)
+        self.columns = self.columns_of(metric_names)
         path = run_dir / "metrics.csv"
         exists = append and path.exists()
         # Open for the run's whole life (closed by close()), so no context manager.
@@ -84,6 +84,30 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(run_dir))
+
+    @classmethod
+    def columns_of(cls, metric_names: tuple[str, ...]) -> tuple[str, ...]:
+        return cls.BASE + tuple(name for name in metric_names if name not in cls.BASE)
+
+    @classmethod
+    def check_resumable(cls, run_dir: Path, metric_names: tuple[str, ...]) -> None:
+        """Raises RunFolderError where the run folder's metrics.csv has other columns than this run
+        logs (an option that adds columns, such as --anticipation-audit, changed): appended rows would
+        sit under the wrong names."""
+        path = run_dir / "metrics.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as file:
+            header = next(csv.reader(file), None)
+        columns = cls.columns_of(metric_names)
+        if header is not None and tuple(header) != columns:
+            added = [c for c in columns if c not in header]
+            dropped = [c for c in header if c not in columns]
+            raise RunFolderError(
+                f"{path} was written with other columns than this run logs (this run adds {added or 'none'} and "
+                f"lacks {dropped or 'none'}); resume with the options the run started with (--anticipation-audit "
+                "adds the audit_* columns), or start over with --overwrite"
+            )
 
     def write(self, row: dict[str, Any]) -> None:
         self._writer.writerow(row)

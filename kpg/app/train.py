@@ -46,6 +46,9 @@ class TrainConfig:
     # agent's last two updates, one closure evaluation per step; docs/algorithm.md)
     anticipation: Literal["exact", "momentum"] = "exact"
     anticipation_reset: bool = False  # MAPPO, momentum: forget the updates at every new rollout
+    # MAPPO, momentum: also compute the exact level-1 step at every actor step (its price: exact k=2's) and log
+    # how far the prediction is from it (metrics.csv's audit_* columns, docs/algorithm.md)
+    anticipation_audit: bool = False
     seed: int = 0  # seeds the environments, the networks and action sampling (0 to 2**32 - 1)
     steps: int = 100_000  # environment steps (summed over copies)
     copies: int = 8  # environment copies stepped together
@@ -168,6 +171,13 @@ def build_trainer(config: TrainConfig, run: RunContext | None = None):
                 "--anticipation momentum"
             )
         extra["anticipation_reset"] = True
+    if config.anticipation_audit:
+        if config.algo != "mappo" or config.anticipation != "momentum":
+            raise ValueError(
+                "--anticipation-audit measures the momentum prediction against the exact level-1 step: it needs "
+                "--algo mappo and --anticipation momentum"
+            )
+        extra["anticipation_audit"] = True
     trainer = trainer_class(
         pool,
         getattr(config, config.algo),
@@ -215,6 +225,8 @@ def _train(config: TrainConfig, run: RunContext) -> dict[str, Any]:
     pool, trainer = build_trainer(config, run)
     if config.resume:
         try:
+            if run.is_writer:
+                MetricsLog.check_resumable(run_dir, trainer.METRICS)
             load_resumed_state(trainer, pool, state, run, run_dir / CHECKPOINT)
         except BaseException:
             pool.close()

@@ -8,7 +8,7 @@ step), relative error and norm ratio at a few steps, and the final share.
 
 import torch
 
-from kpg.games import GamePlay, make_game
+from kpg.app.games import GamePlay, make_game
 
 CASES = (("pennies", "sgd", 1.0), ("penalty", "sgd", 0.3), ("penalty", "adam", 1.0))
 REPORT_STEPS = (3, 10, 50, 199)
