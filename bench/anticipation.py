@@ -60,10 +60,12 @@ def rule_step(rollout) -> Callable[[], object]:
     """The momentum rule alone (predict, then record) on the arena of kpg_mk2's optimizer: what
     momentum adds over a k=1 step besides the closure's level-2 work."""
     optimizer, _ = kpg_actor_step(rollout, 2, anticipation="momentum")
-    arena, rule = optimizer.arena, optimizer._momentum
+    arena, rule = optimizer.arena, optimizer.momentum_anticipation
 
     def step() -> None:
-        momentum_predict(arena.param, rule.latest, rule.gate, optimizer._anticipated, rule.scratch, rule.tiling)
+        momentum_predict(
+            arena.param, rule.latest, rule.gate, optimizer.agent_state.anticipated, rule.scratch, rule.tiling
+        )
         momentum_record(arena.param, rule.scratch, rule.latest, rule.latest_sq, rule.gate, rule.tiling)
 
     return step
