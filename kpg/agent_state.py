@@ -79,7 +79,7 @@ class AgentState:
         self._grad_nonfinite = torch.zeros(agents, dtype=torch.uint8, device=device)
         self._skip = torch.zeros(agents, dtype=torch.uint8, device=device)
         self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
-        self._backups: list[Tensor] = []  # nonfinite="raise": the commit's backup (_checked_commit)
+        self._piece_nonfinite = torch.zeros(pieces, dtype=torch.uint8, device=device)  # the probe's flags
         self._anticipated = arena.new_buffer()
 
     # ---- read-only views ----------------------------------------------------------------------
@@ -287,7 +287,7 @@ class AgentState:
 
         ``loss_nonfinite`` ([agents] bool) flags the agents whose loss at this level is not finite;
         ``unreached`` ([pieces] uint8, or None) the pieces backward did not reach, left as they are;
-        ``nonfinite`` is the policy (``"raise"``, ``"skip"``, ``"propagate"``); ``first_level``
+        ``nonfinite`` is the policy (``"raise"`` probes the commit first, ``"skip"``, ``"propagate"``); ``first_level``
         starts the step's skip flags afresh (an agent non-finite at any level of a step is skipped
         from then on, commit included).
         """
@@ -333,38 +333,24 @@ class AgentState:
         arguments = self.update_arguments(commit)
         arguments["grad_scale"] = self._piece_scale if clipping else None
         arguments["skip"] = piece_skip
-        kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
         if commit and nonfinite == "raise":
-            self._checked_commit(lambda: kernel(**arguments))
-        else:
-            kernel(**arguments)
+            self._refuse_nonfinite_commit(arguments)
+        ops.UPDATE_OPS[(self._kernel.name, commit)](**arguments)
 
-    def _checked_commit(self, commit: Any) -> None:
-        """``commit()``, undone if it left a parameter or state value inf or NaN although every loss
-        and gradient was finite (an lr or eps that overflows, a sum of squares that overflows):
-        ``nonfinite="raise"`` promises that no step leaves one. Costs a copy of the parameters and
-        state before the commit and one pass over them (and a host synchronization) after it."""
-        buffers = [self._arena.param, *(b for b in self._state_buffers.values() if b is not None)]
-        if len(self._backups) < len(buffers):
-            self._backups.extend(self._arena.new_buffer() for _ in range(len(buffers) - len(self._backups)))
-        for backup, buffer in zip(self._backups, buffers):
-            backup.copy_(buffer)
-        step, live = self._step.clone(), self._live.clone()
-        commit()
-        flags = torch.zeros_like(self._grad_nonfinite)
-        if not bool(torch.stack([torch.isfinite(buffer).all() for buffer in buffers]).all()):
-            for buffer in buffers:
-                for agent, views in enumerate(self._arena.agent_views(buffer)):
-                    if not all(bool(torch.isfinite(view).all()) for view in views):
-                        flags[agent] = 1
+    def _refuse_nonfinite_commit(self, arguments: dict[str, Tensor | None]) -> None:
+        """Raises FloatingPointError, before anything is written, if the commit with ``arguments``
+        would make a parameter or state value inf or NaN although every loss and gradient was finite
+        (an lr or eps that overflows, a sum of squares that does): ``nonfinite="raise"`` promises
+        that no step leaves one. One read-only pass of the commit's math (the probe op, NOTE [Probe
+        before commit] in csrc/kpg/update.h) and one host synchronization; no backup."""
+        ops.PROBE_OPS[self._kernel.name](**arguments, nonfinite=self._piece_nonfinite)
+        flags = torch.zeros_like(self._grad_nonfinite).scatter_reduce_(
+            0, self._arena.piece_agent, self._piece_nonfinite, "amax"
+        )
         # Every rank learns every rank's flags (agent sharding), so all raise or none.
         bad, _ = self._communicator.nonfinite_agents(flags, torch.zeros_like(flags))
         if not bad:
             return
-        for backup, buffer in zip(self._backups, buffers):
-            buffer.copy_(backup)
-        self._step.copy_(step)
-        self._live.copy_(live)
         who = "the shared network's" if self._shared else f"agent {bad[0]}'s"
         others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
         raise FloatingPointError(
