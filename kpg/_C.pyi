@@ -14,7 +14,8 @@ CUDA_CHUNK_ELEMS: int
 CUDA_THREADS_PER_BLOCK: int
 VECTOR_BYTES: int
 MAX_STATES: int
-UPDATE_MODES: dict[str, int]  # UpdateBuffers.mode: anticipate, commit, probe
+UPDATE_MODES: dict
+"""mode name (anticipate, commit, probe) -> code of ``UpdateBuffers.mode``."""
 DTYPES: dict
 """dtype name -> code of the parameter dtypes the kernels take."""
 OPTIMIZERS: dict
