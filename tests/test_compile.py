@@ -120,9 +120,11 @@ def test_ops_pass_opcheck_on_the_buffers_of_a_live_optimizer(optimizer, hyperpar
     opt.step(closure)
     opt.arena.grad.normal_(generator=torch.Generator().manual_seed(0))
     state = opt.agent_state
-    for commit in (False, True):
-        op = ops.UPDATE_OPS[(state.kernel.name, commit)]
-        named = state.update_arguments(commit)
+    flags = torch.zeros(opt.arena.num_pieces, dtype=torch.uint8)
+    for mode in ("anticipate", "commit", "probe"):
+        commit = mode != "anticipate"
+        op = ops.PROBE_OPS[state.kernel.name] if mode == "probe" else ops.UPDATE_OPS[(state.kernel.name, commit)]
+        named = {**state.update_arguments(commit), "nonfinite": flags}
         results = torch.library.opcheck(op, tuple(named[a.name] for a in op.default._schema.arguments))
         assert set(results.values()) == {"SUCCESS"}, (op, results)
     norms = state.norm_arguments()
