@@ -53,7 +53,8 @@ KPG_CPU_CLONES bool update_chunk(const UpdateBuffers& b,
   constexpr bool kUses0 = Traits::uses_state(0, F{});
   constexpr bool kUses1 = kStates > 1 && Traits::uses_state(1, F{});
   constexpr bool kUses2 = kStates > 2 && Traits::uses_state(2, F{});
-  bool finite = true;
+  int nonfinite =
+      0;  // an int OR without short-circuits keeps the probe loop branch-free (vectorized)
   for (int64_t i = r.begin; i < r.end; ++i) {
     T p = param[i];
     T s[kMaxStates] = {kUses0 ? state0[i] : T(0), kUses1 ? state1[i] : T(0),
@@ -67,12 +68,13 @@ KPG_CPU_CLONES bool update_chunk(const UpdateBuffers& b,
     } else if constexpr (kMode == UpdateMode::Anticipate) {
       anticipated[i] = p;
     } else {
-      // Non-short-circuit &: the loop stays branch-free, so the compiler vectorizes it.
-      finite = finite & is_finite_value(p) & (!kUses0 || is_finite_value(s[0])) &
-               (!kUses1 || is_finite_value(s[1])) & (!kUses2 || is_finite_value(s[2]));
+      nonfinite |= !is_finite_value(p);
+      if constexpr (kUses0) nonfinite |= !is_finite_value(s[0]);
+      if constexpr (kUses1) nonfinite |= !is_finite_value(s[1]);
+      if constexpr (kUses2) nonfinite |= !is_finite_value(s[2]);
     }
   }
-  return !finite;
+  return nonfinite != 0;
 }
 
 template <typename Traits, typename T>

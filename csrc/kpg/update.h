@@ -74,15 +74,12 @@ KPG_HD RuntimeFlags agent_flags(const UpdateBuffers& b, int64_t agent) {
   return f;
 }
 
-// Whether a value the update computed is a finite number (NaN fails both comparisons); written as
-// comparisons so the CPU loops vectorize it.
+// Whether a value the update computed is a finite number: NaN fails the comparison. One comparison
+// and a select, no branch, so that the CPU loops that OR it into an int still vectorize.
 template <typename T>
 KPG_HD bool is_finite_value(T x) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    return x <= FLT_MAX && x >= -FLT_MAX;
-  } else {
-    return x <= DBL_MAX && x >= -DBL_MAX;
-  }
+  constexpr T kLargest = sizeof(T) == sizeof(float) ? T(FLT_MAX) : T(DBL_MAX);
+  return (x < T(0) ? -x : x) <= kLargest;
 }
 
 // A skipped agent keeps its base parameters; in anticipate mode those are its level parameters.
