@@ -287,9 +287,9 @@ class AgentState:
 
         ``loss_nonfinite`` ([agents] bool) flags the agents whose loss at this level is not finite;
         ``unreached`` ([pieces] uint8, or None) the pieces backward did not reach, left as they are;
-        ``nonfinite`` is the policy (``"raise"`` probes the commit first, ``"skip"``, ``"propagate"``); ``first_level``
-        starts the step's skip flags afresh (an agent non-finite at any level of a step is skipped
-        from then on, commit included).
+        ``nonfinite`` is the policy (``"raise"``, which also probes the commit before it writes,
+        ``"skip"`` or ``"propagate"``); ``first_level`` starts the step's skip flags afresh (an
+        agent non-finite at any level of a step is skipped from then on, commit included).
         """
         arena = self._arena
         check = nonfinite != "propagate"
