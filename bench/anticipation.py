@@ -64,8 +64,8 @@ def rule_steps(rollout) -> dict[str, Callable[[], object]]:
     the optimizer runs (torch.ops.kpg.momentum_predict and momentum_record, one pass each);
     ``rule_plain``: the same rule in plain PyTorch ops (kpg.anticipation's reference), on copies."""
     optimizer, _ = kpg_actor_step(rollout, 2, anticipation="momentum")
-    arena, rule = optimizer.arena, optimizer._momentum
-    anticipated = optimizer._anticipated
+    arena, rule = optimizer.arena, optimizer.momentum_anticipation
+    anticipated = optimizer.agent_state.anticipated
 
     def fused() -> None:
         kernels.momentum_predict(arena.param, rule.latest, rule.gate, anticipated, rule.base, rule.chunks)

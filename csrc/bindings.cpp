@@ -64,7 +64,13 @@ void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffe
       break;
     }
   }
-  const std::string op_name = name + (buffers.commit ? "_commit" : "_anticipate");
+  const char* suffixes[] = {"_anticipate", "_commit", "_probe"};
+  const int mode = static_cast<int>(buffers.mode);
+  if (mode < 0 || mode > 2) {
+    throw std::invalid_argument("update: unknown mode " + std::to_string(mode) +
+                                "; valid modes are 0 (anticipate), 1 (commit) and 2 (probe)");
+  }
+  const std::string op_name = name + suffixes[mode];
   const char* op = op_name.c_str();
   py::gil_scoped_release no_gil;
   if (device == kCpuDevice) {
@@ -305,6 +311,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPES") = dtypes;
   m.attr("OPTIMIZERS") = optimizers();
   m.attr("MAX_STATES") = kMaxStates;
+  py::dict modes;
+  modes["anticipate"] = static_cast<int>(UpdateMode::Anticipate);
+  modes["commit"] = static_cast<int>(UpdateMode::Commit);
+  modes["probe"] = static_cast<int>(UpdateMode::Probe);
+  m.attr("UPDATE_MODES") = modes;
   m.def("kept_states", &kept_states, "family"_a, "rows"_a);
   m.def("invalid_row", &invalid_row, "family"_a, "rows"_a);
 
@@ -324,6 +335,7 @@ PYBIND11_MODULE(_C, m) {
       .KPG_ADDRESS_FIELD(live, uint8_t*)
       .KPG_ADDRESS_FIELD(grad_scale, const double*)
       .KPG_ADDRESS_FIELD(skip, const uint8_t*)
+      .KPG_ADDRESS_FIELD(nonfinite, uint8_t*)
       .KPG_ADDRESS_FIELD(chunks, const int64_t*)
 #undef KPG_ADDRESS_FIELD
       .def_property(
@@ -346,7 +358,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_agents", &UpdateBuffers::num_agents)
       .def_readwrite("numel", &UpdateBuffers::numel)
       .def_readwrite("dtype", &UpdateBuffers::dtype)
-      .def_readwrite("commit", &UpdateBuffers::commit);
+      .def_property(
+          "mode", [](const UpdateBuffers& b) { return static_cast<int>(b.mode); },
+          [](UpdateBuffers& b, int mode) { b.mode = static_cast<UpdateMode>(mode); });
   m.def("update", &update, "family"_a, "device"_a, "stream"_a, "buffers"_a);
 
   m.def(

@@ -9,9 +9,10 @@
 namespace kpg {
 namespace {
 
-// V consecutive elements from e: load what the agent's flags use, update, store.
+// V consecutive elements from e: load what the agent's flags use, update, store (probe mode: store
+// nothing). Returns, in probe mode, whether a new value is not finite (false otherwise).
 template <typename Traits, typename T, int V>
-__device__ __forceinline__ void update_elements(const UpdateBuffers& b,
+__device__ __forceinline__ bool update_elements(const UpdateBuffers& b,
                                                 const typename Traits::template Coefficients<T>& c,
                                                 const RuntimeFlags& f, int64_t e) {
   Pack<T, V> p = load_pack<V>(static_cast<T*>(b.param), e);
@@ -21,22 +22,30 @@ __device__ __forceinline__ void update_elements(const UpdateBuffers& b,
   for (int s = 0; s < Traits::kNumStates; ++s) {
     if (Traits::uses_state(s, f)) state[s] = load_pack<V>(static_cast<T*>(b.state[s]), e);
   }
+  bool finite = true;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     T lane_state[kMaxStates] = {state[0].lane[i], state[1].lane[i], state[2].lane[i]};
     Traits::element(p.lane[i], g.lane[i], lane_state, c, f);
+    finite = finite && is_finite_value(p.lane[i]);
 #pragma unroll
-    for (int s = 0; s < kMaxStates; ++s) state[s].lane[i] = lane_state[s];
+    for (int s = 0; s < kMaxStates; ++s) {
+      state[s].lane[i] = lane_state[s];
+      if (s < Traits::kNumStates && Traits::uses_state(s, f)) {
+        finite = finite && is_finite_value(lane_state[s]);
+      }
+    }
   }
-  if (b.commit) {
+  if (b.mode == UpdateMode::Commit) {
     store_pack<V>(static_cast<T*>(b.param), e, p);
 #pragma unroll
     for (int s = 0; s < Traits::kNumStates; ++s) {
       if (Traits::uses_state(s, f)) store_pack<V>(static_cast<T*>(b.state[s]), e, state[s]);
     }
-  } else {
+  } else if (b.mode == UpdateMode::Anticipate) {
     store_pack<V>(static_cast<T*>(b.anticipated), e, p);
   }
+  return b.mode == UpdateMode::Probe && !finite;
 }
 
 template <typename Traits, typename T>
@@ -54,7 +63,7 @@ __global__ void __launch_bounds__(kCudaThreadsPerBlock) fused_update_kernel(cons
   const int thread = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
   if (agent_skipped(b, r.agent)) {
-    if (!b.commit) {
+    if (b.mode == UpdateMode::Anticipate) {
       const T* param = static_cast<const T*>(b.param);
       T* anticipated = static_cast<T*>(b.anticipated);
       for_each_thread_element(
@@ -78,10 +87,19 @@ __global__ void __launch_bounds__(kCudaThreadsPerBlock) fused_update_kernel(cons
   __syncthreads();
   const AgentSetup<Traits, T> setup = shared_setup;
   if (!setup.runnable) return;
+  bool nonfinite = false;
   for_each_thread_element(
       split, V, thread, threads,
-      [&](int64_t e) { update_elements<Traits, T, 1>(b, setup.coefficients, setup.flags, e); },
-      [&](int64_t e) { update_elements<Traits, T, V>(b, setup.coefficients, setup.flags, e); });
+      [&](int64_t e) {
+        nonfinite |= update_elements<Traits, T, 1>(b, setup.coefficients, setup.flags, e);
+      },
+      [&](int64_t e) {
+        nonfinite |= update_elements<Traits, T, V>(b, setup.coefficients, setup.flags, e);
+      });
+  // The mode is the same for every block, so every thread of this one reaches the barrier.
+  if (b.mode == UpdateMode::Probe && __syncthreads_or(nonfinite) && thread == 0) {
+    b.nonfinite[r.agent] = 1;  // blocks of one agent only ever set the flag
+  }
 }
 
 template <typename Traits>
@@ -100,6 +118,9 @@ template <typename Traits>
 void launch_update(const UpdateBuffers& b, int device, void* stream, const char* op) {
   CudaDeviceGuard guard(device, op);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  if (b.mode == UpdateMode::Probe && b.num_agents > 0) {
+    check_cuda(cudaMemsetAsync(b.nonfinite, 0, b.num_agents, cuda_stream), op);
+  }
   dispatch_dtype(b.dtype, op, [&](auto type_tag) {
     using T = decltype(type_tag);
     constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
@@ -113,7 +134,7 @@ void launch_update(const UpdateBuffers& b, int device, void* stream, const char*
       check_cuda(cudaGetLastError(), op);
     }
   });
-  if (b.commit && b.num_agents > 0) {
+  if (b.mode == UpdateMode::Commit && b.num_agents > 0) {
     const unsigned int blocks =
         grid_size((b.num_agents + kCudaThreadsPerBlock - 1) / kCudaThreadsPerBlock, op);
     finish_agents_kernel<Traits><<<blocks, kCudaThreadsPerBlock, 0, cuda_stream>>>(b);

@@ -14,6 +14,8 @@ CUDA_CHUNK_ELEMS: int
 CUDA_THREADS_PER_BLOCK: int
 VECTOR_BYTES: int
 MAX_STATES: int
+UPDATE_MODES: dict
+"""mode name (anticipate, commit, probe) -> code of ``UpdateBuffers.mode``."""
 DTYPES: dict
 """dtype name -> code of the parameter dtypes the kernels take."""
 OPTIMIZERS: dict
@@ -59,16 +61,18 @@ class UpdateBuffers:
     live: int
     grad_scale: int
     skip: int
+    nonfinite: int
     chunks: int
     num_chunks: int
     num_agents: int
     numel: int
     dtype: int
-    commit: bool
+    mode: int
     def __init__(self) -> None: ...
 
 def update(family: int, device: int, stream: int, buffers: UpdateBuffers) -> None:
-    """One fused update (anticipate or commit, as ``buffers.commit`` says) of optimizer family ``family``."""
+    """One fused update of optimizer family ``family`` in ``buffers.mode`` (``UPDATE_MODES``: anticipate, commit
+    or probe)."""
 
 def agent_grad_norms(
     device: int,

@@ -5,9 +5,10 @@ per-agent gradient norms and momentum anticipation's prediction and bookkeeping
 (csrc/kpg/momentum.h). Every op works on flat arena buffers laid out agent by agent (see
 :class:`kpg.arena.ParameterArena`) and a chunk table from :func:`chunk_table`. Mode ``anticipate``
 writes one KPG level's parameters to ``anticipated`` and changes nothing else; mode ``commit``
-updates parameters, optimizer state and step counts in place. Ops validate their arguments, then
-hand raw addresses to ``kpg._C`` (NOTE [Torch-free boundary] in csrc/kpg/common.h).
-``kpg.reference`` holds the same ops in plain PyTorch.
+updates parameters, optimizer state and step counts in place; mode ``probe`` computes what
+``commit`` would write and writes only which agents would get a non-finite value. Ops validate
+their arguments, then hand raw addresses to ``kpg._C`` (NOTE [Torch-free boundary] in
+csrc/kpg/common.h). ``kpg.reference`` holds the same ops in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -294,18 +295,23 @@ def _reject_meta(op: str, named: dict[str, object]) -> None:
             )
 
 
-def _define_update_op(kernel: OptimizerKernel, commit: bool):
-    mode = "commit" if commit else "anticipate"
+def _define_update_op(kernel: OptimizerKernel, mode: str):
     op = f"{kernel.name}_{mode}"
+    commit = mode == "commit"
     if commit:
         written = ("param", *kernel.state_names, "step", "live")
         states = ", ".join(f"Tensor({chr(98 + i)}!)? {s}" for i, s in enumerate(kernel.state_names))
         buffers = f"Tensor(a!) param, Tensor grad, {states}, Tensor(z!) step, Tensor(y!) live"
-    else:
+    elif mode == "anticipate":
         written = ("anticipated",)
         states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
         buffers = f"Tensor param, Tensor grad, Tensor(a!) anticipated, {states}, Tensor step, Tensor live"
-    schema = f"({buffers}, Tensor lr, Tensor hyper, Tensor? grad_scale, Tensor? skip, Tensor chunks) -> ()"
+    else:
+        written = ("nonfinite",)
+        states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
+        buffers = f"Tensor param, Tensor grad, {states}, Tensor step, Tensor live"
+    flags = ", Tensor(a!) nonfinite" if mode == "probe" else ""
+    schema = f"({buffers}, Tensor lr, Tensor hyper, Tensor? grad_scale, Tensor? skip, Tensor chunks{flags}) -> ()"
     arg_names = [arg.split()[-1] for arg in schema[1 : schema.index(") ->")].split(", ")]
     width = len(kernel.row_names)
 
@@ -313,7 +319,7 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
         a = dict(zip(arg_names, args))
         param = a["param"]
         arena = {"grad": a["grad"], **{s: a[s] for s in kernel.state_names}}
-        if not commit:
+        if mode == "anticipate":
             arena["anticipated"] = a["anticipated"]
         _check_arena_tensors(op, param, arena, written)
         num_agents = a["step"].numel()
@@ -326,6 +332,7 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
                 "lr": (a["lr"], torch.float64),
                 "grad_scale": (a["grad_scale"], torch.float64),
                 "skip": (a["skip"], torch.uint8),
+                "nonfinite": (a.get("nonfinite"), torch.uint8),
             },
         )
         for name, dtype, columns in (("hyper", torch.float64, width), ("live", torch.uint8, _C.MAX_STATES)):
@@ -345,6 +352,7 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
             "param": param,
             **arena,
             **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")},
+            "nonfinite": a.get("nonfinite"),
         }
         _check_storage(op, everything)
         _check_disjoint(op, everything, written)
@@ -357,9 +365,10 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
         buffers.step, buffers.live = a["step"].data_ptr(), a["live"].data_ptr()
         buffers.lr, buffers.hyper = a["lr"].data_ptr(), a["hyper"].data_ptr()
         buffers.grad_scale, buffers.skip = _address(a["grad_scale"]), _address(a["skip"])
+        buffers.nonfinite = _address(a.get("nonfinite"))
         buffers.chunks, buffers.num_chunks = a["chunks"].data_ptr(), a["chunks"].shape[0]
         buffers.num_agents, buffers.numel = num_agents, param.numel()
-        buffers.dtype, buffers.commit = _DTYPE_CODES[param.dtype], commit
+        buffers.dtype, buffers.mode = _DTYPE_CODES[param.dtype], _C.UPDATE_MODES[mode]
         _C.update(kernel.code, device, stream, buffers)
 
     qualname = f"kpg::{op}"
@@ -370,8 +379,14 @@ def _define_update_op(kernel: OptimizerKernel, commit: bool):
 
 
 UPDATE_OPS = {
-    (kind, commit): _define_update_op(kernel, commit) for kind, kernel in KERNELS.items() for commit in (False, True)
+    (kind, commit): _define_update_op(kernel, "commit" if commit else "anticipate")
+    for kind, kernel in KERNELS.items()
+    for commit in (False, True)
 }
+# Mode probe (NOTE [Probe before commit] in csrc/kpg/update.h): the commit's arguments plus ``nonfinite``
+# (uint8, one per agent), set to 1 where the commit would write an inf or NaN parameter or state value
+# and to 0 elsewhere; nothing else is written.
+PROBE_OPS = {kind: _define_update_op(kernel, "probe") for kind, kernel in KERNELS.items()}
 sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
 adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
 rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]

@@ -268,25 +268,22 @@ class MomentumAnticipation:
                 f"anticipation='momentum' predicts only level 1, so it runs k=1 or k=2, got k={k}; use "
                 "anticipation='exact' for k >= 3"
             )
-        arena, levels = optimizer.arena, optimizer._levels
+        arena, levels, anticipated = optimizer.arena, optimizer._levels, optimizer.agent_state.anticipated
         if self.audit:
             optimizer.stats.anticipation_audit = None  # until this step's audit, if it makes one
         if k == 2 and self.audit:
-            loss, optimizer._loss_nonfinite = levels.evaluate(closure, 1, k, takes_context)
-            optimizer._update(1, commit=False)
+            loss, loss_nonfinite = levels.evaluate(closure, 1, k, takes_context)
+            optimizer._update(1, False, loss_nonfinite)
             optimizer.stats.anticipation_audit = momentum_audit(
-                arena.param, optimizer._anticipated, self.latest, self.latest_sq, self.gate, self.tiling
+                arena.param, anticipated, self.latest, self.latest_sq, self.gate, self.tiling
             )
-        elif k == 2:
-            optimizer._skip.zero_()  # no level 1 ran, so no agent is flagged before level 2
         if k == 2:
-            kernels.momentum_predict(
-                arena.param, self.latest, self.gate, optimizer._anticipated, self.base, self.chunks
-            )
+            kernels.momentum_predict(arena.param, self.latest, self.gate, anticipated, self.base, self.chunks)
         else:
             self.base.copy_(arena.param)
-        loss, optimizer._loss_nonfinite = levels.evaluate(closure, k, k, takes_context)
-        optimizer._update(k, commit=True)
+        loss, loss_nonfinite = levels.evaluate(closure, k, k, takes_context)
+        # Without the audit no level 1 ran, so the committed level starts the step's skip flags.
+        optimizer._update(k, True, loss_nonfinite, first_level=k == 1 or not self.audit)
         kernels.momentum_record(
             arena.param,
             self.base,

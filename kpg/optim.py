@@ -4,18 +4,18 @@ The algorithm (../shared/KPG.md): at every level l = 1..k each agent takes the g
 at its own *base* parameters while the other agents sit at their level l-1 (*anticipated*)
 parameters, and applies the optimizer from the base parameters and the base optimizer state.
 Levels 1..k-1 only produce anticipated parameters (fused ``anticipate`` kernels, which never touch
-the optimizer state); level k is committed (fused ``commit`` kernel). This module holds no
-arithmetic: the updates are the ops of :mod:`kpg._ops` over a :class:`kpg.arena.ParameterArena`.
-The levels' closure evaluations are :mod:`kpg.levels`, the parameter groups' checks and the state
-dicts :mod:`kpg.optim_state`, the timing :mod:`kpg.profiling`; torch.distributed, when given a
-process group, is behind a communicator (:mod:`kpg.distributed`).
+the optimizer state); level k is committed (fused ``commit`` kernel). This module holds the
+arguments, the torch.optim interface and the level loop, no arithmetic and no device state: the
+agents' optimizer state on the device and the calls of the fused ops of :mod:`kpg._ops` are
+:class:`kpg.agent_state.AgentState`, over a :class:`kpg.arena.ParameterArena`. The levels' closure
+evaluations are :mod:`kpg.levels`, the parameter groups' checks and the state dicts' format
+:mod:`kpg.optim_state`, the timing :mod:`kpg.profiling`; torch.distributed, when given a process
+group, is behind a communicator (:mod:`kpg.distributed`).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from kpg import _ops as ops
+from kpg.agent_state import AgentState
 from kpg.anticipation import ANTICIPATIONS, MomentumAnticipation
 from kpg.arena import ParameterArena, batched_num_agents
 from kpg.distributed import DEFAULT_BUCKET_BYTES, PARALLEL_MODES, Communicator, LocalCommunicator
 from kpg.levels import KPGContext, LevelEvaluator
 from kpg.nn import AgentModule
-from kpg.optim_state import check_k, check_tensor_lrs, exported_state, is_real, stage_state_dict, validate_groups
+from kpg.optim_state import check_k, exported_state, is_real, stage_state_dict, validate_groups
 from kpg.profiling import KPGStats, PhaseTimer
 
 __all__ = ["KPGOptimizer", "KPGContext", "KPGStats", "KSchedule"]
@@ -213,38 +214,6 @@ class KPGOptimizer(torch.optim.Optimizer):
         self._stepping = False  # a step in progress: its closure may not start another (see step)
 
         arena, device = self.arena, self.arena.device
-        f64 = dict(dtype=torch.float64, device=device)
-        self._state_buffers: dict[str, Tensor | None] = dict.fromkeys(self._kernel.state_names)
-        pieces = arena.num_pieces
-        # Step counts and live states are per piece (an agent's tensor), as torch.optim keeps them per
-        # parameter: a piece that backward did not reach is not stepped (NOTE [No gradient, not stepped]).
-        self._step = torch.zeros(pieces, **f64)
-        # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
-        width = len(self._kernel.row_names)
-        self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in self._kernel.hyperparameters))
-        self._read_groups = operator.itemgetter(*self._group_keys)
-        self._values = torch.zeros(segments * (2 + width), **f64)
-        self._lr = self._values[:segments]
-        self._max_norm = self._values[segments : 2 * segments]
-        self._hyper = self._values[2 * segments :].view(segments, width)
-        self._live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8, device=device)
-        # The per-agent values above, expanded to the pieces the update kernels step.
-        self._piece_lr = torch.zeros(pieces, **f64)
-        self._piece_hyper = torch.zeros(pieces, width, **f64)
-        self._piece_scale = torch.ones(pieces, **f64)
-        self._piece_skip = torch.zeros(pieces, dtype=torch.uint8, device=device)
-        self._synced_groups: list[tuple] | None = None
-        self._tensor_lrs: tuple[list[Tensor], Tensor, Tensor] | None = None
-        self._norm = torch.zeros(segments, **f64)
-        self._grad_scale = torch.ones(segments, **f64)
-        self._nonfinite = torch.zeros(segments, dtype=torch.uint8, device=device)
-        self._skip = torch.zeros(segments, dtype=torch.uint8, device=device)
-        self._chunk_sq = torch.zeros(arena.chunks.shape[0], **f64)
-        self._backups: list[Tensor] = []  # nonfinite="raise": the commit's backup (_checked_commit)
-        self._anticipated = arena.new_buffer()
-        self.sync_hyperparameters()
-        self._expose_state()
-        self._initialize_states(range(segments))
         self.stats = KPGStats(skipped_agent_steps_tensor=torch.zeros((), dtype=torch.int64, device=device))
         self._timer = PhaseTimer(self.stats)
         self.verify_replicas = verify_replicas
@@ -254,11 +223,30 @@ class KPGOptimizer(torch.optim.Optimizer):
             self._communicator = Communicator(process_group, parallel, segments, bucket_bytes, device)
             self._communicator.check_layout(arena.numel, repr(self))
             self._communicator.check_replicas([arena.param], "the agents' parameters")
+        self._agent_state = AgentState(
+            arena, self._kernel, self._communicator, self.shared, self.stats.skipped_agent_steps_tensor
+        )
+        self._agent_state.sync(self.param_groups)
+        self.state.update(self._agent_state.torch_state())
+        self._agent_state.initialize_states(range(segments), self.param_groups)
         self._levels = LevelEvaluator(
-            arena, self._anticipated, self.num_agents, self.shared, self._communicator, self._timer
+            arena, self._agent_state.anticipated, self.num_agents, self.shared, self._communicator, self._timer
         )
         self.anticipation = anticipation
         self._momentum = MomentumAnticipation(arena, audit_anticipation) if anticipation == "momentum" else None
+
+    @property
+    def agent_state(self) -> AgentState:
+        """The agents' optimizer state on the device (:class:`kpg.agent_state.AgentState`): step
+        counts, liveness, learning rates, clipping scales, state buffers and the anticipated
+        parameters, as the fused kernels read and write them. Read them; the optimizer owns them."""
+        return self._agent_state
+
+    @property
+    def momentum_anticipation(self) -> MomentumAnticipation | None:
+        """``anticipation="momentum"``: the rule's history (``latest`` update, ``latest_sq``, ``gate``
+        per agent; :class:`kpg.anticipation.MomentumAnticipation`), for reading; None in exact mode."""
+        return self._momentum
 
     # ---- torch.optim.Optimizer interface --------------------------------------------------------
 
@@ -295,7 +283,9 @@ class KPGOptimizer(torch.optim.Optimizer):
         agent has not used yet (SGD's momentum buffer before momentum was on) is left out, as
         torch.optim keeps none."""
         state = super().state_dict()
-        state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel.state_names)
+        state["state"] = exported_state(
+            state["state"], self.param_groups, self._agent_state.live, self._kernel.state_names
+        )
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
         if self._momentum is not None:
             state["kpg"]["anticipation"] = self._momentum.state_dict()
@@ -315,18 +305,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         # Everything is checked: from here on nothing raises.
         for group, merged_group in zip(self.param_groups, staged.groups):
             group.update({key: value for key, value in merged_group.items() if key != "params"})
-        self.sync_hyperparameters()
-        for name in {name for _, name, _, _ in staged.tensors}:
-            if self._state_buffers[name] is None:
-                self._state_buffers[name] = self.arena.new_buffer()
-                self._expose_state()
-        with torch.no_grad():
-            self._initialize_states(range(len(self.param_groups)))
-            views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
-            for agent, name, position, value in staged.tensors:
-                views[name][agent][position].copy_(value)
-            self._step.copy_(staged.steps)
-            self._live.copy_(staged.live)
+        if self._agent_state.load(staged, self.param_groups):
+            self.state.update(self._agent_state.torch_state())
         if staged.k is not None:
             self.k = staged.k
         if staged.nonfinite is not None:
@@ -375,8 +355,6 @@ class KPGOptimizer(torch.optim.Optimizer):
         _refuse_sparse_gradients(self._embeddings)
         self.arena.check_parameters_bound()
         self.sync_hyperparameters()
-        torch.index_select(self._lr, 0, self.arena.piece_agent, out=self._piece_lr)
-        torch.index_select(self._hyper, 0, self.arena.piece_agent, out=self._piece_hyper)
         self.arena.restore_gradient_views()
         self._stepping = True
         try:
@@ -384,16 +362,16 @@ class KPGOptimizer(torch.optim.Optimizer):
                 loss = self._momentum.run_levels(self, closure, takes_context)
             else:
                 for level in range(1, self.k + 1):
-                    loss, self._loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
-                    self._update(level, commit=level == self.k)
+                    loss, loss_nonfinite = self._levels.evaluate(closure, level, self.k, takes_context)
+                    self._update(level, level == self.k, loss_nonfinite)
         finally:
             self._stepping = False
             self._levels.end_step()
         self.stats.steps += 1
         if self.verify_replicas:
-            states = [b for b in self._state_buffers.values() if b is not None]
             self._communicator.check_replicas(
-                [self.arena.param, *states, self._step], "parameters and optimizer state after a step"
+                [self.arena.param, *self._agent_state.replicated_tensors()],
+                "parameters and optimizer state after a step",
             )
         return loss.detach()
 
@@ -428,112 +406,19 @@ class KPGOptimizer(torch.optim.Optimizer):
             self.step(closure)
         return graph.replay
 
-    def _update(self, level: int, commit: bool) -> None:
+    def _update(self, level: int, commit: bool, loss_nonfinite: Tensor, first_level: bool | None = None) -> None:
+        """Level ``level``'s fused update (:meth:`AgentState.update`); ``loss_nonfinite`` flags the
+        agents whose loss is not finite. ``first_level`` (default: level 1) starts the step's skip
+        flags afresh: momentum anticipation's k=2 step runs level 2 first."""
         with self._timer.timed("update", level):
-            check = self.nonfinite != "propagate"
-            clipping = self._clipping
-            if check or clipping:
-                ops.agent_grad_norms(
-                    self.arena.grad,
-                    self.arena.chunks,
-                    self.arena.agent_chunks,
-                    self._chunk_sq,
-                    self._max_norm if clipping else None,
-                    self._norm,
-                    self._grad_scale,
-                    self._nonfinite,
-                )
-            skip = None
-            if check:
-                # An agent non-finite at any level of the step is skipped from then on, commit included.
-                flags = torch.logical_or(self._nonfinite.bool(), self._loss_nonfinite)
-                if level == 1:
-                    self._skip.copy_(flags)
-                else:
-                    self._skip.logical_or_(flags)
-                if self.nonfinite == "raise":
-                    self._raise_if_nonfinite(level)
-                else:
-                    skip = self._skip
-                    if commit:
-                        self.stats.skipped_agent_steps_tensor += self._skip.sum()
-            kernel = ops.UPDATE_OPS[(self._kernel.name, commit)]
-            piece_agent = self.arena.piece_agent
-            if clipping:
-                torch.index_select(self._grad_scale, 0, piece_agent, out=self._piece_scale)
-            unreached = self._levels.unreached_pieces()
-            piece_skip = None
-            if skip is not None or unreached is not None:
-                if skip is not None:
-                    torch.index_select(skip, 0, piece_agent, out=self._piece_skip)
-                else:
-                    self._piece_skip.zero_()
-                if unreached is not None:
-                    self._piece_skip.bitwise_or_(unreached)
-                piece_skip = self._piece_skip
-            common = dict(
-                step=self._step,
-                live=self._live,
-                lr=self._piece_lr,
-                hyper=self._piece_hyper,
-                grad_scale=self._piece_scale if clipping else None,
-                skip=piece_skip,
-                chunks=self.arena.piece_chunks,
+            self._agent_state.update(
+                level,
+                commit,
+                loss_nonfinite,
+                self._levels.unreached_pieces(),
+                self.nonfinite,
+                level == 1 if first_level is None else first_level,
             )
-            if commit and self.nonfinite == "raise":
-                self._checked_commit(lambda: kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common))
-            elif commit:
-                kernel(self.arena.param, self.arena.grad, **self._state_buffers, **common)
-            else:
-                kernel(self.arena.param, self.arena.grad, self._anticipated, **self._state_buffers, **common)
-
-    def _checked_commit(self, commit: Callable[[], None]) -> None:
-        """``commit()``, undone if it left a parameter or state value inf or NaN although every loss
-        and gradient was finite (an lr or eps that overflows, a sum of squares that overflows):
-        ``nonfinite="raise"`` promises that no step leaves one. Costs a copy of the parameters and
-        state before the commit and one pass over them (and a host synchronization) after it."""
-        buffers = [self.arena.param, *(b for b in self._state_buffers.values() if b is not None)]
-        if len(self._backups) < len(buffers):
-            self._backups.extend(self.arena.new_buffer() for _ in range(len(buffers) - len(self._backups)))
-        for backup, buffer in zip(self._backups, buffers):
-            backup.copy_(buffer)
-        step, live = self._step.clone(), self._live.clone()
-        commit()
-        flags = torch.zeros_like(self._nonfinite)
-        if not bool(torch.stack([torch.isfinite(buffer).all() for buffer in buffers]).all()):
-            for buffer in buffers:
-                for agent, views in enumerate(self.arena.agent_views(buffer)):
-                    if not all(bool(torch.isfinite(view).all()) for view in views):
-                        flags[agent] = 1
-        # Every rank learns every rank's flags (agent sharding), so all raise or none.
-        bad, _ = self._communicator.nonfinite_agents(flags, torch.zeros_like(flags))
-        if not bad:
-            return
-        for backup, buffer in zip(self._backups, buffers):
-            buffer.copy_(backup)
-        self._step.copy_(step)
-        self._live.copy_(live)
-        who = "the shared network's" if self.shared else f"agent {bad[0]}'s"
-        others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
-        raise FloatingPointError(
-            f"the update made {who} parameters or optimizer state inf or NaN{others} although its losses and "
-            "gradients were finite (a learning rate or eps that overflows, or state that does); the step was rolled "
-            "back and nothing changed; lower the learning rate or raise eps, or pass nonfinite='propagate' to let "
-            "the values through"
-        )
-
-    def _raise_if_nonfinite(self, level: int) -> None:
-        bad, from_loss = self._communicator.nonfinite_agents(self._skip, self._loss_nonfinite)
-        if not bad:
-            return
-        agent = bad[0]
-        what = "loss" if from_loss else "gradient"
-        who = "the shared network's" if self.shared else f"agent {agent}'s"
-        others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
-        raise FloatingPointError(
-            f"{who} {what} is not finite at level {level}{others}; the step was rolled back and nothing changed; "
-            "pass nonfinite='skip' to skip such agents instead"
-        )
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -541,7 +426,7 @@ class KPGOptimizer(torch.optim.Optimizer):
     def hyperparameters(self) -> dict[str, Any]:
         """Agent 0's hyperparameters other than lr and max_grad_norm; every agent's are in
         ``param_groups``, which the kernels read at every step."""
-        return {name: self.param_groups[0][name] for name in self._group_keys[2:]}
+        return {name: self.param_groups[0][name] for name, *_ in self._kernel.hyperparameters}
 
     def sync_hyperparameters(self) -> None:
         """Copies every agent's lr, max_grad_norm and hyperparameters from ``param_groups`` (edits,
@@ -556,92 +441,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         negative raises before anything changes): for a CUDA tensor lr that check is one
         synchronization per step, left out while a CUDA graph is being captured.
         """
-        current = list(map(self._read_groups, self.param_groups))
-        if current != self._synced_groups:
-            self._upload_groups(current)
-        if self._tensor_lrs is not None:
-            tensors, agents, which = self._tensor_lrs
-            values = torch.stack([t.detach().reshape(()) for t in tensors])
-            if not _capturing(values.device):
-                readers = [[a for a, w in zip(agents.tolist(), which.tolist()) if w == i] for i in range(len(tensors))]
-                check_tensor_lrs(values, readers)
-            self._lr.index_copy_(0, agents, values.to(self._lr, non_blocking=True).index_select(0, which))
-
-    def _upload_groups(self, current: list[tuple]) -> None:
-        groups = [dict(zip(self._group_keys, values)) for values in current]
-        validate_groups(self._kernel, groups)
-        rows = np.array([self._kernel.row(g) for g in groups], dtype=np.float64).reshape(len(groups), -1)
-        kept = self._kernel.kept_states(rows)
-        new_states = [
-            name
-            for name, needed in zip(self._kernel.state_names, kept.any(axis=0))
-            if needed and self._state_buffers[name] is None
-        ]
-        tensor_agents = [agent for agent, g in enumerate(groups) if isinstance(g["lr"], Tensor)]
-        lrs = [0.0 if isinstance(g["lr"], Tensor) else float(g["lr"]) for g in groups]
-        max_norms = [math.inf if g["max_grad_norm"] is None else float(g["max_grad_norm"]) for g in groups]
-        values = np.concatenate([np.asarray(lrs), np.asarray(max_norms), rows.reshape(-1)])
-        if self._values.device.type == "cuda":
-            # A fresh pinned block per upload: the caching host allocator keeps it until the copy ran.
-            staging = torch.empty(values.size, dtype=torch.float64, pin_memory=True)
-            staging.numpy()[:] = values
-            self._values.copy_(staging, non_blocking=True)
-        else:
-            self._values.copy_(torch.from_numpy(values))
-        self._tensor_lrs = None
-        if tensor_agents:
-            tensors: list[Tensor] = []
-            which = []
-            for agent in tensor_agents:
-                lr = groups[agent]["lr"]
-                index = next((i for i, t in enumerate(tensors) if t is lr), None)
-                if index is None:
-                    index = len(tensors)
-                    tensors.append(lr)
-                which.append(index)
-            device = self._lr.device
-            self._tensor_lrs = (tensors, torch.tensor(tensor_agents, device=device), torch.tensor(which, device=device))
-        self._clipping = any(g["max_grad_norm"] is not None for g in groups)
-        self._synced_groups = current
-        for name in new_states:
-            self._state_buffers[name] = self.arena.new_buffer()
-        if new_states:
-            self._expose_state()
-
-    def _initialize_states(self, agents: Iterable[int]) -> None:
-        """Sets the agents' state to where torch.optim starts it (zeros, or a hyperparameter's value:
-        Adagrad's initial_accumulator_value) and marks it not live."""
-        for name, start in zip(self._kernel.state_names, self._kernel.state_initial):
-            buffer = self._state_buffers[name]
-            if buffer is None:
-                continue
-            views = self.arena.agent_views(buffer)
-            for agent in agents:
-                value = 0.0 if start < 0 else self._kernel.row(self.param_groups[agent])[start]
-                for view in views[agent]:
-                    view.fill_(value)
-        first = self.arena.agent_first_piece
-        for agent in agents:
-            self._live[first[agent] : first[agent + 1]].zero_()
-
-    def _expose_state(self) -> None:
-        """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
-        state, with ``step`` a view of its own step count; for an agent-batched model ``p`` is an
-        agent's slice of a parameter (the tensors of the parameter groups). A state tensor that an
-        agent's settings never used holds its starting value (:meth:`state_dict` leaves it out)."""
-        buffer_views = {name: self.arena.agent_views(b) for name, b in self._state_buffers.items() if b is not None}
-        first = self.arena.agent_first_piece
-        for agent, tensors in enumerate(self.arena.agent_tensors):
-            for index, p in enumerate(tensors):
-                self.state[p] = {
-                    "step": self._step[first[agent] + index],
-                    **{name: views[agent][index] for name, views in buffer_views.items()},
-                }
-
-    @property
-    def _at_base_outputs(self) -> list[tuple[Any, Any]]:
-        """The ``ctx.at_base`` outputs the step in progress reuses (none between steps)."""
-        return self._levels.at_base_outputs
+        if self._agent_state.sync(self.param_groups):
+            self.state.update(self._agent_state.torch_state())
 
     def __repr__(self) -> str:
         if self.shared:
@@ -701,11 +502,6 @@ class KSchedule:
         self.steps_done, self.switch_step = state["steps_done"], state["switch_step"]
         self.early_k, self.late_k = state["early_k"], state["late_k"]
         self.optimizer.k = self.current_k()
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream (no host reads then)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_anticipation(anticipation: Any, audit: Any, k: Any) -> None:

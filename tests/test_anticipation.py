@@ -114,9 +114,11 @@ def test_momentum_k2_equals_the_plain_rule_across_steps_and_a_state_dict_round_t
         opt.step(ours.closure_with_context)
         plain.step()
         assert_same(ours, plain)
-    assert (opt._momentum.gate > 0).all(), "the gate never opened: the test would not exercise the prediction"
+    assert (opt.momentum_anticipation.gate > 0).all(), (
+        "the gate never opened: the test would not exercise the prediction"
+    )
     expected_gates = torch.tensor(plain.gates(), dtype=torch.float64)
-    assert torch.allclose(opt._momentum.gate, expected_gates, rtol=0, atol=TOLERANCE)
+    assert torch.allclose(opt.momentum_anticipation.gate, expected_gates, rtol=0, atol=TOLERANCE)
 
     # A fresh optimizer over copies of the models, loaded from the state dict, goes on as the original.
     saved = copy.deepcopy(opt.state_dict())
@@ -141,14 +143,14 @@ def test_first_two_steps_have_gate_zero_and_reset_closes_it_again():
     ours, opt, plain = build("adam", shared=False)
     opt.step(ours.closure_with_context)
     plain.step()
-    assert opt._momentum.gate.eq(0).all(), "one committed update gives no cosine: the gate stays 0"
+    assert opt.momentum_anticipation.gate.eq(0).all(), "one committed update gives no cosine: the gate stays 0"
     for _ in range(2):
         opt.step(ours.closure_with_context)
         plain.step()
-    assert (opt._momentum.gate > 0).all()
+    assert (opt.momentum_anticipation.gate > 0).all()
     opt.reset_anticipation()
     plain.reset()
-    assert opt._momentum.gate.eq(0).all()
+    assert opt.momentum_anticipation.gate.eq(0).all()
     for _ in range(3):
         opt.step(ours.closure_with_context)
         plain.step()
@@ -178,7 +180,7 @@ def test_audit_leaves_the_step_unchanged_and_reports_the_exact_level1_step():
         before = [flat(m) for m in probe_game.models]
         probe.step(probe_game.closure_with_context)
         exact_steps = [flat(m) - b for m, b in zip(probe_game.models, before)]
-        gates, latest = opt._momentum.gate.clone(), opt._momentum.latest.clone()
+        gates, latest = opt.momentum_anticipation.gate.clone(), opt.momentum_anticipation.latest.clone()
 
         opt.step(ours.closure_with_context)
         plain.step()
@@ -359,8 +361,8 @@ def test_kernels_pass_opcheck_on_the_buffers_of_a_live_optimizer(shared):
     ours, opt, _ = build("adam", shared)
     for _ in range(3):
         opt.step(ours.closure_with_context)
-    state = opt._momentum
-    predict = (opt.arena.param, state.latest, state.gate, opt._anticipated, state.base, state.chunks)
+    state = opt.momentum_anticipation
+    predict = (opt.arena.param, state.latest, state.gate, opt.agent_state.anticipated, state.base, state.chunks)
     results = torch.library.opcheck(torch.ops.kpg.momentum_predict, predict)
     assert set(results.values()) == {"SUCCESS"}, results
     record = (opt.arena.param, state.base, state.latest, state.latest_sq, state.gate, state.chunk_sums)
@@ -388,7 +390,8 @@ def test_a_failed_step_leaves_the_history_unchanged():
     ours, opt, _ = build("adam", shared=False)
     for _ in range(3):
         opt.step(ours.closure_with_context)
-    history = [t.clone() for t in (opt._momentum.latest, opt._momentum.latest_sq, opt._momentum.gate)]
+    rule = opt.momentum_anticipation
+    history = [t.clone() for t in (rule.latest, rule.latest_sq, rule.gate)]
 
     def failing(ctx):
         losses = ours.closure_with_context(ctx)
@@ -396,7 +399,7 @@ def test_a_failed_step_leaves_the_history_unchanged():
 
     with pytest.raises(FloatingPointError):
         opt.step(failing)
-    after = (opt._momentum.latest, opt._momentum.latest_sq, opt._momentum.gate)
+    after = (opt.momentum_anticipation.latest, opt.momentum_anticipation.latest_sq, opt.momentum_anticipation.gate)
     assert all(torch.equal(b, a) for b, a in zip(history, after))
 
 
@@ -426,7 +429,7 @@ def test_captured_momentum_steps_on_cuda_replay_equal_to_eager_steps(reset):
             opt.reset_anticipation()
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         runs[mode] = problem.train(opt, schedule, steps=8, capture_from=None if mode == "eager" else 2)
-        gates[mode] = opt._momentum.gate.cpu()
+        gates[mode] = opt.momentum_anticipation.gate.cpu()
     assert (gates["eager"] > 0).all(), "the gate never opened: the replays would not exercise the prediction"
     assert_close_to_scale(gates["captured"], gates["eager"], 1e-12, what="gates after the captured steps")
     for eager, captured in zip(runs["eager"], runs["captured"]):
@@ -466,7 +469,7 @@ def test_a_damaged_momentum_state_dict_is_refused_before_anything_changes():
     for _ in range(3):
         opt.step(ours.closure_with_context)
     saved = copy.deepcopy(opt.state_dict())
-    before = opt._momentum.latest.clone()
+    before = opt.momentum_anticipation.latest.clone()
     damaged = copy.deepcopy(saved)
     del damaged["kpg"]["anticipation"]["gate"]
     with pytest.raises(ValueError, match="lacks gate"):
@@ -475,8 +478,8 @@ def test_a_damaged_momentum_state_dict_is_refused_before_anything_changes():
     damaged["kpg"]["anticipation"]["latest_update"] = torch.zeros(3)
     with pytest.raises(ValueError, match="latest_update has shape"):
         opt.load_state_dict(damaged)
-    assert torch.equal(opt._momentum.latest, before)
+    assert torch.equal(opt.momentum_anticipation.latest, before)
     # A state dict without the entry (exact mode, torch.optim) starts the history afresh.
     del saved["kpg"]["anticipation"]
     opt.load_state_dict(saved)
-    assert opt._momentum.gate.eq(0).all() and opt._momentum.latest.eq(0).all()
+    assert opt.momentum_anticipation.gate.eq(0).all() and opt.momentum_anticipation.latest.eq(0).all()

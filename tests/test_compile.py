@@ -114,32 +114,20 @@ def test_closure_over_compiled_models_equals_the_eager_closure(backend, k):
 @pytest.mark.parametrize("optimizer,hyperparameters", [("adam", {"amsgrad": True}), ("sgd", {"momentum": 0.9})])
 def test_ops_pass_opcheck_on_the_buffers_of_a_live_optimizer(optimizer, hyperparameters):
     """torch.library.opcheck (schema, fake tensors, AOT dispatch) with the arguments a step passes:
-    the arena's buffers, and lr, max_norm and the hyperparameter rows, which are views of one buffer."""
+    the arena's buffers, the optimizer's per-piece rows and the per-agent norms (lr, max_norm and
+    the hyperparameter rows are views of one buffer)."""
     _, opt, closure, _ = _game(2, optimizer, max_grad_norm=1.0, **hyperparameters)
     opt.step(closure)
-    assert opt._lr.untyped_storage().data_ptr() == opt._hyper.untyped_storage().data_ptr()
     opt.arena.grad.normal_(generator=torch.Generator().manual_seed(0))
-    # The update ops run per piece (each agent's tensor, or its slice of a batched one): the per-agent
-    # rows are spread to the pieces before each update, as the step does.
-    common = dict(
-        step=opt._step,
-        live=opt._live,
-        lr=opt._piece_lr,
-        hyper=opt._piece_hyper,
-        grad_scale=opt._piece_scale,
-        skip=opt._piece_skip,
-        chunks=opt.arena.piece_chunks,
-    )
-    for commit in (False, True):
-        op = ops.UPDATE_OPS[(opt._kernel.name, commit)]
-        named = dict(param=opt.arena.param, grad=opt.arena.grad)
-        if not commit:
-            named["anticipated"] = opt._anticipated
-        named.update(opt._state_buffers)
-        named.update(common)
+    state = opt.agent_state
+    flags = torch.zeros(opt.arena.num_pieces, dtype=torch.uint8)
+    for mode in ("anticipate", "commit", "probe"):
+        commit = mode != "anticipate"
+        op = ops.PROBE_OPS[state.kernel.name] if mode == "probe" else ops.UPDATE_OPS[(state.kernel.name, commit)]
+        named = {**state.update_arguments(commit), "nonfinite": flags}
         results = torch.library.opcheck(op, tuple(named[a.name] for a in op.default._schema.arguments))
         assert set(results.values()) == {"SUCCESS"}, (op, results)
-    norms = (opt.arena.grad, opt.arena.chunks, opt.arena.agent_chunks, opt._chunk_sq)
-    outputs = (opt._max_norm, opt._norm, opt._grad_scale, opt._nonfinite)
-    results = torch.library.opcheck(torch.ops.kpg.agent_grad_norms, (*norms, *outputs))
+    norms = state.norm_arguments()
+    assert norms[4].untyped_storage().data_ptr() == state.lr.untyped_storage().data_ptr()  # max_norm beside lr
+    results = torch.library.opcheck(torch.ops.kpg.agent_grad_norms, norms)
     assert set(results.values()) == {"SUCCESS"}, results

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -378,7 +379,7 @@ def test_batched_parameters_stay_one_view_each_and_groups_hold_agent_slices():
     for agent, group in enumerate(opt.param_groups):
         for p, slot in zip(batched.parameters(), group["params"]):
             assert slot.shape == p.shape[1:] and slot.data_ptr() == p[agent].data_ptr()
-            assert opt.state[slot]["exp_avg"].data_ptr() == opt._state_buffers["exp_avg"].data_ptr() + (
+            assert opt.state[slot]["exp_avg"].data_ptr() == opt.agent_state.state_buffers["exp_avg"].data_ptr() + (
                 slot.data_ptr() - arena.param.data_ptr()
             )
 
@@ -564,7 +565,7 @@ def test_kpg_step_on_batched_model_equals_per_agent_models(optimizer, k, style, 
         loss_theirs = theirs.step(per_agent_closure)
         assert_close_to_scale(loss_ours, loss_theirs, RTOL64, what="loss")
     assert_twins_equal(twins)
-    assert ours._step.tolist() == theirs._step.tolist() == [3.0] * ours.arena.num_pieces
+    assert ours.agent_state.step.tolist() == theirs.agent_state.step.tolist() == [3.0] * ours.arena.num_pieces
     for slot_ours, slot_theirs in zip(
         *([p for group in opt.param_groups for p in group["params"]] for opt in (ours, theirs))
     ):
@@ -578,7 +579,7 @@ def test_clipping_binds_per_agent():
     batched_closure, _ = closures(twins, "mappo-at-base")
     opt = kpg.KPGOptimizer(twins.batched, k=2, lr=LRS, max_grad_norm=MAX_NORMS)
     opt.step(batched_closure)
-    clipped = (opt._grad_scale < 1).tolist()
+    clipped = (opt.agent_state.grad_scale < 1).tolist()
     assert any(clipped) and not all(clipped)
 
 
@@ -605,7 +606,7 @@ def test_nonfinite_gradient_in_one_agent_skips_only_that_agent(device):
     ours.step(with_bad_agent(batched_closure, lambda: twins.batched[0].weight[bad]))
     theirs.step(with_bad_agent(per_agent_closure, lambda: twins.per_agent[bad][0].weight))
     assert ours.stats.skipped_agent_steps == theirs.stats.skipped_agent_steps == 1
-    assert [float(ours._step[first]) for first in ours.arena.agent_first_piece[:-1]] == [1.0, 1.0, 0.0, 1.0]
+    assert [float(ours.agent_state.step[first]) for first in ours.arena.agent_first_piece[:-1]] == [1.0, 1.0, 0.0, 1.0]
     assert all(torch.equal(p, b) for p, b in zip(twins.per_agent[bad].parameters(), before))
     assert_twins_equal(twins)
 
@@ -639,9 +640,13 @@ def test_at_base_evaluates_once_per_step_and_checks_its_use():
     twins = Twins()
     calls = []
 
+    outputs = []
+
     def own_log_prob():
         calls.append(1)
-        return twins.log_prob(twins.batched_logits())
+        log_prob = twins.log_prob(twins.batched_logits())
+        outputs.append(weakref.ref(log_prob))
+        return log_prob
 
     def closure(ctx):
         log_prob = ctx.at_base(own_log_prob)
@@ -652,7 +657,8 @@ def test_at_base_evaluates_once_per_step_and_checks_its_use():
     opt = kpg.KPGOptimizer(twins.batched, k=3)
     opt.step(closure)
     opt.step(closure)
-    assert len(calls) == 2 and opt._at_base_outputs == []
+    # The step reused each output at every level, then let it go.
+    assert len(calls) == 2 and [output() for output in outputs] == [None, None]
 
     def inside_anticipated(ctx):
         with ctx.anticipated():
@@ -692,7 +698,7 @@ def test_anticipated_parameters_are_the_anticipated_views():
     opt.step(closure)
     assert set(seen[1]) == {n for n, _ in twins.batched.named_parameters()}
     assert seen[1]["0.weight"] == twins.batched[0].weight.data_ptr()
-    assert seen[2]["0.weight"] == opt._anticipated.data_ptr()
+    assert seen[2]["0.weight"] == opt.agent_state.anticipated.data_ptr()
     with pytest.raises(ValueError, match="holds none of the parameters this optimizer steps"):
         opt.step(lambda ctx: ctx.anticipated_parameters(nn.Linear(2, 2)))
 

@@ -206,7 +206,7 @@ def test_loads_a_torch_optim_state_dict():
         merged["state"].update({offset + i: sd["state"][i] for i in ids})
         offset += len(ids)
     opt.load_state_dict(merged)
-    assert [float(opt._step[first]) for first in opt.arena.agent_first_piece[:-1]] == [3.0, 3.0]
+    assert [float(opt.agent_state.step[first]) for first in opt.arena.agent_first_piece[:-1]] == [3.0, 3.0]
     opt.step(ours.closure_with_context)
     losses = theirs.closure_without_context()
     for i, o in enumerate(reference):
@@ -225,7 +225,7 @@ def test_lr_scheduler_drives_per_agent_learning_rates():
     scheduler.step()
     assert [g["lr"] for g in opt.param_groups] == [0.05, 0.1]
     opt.step(game.closure_with_context)
-    assert opt._lr.tolist() == [0.05, 0.1]
+    assert opt.agent_state.lr.tolist() == [0.05, 0.1]
 
 
 def test_k_schedule_switches_from_2_to_1():
@@ -270,7 +270,7 @@ def test_anticipated_swaps_storage_without_copying():
         return game.closure_with_context(ctx)
 
     opt.step(closure)
-    anticipated_start = opt._anticipated.data_ptr()
+    anticipated_start = opt.agent_state.anticipated.data_ptr()
     assert seen[1] == (opt.arena.param.data_ptr(), False)
     assert seen[2] == (anticipated_start, False)
 
@@ -298,4 +298,4 @@ def test_skip_mode_skips_only_the_agent_with_a_nonfinite_loss():
     changed = [not all(torch.equal(p, b) for p, b in zip(m.parameters(), bs)) for m, bs in zip(game.models, before)]
     assert changed == [True, False, True]
     assert opt.stats.skipped_agent_steps == 1
-    assert [float(opt._step[first]) for first in opt.arena.agent_first_piece[:-1]] == [1.0, 0.0, 1.0]
+    assert [float(opt.agent_state.step[first]) for first in opt.arena.agent_first_piece[:-1]] == [1.0, 0.0, 1.0]

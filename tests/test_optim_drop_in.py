@@ -301,33 +301,34 @@ def test_enabling_a_state_mid_run_creates_its_buffer_for_that_agent(name, key, s
     for _ in range(2):
         problem.step()
     opt = problem.kpg
+    kernel = opt.agent_state.kernel
     assert (
-        opt._state_buffers[state] is None
-        or not opt._live[:, ops.KERNELS[opt._kernel.name].state_names.index(state)].any()
+        opt.agent_state.state_buffers[state] is None
+        or not opt.agent_state.live[:, ops.KERNELS[kernel.name].state_names.index(state)].any()
     )
-    expected = {n: (None if b is None else b.clone()) for n, b in opt._state_buffers.items()}
-    param, step, live = opt.arena.param.clone(), opt._step.clone(), opt._live.clone()
+    expected = {n: (None if b is None else b.clone()) for n, b in opt.agent_state.state_buffers.items()}
+    param, step, live = opt.arena.param.clone(), opt.agent_state.step.clone(), opt.agent_state.live.clone()
     value = True if key in ("amsgrad", "centered") else 0.9
     opt.param_groups[1][key] = value
     opt.step(lambda ctx: problem.losses(problem.ours))
     piece_agent = opt.arena.piece_agent
-    rows = ops.hyper_rows(opt._kernel.name, [opt.param_groups[0], opt.param_groups[1]])[piece_agent].contiguous()
-    states = [expected[n] if expected[n] is not None else torch.zeros_like(param) for n in opt._kernel.state_names]
-    reference.UPDATE_OPS[(opt._kernel.name, True)](
+    rows = ops.hyper_rows(kernel.name, [opt.param_groups[0], opt.param_groups[1]])[piece_agent].contiguous()
+    states = [expected[n] if expected[n] is not None else torch.zeros_like(param) for n in kernel.state_names]
+    reference.UPDATE_OPS[(kernel.name, True)](
         param,
         opt.arena.grad,
         *states,
         step,
         live,
-        opt._lr[piece_agent].clone(),
+        opt.agent_state.lr[piece_agent].clone(),
         rows,
         None,
         None,
         opt.arena.piece_chunks,
     )
     assert_close_to_scale(opt.arena.param, param, 1e-12, what="param")
-    index = opt._kernel.state_names.index(state)
-    assert opt._live[:, index].tolist() == [0 if agent == 0 else 1 for agent in piece_agent.tolist()]
+    index = kernel.state_names.index(state)
+    assert opt.agent_state.live[:, index].tolist() == [0 if agent == 0 else 1 for agent in piece_agent.tolist()]
     assert state in opt.state_dict()["state"][2] and state not in opt.state_dict()["state"][0]
 
 
@@ -428,7 +429,7 @@ def test_agent_nonfinite_at_an_intermediate_level_is_skipped_at_commit():
     opt.step(closure)
     changed = [not all(torch.equal(p, b) for p, b in zip(m.parameters(), bs)) for m, bs in zip(game.models, before)]
     assert changed == [True, False]
-    assert opt._step.tolist() == [1.0] * len(before[0]) + [0.0] * len(before[1])
+    assert opt.agent_state.step.tolist() == [1.0] * len(before[0]) + [0.0] * len(before[1])
     assert opt.stats.skipped_agent_steps == 1
     first_of_agent_1 = len(before[0])
     assert "exp_avg" not in opt.state_dict()["state"][first_of_agent_1]  # never stepped: no state, as in torch

@@ -24,8 +24,8 @@ def quadratic_closure(models):
 
 def snapshot(opt):
     """Parameters, state buffers and step counts, bit for bit."""
-    state = [b.clone() for b in opt._state_buffers.values() if b is not None]
-    return [opt.arena.param.clone(), *state, opt._step.clone(), opt._live.clone()]
+    state = [b.clone() for b in opt.agent_state.state_buffers.values() if b is not None]
+    return [opt.arena.param.clone(), *state, opt.agent_state.step.clone(), opt.agent_state.live.clone()]
 
 
 def assert_unchanged(before, after):

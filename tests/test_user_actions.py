@@ -60,10 +60,15 @@ class World:
 
     def snapshot(self):
         opt = self.opt
-        buffers = [b.clone() for b in opt._state_buffers.values() if b is not None]
+        buffers = [b.clone() for b in opt.agent_state.state_buffers.values() if b is not None]
         groups = [{key: v for key, v in g.items() if key not in ("params", "lr")} for g in opt.param_groups]
         lrs = [float(g["lr"]) for g in opt.param_groups]
-        return [opt.arena.param.clone(), *buffers, opt._step.clone(), opt._live.clone()], groups, lrs, opt.k
+        return (
+            [opt.arena.param.clone(), *buffers, opt.agent_state.step.clone(), opt.agent_state.live.clone()],
+            groups,
+            lrs,
+            opt.k,
+        )
 
     def assert_unchanged(self, before):
         tensors, groups, lrs, k = self.snapshot()

@@ -2,14 +2,24 @@
 // level. Mode anticipate reads the base parameters and base state and writes the level's
 // parameters to `anticipated`, changing nothing else: the optimizer-state reset of KPG without a
 // copy. Mode commit updates parameters and state in place, advances each agent's step count and
-// marks the state tensors its row keeps as live.
+// marks the state tensors its row keeps as live. Mode probe computes what commit would write, with
+// the same per-element math, writes none of it, and flags the agents for which a new parameter or
+// state value would be inf or NaN (NOTE [Probe before commit]).
+//
+// NOTE [Probe before commit]: nonfinite="raise" promises that no step leaves a non-finite parameter
+// or state value, even where every loss and gradient was finite (an lr or eps that overflows). The
+// probe answers "would this commit make one?" before anything is written, so a refused step changes
+// nothing and needs no backup: it reads what the commit reads and writes one flag per agent.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 #include "kpg/optimizers.h"
 
 namespace kpg {
+
+enum class UpdateMode : int { Anticipate = 0, Commit = 1, Probe = 2 };
 
 // Flat buffers of one arena (one dtype, one device), all laid out agent by agent. state[s] is the
 // optimizer's state tensor s (its traits' kStates order); unused ones are null.
@@ -24,12 +34,13 @@ struct UpdateBuffers {
   uint8_t* live = nullptr;        // [agents, kMaxStates] 1 where state s holds values; commit sets
   const double* grad_scale = nullptr;  // [agents] gradient multiplier (clipping), or null for 1
   const uint8_t* skip = nullptr;       // [agents] nonzero: leave the agent as it is, or null
-  const int64_t* chunks = nullptr;     // [num_chunks, kChunkColumns], see launch_plan.h
+  uint8_t* nonfinite = nullptr;     // probe mode: [agents] set to 1 where a new value is not finite
+  const int64_t* chunks = nullptr;  // [num_chunks, kChunkColumns], see launch_plan.h
   int64_t num_chunks = 0;
   int64_t num_agents = 0;
   int64_t numel = 0;  // elements of every arena buffer
   int dtype = 0;      // DType code
-  bool commit = false;
+  UpdateMode mode = UpdateMode::Anticipate;
 };
 
 // Checks on the host that every agent's row finds the state tensors it needs (CPU path).
@@ -61,6 +72,14 @@ KPG_HD RuntimeFlags agent_flags(const UpdateBuffers& b, int64_t agent) {
   RuntimeFlags f{};
   Traits::flags(agent_row<Traits>(b, agent), b.live + agent * kMaxStates, f.values);
   return f;
+}
+
+// Whether a value the update computed is a finite number: NaN fails the comparison. One comparison
+// and a select, no branch, so that the CPU loops that OR it into an int still vectorize.
+template <typename T>
+KPG_HD bool is_finite_value(T x) {
+  constexpr T kLargest = sizeof(T) == sizeof(float) ? T(FLT_MAX) : T(DBL_MAX);
+  return (x < T(0) ? -x : x) <= kLargest;
 }
 
 // A skipped agent keeps its base parameters; in anticipate mode those are its level parameters.
