@@ -14,11 +14,12 @@ CUDA_CHUNK_ELEMS: int
 CUDA_THREADS_PER_BLOCK: int
 VECTOR_BYTES: int
 MAX_STATES: int
+MAX_SCALAR_STATES: int
 DTYPES: dict
 """dtype name -> code of the parameter dtypes the kernels take."""
 OPTIMIZERS: dict
 """name -> family code, default_lr, row_width, hyperparameters (name, width, kind, default) in row
-order, states, state_initial (csrc/kpg/optimizers.h)."""
+order, states, state_initial, scalar_states (name, initial) (csrc/kpg/optimizers.h)."""
 
 def build_info() -> dict[str, bool | str]:
     """``cuda`` (bool), ``cuda_version``, ``cuda_architectures``, ``cxx_compiler`` (str)."""
@@ -53,6 +54,8 @@ class UpdateBuffers:
     grad: int
     anticipated: int
     state: list[int]
+    scalars: list[int]
+    scalar_dtype: int
     step: int
     lr: int
     hyper: int
@@ -70,22 +73,25 @@ class UpdateBuffers:
 def update(family: int, device: int, stream: int, buffers: UpdateBuffers) -> None:
     """One fused update (anticipate or commit, as ``buffers.commit`` says) of optimizer family ``family``."""
 
-def agent_grad_norms(
-    device: int,
-    stream: int,
-    dtype: int,
-    grad: int,
-    chunks: int,
-    agent_chunks: int,
-    num_chunks: int,
-    num_agents: int,
-    numel: int,
-    chunk_sq: int,
-    max_norm: int,
-    norm: int,
-    grad_scale: int,
-    nonfinite: int,
-) -> None: ...
+class NormBuffers:
+    """The buffers of one per-agent gradient-norm pass by address (0 for none); csrc/kpg/norms.h."""
+
+    grad: int
+    chunks: int
+    agent_chunks: int
+    chunk_sq: int
+    max_norm: int
+    norm: int
+    grad_scale: int
+    nonfinite: int
+    num_chunks: int
+    num_agents: int
+    numel: int
+    dtype: int
+    def __init__(self) -> None: ...
+
+def agent_grad_norms(device: int, stream: int, buffers: NormBuffers) -> None:
+    """Per-agent gradient 2-norms, clipping scales and non-finite flags (``agent_grad_norms`` in kpg._ops)."""
 
 # csrc/device_bindings.cpp: the CUDA side without a GPU.
 NORM_LANES: int

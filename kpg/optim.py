@@ -219,6 +219,12 @@ class KPGOptimizer(torch.optim.Optimizer):
         # Step counts and live states are per piece (an agent's tensor), as torch.optim keeps them per
         # parameter: a piece that backward did not reach is not stepped (NOTE [No gradient, not stepped]).
         self._step = torch.zeros(pieces, **f64)
+        # Per-piece scalar state (NAdam's mu_product) in torch.optim's scalar dtype (_get_scalar_dtype).
+        scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        self._scalar_states = {
+            name: torch.full((pieces,), initial, dtype=scalar_dtype, device=device)
+            for name, initial in self._kernel.scalar_states
+        }
         # Per-agent values the kernels read, in one device buffer filled by one copy (sync_hyperparameters).
         width = len(self._kernel.row_names)
         self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in self._kernel.hyperparameters))
@@ -295,7 +301,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         agent has not used yet (SGD's momentum buffer before momentum was on) is left out, as
         torch.optim keeps none."""
         state = super().state_dict()
-        state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel.state_names)
+        state["state"] = exported_state(state["state"], self.param_groups, self._live, self._kernel)
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
         if self._momentum is not None:
             state["kpg"]["anticipation"] = self._momentum.state_dict()
@@ -327,6 +333,12 @@ class KPGOptimizer(torch.optim.Optimizer):
                 views[name][agent][position].copy_(value)
             self._step.copy_(staged.steps)
             self._live.copy_(staged.live)
+            # torch.optim's load_state_dict casts per-parameter state other than step to the
+            # parameter's dtype, NAdam's mu_product included; its later steps compute in that dtype.
+            for name, values in staged.scalars.items():
+                self._scalar_states[name] = values.to(self.arena.param)
+        if self._scalar_states:
+            self._expose_state()
         if staged.k is not None:
             self.k = staged.k
         if staged.nonfinite is not None:
@@ -393,7 +405,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         if self.verify_replicas:
             states = [b for b in self._state_buffers.values() if b is not None]
             self._communicator.check_replicas(
-                [self.arena.param, *states, self._step], "parameters and optimizer state after a step"
+                [self.arena.param, *states, self._step, *self._scalar_states.values()],
+                "parameters and optimizer state after a step",
             )
         return loss.detach()
 
@@ -473,6 +486,7 @@ class KPGOptimizer(torch.optim.Optimizer):
                     self._piece_skip.bitwise_or_(unreached)
                 piece_skip = self._piece_skip
             common = dict(
+                **self._scalar_states,
                 step=self._step,
                 live=self._live,
                 lr=self._piece_lr,
@@ -499,6 +513,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         for backup, buffer in zip(self._backups, buffers):
             backup.copy_(buffer)
         step, live = self._step.clone(), self._live.clone()
+        scalars = {name: values.clone() for name, values in self._scalar_states.items()}
         commit()
         flags = torch.zeros_like(self._nonfinite)
         if not bool(torch.stack([torch.isfinite(buffer).all() for buffer in buffers]).all()):
@@ -514,6 +529,8 @@ class KPGOptimizer(torch.optim.Optimizer):
             buffer.copy_(backup)
         self._step.copy_(step)
         self._live.copy_(live)
+        for name, values in scalars.items():
+            self._scalar_states[name].copy_(values)
         who = "the shared network's" if self.shared else f"agent {bad[0]}'s"
         others = f" (and {len(bad) - 1} more agents)" if len(bad) > 1 else ""
         raise FloatingPointError(
@@ -611,7 +628,7 @@ class KPGOptimizer(torch.optim.Optimizer):
 
     def _initialize_states(self, agents: Iterable[int]) -> None:
         """Sets the agents' state to where torch.optim starts it (zeros, or a hyperparameter's value:
-        Adagrad's initial_accumulator_value) and marks it not live."""
+        Adagrad's initial_accumulator_value; scalar state at its initial value) and marks it not live."""
         for name, start in zip(self._kernel.state_names, self._kernel.state_initial):
             buffer = self._state_buffers[name]
             if buffer is None:
@@ -624,6 +641,8 @@ class KPGOptimizer(torch.optim.Optimizer):
         first = self.arena.agent_first_piece
         for agent in agents:
             self._live[first[agent] : first[agent + 1]].zero_()
+            for name, initial in self._kernel.scalar_states:
+                self._scalar_states[name][first[agent] : first[agent + 1]].fill_(initial)
 
     def _expose_state(self) -> None:
         """``self.state[p]`` holds views of the arena's state, as torch.optim keeps per-parameter
@@ -636,6 +655,7 @@ class KPGOptimizer(torch.optim.Optimizer):
             for index, p in enumerate(tensors):
                 self.state[p] = {
                     "step": self._step[first[agent] + index],
+                    **{name: values[first[agent] + index] for name, values in self._scalar_states.items()},
                     **{name: views[agent][index] for name, views in buffer_views.items()},
                 }
 

@@ -464,7 +464,7 @@ def test_reference_agent_segments_follow_the_rows_of_batched_tables():
     # Two parameters of 2 agents each: [agent 0 | agent 1] [agent 0 | agent 1].
     ranges = [(0, 0, 3), (1, 3, 6), (0, 6, 8), (1, 8, 10)]
     chunks, _ = ops.range_chunk_table(ranges, 2)
-    assert [(a, s.start, s.stop) for a, s in reference.agent_segments(chunks, 2)] == sorted(ranges)
+    assert [(a, s.start, s.stop) for a, s in reference.agent_segments(chunks)] == sorted(ranges)
     g = torch.Generator().manual_seed(1)
     base = dict(
         param=torch.randn(10, dtype=torch.float64, generator=g), grad=torch.randn(10, dtype=torch.float64, generator=g)
