@@ -247,9 +247,7 @@ def stage_state_dict(
 
 def _checked_scalar(value: Any, name: str, agent: int) -> float:
     """A saved scalar state (NAdam's mu_product) as a float, refused unless it is one finite number."""
-    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
-        number = float(value)
-    elif is_real(value):
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point() or is_real(value):
         number = float(value)
     else:
         shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
@@ -289,9 +287,10 @@ def _check_same_optimizer(state_dict: dict[str, Any], kernel: ops.OptimizerKerne
     own_keys = {name for name, *_ in kernel.hyperparameters}
     others = [entry for entry in ops.OPTIMIZERS.values() if entry.kernel is not kernel]
     foreign_keys = {key for entry in others for key in entry.defaults} - own_keys
-    foreign_states = {
-        name for entry in others for name in (*entry.kernel.state_names, *entry.kernel.scalar_names)
-    } - {*kernel.state_names, *kernel.scalar_names}
+    foreign_states = {name for entry in others for name in (*entry.kernel.state_names, *entry.kernel.scalar_names)} - {
+        *kernel.state_names,
+        *kernel.scalar_names,
+    }
     keys = {key for group in state_dict["param_groups"] if isinstance(group, dict) for key in group}
     states = {name for saved in state_dict["state"].values() if isinstance(saved, dict) for name in saved}
     found = sorted(keys & foreign_keys) + sorted(states & foreign_states)

@@ -11,19 +11,15 @@ import math
 
 import pytest
 import torch
+from cases import OPTIMIZER_INFOS
 from torch import nn
 
 import kpg
 
 from helpers import RTOL, Game, assert_close_to_scale, brute_force_step, torch_optimizer
 
-OPTIMIZERS = {
-    "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "sgd-dampening": ("sgd", dict(momentum=0.5, dampening=0.2)),
-    "adam": ("adam", dict(betas=(0.8, 0.99), eps=1e-6)),
-    "adamw-amsgrad": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
-    "rmsprop-centered-momentum": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)),
-}
+# The table's multi-level configurations (tests/cases.py), every optimizer's.
+OPTIMIZERS = {config.desc: (info.name, config.hyper) for info in OPTIMIZER_INFOS for config in info.multi_level_configs}
 
 
 def run_both(
