@@ -1,6 +1,6 @@
 // Python bindings of the kpg extension: raw addresses, counts and dtype codes in (NOTE
-// [Torch-free boundary] in kpg/common.h) through the UpdateBuffers and NormBuffers structs, calls into the CPU or
-// CUDA entry points, and the optimizer table of kpg/optimizers.h out; nothing else.
+// [Torch-free boundary] in kpg/common.h) through the UpdateBuffers and NormBuffers structs, calls
+// into the CPU or CUDA entry points, and the optimizer table of kpg/optimizers.h out; nothing else.
 // kpg/_C.pyi mirrors this file.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -147,10 +147,11 @@ py::dict optimizers() {
       py::list scalar_states;
       for (const ScalarStateSpec& spec : Traits::kScalarStates)
         scalar_states.append(py::make_tuple(spec.name, spec.initial));
-      table[entry.name] = py::dict(
-          "family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
-          "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
-          "states"_a = states, "state_initial"_a = state_initial, "scalar_states"_a = scalar_states);
+      table[entry.name] =
+          py::dict("family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
+                   "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
+                   "states"_a = states, "state_initial"_a = state_initial,
+                   "scalar_states"_a = scalar_states);
     });
   }
   return table;

@@ -60,8 +60,8 @@ void update_chunk_of_agent(const UpdateBuffers& b, const ChunkRange& r) {
     }
     return;
   }
-  const auto c =
-      Traits::template coefficients<T>(agent_row<Traits>(b, r.agent), agent_scalars<Traits>(b, r.agent));
+  const auto c = Traits::template coefficients<T>(agent_row<Traits>(b, r.agent),
+                                                  agent_scalars<Traits>(b, r.agent));
   const RuntimeFlags f = agent_flags<Traits>(b, r.agent);
   dispatch_bool(b.commit, [&](auto commit) {
     dispatch_flags<Traits::kNumFlags>(f.values, [&](auto flags) {

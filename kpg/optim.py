@@ -52,7 +52,7 @@ class KPGOptimizer(torch.optim.Optimizer):
             An ``nn.ModuleList`` / ``nn.ModuleDict`` is refused (it could mean either); parameters
             must be leaf tensors.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``, with
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"nadam"`` or ``"radam"``, with
             ``torch.optim``'s hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``,
             ``momentum``, ...; ``kpg._ops.OPTIMIZERS`` lists them, read from the kernels' table).
         lr: learning rate (a float or a one-element tensor, as torch.optim takes), or one per agent.

@@ -123,7 +123,7 @@ def _betas_errors() -> tuple[ErrorInput, ...]:
         ErrorInput(
             "beta2-negative", {"betas": (0.9, -0.1)}, ValueError, re.escape("Invalid beta parameter at index 1")
         ),
-        _invalid("eps", -1.0, "Invalid eps value"),
+        _invalid("eps", -1.0, "Invalid (eps|epsilon) value"),
         _invalid("weight_decay", -0.1, "Invalid weight_decay value"),
     )
 
@@ -318,7 +318,7 @@ OPTIMIZER_INFOS: tuple[OptimizerInfo, ...] = (
         error_inputs=(
             _invalid("alpha", -0.5, "Invalid alpha value"),
             _invalid("momentum", -0.5, "Invalid momentum value"),
-            _invalid("eps", -1.0, "Invalid epsilon value|Invalid eps value"),
+            _invalid("eps", -1.0, "Invalid (eps|epsilon) value"),
         ),
     ),
     OptimizerInfo(

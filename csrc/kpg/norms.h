@@ -20,7 +20,8 @@ struct NormBuffers {
   double* chunk_sq = nullptr;        // [num_chunks] workspace
   const double* max_norm = nullptr;  // [agents] clipping threshold, or null for no clipping
   double* norm = nullptr;            // [agents] out: 2-norm of the agent's gradient
-  double* grad_scale = nullptr;  // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
+  double* grad_scale =
+      nullptr;  // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
   uint8_t* nonfinite = nullptr;  // [agents] out: 1 where the norm is not finite
   int dtype = 0;                 // DType code of grad
 };

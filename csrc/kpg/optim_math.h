@@ -1,9 +1,9 @@
-// The per-element arithmetic of SGD, Adam/AdamW, RMSprop, Adagrad, NAdam and RAdam: one function per optimizer,
-// called through its traits type (optimizers.h) by the CPU loops (update_cpu.cpp) and the CUDA
-// kernels (update_cuda.cu). Each mirrors the
-// single-tensor path of torch.optim (foreach=False, fused=False, capturable=False) operation by
-// operation: per-agent scalars are computed in double, as torch does with Python floats, then cast
-// to the parameter type, as torch casts a Scalar argument.
+// The per-element arithmetic of SGD, Adam/AdamW, RMSprop, Adagrad, NAdam and RAdam: one function
+// per optimizer, called through its traits type (optimizers.h) by the CPU loops (update_cpu.cpp)
+// and the CUDA kernels (update_cuda.cu). Each mirrors the single-tensor path of torch.optim
+// (foreach=False, fused=False, capturable=False) operation by operation: per-agent scalars are
+// computed in double, as torch does with Python floats, then cast to the parameter type, as torch
+// casts a Scalar argument.
 #pragma once
 
 #include <cmath>

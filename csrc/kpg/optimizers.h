@@ -23,7 +23,8 @@ namespace kpg {
 
 constexpr int kMaxStates = 3;  // state tensors per optimizer; UpdateBuffers::state has this many
 constexpr int kMaxFlags = 8;   // flags an element loop is specialised on
-constexpr int kMaxScalarStates = 1;  // per-parameter scalar states; UpdateBuffers::scalars has this many
+constexpr int kMaxScalarStates =
+    1;  // per-parameter scalar states; UpdateBuffers::scalars has this many
 
 // How a hyperparameter is checked (torch.optim's rules): any finite value, a finite value >= 0,
 // a fraction in [0, 1) (betas), or a flag (0 or 1).
@@ -54,8 +55,8 @@ struct RuntimeFlags {
 // What the element loops need per agent besides the row.
 struct AgentScalars {
   double lr;
-  double step;        // the step being taken, counted from 1
-  double grad_scale;  // clipping multiplier
+  double step;                       // the step being taken, counted from 1
+  double grad_scale;                 // clipping multiplier
   double scalars[kMaxScalarStates];  // the scalar state as this step leaves it (advance_scalars)
 };
 

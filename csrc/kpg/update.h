@@ -21,7 +21,7 @@ struct UpdateBuffers {
   // [agents] each: scalar state s (its traits' kScalarStates order) of dtype scalar_dtype, read and
   // advanced by commit; unused ones are null (NOTE [Scalar state] in optimizers.h).
   void* scalars[kMaxScalarStates] = {};
-  int scalar_dtype = 0;  // DType code of the scalar state: torch's scalar dtype
+  int scalar_dtype = 0;           // DType code of the scalar state: torch's scalar dtype
   double* step = nullptr;         // [agents] steps taken so far; commit adds one where not skipped
   const double* lr = nullptr;     // [agents]
   const double* hyper = nullptr;  // [agents, row width] (NOTE [Hyperparameter rows])
@@ -60,8 +60,7 @@ KPG_HD const double* agent_row(const UpdateBuffers& b, int64_t agent) {
 
 // The agent's scalar state advanced by this step, in its type S, returned as doubles.
 template <typename Traits, typename S>
-KPG_HD void advance_agent_scalars(const UpdateBuffers& b, int64_t agent, double step,
-                                  double* out) {
+KPG_HD void advance_agent_scalars(const UpdateBuffers& b, int64_t agent, double step, double* out) {
   S scalars[kMaxScalarStates] = {};
   for (int s = 0; s < kNumScalarStates<Traits>; ++s) {
     scalars[s] = static_cast<const S*>(b.scalars[s])[agent];
@@ -72,8 +71,8 @@ KPG_HD void advance_agent_scalars(const UpdateBuffers& b, int64_t agent, double 
 
 template <typename Traits>
 KPG_HD AgentScalars agent_scalars(const UpdateBuffers& b, int64_t agent) {
-  AgentScalars a{b.lr[agent], b.step[agent] + 1.0,
-                 b.grad_scale != nullptr ? b.grad_scale[agent] : 1.0, {}};
+  AgentScalars a{
+      b.lr[agent], b.step[agent] + 1.0, b.grad_scale != nullptr ? b.grad_scale[agent] : 1.0, {}};
   if constexpr (kNumScalarStates<Traits> > 0) {
     if (b.scalar_dtype == static_cast<int>(DType::Float64)) {
       advance_agent_scalars<Traits, double>(b, agent, a.step, a.scalars);
