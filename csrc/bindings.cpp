@@ -1,6 +1,6 @@
 // Python bindings of the kpg extension: raw addresses, counts and dtype codes in (NOTE
-// [Torch-free boundary] in kpg/common.h) through one UpdateBuffers struct, calls into the CPU or
-// CUDA entry points, and the optimizer table of kpg/optimizers.h out; nothing else.
+// [Torch-free boundary] in kpg/common.h) through the UpdateBuffers and NormBuffers structs, calls
+// into the CPU or CUDA entry points, and the optimizer table of kpg/optimizers.h out; nothing else.
 // kpg/_C.pyi mirrors this file.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -53,10 +53,8 @@ const char* hyper_kind_name(HyperKind kind) {
   return "unknown";
 }
 
-// Runs the CPU or CUDA update without the GIL; the CPU path checks the chunk table and the rows
-// against the buffers first (a device-resident table cannot be read without a synchronization).
-void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffers) {
-  dispatch_family(family, "update", [](auto) {});
+// The op's name for errors: the optimizer family's first table name and the mode (adam_commit).
+std::string update_op_name(int family, UpdateMode mode) {
   std::string name = "update";
   for (const OptimizerEntry& entry : kOptimizers) {
     if (static_cast<int>(entry.family) == family) {
@@ -65,22 +63,64 @@ void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffe
     }
   }
   const char* suffixes[] = {"_anticipate", "_commit", "_probe"};
-  const int mode = static_cast<int>(buffers.mode);
-  if (mode < 0 || mode > 2) {
-    throw std::invalid_argument("update: unknown mode " + std::to_string(mode) +
+  const int code = static_cast<int>(mode);
+  if (code < 0 || code > 2) {
+    throw std::invalid_argument(name + ": unknown mode " + std::to_string(code) +
                                 "; valid modes are 0 (anticipate), 1 (commit) and 2 (probe)");
   }
-  const std::string op_name = name + suffixes[mode];
+  return name + suffixes[code];
+}
+
+// The scalar state a family keeps must come with every update, in a dtype the kernels know; the
+// addresses and the code are on the host, so both paths are checked here.
+void check_scalar_buffers(int family, const UpdateBuffers& buffers, const char* op) {
+  dispatch_family(family, op, [&](auto traits) {
+    using Traits = decltype(traits);
+    for (int s = 0; s < kNumScalarStates<Traits>; ++s) {
+      if (buffers.scalars[s] == nullptr && buffers.num_agents > 0) {
+        throw std::invalid_argument(std::string(op) + ": the scalar state buffer " +
+                                    Traits::kScalarStates[s].name + " is missing; pass it");
+      }
+    }
+    if (kNumScalarStates<Traits> > 0) dispatch_dtype(buffers.scalar_dtype, op, [](auto) {});
+  });
+}
+
+// Runs the CPU or CUDA update without the GIL; the CPU path checks the chunk table and the rows
+// against the buffers first (a device-resident table cannot be read without a synchronization).
+void update(int family, int device, uintptr_t stream, const UpdateBuffers& buffers) {
+  dispatch_family(family, "update", [](auto) {});
+  const std::string op_name = update_op_name(family, buffers.mode);
   const char* op = op_name.c_str();
+  check_scalar_buffers(family, buffers, op);
   py::gil_scoped_release no_gil;
   if (device == kCpuDevice) {
     check_chunk_table(op, buffers.chunks, buffers.num_chunks, nullptr, buffers.num_agents,
                       buffers.numel);
     check_update_buffers(family, buffers, op);
-    update_cpu(family, buffers);
+    update_cpu(family, buffers, op);
   } else {
 #if defined(KPG_WITH_CUDA)
-    update_cuda(family, buffers, device, stream_of(stream));
+    update_cuda(family, buffers, device, stream_of(stream), op);
+#else
+    (void)stream;
+    no_cuda_build(op);
+#endif
+  }
+}
+
+// The per-agent gradient norms on the CPU or CUDA, without the GIL; the CPU path checks the chunk
+// table first.
+void agent_grad_norms(int device, uintptr_t stream, const NormBuffers& buffers) {
+  const char* op = "agent_grad_norms";
+  py::gil_scoped_release no_gil;
+  if (device == kCpuDevice) {
+    check_chunk_table(op, buffers.chunks, buffers.num_chunks, buffers.agent_chunks,
+                      buffers.num_agents, buffers.numel);
+    agent_grad_norms_cpu(buffers);
+  } else {
+#if defined(KPG_WITH_CUDA)
+    agent_grad_norms_cuda(buffers, device, stream_of(stream));
 #else
     (void)stream;
     no_cuda_build(op);
@@ -133,7 +173,7 @@ void momentum(bool record, int device, uintptr_t stream, int dtype, uintptr_t pa
 }
 
 // Every named optimizer as Python sees it: family code, torch's default lr, hyperparameters (name,
-// width, kind, default) in row order, state tensor names.
+// width, kind, default) in row order, state tensor names and starts, scalar states (name, initial).
 py::dict optimizers() {
   py::dict table;
   for (const OptimizerEntry& entry : kOptimizers) {
@@ -155,10 +195,14 @@ py::dict optimizers() {
       py::list state_initial;
       for (const char* name : Traits::kStates) states.append(name);
       for (int row_entry : Traits::kStateInitial) state_initial.append(row_entry);
+      py::list scalar_states;
+      for (const ScalarStateSpec& spec : Traits::kScalarStates)
+        scalar_states.append(py::make_tuple(spec.name, spec.initial));
       table[entry.name] =
           py::dict("family"_a = static_cast<int>(entry.family), "default_lr"_a = entry.default_lr,
                    "row_width"_a = static_cast<int>(Traits::kRowWidth), "hyperparameters"_a = hyper,
-                   "states"_a = states, "state_initial"_a = state_initial);
+                   "states"_a = states, "state_initial"_a = state_initial,
+                   "scalar_states"_a = scalar_states);
     });
   }
   return table;
@@ -187,7 +231,7 @@ py::array_t<bool> kept_states(int family, const Rows& rows) {
     for (int64_t a = 0; a < agents; ++a) {
       const double* row = data + a * Traits::kRowWidth;
       for (int s = 0; s < Traits::kNumStates; ++s)
-        out[a * Traits::kNumStates + s] = Traits::keeps_state(row, s);
+        out[a * Traits::kNumStates + s] = keeps_state<Traits>(row, s);
     }
     return kept;
   });
@@ -316,6 +360,7 @@ PYBIND11_MODULE(_C, m) {
   modes["commit"] = static_cast<int>(UpdateMode::Commit);
   modes["probe"] = static_cast<int>(UpdateMode::Probe);
   m.attr("UPDATE_MODES") = modes;
+  m.attr("MAX_SCALAR_STATES") = kMaxScalarStates;
   m.def("kept_states", &kept_states, "family"_a, "rows"_a);
   m.def("invalid_row", &invalid_row, "family"_a, "rows"_a);
 
@@ -354,50 +399,54 @@ PYBIND11_MODULE(_C, m) {
               b.state[s] = s < static_cast<int>(values.size()) ? address<void>(values[s]) : nullptr;
             }
           })
+      .def_property(
+          "scalars",
+          [](const UpdateBuffers& b) {
+            py::list out;
+            for (void* s : b.scalars) out.append(reinterpret_cast<uintptr_t>(s));
+            return out;
+          },
+          [](UpdateBuffers& b, const std::vector<uintptr_t>& values) {
+            if (values.size() > static_cast<size_t>(kMaxScalarStates)) {
+              throw std::invalid_argument("UpdateBuffers.scalars takes at most " +
+                                          std::to_string(kMaxScalarStates) + " addresses");
+            }
+            for (int s = 0; s < kMaxScalarStates; ++s) {
+              b.scalars[s] =
+                  s < static_cast<int>(values.size()) ? address<void>(values[s]) : nullptr;
+            }
+          })
       .def_readwrite("num_chunks", &UpdateBuffers::num_chunks)
       .def_readwrite("num_agents", &UpdateBuffers::num_agents)
       .def_readwrite("numel", &UpdateBuffers::numel)
       .def_readwrite("dtype", &UpdateBuffers::dtype)
+      .def_readwrite("scalar_dtype", &UpdateBuffers::scalar_dtype)
       .def_property(
           "mode", [](const UpdateBuffers& b) { return static_cast<int>(b.mode); },
           [](UpdateBuffers& b, int mode) { b.mode = static_cast<UpdateMode>(mode); });
   m.def("update", &update, "family"_a, "device"_a, "stream"_a, "buffers"_a);
 
-  m.def(
-      "agent_grad_norms",
-      [](int device, uintptr_t stream, int dtype, uintptr_t grad, uintptr_t chunks,
-         uintptr_t agent_chunks, int64_t num_chunks, int64_t num_agents, int64_t numel,
-         uintptr_t chunk_sq, uintptr_t max_norm, uintptr_t norm, uintptr_t grad_scale,
-         uintptr_t nonfinite) {
-        const NormBuffers buffers{address<const void>(grad),
-                                  address<const int64_t>(chunks),
-                                  address<const int64_t>(agent_chunks),
-                                  num_chunks,
-                                  num_agents,
-                                  numel,
-                                  address<double>(chunk_sq),
-                                  address<const double>(max_norm),
-                                  address<double>(norm),
-                                  address<double>(grad_scale),
-                                  address<uint8_t>(nonfinite),
-                                  dtype};
-        py::gil_scoped_release no_gil;
-        if (device == kCpuDevice) {
-          check_chunk_table("agent_grad_norms", buffers.chunks, num_chunks, buffers.agent_chunks,
-                            num_agents, numel);
-          agent_grad_norms_cpu(buffers);
-        } else {
-#if defined(KPG_WITH_CUDA)
-          agent_grad_norms_cuda(buffers, device, stream_of(stream));
-#else
-          (void)stream;
-          no_cuda_build("agent_grad_norms");
-#endif
-        }
-      },
-      "device"_a, "stream"_a, "dtype"_a, "grad"_a, "chunks"_a, "agent_chunks"_a, "num_chunks"_a,
-      "num_agents"_a, "numel"_a, "chunk_sq"_a, "max_norm"_a, "norm"_a, "grad_scale"_a,
-      "nonfinite"_a);
+  // The boundary of the gradient norms, by name like UpdateBuffers.
+  py::class_<NormBuffers>(m, "NormBuffers")
+      .def(py::init<>())
+#define KPG_ADDRESS_FIELD(field, type)                                                   \
+  def_property(                                                                          \
+      #field, [](const NormBuffers& b) { return reinterpret_cast<uintptr_t>(b.field); }, \
+      [](NormBuffers& b, uintptr_t value) { b.field = reinterpret_cast<type>(value); })
+      .KPG_ADDRESS_FIELD(grad, const void*)
+      .KPG_ADDRESS_FIELD(chunks, const int64_t*)
+      .KPG_ADDRESS_FIELD(agent_chunks, const int64_t*)
+      .KPG_ADDRESS_FIELD(chunk_sq, double*)
+      .KPG_ADDRESS_FIELD(max_norm, const double*)
+      .KPG_ADDRESS_FIELD(norm, double*)
+      .KPG_ADDRESS_FIELD(grad_scale, double*)
+      .KPG_ADDRESS_FIELD(nonfinite, uint8_t*)
+#undef KPG_ADDRESS_FIELD
+      .def_readwrite("num_chunks", &NormBuffers::num_chunks)
+      .def_readwrite("num_agents", &NormBuffers::num_agents)
+      .def_readwrite("numel", &NormBuffers::numel)
+      .def_readwrite("dtype", &NormBuffers::dtype);
+  m.def("agent_grad_norms", &agent_grad_norms, "device"_a, "stream"_a, "buffers"_a);
   m.def("momentum", &momentum, "record"_a, "device"_a, "stream"_a, "dtype"_a, "param"_a, "latest"_a,
         "base"_a, "anticipated"_a, "gate"_a, "latest_sq"_a, "chunk_sums"_a, "chunks"_a,
         "agent_chunks"_a, "num_chunks"_a, "num_agents"_a, "numel"_a);

@@ -85,8 +85,8 @@ void update_chunk_of_agent(const UpdateBuffers& b, const ChunkRange& r) {
     }
     return;
   }
-  const auto c =
-      Traits::template coefficients<T>(agent_row<Traits>(b, r.agent), agent_scalars(b, r.agent));
+  const auto c = Traits::template coefficients<T>(agent_row<Traits>(b, r.agent),
+                                                  agent_scalars<Traits>(b, r.agent));
   const RuntimeFlags f = agent_flags<Traits>(b, r.agent);
   dispatch_mode(b.mode, [&](auto mode) {
     dispatch_flags<Traits::kNumFlags>(f.values, [&](auto flags) {
@@ -110,7 +110,7 @@ void check_update_buffers(int family, const UpdateBuffers& b, const char* op) {
     for (int64_t a = 0; a < b.num_agents; ++a) {
       const double* row = agent_row<Traits>(b, a);
       for (int s = 0; s < Traits::kNumStates; ++s) {
-        if (b.state[s] == nullptr && Traits::keeps_state(row, s)) {
+        if (b.state[s] == nullptr && keeps_state<Traits>(row, s)) {
           throw std::invalid_argument(
               std::string(op) + ": these hyperparameters need the state buffer " +
               Traits::kStates[s] + " (agent " + std::to_string(a) + "'s row); pass it");
@@ -120,10 +120,10 @@ void check_update_buffers(int family, const UpdateBuffers& b, const char* op) {
   });
 }
 
-void update_cpu(int family, const UpdateBuffers& b) {
-  dispatch_family(family, "update", [&](auto traits) {
+void update_cpu(int family, const UpdateBuffers& b, const char* op) {
+  dispatch_family(family, op, [&](auto traits) {
     using Traits = decltype(traits);
-    dispatch_dtype(b.dtype, "update", [&](auto type_tag) {
+    dispatch_dtype(b.dtype, op, [&](auto type_tag) {
       using T = decltype(type_tag);
       auto item = [&](int64_t c) { update_chunk_of_agent<Traits, T>(b, chunk_at(b.chunks, c)); };
       if (b.mode == UpdateMode::Probe && b.num_agents > 0)

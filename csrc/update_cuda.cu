@@ -75,8 +75,9 @@ __global__ void __launch_bounds__(kCudaThreadsPerBlock) fused_update_kernel(cons
   __shared__ AgentSetup<Traits, T> shared_setup;
   if (thread == 0) {
     const double* row = agent_row<Traits>(b, r.agent);
-    AgentSetup<Traits, T> setup{Traits::template coefficients<T>(row, agent_scalars(b, r.agent)),
-                                agent_flags<Traits>(b, r.agent), true};
+    AgentSetup<Traits, T> setup{
+        Traits::template coefficients<T>(row, agent_scalars<Traits>(b, r.agent)),
+        agent_flags<Traits>(b, r.agent), true};
     // A device-resident row cannot be checked on the host (check_update_buffers) without a
     // synchronization; a row that needs a missing buffer leaves its chunk untouched instead.
     for (int s = 0; s < Traits::kNumStates; ++s) {
@@ -144,10 +145,9 @@ void launch_update(const UpdateBuffers& b, int device, void* stream, const char*
 
 }  // namespace
 
-void update_cuda(int family, const UpdateBuffers& b, int device, void* stream) {
-  dispatch_family(family, "update", [&](auto traits) {
-    launch_update<decltype(traits)>(b, device, stream, "update");
-  });
+void update_cuda(int family, const UpdateBuffers& b, int device, void* stream, const char* op) {
+  dispatch_family(family, op,
+                  [&](auto traits) { launch_update<decltype(traits)>(b, device, stream, op); });
 }
 
 }  // namespace kpg

@@ -16,11 +16,12 @@ VECTOR_BYTES: int
 MAX_STATES: int
 UPDATE_MODES: dict
 """mode name (anticipate, commit, probe) -> code of ``UpdateBuffers.mode``."""
+MAX_SCALAR_STATES: int
 DTYPES: dict
 """dtype name -> code of the parameter dtypes the kernels take."""
 OPTIMIZERS: dict
 """name -> family code, default_lr, row_width, hyperparameters (name, width, kind, default) in row
-order, states, state_initial (csrc/kpg/optimizers.h)."""
+order, states, state_initial, scalar_states (name, initial) (csrc/kpg/optimizers.h)."""
 
 def build_info() -> dict[str, bool | str]:
     """``cuda`` (bool), ``cuda_version``, ``cuda_architectures``, ``cxx_compiler`` (str)."""
@@ -55,6 +56,8 @@ class UpdateBuffers:
     grad: int
     anticipated: int
     state: list[int]
+    scalars: list[int]
+    scalar_dtype: int
     step: int
     lr: int
     hyper: int
@@ -74,22 +77,26 @@ def update(family: int, device: int, stream: int, buffers: UpdateBuffers) -> Non
     """One fused update of optimizer family ``family`` in ``buffers.mode`` (``UPDATE_MODES``: anticipate, commit
     or probe)."""
 
-def agent_grad_norms(
-    device: int,
-    stream: int,
-    dtype: int,
-    grad: int,
-    chunks: int,
-    agent_chunks: int,
-    num_chunks: int,
-    num_agents: int,
-    numel: int,
-    chunk_sq: int,
-    max_norm: int,
-    norm: int,
-    grad_scale: int,
-    nonfinite: int,
-) -> None: ...
+class NormBuffers:
+    """The buffers of one per-agent gradient-norm pass by address (0 for none); csrc/kpg/norms.h."""
+
+    grad: int
+    chunks: int
+    agent_chunks: int
+    chunk_sq: int
+    max_norm: int
+    norm: int
+    grad_scale: int
+    nonfinite: int
+    num_chunks: int
+    num_agents: int
+    numel: int
+    dtype: int
+    def __init__(self) -> None: ...
+
+def agent_grad_norms(device: int, stream: int, buffers: NormBuffers) -> None:
+    """Per-agent gradient 2-norms, clipping scales and non-finite flags (``agent_grad_norms`` in kpg._ops)."""
+
 def momentum(
     record: bool,
     device: int,

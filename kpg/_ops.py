@@ -26,13 +26,16 @@ from kpg import _C
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
 SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
 MAX_STATES = _C.MAX_STATES
+# torch.optim's dtype of per-parameter scalar state (``_get_scalar_dtype``), which kpg follows.
+SCALAR_DTYPES = (torch.float32, torch.float64)
 _CPU_DEVICE = -1
 
 
 @dataclass(frozen=True)
 class OptimizerKernel:
-    """One optimizer family as its traits type (csrc/kpg/optimizers.h) describes it: state tensors
-    and hyperparameters, whose values reach the kernels as one float64 row per agent (NOTE
+    """One optimizer family as its traits type (csrc/kpg/optimizers.h) describes it: state tensors,
+    per-parameter scalar state (NAdam's ``mu_product``; NOTE [Scalar state] there) and
+    hyperparameters, whose values reach the kernels as one float64 row per agent (NOTE
     [Hyperparameter rows] there)."""
 
     name: str
@@ -40,6 +43,11 @@ class OptimizerKernel:
     state_names: tuple[str, ...]
     hyperparameters: tuple[tuple[str, int, str, object], ...]  # (group key, row entries, kind, default)
     state_initial: tuple[int, ...]  # per state: the row entry it starts at, or -1 for zeros
+    scalar_states: tuple[tuple[str, float], ...] = ()  # (torch.optim state key, value before the first step)
+
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.scalar_states)
 
     @property
     def row_names(self) -> tuple[str, ...]:
@@ -91,7 +99,12 @@ def _table() -> tuple[dict[str, OptimizerKernel], dict[str, OptimizerEntry]]:
         family = next((k for k in kernels.values() if k.code == info["family"]), None)
         if family is None:
             family = kernels[name] = OptimizerKernel(
-                name, info["family"], tuple(info["states"]), hyper, tuple(info["state_initial"])
+                name,
+                info["family"],
+                tuple(info["states"]),
+                hyper,
+                tuple(info["state_initial"]),
+                tuple((state, initial) for state, initial in info["scalar_states"]),
             )
         entries[name] = OptimizerEntry(name, family, {h: default for h, _, _, default in hyper}, info["default_lr"])
     return kernels, entries
@@ -298,17 +311,21 @@ def _reject_meta(op: str, named: dict[str, object]) -> None:
 def _define_update_op(kernel: OptimizerKernel, mode: str):
     op = f"{kernel.name}_{mode}"
     commit = mode == "commit"
+    scalars = kernel.scalar_names
     if commit:
-        written = ("param", *kernel.state_names, "step", "live")
-        states = ", ".join(f"Tensor({chr(98 + i)}!)? {s}" for i, s in enumerate(kernel.state_names))
+        written = ("param", *kernel.state_names, *scalars, "step", "live")
+        states = ", ".join(
+            [f"Tensor({chr(98 + i)}!)? {s}" for i, s in enumerate(kernel.state_names)]
+            + [f"Tensor({chr(109 + i)}!) {s}" for i, s in enumerate(scalars)]
+        )
         buffers = f"Tensor(a!) param, Tensor grad, {states}, Tensor(z!) step, Tensor(y!) live"
     elif mode == "anticipate":
         written = ("anticipated",)
-        states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
+        states = ", ".join([f"Tensor? {s}" for s in kernel.state_names] + [f"Tensor {s}" for s in scalars])
         buffers = f"Tensor param, Tensor grad, Tensor(a!) anticipated, {states}, Tensor step, Tensor live"
     else:
         written = ("nonfinite",)
-        states = ", ".join(f"Tensor? {s}" for s in kernel.state_names)
+        states = ", ".join([f"Tensor? {s}" for s in kernel.state_names] + [f"Tensor {s}" for s in scalars])
         buffers = f"Tensor param, Tensor grad, {states}, Tensor step, Tensor live"
     flags = ", Tensor(a!) nonfinite" if mode == "probe" else ""
     schema = f"({buffers}, Tensor lr, Tensor hyper, Tensor? grad_scale, Tensor? skip, Tensor chunks{flags}) -> ()"
@@ -335,6 +352,12 @@ def _define_update_op(kernel: OptimizerKernel, mode: str):
                 "nonfinite": (a.get("nonfinite"), torch.uint8),
             },
         )
+        scalar_dtype = a[scalars[0]].dtype if scalars else torch.float32
+        if scalar_dtype not in SCALAR_DTYPES:
+            raise ValueError(
+                f"{op}: {scalars[0]} must be float32 or float64 (torch.optim's scalar state dtype), got {scalar_dtype}"
+            )
+        _check_agent_tensors(op, param.device, num_agents, {s: (a[s], scalar_dtype) for s in scalars})
         for name, dtype, columns in (("hyper", torch.float64, width), ("live", torch.uint8, _C.MAX_STATES)):
             t = a[name]
             if (
@@ -351,6 +374,7 @@ def _define_update_op(kernel: OptimizerKernel, mode: str):
         everything = {
             "param": param,
             **arena,
+            **{s: a[s] for s in scalars},
             **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")},
             "nonfinite": a.get("nonfinite"),
         }
@@ -362,6 +386,8 @@ def _define_update_op(kernel: OptimizerKernel, mode: str):
         buffers.param, buffers.grad = param.data_ptr(), a["grad"].data_ptr()
         buffers.anticipated = _address(a.get("anticipated"))
         buffers.state = [_address(a[s]) for s in kernel.state_names]
+        buffers.scalars = [a[s].data_ptr() for s in scalars]
+        buffers.scalar_dtype = _DTYPE_CODES[scalar_dtype]
         buffers.step, buffers.live = a["step"].data_ptr(), a["live"].data_ptr()
         buffers.lr, buffers.hyper = a["lr"].data_ptr(), a["hyper"].data_ptr()
         buffers.grad_scale, buffers.skip = _address(a["grad_scale"]), _address(a["skip"])
@@ -387,10 +413,9 @@ UPDATE_OPS = {
 # (uint8, one per agent), set to 1 where the commit would write an inf or NaN parameter or state value
 # and to 0 elsewhere; nothing else is written.
 PROBE_OPS = {kind: _define_update_op(kernel, "probe") for kind, kernel in KERNELS.items()}
-sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
-adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
-rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]
-adagrad_anticipate, adagrad_commit = UPDATE_OPS[("adagrad", False)], UPDATE_OPS[("adagrad", True)]
+# Each op also as kpg._ops.<family>_<mode> (adam_commit, adam_probe), named from the table.
+globals().update({f"{kind}_{'commit' if commit else 'anticipate'}": op for (kind, commit), op in UPDATE_OPS.items()})
+globals().update({f"{kind}_probe": op for kind, op in PROBE_OPS.items()})
 
 
 @torch.library.custom_op("kpg::agent_grad_norms", mutates_args=("chunk_sq", "norm", "grad_scale", "nonfinite"))
@@ -455,22 +480,13 @@ def agent_grad_norms(
     _check_disjoint(op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"))
     _check_device_chunk_table(op, chunks, agent_chunks, num_agents, grad.numel())
     device, stream = _device_and_stream(grad)
-    _C.agent_grad_norms(
-        device,
-        stream,
-        _DTYPE_CODES[grad.dtype],
-        grad.data_ptr(),
-        chunks.data_ptr(),
-        agent_chunks.data_ptr(),
-        chunks.shape[0],
-        num_agents,
-        grad.numel(),
-        chunk_sq.data_ptr(),
-        _address(max_norm),
-        norm.data_ptr(),
-        grad_scale.data_ptr(),
-        nonfinite.data_ptr(),
-    )
+    buffers = _C.NormBuffers()
+    buffers.grad, buffers.chunks, buffers.agent_chunks = grad.data_ptr(), chunks.data_ptr(), agent_chunks.data_ptr()
+    buffers.num_chunks, buffers.num_agents, buffers.numel = chunks.shape[0], num_agents, grad.numel()
+    buffers.chunk_sq, buffers.max_norm, buffers.norm = chunk_sq.data_ptr(), _address(max_norm), norm.data_ptr()
+    buffers.grad_scale, buffers.nonfinite = grad_scale.data_ptr(), nonfinite.data_ptr()
+    buffers.dtype = _DTYPE_CODES[grad.dtype]
+    _C.agent_grad_norms(device, stream, buffers)
 
 
 @agent_grad_norms.register_fake

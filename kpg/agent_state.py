@@ -58,6 +58,12 @@ class AgentState:
         # parameter: a piece that backward did not reach is not stepped (NOTE [No gradient, not stepped]).
         self._step = torch.zeros(pieces, **f64)
         self._live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8, device=device)
+        # Per-piece scalar state (NAdam's mu_product) in torch.optim's scalar dtype (_get_scalar_dtype).
+        scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        self._scalar_states = {
+            name: torch.full((pieces,), initial, dtype=scalar_dtype, device=device)
+            for name, initial in kernel.scalar_states
+        }
         # Per-agent values the kernels read, in one device buffer filled by one copy (sync).
         width = len(kernel.row_names)
         self._group_keys = ("lr", "max_grad_norm", *(h[0] for h in kernel.hyperparameters))
@@ -106,6 +112,12 @@ class AgentState:
         return self._live
 
     @property
+    def scalar_states(self) -> Mapping[str, Tensor]:
+        """Per scalar state name (the kernel's ``scalar_names``: NAdam's ``mu_product``), its
+        ``[pieces]`` values."""
+        return MappingProxyType(self._scalar_states)
+
+    @property
     def lr(self) -> Tensor:
         """float64 ``[agents]``: the learning rates of the last :meth:`sync`."""
         return self._lr
@@ -128,6 +140,7 @@ class AgentState:
             grad=self._arena.grad,
             **anticipated,
             **self._state_buffers,
+            **self._scalar_states,
             step=self._step,
             live=self._live,
             lr=self._piece_lr,
@@ -220,7 +233,7 @@ class AgentState:
 
     def initialize_states(self, agents: Iterable[int], param_groups: Sequence[dict[str, Any]]) -> None:
         """Sets the agents' state to where torch.optim starts it (zeros, or a hyperparameter's value:
-        Adagrad's initial_accumulator_value) and marks it not live."""
+        Adagrad's initial_accumulator_value; scalar state at its initial value) and marks it not live."""
         for name, start in zip(self._kernel.state_names, self._kernel.state_initial):
             buffer = self._state_buffers[name]
             if buffer is None:
@@ -233,6 +246,8 @@ class AgentState:
         first = self._arena.agent_first_piece
         for agent in agents:
             self._live[first[agent] : first[agent + 1]].zero_()
+            for name, initial in self._kernel.scalar_states:
+                self._scalar_states[name][first[agent] : first[agent + 1]].fill_(initial)
 
     def torch_state(self) -> dict[Tensor, dict[str, Tensor]]:
         """torch.optim's per-parameter ``state`` as views of these tensors: per tensor of the
@@ -242,6 +257,7 @@ class AgentState:
         return {
             p: {
                 "step": self._step[first[agent] + index],
+                **{name: values[first[agent] + index] for name, values in self._scalar_states.items()},
                 **{name: views[agent][index] for name, views in buffer_views.items()},
             }
             for agent, tensors in enumerate(self._arena.agent_tensors)
@@ -251,7 +267,8 @@ class AgentState:
     def load(self, staged: StagedState, param_groups: Sequence[dict[str, Any]]) -> bool:
         """Copies a checked state dict in (``param_groups`` already hold its settings): the state
         buffers its tensors need are created, every agent's state starts afresh and takes the saved
-        values, step counts and liveness. Nothing here raises. Returns whether it created a buffer."""
+        values, step counts, liveness and scalar state. Nothing here raises. Returns whether
+        :meth:`torch_state`'s tensors changed (a buffer created, the scalar state replaced)."""
         created = self.sync(param_groups)
         for name in {name for _, name, _, _ in staged.tensors}:
             if self._state_buffers[name] is None:
@@ -264,11 +281,16 @@ class AgentState:
                 views[name][agent][position].copy_(value)
             self._step.copy_(staged.steps)
             self._live.copy_(staged.live)
-        return created
+            # torch.optim's load_state_dict casts per-parameter state other than step to the
+            # parameter's dtype, NAdam's mu_product included; its later steps compute in that dtype.
+            for name, values in staged.scalars.items():
+                self._scalar_states[name] = values.to(self._arena.param)
+        return created or bool(self._scalar_states)
 
     def replicated_tensors(self) -> list[Tensor]:
-        """The optimizer state every data-parallel rank must hold alike: state buffers and step counts."""
-        return [*(b for b in self._state_buffers.values() if b is not None), self._step]
+        """The optimizer state every data-parallel rank must hold alike: state buffers, step counts and
+        scalar state."""
+        return [*(b for b in self._state_buffers.values() if b is not None), self._step, *self._scalar_states.values()]
 
     # ---- the fused update ---------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ class KPGOptimizer(torch.optim.Optimizer):
             An ``nn.ModuleList`` / ``nn.ModuleDict`` is refused (it could mean either); parameters
             must be leaf tensors.
         k: recursion depth; ``k=1`` is the plain optimizer step, ``k=2`` the practical default.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``, with
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"nadam"`` or ``"radam"``, with
             ``torch.optim``'s hyperparameters and defaults (``betas``, ``eps``, ``weight_decay``,
             ``momentum``, ...; ``kpg._ops.OPTIMIZERS`` lists them, read from the kernels' table).
         lr: learning rate (a float or a one-element tensor, as torch.optim takes), or one per agent.
@@ -283,9 +283,7 @@ class KPGOptimizer(torch.optim.Optimizer):
         agent has not used yet (SGD's momentum buffer before momentum was on) is left out, as
         torch.optim keeps none."""
         state = super().state_dict()
-        state["state"] = exported_state(
-            state["state"], self.param_groups, self._agent_state.live, self._kernel.state_names
-        )
+        state["state"] = exported_state(state["state"], self.param_groups, self._agent_state.live, self._kernel)
         state["kpg"] = {"k": self.k, "optimizer": self.optimizer_name, "nonfinite": self.nonfinite}
         if self._momentum is not None:
             state["kpg"]["anticipation"] = self._momentum.state_dict()

@@ -105,12 +105,14 @@ def _invalid_row(kernel: ops.OptimizerKernel, groups: Sequence[dict[str, Any]]) 
 
 
 def exported_state(
-    state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor, state_names: Sequence[str]
+    state: dict[str, Any], param_groups: Sequence[dict[str, Any]], live: Tensor, kernel: ops.OptimizerKernel
 ) -> dict[str, Any]:
     """torch.optim's ``state`` entries of ``Optimizer.state_dict()`` with tensors copied out of the
-    arena; a state tensor a parameter has not used yet (``live`` [pieces, states] is 0, the pieces
-    numbered as the groups' parameters) is left out, as torch.optim keeps none."""
+    arena: ``step`` and the scalar state (NAdam's ``mu_product``) always; a state tensor a parameter
+    has not used yet (``live`` [pieces, states] is 0, the pieces numbered as the groups' parameters)
+    is left out, as torch.optim keeps none."""
     live = live.cpu()
+    state_names, always = kernel.state_names, ("step", *kernel.scalar_names)
     exported = dict(state)
     index = 0
     for group in param_groups:
@@ -119,7 +121,7 @@ def exported_state(
             exported[index] = {
                 name: t.clone()
                 for name, t in entry.items()
-                if name == "step" or (name in state_names and live[index, state_names.index(name)])
+                if name in always or (name in state_names and live[index, state_names.index(name)])
             }
             index += 1
     return exported
@@ -133,6 +135,7 @@ class StagedState:
     tensors: list[tuple[int, str, int, Tensor]]  # (agent, state name, parameter position, value)
     steps: Tensor  # [pieces] float64 on the CPU: every agent's parameters, in the groups' order
     live: Tensor  # [pieces, states] uint8 on the CPU
+    scalars: dict[str, Tensor]  # scalar state name -> [pieces] float64 on the CPU (initial where not saved)
     k: int | None  # the saved k, if any
     nonfinite: str | None  # the saved nonfinite policy, if any
 
@@ -187,6 +190,7 @@ def stage_state_dict(
     pieces = sum(len(group["params"]) for group in param_groups)
     steps = torch.zeros(pieces, dtype=torch.float64)
     live = torch.zeros(pieces, ops.MAX_STATES, dtype=torch.uint8)
+    scalars = {name: torch.full((pieces,), initial, dtype=torch.float64) for name, initial in kernel.scalar_states}
     piece = 0
     for agent, (group, saved_group) in enumerate(zip(param_groups, groups)):
         if len(saved_group["params"]) != len(group["params"]):
@@ -203,6 +207,15 @@ def stage_state_dict(
                 steps[piece + position] = _checked_step(saved["step"], agent)
             for name in present:
                 live[piece + position, names.index(name)] = 1
+            for name in kernel.scalar_names:
+                if name in saved:
+                    scalars[name][piece + position] = _checked_scalar(saved[name], name, agent)
+                elif present:
+                    raise ValueError(
+                        f"agent {agent}'s saved state has {', '.join(map(repr, present))} but no {name!r}, which "
+                        f"{optimizer_name!r} keeps beside them (torch.optim's too): the state dict is of another "
+                        f"optimizer or was edited; load it into the optimizer that wrote it"
+                    )
             for name in present:
                 value = torch.as_tensor(saved[name])
                 if not value.is_floating_point():
@@ -229,7 +242,22 @@ def stage_state_dict(
                     )
                 staged.append((agent, name, position, value))
         piece += len(group["params"])
-    return StagedState(merged, staged, steps, live, extra.get("k"), extra.get("nonfinite"))
+    return StagedState(merged, staged, steps, live, scalars, extra.get("k"), extra.get("nonfinite"))
+
+
+def _checked_scalar(value: Any, name: str, agent: int) -> float:
+    """A saved scalar state (NAdam's mu_product) as a float, refused unless it is one finite number."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point() or is_real(value):
+        number = float(value)
+    else:
+        shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+        raise ValueError(f"agent {agent}'s saved {name!r} is {shape}; expected one floating-point number")
+    if not math.isfinite(number):
+        raise ValueError(
+            f"agent {agent}'s saved {name!r} is {number!r}; it must be finite: the saved run had already diverged "
+            "or the state dict was edited"
+        )
+    return number
 
 
 def _checked_step(value: Any, agent: int) -> float:
@@ -259,13 +287,18 @@ def _check_same_optimizer(state_dict: dict[str, Any], kernel: ops.OptimizerKerne
     own_keys = {name for name, *_ in kernel.hyperparameters}
     others = [entry for entry in ops.OPTIMIZERS.values() if entry.kernel is not kernel]
     foreign_keys = {key for entry in others for key in entry.defaults} - own_keys
-    foreign_states = {name for entry in others for name in entry.kernel.state_names} - set(kernel.state_names)
+    foreign_states = {name for entry in others for name in (*entry.kernel.state_names, *entry.kernel.scalar_names)} - {
+        *kernel.state_names,
+        *kernel.scalar_names,
+    }
     keys = {key for group in state_dict["param_groups"] if isinstance(group, dict) for key in group}
     states = {name for saved in state_dict["state"].values() if isinstance(saved, dict) for name in saved}
     found = sorted(keys & foreign_keys) + sorted(states & foreign_states)
     if not found:
         return
-    source = next((entry.name for entry in others if set(entry.defaults) <= keys), None)
+    # The optimizer whose hyperparameters the groups hold, the most specific one (NAdam's include RAdam's).
+    sources = [entry for entry in others if set(entry.defaults) <= keys]
+    source = max(sources, key=lambda entry: len(entry.defaults)).name if sources else None
     looks_like = f"a state dict of {source!r}" if source else "another optimizer's state dict"
     fix = f"load it into KPGOptimizer(..., optimizer={source!r})" if source else "load it into that optimizer"
     raise ValueError(

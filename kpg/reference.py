@@ -2,14 +2,18 @@
 
 Every function has the name and the arguments of its op in ``kpg._ops`` (``torch.ops.kpg``) and
 does, agent by agent, what ``torch.optim``'s single-tensor code does to one parameter tensor:
-``_single_tensor_sgd``, ``_single_tensor_adam``, ``_single_tensor_rmsprop`` and
-``_single_tensor_adagrad``, with the agent's own hyperparameter row (``hyper``, one row per agent
+``_single_tensor_sgd``, ``_single_tensor_adam``, ``_single_tensor_rmsprop``,
+``_single_tensor_adagrad``, ``_single_tensor_nadam`` and ``_single_tensor_radam``, with the agent's
+own hyperparameter row (``hyper``, one row per agent
 in the order of :attr:`kpg._ops.OptimizerKernel.row_names`), after the gradient is multiplied by the
 agent's ``grad_scale`` (per-agent ``clip_grad_norm_``). Agents whose ``skip`` flag is set are left
 as they are (in anticipate mode their level parameters are their base parameters), their step
 count does not advance and their state stays as it was. ``live[agent, s]`` says whether state
 tensor s holds values: SGD's momentum buffer starts from the gradient where it does not, as torch's
 does the first time momentum is on; a commit marks the state tensors the agent's row keeps.
+Per-parameter scalar state (NAdam's ``mu_product``, one 0-dim value per agent in the dtype of its
+tensor) is advanced once per agent and step, as torch advances its 0-dim tensor, before the update
+reads it; a commit keeps the advanced value.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _scaled_grad(grad: Tensor, scale: float | None, maximize: bool) -> Tensor:
     return -grad if maximize else grad
 
 
-def _sgd(p, g, states, h, lr, steps_taken, scale, live):
+def _sgd(p, g, states, scalars, h, lr, steps_taken, scale, live):
     (buf,) = states
     g = _scaled_grad(g, scale, h["maximize"])
     if h["weight_decay"] != 0:
@@ -49,7 +53,7 @@ def _sgd(p, g, states, h, lr, steps_taken, scale, live):
     p.add_(g, alpha=-lr)
 
 
-def _adam(p, g, states, h, lr, steps_taken, scale, live):
+def _adam(p, g, states, scalars, h, lr, steps_taken, scale, live):
     m, v, v_max = states
     beta1, beta2, eps, weight_decay = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
     g = _scaled_grad(g, scale, h["maximize"])
@@ -73,7 +77,7 @@ def _adam(p, g, states, h, lr, steps_taken, scale, live):
     p.addcdiv_(m, denom, value=-step_size)
 
 
-def _rmsprop(p, g, states, h, lr, steps_taken, scale, live):
+def _rmsprop(p, g, states, scalars, h, lr, steps_taken, scale, live):
     sq, buf, g_avg = states
     alpha = h["alpha"]
     g = _scaled_grad(g, scale, h["maximize"])
@@ -93,7 +97,7 @@ def _rmsprop(p, g, states, h, lr, steps_taken, scale, live):
         p.addcdiv_(g, avg, value=-lr)
 
 
-def _adagrad(p, g, states, h, lr, steps_taken, scale, live):
+def _adagrad(p, g, states, scalars, h, lr, steps_taken, scale, live):
     (state_sum,) = states
     g = _scaled_grad(g, scale, h["maximize"])
     if h["weight_decay"] != 0:
@@ -104,10 +108,67 @@ def _adagrad(p, g, states, h, lr, steps_taken, scale, live):
     p.addcdiv_(g, std, value=-clr)
 
 
-_UPDATES = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad}
+def _nadam_mu(h, step):
+    return h["beta1"] * (1.0 - 0.5 * (0.96 ** (step * h["momentum_decay"])))
 
 
-def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, grad_scale, skip, chunks):
+def _advance_nadam(scalars, h, steps_taken):
+    (mu_product,) = scalars
+    mu_product *= _nadam_mu(h, steps_taken + 1)
+
+
+def _nadam(p, g, states, scalars, h, lr, steps_taken, scale, live):
+    m, v = states
+    mu_product = float(scalars[0])
+    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
+    g = _scaled_grad(g, scale, h["maximize"])
+    t = steps_taken + 1
+    bias_correction2 = 1 - beta2**t
+    if weight_decay != 0:
+        if h["decoupled_weight_decay"]:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    mu, mu_next = _nadam_mu(h, t), _nadam_mu(h, t + 1)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.div(bias_correction2).sqrt().add_(h["eps"])
+    mu_product_next = mu_product * mu_next
+    p.addcdiv_(g, denom, value=-lr * (1.0 - mu) / (1.0 - mu_product))
+    p.addcdiv_(m, denom, value=(-lr * mu_next) / (1.0 - mu_product_next))
+
+
+def _radam(p, g, states, scalars, h, lr, steps_taken, scale, live):
+    m, v = states
+    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
+    g = _scaled_grad(g, scale, h["maximize"])
+    if weight_decay != 0:
+        if h["decoupled_weight_decay"]:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    t = steps_taken + 1
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    bias_corrected = m / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * (beta2**t) / bias_correction2
+    if rho_t > 5.0:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive_lr = (bias_correction2**0.5) / v.sqrt().add_(h["eps"])
+        p.add_(bias_corrected * lr * adaptive_lr * rect, alpha=-1.0)
+    else:
+        p.add_(bias_corrected * lr, alpha=-1.0)
+
+
+_UPDATES = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad, "nadam": _nadam, "radam": _radam}
+# How a step advances a family's per-parameter scalar state, before the update reads it.
+_SCALAR_ADVANCES = {"nadam": _advance_nadam}
+
+
+def _run(kind, commit, param, grad, anticipated, states, scalars, step, live, lr, hyper, grad_scale, skip, chunks):
     """Applies the family's update to every chunk row with its agent's values. Commit mode updates
     the slices in place; anticipate mode updates clones and writes only the parameters."""
     kernel = KERNELS[kind]
@@ -115,6 +176,11 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
     steps, lrs, lives = step.cpu().tolist(), lr.cpu().tolist(), live.cpu().tolist()
     scales = grad_scale.cpu().tolist() if grad_scale is not None else [None] * len(steps)
     skips = skip.cpu().tolist() if skip is not None else [0] * len(steps)
+    # Every agent's scalar state as this step leaves it: 0-dim tensors of the scalar state's dtype.
+    advanced = [[s[agent].cpu().clone() for s in scalars] for agent in range(len(steps))]
+    if scalars:
+        for agent, agent_scalars in enumerate(advanced):
+            _SCALAR_ADVANCES[kind](agent_scalars, rows[agent], steps[agent])
     for agent, segment in agent_segments(chunks):
         if skips[agent]:
             if not commit:
@@ -123,7 +189,15 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
         p = param[segment] if commit else param[segment].clone()
         agent_states = [None if s is None else (s[segment] if commit else s[segment].clone()) for s in states]
         _UPDATES[kind](
-            p, grad[segment], agent_states, rows[agent], lrs[agent], steps[agent], scales[agent], lives[agent]
+            p,
+            grad[segment],
+            agent_states,
+            advanced[agent],
+            rows[agent],
+            lrs[agent],
+            steps[agent],
+            scales[agent],
+            lives[agent],
         )
         if not commit:
             anticipated[segment] = p
@@ -132,6 +206,8 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
             if skips[agent]:
                 continue
             step[agent] += 1.0
+            for s, value in zip(scalars, advanced[agent]):
+                s[agent] = value
             kept = kernel.kept_states(row.reshape(1, -1))[0]
             for s, keep in enumerate(kept):
                 if keep:
@@ -140,9 +216,9 @@ def _run(kind, commit, param, grad, anticipated, states, step, live, lr, hyper, 
 
 def _make(kind: str, commit: bool):
     """The reference of op ``<kind>_<mode>``: the op's arguments, by position or by name."""
-    names = KERNELS[kind].state_names
+    names, scalar_names = KERNELS[kind].state_names, KERNELS[kind].scalar_names
     per_agent = ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")
-    arguments = ("param", "grad", *(() if commit else ("anticipated",)), *names, *per_agent)
+    arguments = ("param", "grad", *(() if commit else ("anticipated",)), *names, *scalar_names, *per_agent)
 
     def update(*args, **kwargs) -> None:
         values = dict(zip(arguments, args)) | kwargs
@@ -156,6 +232,7 @@ def _make(kind: str, commit: bool):
             values["grad"],
             values.get("anticipated"),
             [values[n] for n in names],
+            [values[n] for n in scalar_names],
             *(values[n] for n in per_agent),
         )
 
@@ -165,10 +242,8 @@ def _make(kind: str, commit: bool):
 
 
 UPDATE_OPS = {(kind, commit): _make(kind, commit) for kind in KERNELS for commit in (False, True)}
-sgd_anticipate, sgd_commit = UPDATE_OPS[("sgd", False)], UPDATE_OPS[("sgd", True)]
-adam_anticipate, adam_commit = UPDATE_OPS[("adam", False)], UPDATE_OPS[("adam", True)]
-rmsprop_anticipate, rmsprop_commit = UPDATE_OPS[("rmsprop", False)], UPDATE_OPS[("rmsprop", True)]
-adagrad_anticipate, adagrad_commit = UPDATE_OPS[("adagrad", False)], UPDATE_OPS[("adagrad", True)]
+# Each reference also as kpg.reference.<family>_<mode>, as kpg._ops names its op.
+globals().update({update.__name__: update for update in UPDATE_OPS.values()})
 
 
 def agent_grad_norms(grad, chunks, agent_chunks, chunk_sq, max_norm, norm, grad_scale, nonfinite) -> None:

@@ -38,12 +38,13 @@ from kpg import _ops as ops
 
 # The test problems the pytest suites use, from a module that needs torch and kpg only.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from cases import UPDATE_CASES, KMappoMinibatch  # noqa: E402
+from cases import CONFIGS, UPDATE_CASES, KMappoMinibatch  # noqa: E402
 
 # Agent sizes around the vector width and both paths' chunk sizes, with an empty agent.
 SIZES = [0, 1, 3, 4, 5, 8191, 8192, 8193, 1027, 2051, 16385, 7]
-# Adam: units in the last place of the tensor's scale that pow's rounding may move a result.
-ADAM_ULPS = 4
+# Optimizers whose coefficients use pow (Adam, NAdam, RAdam; cases.OptimizerInfo.bitwise_across_devices):
+# units in the last place of the tensor's scale that pow's rounding may move a result.
+POW_ULPS = 4
 
 
 def arena_inputs(kind, dtype, offset, seed):
@@ -61,6 +62,8 @@ def arena_inputs(kind, dtype, offset, seed):
         "param": buffer(torch.randn(n, dtype=dtype, generator=g)),
         "grad": buffer(torch.randn(n, dtype=dtype, generator=g)),
         **{name: buffer(torch.rand(n, dtype=dtype, generator=g)) for name in ops.KERNELS[kind].state_names},
+        # Scalar state as torch.optim keeps it (float32), somewhere between its start and zero.
+        **{name: torch.rand(a, generator=g) * initial for name, initial in ops.KERNELS[kind].scalar_states},
         "step": (torch.arange(a, dtype=torch.float64) % 4),
         # Agents that have stepped hold live state; the others take their first-step path.
         "live": (torch.arange(a) % 4 != 0).to(torch.uint8)[:, None].expand(a, ops.MAX_STATES).contiguous(),
@@ -83,7 +86,7 @@ def run_update(kind, hyper, commit, tensors, device):
     args = dict(param=moved["param"], grad=moved["grad"])
     if not commit:
         args["anticipated"] = anticipated
-    args.update({name: moved[name] for name in ops.KERNELS[kind].state_names})
+    args.update({name: moved[name] for name in (*ops.KERNELS[kind].state_names, *ops.KERNELS[kind].scalar_names)})
     args.update(
         step=moved["step"],
         live=moved["live"],
@@ -99,13 +102,13 @@ def run_update(kind, hyper, commit, tensors, device):
         "step": moved["step"],
         "live": moved["live"],
         "anticipated": anticipated,
-        **{name: moved[name] for name in ops.KERNELS[kind].state_names},
+        **{name: moved[name] for name in (*ops.KERNELS[kind].state_names, *ops.KERNELS[kind].scalar_names)},
     }
     return {name: t.cpu() for name, t in written.items()}
 
 
 def compare(cuda, cpu, exact, dtype):
-    """'' when equal (bit for bit, or within ADAM_ULPS of the scale), else what differs."""
+    """'' when equal (bit for bit, or within POW_ULPS of the scale), else what differs."""
     problems = []
     for name, expected in cpu.items():
         actual = cuda[name]
@@ -117,7 +120,7 @@ def compare(cuda, cpu, exact, dtype):
                 )
         else:
             scale = expected.abs().max().clamp_min(1e-30)
-            bound = ADAM_ULPS * torch.finfo(dtype).eps * scale
+            bound = POW_ULPS * torch.finfo(dtype).eps * scale
             error = (actual.double() - expected.double()).abs().max()
             if not error <= bound:
                 problems.append(f"{name}: differs by {error.item():.3e} > {bound.item():.3e}")
@@ -136,7 +139,8 @@ def check_updates(report, device="cuda"):
                     tensors = arena_inputs(kind, dtype, offset, seed)
                     cpu = run_update(kind, hyper, commit, tensors, "cpu")
                     cuda = run_update(kind, hyper, commit, tensors, device)
-                    report(label, compare(cuda, cpu, exact=kind != "adam", dtype=dtype))
+                    exact = CONFIGS[case][0].bitwise_across_devices
+                    report(label, compare(cuda, cpu, exact=exact, dtype=dtype))
 
 
 def check_norms(report, device="cuda"):

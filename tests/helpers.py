@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cases import OPTIMIZER_INFO, OPTIMIZER_INFOS
 from gymnasium import spaces
 from hypothesis import strategies as st
 from pettingzoo import ParallelEnv
@@ -89,24 +90,32 @@ def assert_as_accurate_as(actual, baseline, truth, rtol: float, what: str = ""):
 
 # ---- the torch.optim references -------------------------------------------------------------------
 
-TORCH_OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
-
 
 def torch_optimizer(name, params, lr, **hyper):
-    """torch.optim's optimizer ``name`` on its single-tensor path (``foreach=False``, and ``fused=False``
-    where it exists), the one the kernels mirror operation by operation. ``hyper`` takes torch.optim's
-    names or the kernels' (``beta1``, ``beta2``)."""
+    """torch.optim's optimizer ``name`` on its single-tensor path (cases.OptimizerInfo.torch_optimizer),
+    the one the kernels mirror operation by operation. ``hyper`` takes torch.optim's names or the
+    kernels' (``beta1``, ``beta2``)."""
     hyper = dict(hyper)
     if "beta1" in hyper:
         hyper["betas"] = (hyper.pop("beta1"), hyper.pop("beta2"))
-    extra = {"fused": False} if name in ("adam", "adamw") else {}
-    return TORCH_OPTIMIZERS[name](params, lr=lr, foreach=False, **extra, **hyper)
+    return OPTIMIZER_INFO[name].torch_optimizer(params, lr, **hyper)
+
+
+def _copied_state(state) -> dict:
+    return {p: {key: v.clone() if torch.is_tensor(v) else v for key, v in entry.items()} for p, entry in state.items()}
+
+
+def saved_state(opt: torch.optim.Optimizer) -> dict:
+    """A copy of ``opt``'s per-parameter state, for :func:`restore_state`."""
+    return _copied_state(opt.state)
+
+
+def restore_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Puts a copy of ``saved`` back as ``opt``'s state, tensors in the dtypes they had: torch.optim's
+    load_state_dict would cast state other than ``step`` to the parameter's dtype (NAdam's float32
+    ``mu_product`` would turn float64), which is a rule of loading, not part of undoing a step."""
+    opt.state.clear()
+    opt.state.update(_copied_state(saved))
 
 
 # ---- the brute-force KPG (plain PyTorch) ----------------------------------------------------------
@@ -199,7 +208,7 @@ def brute_force_step(game, optimizers, k, max_norms):
             loss = game.brute_force_loss(i, own, anticipated)
             # A parameter the loss does not reach gets no gradient (None): torch.optim leaves it as it is.
             grads = torch.autograd.grad(loss, list(own.values()), allow_unused=True)
-            saved = copy.deepcopy(opt.state_dict())
+            saved = saved_state(opt)
             with torch.no_grad():
                 for p, b, g in zip(model.parameters(), base[i].values(), grads):
                     p.copy_(b)
@@ -209,7 +218,7 @@ def brute_force_step(game, optimizers, k, max_norms):
             opt.step()
             new.append({n: p.detach().clone() for n, p in model.named_parameters()})
             if level < k:
-                opt.load_state_dict(saved)
+                restore_state(opt, saved)
         anticipated = new
 
 
@@ -233,7 +242,7 @@ def no_live(num_agents: int, device="cpu") -> torch.Tensor:
 class Arena:
     """Flat buffers of one test problem, created twice from one seed for the two implementations."""
 
-    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None, device="cpu"):
+    def __init__(self, kind, sizes, dtype, seed, warm_steps=2, nonfinite=None, device="cpu", start_step=0):
         g = torch.Generator().manual_seed(seed)
         self.offsets = [0]
         for s in sizes:
@@ -243,7 +252,11 @@ class Arena:
         self.param = torch.randn(n, dtype=dtype, generator=g)
         self.grad = torch.randn(n, dtype=dtype, generator=g)
         self.states = {name: torch.zeros(n, dtype=dtype) for name in ops.KERNELS[kind].state_names}
-        self.step = torch.zeros(a, dtype=torch.float64)
+        # Scalar state in torch.optim's default scalar dtype (NAdam's float32 mu_product).
+        self.scalars = {name: torch.full((a,), initial) for name, initial in ops.KERNELS[kind].scalar_states}
+        # Steps taken before the warm-up (its state starts from zeros all the same): a later step
+        # reaches what only later steps do (RAdam's rectified step, from the sixth on).
+        self.step = torch.full((a,), float(start_step), dtype=torch.float64)
         self.live = no_live(a)
         self.lr = torch.rand(a, dtype=torch.float64, generator=g) * 0.1
         self.grad_scale = torch.rand(a, dtype=torch.float64, generator=g) + 0.25
@@ -256,6 +269,7 @@ class Arena:
         for name in ("param", "grad", "step", "live", "lr", "grad_scale", "skip"):
             setattr(self, name, getattr(self, name).to(device))
         self.states = {name: state.to(device) for name, state in self.states.items()}
+        self.scalars = {name: scalar.to(device) for name, scalar in self.scalars.items()}
         self.warm_grads = [warm.to(device) for warm in self.warm_grads]
 
     def warm_up(self, kind, hyper):
@@ -272,6 +286,7 @@ class Arena:
             param=self.param,
             grad=self.grad,
             **self.states,
+            **self.scalars,
             step=self.step,
             live=self.live,
             lr=self.lr,
@@ -285,7 +300,7 @@ class Arena:
         return dict(param=args.pop("param"), grad=args.pop("grad"), anticipated=anticipated, **args)
 
     def tensors(self):
-        return {"param": self.param, **self.states, "step": self.step}
+        return {"param": self.param, **self.states, **self.scalars, "step": self.step}
 
     def upcast(self):
         """A float64 copy holding exactly this arena's values: the inputs of the float64 truth."""
@@ -332,66 +347,19 @@ def agent_grad_norms_of_kernel_and_reference(
 
 # ---- drawn hyperparameters (hypothesis) -----------------------------------------------------------
 
-WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.01, 1.0])
-EPS = st.sampled_from([1e-12, 1e-8, 1e-3])
-
 
 @st.composite
-def sgd_hyper(draw):
-    momentum = draw(st.sampled_from([0.0, 0.5, 0.99]))
-    dampening = draw(st.sampled_from([0.0, 0.1, 1.0]))
-    # torch.optim.SGD accepts nesterov only with momentum > 0 and zero dampening.
-    nesterov = draw(st.booleans()) if momentum > 0 and dampening == 0 else False
-    return dict(
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=draw(WEIGHT_DECAY),
-        nesterov=nesterov,
-        maximize=draw(st.booleans()),
-    )
+def drawn_hyper(draw, name: str, dtype: torch.dtype = torch.float64, row_names: bool = False):
+    """Hyperparameters of optimizer ``name`` from its fuzz domain in the table (tests/cases.py); with
+    ``row_names`` in the kernels' names (``beta1``, ``beta2``), for hyper_rows and the references."""
+    hyper = OPTIMIZER_INFO[name].fuzz(lambda values: draw(st.sampled_from(values)), dtype)
+    if row_names and "betas" in hyper:
+        hyper["beta1"], hyper["beta2"] = hyper.pop("betas")
+    return hyper
 
 
-ADAM_HYPER = st.fixed_dictionaries(
-    dict(
-        beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
-        beta2=st.sampled_from([0.0, 0.9, 0.999, 0.999999]),
-        eps=EPS,
-        weight_decay=WEIGHT_DECAY,
-        amsgrad=st.booleans(),
-        maximize=st.booleans(),
-        decoupled_weight_decay=st.booleans(),
-    )
-)
-
-
-@st.composite
-def rmsprop_hyper(draw):
-    centered = draw(st.booleans())
-    # Centered with alpha 0 estimates the variance of one sample: g*g - g*g, zero up to rounding.
-    # torch's addcmul fuses it into an FMA on AVX2 and takes the square root of -1 ulp (NaN) for
-    # about half the elements; the kernels get an exact 0. Neither is wrong; no tolerance fits.
-    alpha = draw(st.sampled_from([0.5, 0.99, 0.999999] if centered else [0.0, 0.5, 0.99, 0.999999]))
-    return dict(
-        alpha=alpha,
-        eps=draw(EPS),
-        weight_decay=draw(WEIGHT_DECAY),
-        momentum=draw(st.sampled_from([0.0, 0.5, 0.99])),
-        centered=centered,
-        maximize=draw(st.booleans()),
-    )
-
-
-ADAGRAD_HYPER = st.fixed_dictionaries(
-    dict(
-        lr_decay=st.sampled_from([0.0, 0.1, 10.0]),
-        weight_decay=WEIGHT_DECAY,
-        initial_accumulator_value=st.sampled_from([0.0, 0.1, 1e6]),
-        eps=EPS,
-        maximize=st.booleans(),
-    )
-)
-
-HYPER = {"sgd": sgd_hyper(), "adam": ADAM_HYPER, "rmsprop": rmsprop_hyper(), "adagrad": ADAGRAD_HYPER}
+# Per kernel family: the drawn hyperparameters of the optimizer of the same name (AdamW is Adam's).
+HYPER = {info.kernel: drawn_hyper(info.name, row_names=True) for info in OPTIMIZER_INFOS if info.name == info.kernel}
 
 
 # ---- threads ----------------------------------------------------------------------------------------

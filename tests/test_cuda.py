@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cases import KMappoMinibatch
+from cases import OPTIMIZER_INFOS, KMappoMinibatch
 
 import kpg
 from kpg import _C
@@ -290,13 +290,13 @@ def test_cuda_check_script_runs_its_comparisons_cpu_against_cpu(monkeypatch):
     finally:
         sys.path.pop(0)
     one_case_per_optimizer = {
-        name: cuda_checks.UPDATE_CASES[name] for name in ("sgd-plain", "adam", "rmsprop", "adagrad-decay-wd-maximize")
+        info.configs[-1].desc: cuda_checks.UPDATE_CASES[info.configs[-1].desc] for info in OPTIMIZER_INFOS
     }
     monkeypatch.setattr(cuda_checks, "UPDATE_CASES", one_case_per_optimizer)
     results = []
     for check in (cuda_checks.check_updates, cuda_checks.check_norms, cuda_checks.check_optimizer):
         check(lambda label, problem: results.append((label, problem)), device="cpu")
-    assert len(results) == 4 * 8 + 4 + 2
+    assert len(results) == len(one_case_per_optimizer) * 8 + 4 + 2
     assert [problem for _, problem in results if problem] == []
 
 

@@ -15,6 +15,7 @@ runs the nightly size.
 import copy
 
 import torch
+from cases import OPTIMIZER_INFO
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -26,60 +27,27 @@ from kpg import reference
 from helpers import (
     HYPER,
     RTOL,
-    TORCH_OPTIMIZERS,
     Arena,
     agent_grad_norms_of_kernel_and_reference,
     assert_as_accurate_as,
     assert_close_to_scale,
+    drawn_hyper,
+    restore_state,
     rows,
+    saved_state,
     torch_optimizer,
 )
 
 # Sizes of one agent's tensors: 1, around the float32 (4) and float64 (2) vector widths, odd ones.
 TENSOR_SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 17, 33])
 LR = st.sampled_from([0.0, 1e-4, 0.01, 0.3])
-WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.1])
-EPS = st.sampled_from([1e-12, 1e-8, 1e-3])
 
 
 @st.composite
 def optimizer_settings(draw, dtype):
-    name = draw(st.sampled_from(sorted(TORCH_OPTIMIZERS)))
-    if name == "sgd":
-        momentum = draw(st.sampled_from([0.0, 0.5, 0.99]))
-        dampening = draw(st.sampled_from([0.0, 0.3]))
-        nesterov = draw(st.booleans()) if momentum > 0 and dampening == 0 else False
-        hyper = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=draw(WEIGHT_DECAY))
-    elif name in ("adam", "adamw"):
-        betas = (draw(st.sampled_from([0.0, 0.5, 0.9, 0.999999])), draw(st.sampled_from([0.0, 0.9, 0.999, 0.999999])))
-        hyper = dict(betas=betas, eps=draw(EPS), weight_decay=draw(WEIGHT_DECAY), amsgrad=draw(st.booleans()))
-    elif name == "adagrad":
-        hyper = dict(
-            lr_decay=draw(st.sampled_from([0.0, 0.1])),
-            weight_decay=draw(WEIGHT_DECAY),
-            initial_accumulator_value=draw(st.sampled_from([0.0, 0.1, 2.0])),
-            eps=draw(EPS),
-        )
-    else:
-        centered = draw(st.booleans())
-        # Centered with alpha 0 takes the square root of g*g - g*g: zero or -1 ulp, see test_properties.py.
-        alphas = [0.5, 0.99] if centered else [0.0, 0.5, 0.99]
-        # RMSprop has no bias correction: its first steps are lr * g / sqrt((1 - alpha) g^2), which
-        # multiplies one float32 rounding difference (torch fuses addcmul into an FMA, the kernels
-        # may not) by lr / sqrt(1 - alpha), 300 at alpha 0.999999 and lr 0.3: no float32 tolerance
-        # separates that from a bug. Near-1 alphas are checked in float64, to rounding.
-        if dtype == torch.float64:
-            alphas.append(0.999999)
-        alpha = draw(st.sampled_from(alphas))
-        hyper = dict(
-            alpha=alpha,
-            eps=draw(EPS),
-            weight_decay=draw(WEIGHT_DECAY),
-            centered=centered,
-            momentum=draw(st.sampled_from([0.0, 0.5])),
-        )
-    hyper["maximize"] = draw(st.booleans())
-    return name, hyper
+    """An optimizer of the table (tests/cases.py) and hyperparameters from its fuzz domain."""
+    name = draw(st.sampled_from(sorted(OPTIMIZER_INFO)))
+    return name, draw(drawn_hyper(name, dtype))
 
 
 @st.composite
@@ -180,7 +148,7 @@ def brute_force(game, spec, dtype):
                     [x.detach() for x in anticipated],
                 )[i]
                 grads = torch.autograd.grad(loss, own)
-                saved = copy.deepcopy(opt.state_dict())
+                saved = saved_state(opt)
                 with torch.no_grad():
                     for p, b, grad in zip(agent, base[i], grads):
                         p.copy_(b)
@@ -190,7 +158,7 @@ def brute_force(game, spec, dtype):
                 opt.step()
                 new.append(game.flat(i, [p.detach().clone() for p in agent]))
                 if level < spec["k"]:
-                    opt.load_state_dict(saved)
+                    restore_state(opt, saved)
             anticipated = new
     return params, optimizers
 

@@ -42,9 +42,10 @@ def _hyper(case):
 @pytest.mark.parametrize("commit", [False, True], ids=["anticipate", "commit"])
 def test_update_matches_reference(commit, case, dtype, layout, nonfinite, device):
     """float64: the kernel equals the reference to rounding. float32: it is as accurate as the
-    float32 reference, both measured against the float64 reference on the same inputs."""
+    float32 reference, both measured against the float64 reference on the same inputs. The agents
+    are at their seventh step, past RAdam's switch to the rectified step."""
     kind, hyper = _hyper(case)
-    base = Arena(kind, layout, dtype, seed=1, nonfinite=nonfinite, device=device).warm_up(kind, hyper)
+    base = Arena(kind, layout, dtype, seed=1, nonfinite=nonfinite, device=device, start_step=4).warm_up(kind, hyper)
     runs = {"kernel": (ops, base), "reference": (reference, copy.deepcopy(base))}
     if dtype != torch.float64:
         runs["truth"] = (reference, base.upcast())
@@ -101,6 +102,10 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
     param = torch.cat(initial)
     grad = torch.zeros_like(param)
     states = {name: torch.zeros_like(param) for name in ops.KERNELS[kind].state_names}
+    # torch.optim keeps scalar state in its default scalar dtype, float32 (NAdam's mu_product).
+    scalars = {
+        name: torch.full((len(sizes),), initial, device=device) for name, initial in ops.KERNELS[kind].scalar_states
+    }
     for name, start in zip(ops.KERNELS[kind].state_names, ops.KERNELS[kind].state_initial):
         if start >= 0:  # Adagrad's sum starts at initial_accumulator_value, as torch.optim starts it
             states[name].fill_(ops.KERNELS[kind].row(hyper)[start])
@@ -127,6 +132,7 @@ def test_commit_20_steps_equals_torch_optim(case, dtype, clip, device):
             param,
             grad,
             *states.values(),
+            *scalars.values(),
             step,
             live,
             lr,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cases import OPTIMIZER_INFOS
 from torch import nn
 from torch.func import functional_call
 
@@ -543,10 +544,8 @@ def assert_twins_equal(twins, rtol=RTOL64):
             assert_close_to_scale(p.detach(), q.detach(), rtol, what=f"agent {a} {name}")
 
 
-OPTIMIZERS = {
-    "adam": ("adam", dict(betas=(0.8, 0.99), eps=1e-6)),
-    "sgd-momentum": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
-}
+# One multi-level configuration of each optimizer of the table (tests/cases.py).
+OPTIMIZERS = {info.name: (info.name, info.multi_level_configs[0].hyper) for info in OPTIMIZER_INFOS}
 LRS = [0.05, 0.02, 0.1, 0.03]
 MAX_NORMS = [0.05, 1e3, 0.2, 0.1]
 

@@ -6,21 +6,17 @@ import copy
 
 import pytest
 import torch
+from cases import CONFIGS, OPTIMIZER_INFOS
 from torch import nn
 
 import kpg
 
 from helpers import RTOL, Game, assert_close_to_scale, brute_force_step, torch_optimizer
 
-OPTIMIZERS = {
-    "sgd-momentum-decay": ("sgd", dict(momentum=0.9, weight_decay=0.1)),
-    "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.05)),
-    "adam": ("adam", dict(weight_decay=0.1)),
-    "adam-amsgrad": ("adam", dict(amsgrad=True)),
-    "adamw": ("adamw", dict(weight_decay=0.1)),
-    "rmsprop-centered-momentum": ("rmsprop", dict(momentum=0.5, centered=True, weight_decay=0.1)),
-    "adagrad": ("adagrad", dict(lr_decay=0.1, weight_decay=0.1)),
-}
+# The table's configurations (tests/cases.py); the multi-level ones for the brute force.
+OPTIMIZERS = {desc: (info.name, config.hyper) for desc, (info, config) in CONFIGS.items()}
+MULTI_LEVEL = [config.desc for info in OPTIMIZER_INFOS for config in info.multi_level_configs]
+ONE_PER_OPTIMIZER = [info.multi_level_configs[0].desc for info in OPTIMIZER_INFOS]
 
 
 class TwoHeads(nn.Module):
@@ -106,7 +102,7 @@ class GameWithSpares(Game):
 
 @pytest.mark.parametrize("closure_style", ["ctx", "no-ctx"])
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("optimizer", ["sgd-momentum-decay", "adam", "rmsprop-centered-momentum", "adagrad"])
+@pytest.mark.parametrize("optimizer", MULTI_LEVEL)
 def test_every_level_leaves_parameters_without_gradient_as_brute_force(optimizer, k, closure_style):
     name, hyper = OPTIMIZERS[optimizer]
     ours = GameWithSpares(3, torch.float64, True, False, seed=4)
@@ -128,7 +124,7 @@ def test_every_level_leaves_parameters_without_gradient_as_brute_force(optimizer
     assert all(torch.equal(m.spare, b[0]) for m, b in zip(ours.models, before))  # spare is listed first
 
 
-@pytest.mark.parametrize("optimizer", ["sgd-momentum-decay", "adam", "adagrad"])
+@pytest.mark.parametrize("optimizer", ONE_PER_OPTIMIZER)
 def test_an_unused_layer_of_an_agent_batched_model_is_not_stepped(optimizer):
     """kpg.nn: an agent-batched layer the loss does not use gets no gradient in torch.optim (over the
     same batched model), and every agent's slice of it stays as it is in kpg."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch._dynamo.testing
-from cases import UPDATE_CASES
+from cases import OPTIMIZER_INFOS, UPDATE_CASES
 
 from kpg import _C
 from kpg import _ops as ops
@@ -82,13 +82,13 @@ OPCHECK_CALLS = {
         f"{case}-{mode}-{optional}": (
             lambda case=case, commit=commit, tensors=tensors: _update_call(case, commit, optional_tensors=tensors)
         )
+        # Every kernel family of the table (tests/cases.py): its last configuration with every optional
+        # tensor, its first with None wherever allowed.
+        for info in OPTIMIZER_INFOS
+        if info.name == info.kernel
         for case, tensors, optional in [
-            ("sgd-momentum-dampening-wd", True, "optional-tensors"),
-            ("sgd-plain", False, "optional-none"),
-            ("adam-l2-amsgrad-maximize", True, "optional-tensors"),
-            ("adam", False, "optional-none"),
-            ("rmsprop-centered-momentum-wd", True, "optional-tensors"),
-            ("rmsprop", False, "optional-none"),
+            (info.configs[-1].desc, True, "optional-tensors"),
+            (info.configs[0].desc, False, "optional-none"),
         ]
         for commit, mode in [(False, "anticipate"), (True, "commit")]
     },
@@ -566,3 +566,26 @@ def test_fork_after_the_thread_pool_started():
     assert kernel_threads.item() == 2, "the child's kernels did not run on two threads"
     assert torch.equal(result, parent.param)
     assert not torch.equal(result, base.param), "the child's commit changed nothing"
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["anticipate", "commit"])
+def test_kernel_errors_name_their_op(commit):
+    """bindings.cpp names the op (adam_commit) in every error the kernels raise, not "update"."""
+    buffers = _C.UpdateBuffers()
+    buffers.dtype, buffers.commit = 7, commit
+    op = f"adam_{'commit' if commit else 'anticipate'}"
+    with pytest.raises(ValueError, match=rf"^{op}: unsupported dtype code 7"):
+        _C.update(ops.KERNELS["adam"].code, -1, 0, buffers)
+
+
+def test_scalar_state_must_come_with_its_update():
+    """A family with scalar state (NAdam's mu_product) refuses an update without its buffer, or with a
+    dtype code the kernels do not know, on both paths (the check runs on the host before either)."""
+    buffers = _C.UpdateBuffers()
+    buffers.num_agents, buffers.commit = 1, True
+    nadam = ops.KERNELS["nadam"].code
+    with pytest.raises(ValueError, match="^nadam_commit: the scalar state buffer mu_product is missing"):
+        _C.update(nadam, -1, 0, buffers)
+    buffers.scalars, buffers.scalar_dtype = [16], 9
+    with pytest.raises(ValueError, match="^nadam_commit: unsupported dtype code 9"):
+        _C.update(nadam, -1, 0, buffers)

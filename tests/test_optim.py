@@ -11,19 +11,16 @@ import math
 
 import pytest
 import torch
+from cases import OPTIMIZER_INFOS
 from torch import nn
 
 import kpg
 
 from helpers import RTOL, Game, assert_close_to_scale, brute_force_step, torch_optimizer
 
-OPTIMIZERS = {
-    "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "sgd-dampening": ("sgd", dict(momentum=0.5, dampening=0.2)),
-    "adam": ("adam", dict(betas=(0.8, 0.99), eps=1e-6)),
-    "adamw-amsgrad": ("adamw", dict(weight_decay=0.05, amsgrad=True)),
-    "rmsprop-centered-momentum": ("rmsprop", dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)),
-}
+# The table's multi-level configurations (tests/cases.py), every optimizer's.
+OPTIMIZERS = {config.desc: (info.name, config.hyper) for info in OPTIMIZER_INFOS for config in info.multi_level_configs}
+ONE_PER_OPTIMIZER = [info.multi_level_configs[0].desc for info in OPTIMIZER_INFOS]
 
 
 def run_both(
@@ -83,7 +80,7 @@ VARIANTS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("optimizer", ["adam", "sgd-nesterov", "rmsprop-centered-momentum"])
+@pytest.mark.parametrize("optimizer", ONE_PER_OPTIMIZER)
 def test_matches_brute_force_variants(optimizer, variant, k, dtype, device):
     clip = variant.startswith("5")
     ours, theirs, _, _ = run_both(optimizer, k, dtype=dtype, clip=clip, device=device, **VARIANTS[variant])
@@ -144,7 +141,7 @@ def test_intermediate_levels_leave_optimizer_state_untouched():
     """State after a k=3 step equals the state after one plain step from the same base with the
     level-3 gradient: the brute force restores it, the kernels never write it."""
     ours, theirs, opt, reference_optimizers = run_both(
-        "adam", 3, 2, torch.float64, False, False, "ctx", clip=False, steps=1
+        "adam-betas-eps", 3, 2, torch.float64, False, False, "ctx", clip=False, steps=1
     )
     for p, q in zip(
         [p for m in ours.models for p in m.parameters()], [p for m in theirs.models for p in m.parameters()]

@@ -14,13 +14,14 @@ import math
 
 import pytest
 import torch
+from cases import CONFIGS, OPTIMIZER_INFO, OPTIMIZER_INFOS
 from torch import nn
 
 import kpg
 from kpg import _ops as ops
 from kpg import reference
 
-from helpers import RTOL, TORCH_OPTIMIZERS, Game, assert_close_to_scale, brute_force_step
+from helpers import RTOL, Game, assert_close_to_scale, brute_force_step
 
 AGENTS = 2
 
@@ -37,9 +38,8 @@ class Problem:
         self.inputs = [torch.randn(5, 3, dtype=dtype, generator=g).to(device) for _ in range(AGENTS)]
         self.targets = [torch.randn(5, 2, dtype=dtype, generator=g).to(device) for _ in range(AGENTS)]
         self.kpg = kpg.KPGOptimizer(self.ours, k=k, optimizer=name, lr=_copy_lr(lr), **hyper)
-        extra = {"foreach": False} | ({"fused": False} if name in ("adam", "adamw") else {})
         groups = [{"params": list(m.parameters())} for m in self.theirs]
-        self.torch = TORCH_OPTIMIZERS[name](groups, lr=_copy_lr(lr), **extra, **hyper)
+        self.torch = OPTIMIZER_INFO[name].torch_optimizer(groups, _copy_lr(lr), **hyper)
 
     def losses(self, models):
         return torch.stack([((m(x) - y) ** 2).mean() for m, x, y in zip(models, self.inputs, self.targets)])
@@ -66,24 +66,9 @@ def _copy_lr(lr):
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
-# Every constructor argument of each optimizer, alone or combined.
-CONSTRUCTOR_CASES = {
-    "sgd-defaults": ("sgd", {}),
-    "sgd-momentum-dampening": ("sgd", dict(momentum=0.9, dampening=0.3)),
-    "sgd-nesterov-wd-maximize": ("sgd", dict(momentum=0.8, nesterov=True, weight_decay=0.1, maximize=True)),
-    "adam-defaults": ("adam", {}),
-    "adam-betas-eps-wd": ("adam", dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1)),
-    "adam-amsgrad-maximize": ("adam", dict(amsgrad=True, maximize=True)),
-    "adam-decoupled": ("adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-    "adamw-defaults": ("adamw", {}),
-    "adamw-amsgrad-wd": ("adamw", dict(weight_decay=0.3, amsgrad=True, betas=(0.8, 0.95))),
-    "rmsprop-defaults": ("rmsprop", {}),
-    "rmsprop-alpha-eps-wd": ("rmsprop", dict(alpha=0.9, eps=1e-4, weight_decay=0.05)),
-    "rmsprop-centered-momentum-maximize": ("rmsprop", dict(centered=True, momentum=0.7, maximize=True)),
-    "adagrad-defaults": ("adagrad", {}),
-    "adagrad-all": ("adagrad", dict(lr_decay=0.1, weight_decay=0.05, initial_accumulator_value=0.3, eps=1e-6)),
-    "adagrad-maximize": ("adagrad", dict(maximize=True)),
-}
+# The table's configurations (tests/cases.py): every constructor argument of each optimizer, alone or
+# combined.
+CONSTRUCTOR_CASES = {desc: (info.name, config.hyper) for desc, (info, config) in CONFIGS.items()}
 
 
 @DTYPES
@@ -91,40 +76,37 @@ CONSTRUCTOR_CASES = {
 def test_constructor_arguments_match_torch_optim(case, dtype, device):
     name, hyper = CONSTRUCTOR_CASES[case]
     problem = Problem(name, dtype, device=device, **hyper)
-    for _ in range(5):
+    for _ in range(8):  # past RAdam's switch to the rectified step at the sixth
         problem.step()
     problem.assert_same(case)
 
 
-# Every group key edited mid-run, for agent 1 only (issue 14 item 1). Where torch.optim raises
-# (KeyError: turning amsgrad, RMSprop momentum or centering on after the state exists) the edit
-# is checked against the reference kernels instead (test_enabling_a_state_mid_run_...).
+ERROR_INPUTS = {
+    f"{info.name}-{error.desc}": (info, error) for info in OPTIMIZER_INFOS for error in info.all_error_inputs()
+}
+
+
+@pytest.mark.parametrize("case", ERROR_INPUTS)
+def test_error_inputs_are_refused_with_their_message(case):
+    """The table's error inputs: KPGOptimizer refuses them with the expected message (torch.optim too
+    where the entry says so); the implementation arguments (foreach, fused, capturable,
+    differentiable) torch takes and kpg, with its one fused path, refuses."""
+    info, error = ERROR_INPUTS[case]
+    with pytest.raises(error.error, match=error.match):
+        kpg.KPGOptimizer([nn.Linear(2, 2)], optimizer=info.name, **error.hyper)
+    if error.torch_too:
+        with pytest.raises(error.error, match=error.match):
+            info.torch_optimizer(nn.Linear(2, 2).parameters(), 0.01, **error.hyper)
+
+
+# Every group key edited mid-run, for agent 1 only (issue 14 item 1), from the table's edits. Where
+# torch.optim raises (KeyError: turning amsgrad, RMSprop momentum or centering on after the state
+# exists) the edit is checked against the reference kernels instead
+# (test_enabling_a_state_mid_run_...).
 EDIT_CASES = {
-    "sgd-lr": ("sgd", dict(momentum=0.5), "lr", 0.2),
-    "sgd-momentum-on": ("sgd", {}, "momentum", 0.9),
-    "sgd-momentum-change": ("sgd", dict(momentum=0.5), "momentum", 0.95),
-    "sgd-dampening": ("sgd", dict(momentum=0.5), "dampening", 0.5),
-    "sgd-weight-decay": ("sgd", {}, "weight_decay", 0.3),
-    "sgd-nesterov": ("sgd", dict(momentum=0.5), "nesterov", True),
-    "sgd-maximize": ("sgd", {}, "maximize", True),
-    "adam-betas": ("adam", {}, "betas", (0.5, 0.9)),
-    "adam-eps": ("adam", {}, "eps", 1e-2),
-    "adam-weight-decay": ("adam", {}, "weight_decay", 0.2),
-    "adam-maximize": ("adam", {}, "maximize", True),
-    "adam-amsgrad-off": ("adam", dict(amsgrad=True), "amsgrad", False),
-    "adam-decoupled": ("adam", dict(weight_decay=0.2), "decoupled_weight_decay", True),
-    "adamw-weight-decay": ("adamw", {}, "weight_decay", 0.5),
-    "rmsprop-alpha": ("rmsprop", {}, "alpha", 0.5),
-    "rmsprop-eps": ("rmsprop", {}, "eps", 1e-2),
-    "rmsprop-weight-decay": ("rmsprop", {}, "weight_decay", 0.1),
-    "rmsprop-momentum": ("rmsprop", dict(momentum=0.5), "momentum", 0.9),
-    "rmsprop-centered-off": ("rmsprop", dict(centered=True), "centered", False),
-    "rmsprop-maximize": ("rmsprop", {}, "maximize", True),
-    "adagrad-lr-decay": ("adagrad", {}, "lr_decay", 0.5),
-    "adagrad-weight-decay": ("adagrad", {}, "weight_decay", 0.2),
-    "adagrad-eps": ("adagrad", {}, "eps", 1e-2),
-    "adagrad-maximize": ("adagrad", {}, "maximize", True),
-    "adagrad-initial-accumulator": ("adagrad", {}, "initial_accumulator_value", 5.0),
+    f"{info.name}-{edit.key}-{edit.value}": (info.name, edit.hyper, edit.key, edit.value)
+    for info in OPTIMIZER_INFOS
+    for edit in info.edits
 }
 
 
@@ -245,13 +227,7 @@ def test_tensor_lr_with_a_scheduler(case, dtype):
 # torch.optim state dicts into kpg and kpg's back into torch.optim, mid-run (issue 14 item 4): the
 # receiving optimizer is built with defaults; the state dict brings the settings and the buffers.
 STATE_DICT_CASES = {
-    "adam-amsgrad-betas": ("adam", dict(amsgrad=True, betas=(0.5, 0.9))),
-    "adamw-amsgrad": ("adamw", dict(amsgrad=True, weight_decay=0.1)),
-    "sgd-momentum": ("sgd", dict(momentum=0.9)),
-    "sgd-nesterov": ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "rmsprop-centered": ("rmsprop", dict(centered=True)),
-    "rmsprop-centered-momentum": ("rmsprop", dict(centered=True, momentum=0.5, alpha=0.9)),
-    "adagrad": ("adagrad", dict(lr_decay=0.01, initial_accumulator_value=0.2)),
+    f"{info.name}-{'-'.join(hyper)}": (info.name, hyper) for info in OPTIMIZER_INFOS for hyper in info.state_dict_hyper
 }
 
 
@@ -277,9 +253,13 @@ def test_state_dicts_carry_settings_and_state_mid_run(case, direction, dtype, de
         fresh.step()
     fresh.assert_same(case)
     trained.assert_same(case)
+    # Loading casts scalar state (NAdam's float32 mu_product) to the parameters' dtype, in torch.optim
+    # as in kpg: the loaded run goes on with a more precise mu_product than the one it was saved
+    # from, so the two agree to the scalar state's float32 precision, not to float64 rounding.
+    rtol = max(RTOL[dtype], RTOL[torch.float32]) if ops.OPTIMIZERS[name].kernel.scalar_states else RTOL[dtype]
     for m1, m2 in zip(fresh.ours, trained.ours):
         for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            assert_close_to_scale(p1.detach(), p2.detach(), RTOL[dtype], what=case)
+            assert_close_to_scale(p1.detach(), p2.detach(), rtol, what=case)
 
 
 @pytest.mark.parametrize(
@@ -346,16 +326,7 @@ def test_bad_edit_raises_naming_the_agent_and_changes_nothing():
 
 # ---- k=2: the same edits against the brute-force KPG --------------------------------------------
 
-K2_EDITS = {
-    "adam-betas": ("adam", {}, "betas", (0.5, 0.9)),
-    "adam-weight-decay": ("adam", {}, "weight_decay", 0.1),
-    "sgd-momentum-on": ("sgd", {}, "momentum", 0.9),
-    "sgd-nesterov": ("sgd", dict(momentum=0.5), "nesterov", True),
-    "rmsprop-alpha": ("rmsprop", dict(momentum=0.5), "alpha", 0.8),
-    "rmsprop-centered-off": ("rmsprop", dict(centered=True), "centered", False),
-    "adagrad-lr-decay": ("adagrad", {}, "lr_decay", 0.3),
-    "adamw-lr": ("adamw", {}, "lr", 0.01),
-}
+K2_EDITS = EDIT_CASES
 
 
 @pytest.mark.parametrize("case", K2_EDITS)
@@ -364,9 +335,8 @@ def test_k2_edits_match_brute_force(case, device):
     ours = Game(2, torch.float64, True, False, seed=2, device=device)
     theirs = copy.deepcopy(ours)
     opt = kpg.KPGOptimizer(ours.models, k=2, optimizer=name, lr=[0.05, 0.02], **hyper)
-    extra = {"foreach": False} | ({"fused": False} if name in ("adam", "adamw") else {})
     reference_optimizers = [
-        TORCH_OPTIMIZERS[name](list(m.parameters()), lr=lr, **extra, **hyper)
+        OPTIMIZER_INFO[name].torch_optimizer(list(m.parameters()), lr, **hyper)
         for m, lr in zip(theirs.models, (0.05, 0.02))
     ]
     for step in range(4):
@@ -486,7 +456,7 @@ def test_reference_agent_segments_follow_the_rows_of_batched_tables():
 def test_the_kernels_table_has_torch_optims_defaults(name):
     """The defaults kpg learns from csrc/kpg/optimizers.h are torch.optim's, key by key."""
     entry = ops.OPTIMIZERS[name]
-    theirs = TORCH_OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)]).defaults
+    theirs = OPTIMIZER_INFO[name].torch_class([torch.zeros(1, requires_grad=True)]).defaults
     assert theirs["lr"] == entry.default_lr
     for key, value in entry.defaults.items():
         assert theirs[key] == value, key
@@ -495,3 +465,29 @@ def test_the_kernels_table_has_torch_optims_defaults(name):
         key: theirs[key] for key in theirs if key in opt.defaults
     }
     assert set(opt.state_dict()["param_groups"][0]) >= set(entry.defaults) | {"lr", "max_grad_norm"}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_INFO))
+def test_state_dicts_have_torch_optims_keys(name):
+    """Every parameter's state holds the keys torch.optim's does (NAdam's mu_product beside step);
+    kpg counts SGD's steps too, where torch.optim's SGD keeps no count."""
+    problem = Problem(name, torch.float64, **OPTIMIZER_INFO[name].configs[-1].hyper)
+    for _ in range(2):
+        problem.step()
+    ours, theirs = problem.kpg.state_dict()["state"], problem.torch.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for index in theirs:
+        assert ours[index].keys() - {"step"} == theirs[index].keys() - {"step"}, index
+        assert "step" in ours[index]
+
+
+def test_nadam_refuses_a_state_dict_without_mu_product():
+    """A RAdam state dict holds NAdam's group keys and state tensors but no mu_product: loading it
+    into NAdam would start every mu_product at 1 mid-run; torch.optim's NAdam fails on it too."""
+    radam = Problem("radam", torch.float64)
+    radam.step()
+    nadam = Problem("nadam", torch.float64)
+    before = copy.deepcopy(nadam.kpg.state_dict())
+    with pytest.raises(ValueError, match="no 'mu_product', which 'nadam' keeps beside them"):
+        nadam.kpg.load_state_dict(radam.torch.state_dict())
+    assert nadam.kpg.state_dict()["state"].keys() == before["state"].keys()

@@ -68,8 +68,9 @@ def _doc_signature(name: str) -> tuple[list[tuple[str, str]], str]:
 
 def _kind(annotation: str) -> str:
     """The kind of a type as either side spells it."""
-    if annotation.endswith("UpdateBuffers"):
-        return "UpdateBuffers"
+    for boundary in ("UpdateBuffers", "NormBuffers"):
+        if annotation.endswith(boundary):
+            return boundary
     container = re.match(r"(dict|tuple)\b", annotation)
     if container:
         return container[1]

@@ -11,18 +11,19 @@
 namespace kpg {
 
 struct NormBuffers {
-  const void* grad;
-  const int64_t* chunks;        // [num_chunks, kChunkColumns]
-  const int64_t* agent_chunks;  // [num_agents + 1]
-  int64_t num_chunks;
-  int64_t num_agents;
-  int64_t numel;           // elements of grad
-  double* chunk_sq;        // [num_chunks] workspace
-  const double* max_norm;  // [agents] clipping threshold, or null for no clipping
-  double* norm;            // [agents] out: 2-norm of the agent's gradient
-  double* grad_scale;      // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
-  uint8_t* nonfinite;      // [agents] out: 1 where the norm is not finite
-  int dtype;
+  const void* grad = nullptr;
+  const int64_t* chunks = nullptr;        // [num_chunks, kChunkColumns]
+  const int64_t* agent_chunks = nullptr;  // [num_agents + 1]
+  int64_t num_chunks = 0;
+  int64_t num_agents = 0;
+  int64_t numel = 0;                 // elements of grad
+  double* chunk_sq = nullptr;        // [num_chunks] workspace
+  const double* max_norm = nullptr;  // [agents] clipping threshold, or null for no clipping
+  double* norm = nullptr;            // [agents] out: 2-norm of the agent's gradient
+  double* grad_scale =
+      nullptr;  // [agents] out: min(1, max_norm / (norm + 1e-6)); 1 without clipping
+  uint8_t* nonfinite = nullptr;  // [agents] out: 1 where the norm is not finite
+  int dtype = 0;                 // DType code of grad
 };
 
 void agent_grad_norms_cpu(const NormBuffers& buffers);

@@ -1,9 +1,9 @@
-// The per-element arithmetic of SGD, Adam/AdamW, RMSprop and Adagrad: one function per optimizer,
-// called through its traits type (optimizers.h) by the CPU loops (update_cpu.cpp) and the CUDA
-// kernels (update_cuda.cu). Each mirrors the
-// single-tensor path of torch.optim (foreach=False, fused=False, capturable=False) operation by
-// operation: per-agent scalars are computed in double, as torch does with Python floats, then cast
-// to the parameter type, as torch casts a Scalar argument.
+// The per-element arithmetic of SGD, Adam/AdamW, RMSprop, Adagrad, NAdam and RAdam: one function
+// per optimizer, called through its traits type (optimizers.h) by the CPU loops (update_cpu.cpp)
+// and the CUDA kernels (update_cuda.cu). Each mirrors the single-tensor path of torch.optim
+// (foreach=False, fused=False, capturable=False) operation by operation: per-agent scalars are
+// computed in double, as torch does with Python floats, then cast to the parameter type, as torch
+// casts a Scalar argument.
 #pragma once
 
 #include <cmath>
@@ -178,6 +178,125 @@ KPG_HD void adagrad_element(T& param, T grad, T& state_sum, const AdagradCoeffic
   state_sum = state_sum + grad * grad;
   const T std = math_sqrt(state_sum) + c.eps;
   param = param + c.neg_clr * grad / std;
+}
+
+// ---- NAdam: torch.optim.nadam._single_tensor_nadam -------------------------------------------
+// The momentum coefficient mu of step `step` (counted from 1): torch's Python-float expression.
+KPG_HD double nadam_mu(double beta1, double momentum_decay, double step) {
+  return beta1 * (1.0 - 0.5 * ::pow(0.96, step * momentum_decay));
+}
+
+template <typename T>
+struct NAdamCoefficients {
+  T grad_scale, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2,
+      bias_correction2, eps, grad_coefficient, exp_avg_coefficient;
+  bool beta1_weight_is_small;
+};
+
+// mu_product: the product of every step's mu up to and including this one (NOTE [Scalar state] in
+// optimizers.h), as torch reads it back from its 0-dim tensor.
+template <typename T>
+KPG_HD NAdamCoefficients<T> nadam_coefficients(double beta1, double beta2, double eps,
+                                               double weight_decay, double momentum_decay,
+                                               double mu_product, double lr, double step,
+                                               double grad_scale) {
+  const double mu = nadam_mu(beta1, momentum_decay, step);
+  const double mu_next = nadam_mu(beta1, momentum_decay, step + 1.0);
+  const double mu_product_next = mu_product * mu_next;
+  const T one_minus_beta1 = T(1.0 - beta1);
+  return {T(grad_scale),
+          T(weight_decay),
+          T(1.0 - lr * weight_decay),
+          one_minus_beta1,
+          T(beta2),
+          T(1.0 - beta2),
+          T(1.0 - ::pow(beta2, step)),
+          T(eps),
+          T(-lr * (1.0 - mu) / (1.0 - mu_product)),
+          T((-lr * mu_next) / (1.0 - mu_product_next)),
+          (one_minus_beta1 < T(0) ? -one_minus_beta1 : one_minus_beta1) < T(0.5)};
+}
+
+template <typename T>
+KPG_HD void nadam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq,
+                          const NAdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
+                          bool decoupled_weight_decay) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) {
+    if (decoupled_weight_decay) {
+      param = param * c.decay_factor;
+    } else {
+      grad = grad + c.weight_decay * param;
+    }
+  }
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  const T denom = math_sqrt(exp_avg_sq / c.bias_correction2) + c.eps;
+  param = param + c.grad_coefficient * grad / denom;
+  param = param + c.exp_avg_coefficient * exp_avg / denom;
+}
+
+// ---- RAdam: torch.optim.radam._single_tensor_radam -------------------------------------------
+template <typename T>
+struct RAdamCoefficients {
+  T grad_scale, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2,
+      bias_correction1, eps, lr, bias_correction2_sqrt, rect;
+  bool beta1_weight_is_small;
+  bool rectified;  // the variance is tractable (rho_t > 5): the adaptive step
+};
+
+template <typename T>
+KPG_HD RAdamCoefficients<T> radam_coefficients(double beta1, double beta2, double eps,
+                                               double weight_decay, double lr, double step,
+                                               double grad_scale) {
+  const double bias_correction1 = 1.0 - ::pow(beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(beta2, step);
+  const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+  const double rho_t = rho_inf - 2.0 * step * ::pow(beta2, step) / bias_correction2;
+  const bool rectified = rho_t > 5.0;
+  const double rect = rectified ? ::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                         ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                                : 0.0;
+  const T one_minus_beta1 = T(1.0 - beta1);
+  return {T(grad_scale),
+          T(weight_decay),
+          T(1.0 - lr * weight_decay),
+          one_minus_beta1,
+          T(beta2),
+          T(1.0 - beta2),
+          T(bias_correction1),
+          T(eps),
+          T(lr),
+          T(::sqrt(bias_correction2)),
+          T(rect),
+          (one_minus_beta1 < T(0) ? -one_minus_beta1 : one_minus_beta1) < T(0.5),
+          rectified};
+}
+
+template <typename T>
+KPG_HD void radam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq,
+                          const RAdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
+                          bool decoupled_weight_decay) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) {
+    if (decoupled_weight_decay) {
+      param = param * c.decay_factor;
+    } else {
+      grad = grad + c.weight_decay * param;
+    }
+  }
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  const T bias_corrected_exp_avg = exp_avg / c.bias_correction1;
+  T update = bias_corrected_exp_avg * c.lr;
+  if (c.rectified) {
+    // torch divides a Python float by a tensor as the tensor's reciprocal times the float.
+    const T adaptive_lr = (T(1) / (math_sqrt(exp_avg_sq) + c.eps)) * c.bias_correction2_sqrt;
+    update = update * adaptive_lr * c.rect;
+  }
+  param = param - update;
 }
 
 }  // namespace kpg
