@@ -568,12 +568,12 @@ def test_fork_after_the_thread_pool_started():
     assert not torch.equal(result, base.param), "the child's commit changed nothing"
 
 
-@pytest.mark.parametrize("commit", [False, True], ids=["anticipate", "commit"])
-def test_kernel_errors_name_their_op(commit):
+@pytest.mark.parametrize("mode", ["anticipate", "commit", "probe"])
+def test_kernel_errors_name_their_op(mode):
     """bindings.cpp names the op (adam_commit) in every error the kernels raise, not "update"."""
     buffers = _C.UpdateBuffers()
-    buffers.dtype, buffers.commit = 7, commit
-    op = f"adam_{'commit' if commit else 'anticipate'}"
+    buffers.dtype, buffers.mode = 7, _C.UPDATE_MODES[mode]
+    op = f"adam_{mode}"
     with pytest.raises(ValueError, match=rf"^{op}: unsupported dtype code 7"):
         _C.update(ops.KERNELS["adam"].code, -1, 0, buffers)
 
@@ -582,7 +582,7 @@ def test_scalar_state_must_come_with_its_update():
     """A family with scalar state (NAdam's mu_product) refuses an update without its buffer, or with a
     dtype code the kernels do not know, on both paths (the check runs on the host before either)."""
     buffers = _C.UpdateBuffers()
-    buffers.num_agents, buffers.commit = 1, True
+    buffers.num_agents, buffers.mode = 1, _C.UPDATE_MODES["commit"]
     nadam = ops.KERNELS["nadam"].code
     with pytest.raises(ValueError, match="^nadam_commit: the scalar state buffer mu_product is missing"):
         _C.update(nadam, -1, 0, buffers)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from cases import UPDATE_CASES
+from cases import CONFIGS, UPDATE_CASES
 from torch import nn
 
 import kpg
@@ -53,25 +53,15 @@ def test_probe_flags_exactly_the_agents_whose_commit_would_write_inf_or_nan(case
     assert flags.tolist() == expected
 
 
-def _torch_group_keys(hyper: dict) -> dict:
-    """A case's hyperparameters (row names: beta1, beta2) as KPGOptimizer's keyword arguments."""
-    keys = {key: value for key, value in hyper.items() if key not in ("beta1", "beta2")}
-    if "beta1" in hyper:
-        keys["betas"] = (hyper["beta1"], hyper["beta2"])
-    return {key: bool(v) if key in ("nesterov", "maximize", "amsgrad", "centered") else v for key, v in keys.items()}
-
-
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("case", UPDATE_CASES)
+@pytest.mark.parametrize("case", CONFIGS)
 def test_a_commit_that_would_overflow_raises_naming_the_agent_and_changes_nothing(case, k):
     """float32 weights; agent 1's gradient (1e25) and lr (1e20) are finite, its commit is not: a
     squared gradient or lr * gradient beyond float32's range."""
-    kind, hyper = UPDATE_CASES[case]
-    name = "adamw" if hyper.get("decoupled_weight_decay") else kind
-    hyper = {key: v for key, v in _torch_group_keys(hyper).items() if key != "decoupled_weight_decay"}
+    info, config = CONFIGS[case]
     torch.manual_seed(0)
     weights = [nn.Parameter(torch.randn(4)) for _ in range(3)]
-    opt = kpg.KPGOptimizer([[w] for w in weights], k=k, optimizer=name, lr=0.01, **hyper)
+    opt = kpg.KPGOptimizer([[w] for w in weights], k=k, optimizer=info.name, **{"lr": 0.01, **config.hyper})
     slopes = torch.tensor([1.0, 1.0, 1.0])
 
     def closure(ctx):
