@@ -327,6 +327,7 @@ MAPPO_FEED_FORWARD_OPTIONS = (
     "adam_eps",
     "normalize_advantages",
     "bootstrap_time_limit",
+    "shared_value",
 )
 
 

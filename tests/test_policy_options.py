@@ -187,3 +187,23 @@ def test_without_return_normalization_the_rollout_uses_the_critics_values_as_the
     trainer._values = lambda state: torch.full((state.shape[0], 2), 2.0)
     batch, _ = trainer._collect()
     torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))
+
+
+@pytest.mark.parametrize("normalize_returns", [True, False])
+def test_shared_value_is_one_value_of_the_state_for_every_agent(normalize_returns):
+    """shared_value (BenchMARL's MAPPO critic, share_param_critic True): the critic reads the state alone and its one
+    output is every agent's value; with return normalization the moments are pooled over the agents' targets."""
+    config = dataclasses.replace(SMALL, shared_value=True, normalize_returns=normalize_returns)
+    trainer = MAPPOTrainer(_continuous_pool(), config, k=1, k_until=None, device="cpu", seed=0)
+    state_size = trainer.pool.spaces.state_size
+    assert trainer.critic[0].in_features == state_size
+    states = torch.randn(7, state_size)
+    with torch.no_grad():
+        values = trainer._values(states)
+        torch.testing.assert_close(values, trainer.critic(states).expand(7, 2))
+    batch, _ = trainer._collect()
+    trainer._update(batch)
+    if normalize_returns:
+        trainer_mean, _ = trainer.returns._moments()
+        targets = batch["targets"].double()
+        torch.testing.assert_close(trainer_mean, targets.mean().reshape(1))

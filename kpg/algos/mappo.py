@@ -1,9 +1,9 @@
 """K-MAPPO: MAPPO (Yu et al., 2022) whose actor update is a KPG step per PPO minibatch.
 
-Centralized critic V(global state, agent id), GAE, clipped surrogate, several epochs of
-minibatches, entropy bonus, value normalization. The actor is one network shared by all agents
-(with a one-hot agent id appended to the observation; the default) or one network per agent,
-evaluated for all agents in one batched call (kpg.nn) when their sizes are equal
+Centralized critic V(global state, agent id) (or one V(global state) for all agents: ``shared_value``),
+GAE, clipped surrogate, several epochs of minibatches, entropy bonus, value normalization. The actor is
+one network shared by all agents (with a one-hot agent id appended to the observation; the default) or
+one network per agent, evaluated for all agents in one batched call (kpg.nn) when their sizes are equal
 (:class:`~kpg.algos.common.AgentActors`). Its update goes through :class:`kpg.KPGOptimizer`: at
 level 1 the surrogate is plain MAPPO; from level 2 agent i's ratio is multiplied, inside the clip,
 by the other agents' ratios at their anticipated level l-1 parameters (:func:`kpg.joint_ratio_loss`).
@@ -92,6 +92,9 @@ class MAPPOConfig:
     # A time limit's last reward gains gamma * V(the state it cut off); off: a time limit ends the episode like a
     # terminal state (TorchRL's VmasEnv marks it terminated, so BenchMARL's GAE does not bootstrap it)
     bootstrap_time_limit: bool = True
+    # One value V(state) for every agent (BenchMARL's MAPPO critic, share_param_critic True: one MLP output expanded
+    # over the agents, trained on every agent's target); off: V(state, one-hot agent id), a value per agent
+    shared_value: bool = False
 
     def validate(self) -> None:
         """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
@@ -176,8 +179,10 @@ class MAPPOTrainer:
             nn.Parameter(torch.full(log_std_shape, c.initial_log_std, device=self.device))
             for _ in range(0 if spaces.discrete or c.action_scale == "state" else len(self.actor))
         )
-        self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation, init=c.init).to(self.device)
-        self.returns = ReturnNormalizer(n).to(self.device)
+        critic_inputs = spaces.state_size + (0 if c.shared_value else n)
+        self.critic = mlp(critic_inputs, c.hidden, 1, c.activation, init=c.init).to(self.device)
+        # A shared value learns every agent's targets, so their moments are pooled over the agents.
+        self.returns = ReturnNormalizer(1 if c.shared_value else n).to(self.device)
         actor_agents, layout_arguments = self.actor.optimizer_arguments(extra=list(self.log_std))
         self.actor_optimizer = KPGOptimizer(
             actor_agents,
@@ -238,7 +243,10 @@ class MAPPOTrainer:
 
         The critic's first layer reads (state, one-hot agent id); its state part is computed once
         per state and the id part is a column per agent, so no [batch, agents, state_size] input is
-        built (MAgent2's global state has 12 500 values for 100 agents a side)."""
+        built (MAgent2's global state has 12 500 values for 100 agents a side). With ``shared_value``
+        the critic reads the state alone and its one value is every agent's."""
+        if self.config.shared_value:
+            return self.critic(state).expand(-1, self.num_agents)
         first, rest = self.critic[0], self.critic[1:]
         state_size = state.shape[-1]
         per_state = nn.functional.linear(state, first.weight[:, :state_size], first.bias)  # [batch, hidden]
@@ -330,7 +338,8 @@ class MAPPOTrainer:
         std = (((all_advantages - mean) * all_alive).square().sum() / valid).sqrt()
         advantages = (batch["advantages"] - mean) / (std + 1e-8) if c.normalize_advantages else batch["advantages"]
         if c.normalize_returns:
-            self.returns.update(all_targets, all_alive)
+            pooled = (lambda samples: samples.reshape(-1, 1)) if c.shared_value else (lambda samples: samples)
+            self.returns.update(pooled(all_targets), pooled(all_alive))
         targets = self.returns.normalize(batch["targets"]) if c.normalize_returns else batch["targets"]
         samples = alive.shape[0]
         clip_fractions: dict[int, list[float]] = {}
