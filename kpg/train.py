@@ -366,7 +366,6 @@ def _trainer_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
             for name in (
                 "lr_anneal",
                 "lr_anneal_steps",
-                "actor_id",
                 "gru",
                 "value_clip",
                 "advantage_norm",

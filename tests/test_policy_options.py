@@ -17,6 +17,7 @@ from kpg.algos import mappo as mappo_module
 from kpg.algos.common import PolicyHead, mlp
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 from kpg.envs import EnvPool, make_env_factory
+from kpg.options import OptionError
 from kpg.train import TrainConfig, _trainer_class
 
 LOW = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
@@ -207,3 +208,19 @@ def test_shared_value_is_one_value_of_the_state_for_every_agent(normalize_return
         trainer_mean, _ = trainer.returns._moments()
         targets = batch["targets"].double()
         torch.testing.assert_close(trainer_mean, targets.mean().reshape(1))
+
+
+def test_shared_actor_without_agent_id_reads_the_observation_alone():
+    """actor_id off (BenchMARL's shared policy): the feed-forward shared actor's input is the observation, so agents
+    with equal observations get equal outputs; per-agent actors, which read no id, refuse it."""
+    config = dataclasses.replace(SMALL, actor_id=False)
+    trainer = MAPPOTrainer(_continuous_pool(), config, k=1, k_until=None, device="cpu", seed=0)
+    obs_size = trainer.pool.spaces.obs_size
+    assert trainer.actor[0][0].in_features == obs_size
+    obs = torch.randn(1, 5, obs_size).expand(2, 5, obs_size)
+    with torch.no_grad():
+        outputs = trainer.actor(obs)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    _trainer_class(TrainConfig(env="simple_spread", mappo=config))
+    with pytest.raises(OptionError, match="mappo.actor-id"):
+        dataclasses.replace(config, share_actor=False).validate()

@@ -65,7 +65,9 @@ class MAPPOConfig:
     lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0, one value per update
     # the anneal's horizon in environment steps (the lr reaches 0 there); None: the run's --steps
     lr_anneal_steps: int | None = None
-    actor_id: bool = True  # the shared recurrent actor reads a one-hot agent id after the observation
+    # the shared actor (recurrent or not) reads a one-hot agent id after the observation; off: the observation alone
+    # (BenchMARL's shared policy)
+    actor_id: bool = True
     # the recurrent nets' GRU cell: torch's (two full bias vectors) or flax's (input biases for r, z, n; hidden only n)
     gru: Literal["torch", "flax"] = "torch"
     value_coef: float = 0.5  # weight of the value loss 0.5 * mean squared error (the critic has its own Adam)
@@ -111,6 +113,14 @@ class MAPPOConfig:
         require(self, "mappo.", "activation", self.activation in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}")
         require(self, "mappo.", "others", self.others in OTHERS_MODES, f"one of {', '.join(OTHERS_MODES)}")
         require(self, "mappo.", "coupling", self.coupling in FORMS, f"one of {', '.join(FORMS)}")
+        # Per-agent actors (share_actor off) read no id; the recurrent trainer's one actor is always shared.
+        require(
+            self,
+            "mappo.",
+            "actor_id",
+            self.actor_id or self.share_actor or self.recurrent,
+            "on with --mappo.no-share-actor (one actor per agent reads no id to drop)",
+        )
 
 
 class MAPPOTrainer:
@@ -171,6 +181,7 @@ class MAPPOTrainer:
             c.activation,
             output_gain=c.actor_output_gain,
             init=c.init,
+            agent_id=c.actor_id,
         ).to(self.device)
         # Continuous actions with a state-independent scale: a learned log-std per network (with the
         # batched network's agent dimension), so it belongs to that agent's KPG segment.
