@@ -486,9 +486,7 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_leaves_the_run_alone(chec
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files_before
 
 
-@pytest.mark.parametrize(
-    "option, value", [("lr_anneal_steps", 10_000_000), ("actor_id", False), ("gru", "flax"), ("lr_anneal", True)]
-)
+@pytest.mark.parametrize("option, value", [("lr_anneal_steps", 10_000_000), ("gru", "flax"), ("lr_anneal", True)])
 def test_recurrent_trainer_options_without_it_are_refused(option, value):
     """The SMAX loop's options mean nothing to the feed-forward trainers: naming one there is an error, not a no-op."""
     import dataclasses

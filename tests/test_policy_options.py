@@ -18,6 +18,7 @@ from kpg.algos import mappo as mappo_module
 from kpg.algos.common import PolicyHead, mlp
 from kpg.algos.mappo import MAPPOConfig, MAPPOTrainer
 from kpg.envs import EnvPool, make_env_factory
+from kpg.options import OptionError
 
 LOW = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
 HIGH = torch.tensor([[1.0, 3.0], [0.5, 0.0]])
@@ -187,3 +188,39 @@ def test_without_return_normalization_the_rollout_uses_the_critics_values_as_the
     trainer._values = lambda state: torch.full((state.shape[0], 2), 2.0)
     batch, _ = trainer._collect()
     torch.testing.assert_close(batch["targets"] - batch["advantages"], torch.full_like(batch["targets"], 2.0))
+
+
+@pytest.mark.parametrize("normalize_returns", [True, False])
+def test_shared_value_is_one_value_of_the_state_for_every_agent(normalize_returns):
+    """shared_value (BenchMARL's MAPPO critic, share_param_critic True): the critic reads the state alone and its one
+    output is every agent's value; with return normalization the moments are pooled over the agents' targets."""
+    config = dataclasses.replace(SMALL, shared_value=True, normalize_returns=normalize_returns)
+    trainer = MAPPOTrainer(_continuous_pool(), config, k=1, k_until=None, device="cpu", seed=0)
+    state_size = trainer.pool.spaces.state_size
+    assert trainer.critic[0].in_features == state_size
+    states = torch.randn(7, state_size)
+    with torch.no_grad():
+        values = trainer._values(states)
+        torch.testing.assert_close(values, trainer.critic(states).expand(7, 2))
+    batch, _ = trainer._collect()
+    trainer._update(batch)
+    if normalize_returns:
+        trainer_mean, _ = trainer.returns._moments()
+        targets = batch["targets"].double()
+        torch.testing.assert_close(trainer_mean, targets.mean().reshape(1))
+
+
+def test_shared_actor_without_agent_id_reads_the_observation_alone():
+    """actor_id off (BenchMARL's shared policy): the feed-forward shared actor's input is the observation, so agents
+    with equal observations get equal outputs; per-agent actors, which read no id, refuse it."""
+    config = dataclasses.replace(SMALL, actor_id=False)
+    trainer = MAPPOTrainer(_continuous_pool(), config, k=1, k_until=None, device="cpu", seed=0)
+    obs_size = trainer.pool.spaces.obs_size
+    assert trainer.actor[0][0].in_features == obs_size
+    obs = torch.randn(1, 5, obs_size).expand(2, 5, obs_size)
+    with torch.no_grad():
+        outputs = trainer.actor(obs)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    choose_trainer("mappo", "simple_spread", config, steps=1000)
+    with pytest.raises(OptionError, match="mappo.actor-id"):
+        dataclasses.replace(config, share_actor=False).validate()

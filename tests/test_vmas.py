@@ -357,9 +357,47 @@ def test_benchmarl_preset_loads_with_benchmarls_mappo():
     train, mappo = compare.train, compare.train.mappo
     assert compare.ks == (1, 2) and compare.seeds == (0, 1, 2)
     assert (train.env, train.agents, train.steps) == ("vmas:navigation", 3, 300_000)
-    assert train.copies * mappo.rollout == 6000 and mappo.epochs * mappo.minibatches == 45
     assert (mappo.action_scale, mappo.squash, mappo.init) == ("state", True, "torch")
     assert not mappo.normalize_advantages and not mappo.normalize_returns and mappo.entropy_coef == 0
+
+
+def _benchmarl_config(relative: str) -> dict:
+    yaml = pytest.importorskip("yaml")
+    spec = importlib.util.find_spec("benchmarl")
+    if spec is None:
+        pytest.skip("BenchMARL's config files come with the benchmarl extra: pip install 'kpg[benchmarl]'")
+    return yaml.safe_load((Path(spec.submodule_search_locations[0]) / "conf" / relative).read_text())
+
+
+def test_benchmarl_preset_takes_its_values_from_benchmarls_own_files():
+    """Every value the preset names against BenchMARL's files, read from those files. BenchMARL's on-policy loop
+    (Experiment._collection_loop) runs on_policy_n_minibatch_iters passes, each of frames / minibatch_size
+    minibatches drawn without replacement: 45 epochs of 15 minibatches, not 45 minibatches in all."""
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.compare import CompareConfig
+
+    experiment = _benchmarl_config("experiment/base_experiment.yaml")
+    algorithm = _benchmarl_config("algorithm/mappo.yaml")
+    layers = _benchmarl_config("model/layers/mlp.yaml")
+    task = _benchmarl_config("task/vmas/navigation.yaml")
+    train = _from_dict(CompareConfig, _read_config_file(BENCHMARL_PRESET)).train
+    mappo = train.mappo
+    frames = experiment["on_policy_collected_frames_per_batch"]
+    assert train.copies * mappo.rollout == frames
+    assert mappo.minibatches == frames // experiment["on_policy_minibatch_size"]
+    assert mappo.epochs == experiment["on_policy_n_minibatch_iters"]
+    assert mappo.lr == mappo.critic_lr == experiment["lr"] and mappo.adam_eps == experiment["adam_eps"]
+    assert experiment["clip_grad_norm"] and mappo.max_grad_norm == experiment["clip_grad_val"]
+    assert mappo.gamma == experiment["gamma"] and mappo.share_actor == experiment["share_policy_params"]
+    assert (mappo.gae_lambda, mappo.clip_eps, mappo.entropy_coef) == (
+        algorithm["lmbda"],
+        algorithm["clip_epsilon"],
+        algorithm["entropy_coef"],
+    )
+    assert mappo.squash == algorithm["use_tanh_normal"] and mappo.shared_value == algorithm["share_param_critic"]
+    assert algorithm["scale_mapping"] == f"biased_softplus_{mappo.scale_bias}" and not algorithm["minibatch_advantage"]
+    assert list(mappo.hidden) == layers["num_cells"] and layers["activation_class"] == "torch.nn.Tanh"
+    assert (train.env, train.agents) == ("vmas:navigation", task["n_agents"]) and task["max_steps"] == 100
 
 
 @needs_vmas
@@ -383,6 +421,7 @@ def test_benchmarl_preset_trains_two_updates(tmp_path, env, agents, env_options)
         logdir=tmp_path,
         eval_episodes=1,
         tensorboard=False,
+        mappo=dataclasses.replace(preset.mappo, epochs=1),  # the preset's 45 passes take minutes here
     )
     summary = train(config)
     assert summary["updates"] == 2 and summary["env_steps"] == 400 and summary["agents"] == agents

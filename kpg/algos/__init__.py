@@ -34,12 +34,12 @@ MAPPO_FEED_FORWARD_OPTIONS = (
     "adam_eps",
     "normalize_advantages",
     "bootstrap_time_limit",
+    "shared_value",
 )
 # MAPPOConfig's options that only RecurrentMAPPOTrainer reads.
 MAPPO_RECURRENT_OPTIONS = (
     "lr_anneal",
     "lr_anneal_steps",
-    "actor_id",
     "gru",
     "value_clip",
     "advantage_norm",

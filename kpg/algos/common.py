@@ -69,7 +69,8 @@ class AgentActors(nn.ModuleList):
     batch, obs_size]`` -> outputs ``[agents, batch, outputs]``. Its entries (``networks``) depend on
     the ``layout`` (:data:`ACTOR_LAYOUTS`):
 
-    - ``shared``: one :func:`mlp` for all agents, a one-hot agent id appended to its input;
+    - ``shared``: one :func:`mlp` for all agents, a one-hot agent id appended to its input (unless
+      ``agent_id`` is off: then every agent's observation is the whole input);
     - ``batched``: one :class:`kpg.nn.AgentMLP` holding each agent's own MLP, all agents in one
       batched call (KPGOptimizer steps its agent slices in one fused pass);
     - ``per_agent``: one :func:`mlp` per agent, called one after the other (agents of unequal
@@ -89,11 +90,18 @@ class AgentActors(nn.ModuleList):
         activation: str,
         output_gain: float,
         init: str = "orthogonal",
+        agent_id: bool = True,
     ):
         if layout not in ACTOR_LAYOUTS:
             raise ValueError(f"unknown actor layout {layout!r}; choose one of {', '.join(ACTOR_LAYOUTS)}")
+        if not agent_id and layout != "shared":
+            raise ValueError(
+                f"agent_id off drops the id a shared actor reads; the {layout} layout has one network per agent and "
+                "no id: leave agent_id on"
+            )
         if layout == "shared":
-            networks = [mlp(obs_size + num_agents, hidden, outputs, activation, output_gain, init)]
+            inputs = obs_size + (num_agents if agent_id else 0)
+            networks = [mlp(inputs, hidden, outputs, activation, output_gain, init)]
         else:
             networks = [mlp(obs_size, hidden, outputs, activation, output_gain, init) for _ in range(num_agents)]
         if layout == "batched":
@@ -103,9 +111,11 @@ class AgentActors(nn.ModuleList):
             batched.load_state_dict(kpg_nn.stack(networks).state_dict())
             networks = [batched]
         super().__init__(networks)
-        self.layout, self.num_agents = layout, num_agents
+        self.layout, self.num_agents, self.agent_id = layout, num_agents, agent_id
 
     def forward(self, obs: Tensor) -> Tensor:
+        if self.layout == "shared" and not self.agent_id:
+            return self[0](obs)
         if self.layout == "shared":
             ids = agent_ids(self.num_agents, obs.shape[1], obs.device).to(obs.dtype)
             return self[0](torch.cat([obs, ids], dim=-1))

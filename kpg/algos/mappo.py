@@ -1,9 +1,9 @@
 """K-MAPPO: MAPPO (Yu et al., 2022) whose actor update is a KPG step per PPO minibatch.
 
-Centralized critic V(global state, agent id), GAE, clipped surrogate, several epochs of
-minibatches, entropy bonus, value normalization. The actor is one network shared by all agents
-(with a one-hot agent id appended to the observation; the default) or one network per agent,
-evaluated for all agents in one batched call (kpg.nn) when their sizes are equal
+Centralized critic V(global state, agent id) (or one V(global state) for all agents: ``shared_value``),
+GAE, clipped surrogate, several epochs of minibatches, entropy bonus, value normalization. The actor is
+one network shared by all agents (with a one-hot agent id appended to the observation; the default) or
+one network per agent, evaluated for all agents in one batched call (kpg.nn) when their sizes are equal
 (:class:`~kpg.algos.common.AgentActors`). Its update goes through :class:`kpg.KPGOptimizer`: at
 level 1 the surrogate is plain MAPPO; from level 2 agent i's ratio is multiplied, inside the clip,
 by the other agents' ratios at their anticipated level l-1 parameters (:func:`kpg.joint_ratio_loss`).
@@ -66,7 +66,9 @@ class MAPPOConfig:
     lr_anneal: bool = False  # lr (actor and critic) falls linearly to 0, one value per update
     # the anneal's horizon in environment steps (the lr reaches 0 there); None: the run's --steps
     lr_anneal_steps: int | None = None
-    actor_id: bool = True  # the shared recurrent actor reads a one-hot agent id after the observation
+    # the shared actor (recurrent or not) reads a one-hot agent id after the observation; off: the observation alone
+    # (BenchMARL's shared policy)
+    actor_id: bool = True
     # the recurrent nets' GRU cell: torch's (two full bias vectors) or flax's (input biases for r, z, n; hidden only n)
     gru: Literal["torch", "flax"] = "torch"
     value_coef: float = 0.5  # weight of the value loss 0.5 * mean squared error (the critic has its own Adam)
@@ -93,6 +95,9 @@ class MAPPOConfig:
     # A time limit's last reward gains gamma * V(the state it cut off); off: a time limit ends the episode like a
     # terminal state (TorchRL's VmasEnv marks it terminated, so BenchMARL's GAE does not bootstrap it)
     bootstrap_time_limit: bool = True
+    # One value V(state) for every agent (BenchMARL's MAPPO critic, share_param_critic True: one MLP output expanded
+    # over the agents, trained on every agent's target); off: V(state, one-hot agent id), a value per agent
+    shared_value: bool = False
 
     def validate(self) -> None:
         """Raises :class:`kpg.options.OptionError` for a value out of range (types: kpg.options.check_options)."""
@@ -109,6 +114,14 @@ class MAPPOConfig:
         require(self, "mappo.", "activation", self.activation in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}")
         require(self, "mappo.", "others", self.others in OTHERS_MODES, f"one of {', '.join(OTHERS_MODES)}")
         require(self, "mappo.", "coupling", self.coupling in FORMS, f"one of {', '.join(FORMS)}")
+        # Per-agent actors (share_actor off) read no id; the recurrent trainer's one actor is always shared.
+        require(
+            self,
+            "mappo.",
+            "actor_id",
+            self.actor_id or self.share_actor or self.recurrent,
+            "on with --mappo.no-share-actor (one actor per agent reads no id to drop)",
+        )
 
 
 class MAPPOTrainer:
@@ -170,6 +183,7 @@ class MAPPOTrainer:
             c.activation,
             output_gain=c.actor_output_gain,
             init=c.init,
+            agent_id=c.actor_id,
         ).to(self.device)
         # Continuous actions with a state-independent scale: a learned log-std per network (with the
         # batched network's agent dimension), so it belongs to that agent's KPG segment.
@@ -178,8 +192,10 @@ class MAPPOTrainer:
             nn.Parameter(torch.full(log_std_shape, c.initial_log_std, device=self.device))
             for _ in range(0 if spaces.discrete or c.action_scale == "state" else len(self.actor))
         )
-        self.critic = mlp(spaces.state_size + n, c.hidden, 1, c.activation, init=c.init).to(self.device)
-        self.returns = ReturnNormalizer(n).to(self.device)
+        critic_inputs = spaces.state_size + (0 if c.shared_value else n)
+        self.critic = mlp(critic_inputs, c.hidden, 1, c.activation, init=c.init).to(self.device)
+        # A shared value learns every agent's targets, so their moments are pooled over the agents.
+        self.returns = ReturnNormalizer(1 if c.shared_value else n).to(self.device)
         actor_agents, layout_arguments = self.actor.optimizer_arguments(extra=list(self.log_std))
         self.actor_optimizer = KPGOptimizer(
             actor_agents,
@@ -245,7 +261,10 @@ class MAPPOTrainer:
 
         The critic's first layer reads (state, one-hot agent id); its state part is computed once
         per state and the id part is a column per agent, so no [batch, agents, state_size] input is
-        built (MAgent2's global state has 12 500 values for 100 agents a side)."""
+        built (MAgent2's global state has 12 500 values for 100 agents a side). With ``shared_value``
+        the critic reads the state alone and its one value is every agent's."""
+        if self.config.shared_value:
+            return self.critic(state).expand(-1, self.num_agents)
         first, rest = self.critic[0], self.critic[1:]
         state_size = state.shape[-1]
         per_state = nn.functional.linear(state, first.weight[:, :state_size], first.bias)  # [batch, hidden]
@@ -337,7 +356,8 @@ class MAPPOTrainer:
         std = (((all_advantages - mean) * all_alive).square().sum() / valid).sqrt()
         advantages = (batch["advantages"] - mean) / (std + 1e-8) if c.normalize_advantages else batch["advantages"]
         if c.normalize_returns:
-            self.returns.update(all_targets, all_alive)
+            pooled = (lambda samples: samples.reshape(-1, 1)) if c.shared_value else (lambda samples: samples)
+            self.returns.update(pooled(all_targets), pooled(all_alive))
         targets = self.returns.normalize(batch["targets"]) if c.normalize_returns else batch["targets"]
         samples = alive.shape[0]
         clip_fractions: dict[int, list[float]] = {}
