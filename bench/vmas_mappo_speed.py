@@ -25,9 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same reader, kpg[train]'s dependency
+    import tomli as tomllib
 
 FRAMES_PER_ITERATION = 6000  # base_experiment.yaml on_policy_collected_frames_per_batch
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "vmas_benchmarl.toml"
