@@ -152,3 +152,14 @@ def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(monkeypatch, tmp_pat
     assert (config.k, config.steps, config.env, config.copies, config.threads) == (2, 12000, "vmas:navigation", 60, 1)
     assert (config.mappo.epochs, config.mappo.minibatches, config.mappo.rollout) == (45, 15, 100)
     assert config.env_options == {"shared_rew": "false"}
+
+
+def test_anticipation_benchmark_reports_momentums_floor(tmp_path):
+    path = tmp_path / "anticipation.json"
+    out = _run("bench/anticipation.py", "--agents", "2", "--threads", "1", "--process-time", "1", "--json", str(path))
+    (case,) = json.loads(path.read_text())["cases"]
+    seconds = case["seconds"]
+    assert set(seconds) == {"kpg_k1", "kpg_k2", "kpg_mk2", "forward", "rule", "rule_plain"}
+    floor = (seconds["kpg_k1"] + seconds["forward"] + seconds["rule"]) / seconds["kpg_k1"]
+    assert case["momentum_k2_floor_over_k1"] == pytest.approx(floor)
+    assert "target momentum k=2 / k=1 <= 1.35 at 2 agents" in out
