@@ -161,6 +161,7 @@ def main() -> None:
     if args.iterations < 2 or args.rounds < 1:
         parser.error("--iterations must be at least 2 and --rounds at least 1")
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PRESET.parent)
     with tempfile.TemporaryDirectory(prefix="vmas_mappo_speed-") as workdir:
         per_iteration = measure(args, Path(workdir))
     lines = report(per_iteration, args.task)
@@ -174,9 +175,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
-            "code_commit": subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PRESET.parent
-            ).stdout.strip(),
+            "code_commit": commit.stdout.strip(),  # at the start: the checkout may move while it runs
             "versions": {name: version(name) for name in ("torch", "benchmarl", "torchrl", "vmas", "kpg")},
         }
         args.json.write_text(
