@@ -53,9 +53,11 @@ def _sgd(p, g, states, scalars, h, lr, steps_taken, scale, live):
     p.add_(g, alpha=-lr)
 
 
-def _adam(p, g, states, scalars, h, lr, steps_taken, scale, live):
-    m, v, v_max = states
-    beta1, beta2, eps, weight_decay = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
+def _adam_family_moments(p, g, m, v, h, lr, scale) -> Tensor:
+    """The steps torch's Adam, NAdam and RAdam share, in their order: the gradient's scale and sign,
+    weight decay (L2 into the gradient, or AdamW's decoupled shrink of ``p``), then both moments.
+    Returns the gradient the moments saw."""
+    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
     g = _scaled_grad(g, scale, h["maximize"])
     if weight_decay != 0:
         if h["decoupled_weight_decay"]:
@@ -64,6 +66,13 @@ def _adam(p, g, states, scalars, h, lr, steps_taken, scale, live):
             g = g.add(p, alpha=weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    return g
+
+
+def _adam(p, g, states, scalars, h, lr, steps_taken, scale, live):
+    m, v, v_max = states
+    beta1, beta2, eps = h["beta1"], h["beta2"], h["eps"]
+    _adam_family_moments(p, g, m, v, h, lr, scale)
     t = steps_taken + 1
     bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
@@ -120,18 +129,11 @@ def _advance_nadam(scalars, h, steps_taken):
 def _nadam(p, g, states, scalars, h, lr, steps_taken, scale, live):
     m, v = states
     mu_product = float(scalars[0])
-    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
-    g = _scaled_grad(g, scale, h["maximize"])
+    beta2 = h["beta2"]
     t = steps_taken + 1
     bias_correction2 = 1 - beta2**t
-    if weight_decay != 0:
-        if h["decoupled_weight_decay"]:
-            p.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
+    g = _adam_family_moments(p, g, m, v, h, lr, scale)
     mu, mu_next = _nadam_mu(h, t), _nadam_mu(h, t + 1)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = v.div(bias_correction2).sqrt().add_(h["eps"])
     mu_product_next = mu_product * mu_next
     p.addcdiv_(g, denom, value=-lr * (1.0 - mu) / (1.0 - mu_product))
@@ -140,15 +142,8 @@ def _nadam(p, g, states, scalars, h, lr, steps_taken, scale, live):
 
 def _radam(p, g, states, scalars, h, lr, steps_taken, scale, live):
     m, v = states
-    beta1, beta2, weight_decay = h["beta1"], h["beta2"], h["weight_decay"]
-    g = _scaled_grad(g, scale, h["maximize"])
-    if weight_decay != 0:
-        if h["decoupled_weight_decay"]:
-            p.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    beta1, beta2 = h["beta1"], h["beta2"]
+    g = _adam_family_moments(p, g, m, v, h, lr, scale)
     t = steps_taken + 1
     bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t

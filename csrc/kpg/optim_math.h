@@ -63,6 +63,30 @@ KPG_HD void sgd_element(T& param, T grad, T& momentum_buffer, const SGDCoefficie
 }
 
 // ---- Adam / AdamW: torch.optim.adam._single_tensor_adam ---------------------------------------
+// The steps torch's Adam, NAdam and RAdam share, in their order: the gradient's scale, sign and
+// weight decay (L2 into the gradient, or AdamW's decoupled shrink of the parameter), then the two
+// moments. Their coefficient structs name these fields alike.
+template <typename T, typename Coefficients>
+KPG_HD T adam_family_gradient(T& param, T grad, const Coefficients& c, bool maximize,
+                              bool has_weight_decay, bool decoupled_weight_decay) {
+  grad = grad * c.grad_scale;
+  if (maximize) grad = -grad;
+  if (has_weight_decay) {
+    if (decoupled_weight_decay) {
+      param = param * c.decay_factor;
+    } else {
+      grad = grad + c.weight_decay * param;
+    }
+  }
+  return grad;
+}
+
+template <typename T, typename Coefficients>
+KPG_HD void adam_family_moments(T& exp_avg, T& exp_avg_sq, T grad, const Coefficients& c) {
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+}
+
 template <typename T>
 struct AdamCoefficients {
   T grad_scale, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2,
@@ -94,17 +118,8 @@ template <typename T>
 KPG_HD void adam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                          const AdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
                          bool decoupled_weight_decay, bool amsgrad) {
-  grad = grad * c.grad_scale;
-  if (maximize) grad = -grad;
-  if (has_weight_decay) {
-    if (decoupled_weight_decay) {
-      param = param * c.decay_factor;
-    } else {
-      grad = grad + c.weight_decay * param;
-    }
-  }
-  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  grad = adam_family_gradient(param, grad, c, maximize, has_weight_decay, decoupled_weight_decay);
+  adam_family_moments(exp_avg, exp_avg_sq, grad, c);
   T second_moment = exp_avg_sq;
   if (amsgrad) {
     max_exp_avg_sq = nan_propagating_max(max_exp_avg_sq, exp_avg_sq);
@@ -221,17 +236,8 @@ template <typename T>
 KPG_HD void nadam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq,
                           const NAdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
                           bool decoupled_weight_decay) {
-  grad = grad * c.grad_scale;
-  if (maximize) grad = -grad;
-  if (has_weight_decay) {
-    if (decoupled_weight_decay) {
-      param = param * c.decay_factor;
-    } else {
-      grad = grad + c.weight_decay * param;
-    }
-  }
-  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  grad = adam_family_gradient(param, grad, c, maximize, has_weight_decay, decoupled_weight_decay);
+  adam_family_moments(exp_avg, exp_avg_sq, grad, c);
   const T denom = math_sqrt(exp_avg_sq / c.bias_correction2) + c.eps;
   param = param + c.grad_coefficient * grad / denom;
   param = param + c.exp_avg_coefficient * exp_avg / denom;
@@ -278,17 +284,8 @@ template <typename T>
 KPG_HD void radam_element(T& param, T grad, T& exp_avg, T& exp_avg_sq,
                           const RAdamCoefficients<T>& c, bool maximize, bool has_weight_decay,
                           bool decoupled_weight_decay) {
-  grad = grad * c.grad_scale;
-  if (maximize) grad = -grad;
-  if (has_weight_decay) {
-    if (decoupled_weight_decay) {
-      param = param * c.decay_factor;
-    } else {
-      grad = grad + c.weight_decay * param;
-    }
-  }
-  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1, c.beta1_weight_is_small);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  grad = adam_family_gradient(param, grad, c, maximize, has_weight_decay, decoupled_weight_decay);
+  adam_family_moments(exp_avg, exp_avg_sq, grad, c);
   const T bias_corrected_exp_avg = exp_avg / c.bias_correction1;
   T update = bias_corrected_exp_avg * c.lr;
   if (c.rectified) {
