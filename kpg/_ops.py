@@ -270,6 +270,22 @@ def _check_chunks(op: str, device: torch.device, chunks: Tensor, name: str = "ch
 _checked_device_tables: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
 
 
+def _check_buffers(
+    op: str,
+    everything: dict[str, Tensor | None],
+    written: Sequence[str],
+    chunks: Tensor,
+    agent_chunks: Tensor | None,
+    num_agents: int,
+    numel: int,
+) -> None:
+    """The checks every op runs last, on all of its buffers: live storage, no buffer it writes
+    overlapping another, and (on CUDA) a chunk table whose rows stay apart."""
+    _check_storage(op, everything)
+    _check_disjoint(op, everything, written)
+    _check_device_chunk_table(op, chunks, agent_chunks, num_agents, numel)
+
+
 def _check_device_chunk_table(
     op: str, chunks: Tensor, agent_chunks: Tensor | None, num_agents: int, numel: int
 ) -> None:
@@ -378,9 +394,7 @@ def _define_update_op(kernel: OptimizerKernel, mode: str):
             **{name: a[name] for name in ("step", "live", "lr", "hyper", "grad_scale", "skip", "chunks")},
             "nonfinite": a.get("nonfinite"),
         }
-        _check_storage(op, everything)
-        _check_disjoint(op, everything, written)
-        _check_device_chunk_table(op, a["chunks"], None, num_agents, param.numel())
+        _check_buffers(op, everything, written, a["chunks"], None, num_agents, param.numel())
         device, stream = _device_and_stream(param)
         buffers = _C.UpdateBuffers()
         buffers.param, buffers.grad = param.data_ptr(), a["grad"].data_ptr()
@@ -476,9 +490,9 @@ def agent_grad_norms(
         grad_scale=grad_scale,
         nonfinite=nonfinite,
     )
-    _check_storage(op, everything)
-    _check_disjoint(op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"))
-    _check_device_chunk_table(op, chunks, agent_chunks, num_agents, grad.numel())
+    _check_buffers(
+        op, everything, ("chunk_sq", "norm", "grad_scale", "nonfinite"), chunks, agent_chunks, num_agents, grad.numel()
+    )
     device, stream = _device_and_stream(grad)
     buffers = _C.NormBuffers()
     buffers.grad, buffers.chunks, buffers.agent_chunks = grad.data_ptr(), chunks.data_ptr(), agent_chunks.data_ptr()
@@ -557,9 +571,7 @@ def momentum_predict(
     _check_agent_tensors(op, param.device, gate.numel(), {"gate": (gate, torch.float64)})
     _check_chunks(op, param.device, chunks)
     everything = dict(param=param, **arena, gate=gate, chunks=chunks)
-    _check_storage(op, everything)
-    _check_disjoint(op, everything, ("anticipated", "base"))
-    _check_device_chunk_table(op, chunks, None, gate.numel(), param.numel())
+    _check_buffers(op, everything, ("anticipated", "base"), chunks, None, gate.numel(), param.numel())
     _momentum(False, param, everything, chunks)
 
 
@@ -615,9 +627,9 @@ def momentum_record(
         chunks=chunks,
         agent_chunks=agent_chunks,
     )
-    _check_storage(op, everything)
-    _check_disjoint(op, everything, ("latest", "latest_sq", "gate", "chunk_sums"))
-    _check_device_chunk_table(op, chunks, agent_chunks, num_agents, param.numel())
+    _check_buffers(
+        op, everything, ("latest", "latest_sq", "gate", "chunk_sums"), chunks, agent_chunks, num_agents, param.numel()
+    )
     _momentum(True, param, everything, chunks)
 
 
