@@ -2,10 +2,12 @@
 
 Reads ``<study>/<map>/runs/<run>/`` (metrics.csv, config.json, summary.json) and writes:
 
-- ``results.md``: one table, per map and k, of the win rate at 1M, 2M and 3M steps (the mean of
-  the per-update win rate over the last 8 % of the updates before the budget, then over seeds, with
-  a 95 % Student-t interval), the paired per-seed differences K2 - K1, the step at which each seed's
-  per-update win rate first reaches 0.5, CPU seconds per run and k=2's CPU overhead;
+- ``results.md``: one table, per map and variant (k=1, k=2, and k=2 with momentum anticipation where
+  issue 28's runs exist), of the win rate at 1M, 2M and 3M steps (the mean of the per-update win rate
+  over the last 8 % of the updates before the budget, then over seeds, with a 95 % Student-t
+  interval), the paired per-seed differences K2 - K1 (and momentum K2 - K1, momentum K2 - exact K2),
+  the step at which each seed's per-update win rate first reaches 0.5, CPU seconds per run and the
+  CPU overhead over k=1; for audited momentum runs, the audit's means (gate, cosine, relative error);
 - ``results.json``: the same numbers per seed, the command, the code commit, the versions of torch,
   JAX and JaxMARL that ran (from the runs' summaries) and each run's state;
 - ``curves.png``: every run's curve, one panel per map;
@@ -73,6 +75,30 @@ def win_rate_at(steps: np.ndarray, wins: np.ndarray, budget: int, total_steps: i
     return float(np.nanmean(before[-window:]))
 
 
+def variant(config: dict) -> str:
+    """A run's row: its k, and "momentum" where its level 1 was extrapolated (issue 28)."""
+    anticipation = config.get("anticipation", "exact")
+    return f"k={config['k']}" + ("" if anticipation == "exact" else f" {anticipation}")
+
+
+# The paired comparisons of the table, (name, minuend, subtrahend), where both variants have runs.
+COMPARISONS = (
+    ("K2 - K1", "k=2", "k=1"),
+    ("momentum K2 - K1", "k=2 momentum", "k=1"),
+    ("momentum K2 - exact K2", "k=2 momentum", "k=2"),
+)
+AUDIT = ("audit_gate", "audit_cosine", "audit_relative_error", "audit_norm_ratio")
+
+
+def audit_means(metrics: Path) -> dict | None:
+    """The audit's per-update figures averaged over the run's updates (None: the run was not audited)."""
+    with open(metrics) as file:
+        rows = list(csv.DictReader(file))
+    if not rows or not any(row.get("audit_cosine") for row in rows):
+        return None
+    return {name: float(np.mean([float(row[name]) for row in rows if row.get(name)])) for name in AUDIT}
+
+
 def first_passing(steps: np.ndarray, wins: np.ndarray) -> float | None:
     passed = np.nonzero(wins >= THRESHOLD)[0]
     return float(steps[passed[0]]) if len(passed) else None
@@ -105,6 +131,7 @@ def collect(study: Path) -> dict:
                 {
                     "run": run_dir.name,
                     "dir": run_dir,
+                    "variant": variant(config),
                     "k": config["k"],
                     "seed": config["seed"],
                     "steps": config["steps"],
@@ -118,6 +145,7 @@ def collect(study: Path) -> dict:
                     "cpu_seconds": summary["cpu_seconds"] if state == "finished" else None,
                     "wall_seconds": summary["wall_seconds"] if state == "finished" else None,
                     "versions": (summary or {}).get("versions"),
+                    "audit": audit_means(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else None,
                     "curve": (steps, wins),
                 }
             )
@@ -133,12 +161,12 @@ def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
 
 
 def summarize(maps: dict) -> dict:
-    """Per map: per k the budgets' mean and interval, the paired K2 - K1 differences, first passes, CPU."""
+    """Per map: per variant the budgets' mean and interval, the paired differences, first passes, CPU."""
     table = {}
     for map_name, runs in maps.items():
-        by_k = {}
-        for k in sorted({r["k"] for r in runs}):
-            mine = sorted((r for r in runs if r["k"] == k), key=lambda r: r["seed"])
+        by_variant = {}
+        for name in sorted({r["variant"] for r in runs}):
+            mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
             entry = {
                 "seeds": [r["seed"] for r in mine],
                 "states": {
@@ -155,23 +183,33 @@ def summarize(maps: dict) -> dict:
             entry["first_step_win_rate_0.5"] = {r["seed"]: r["first_step_win_rate_0.5"] for r in mine}
             entry["cpu_seconds_per_seed"] = {r["seed"]: r["cpu_seconds"] for r in mine}
             entry["cpu_seconds"] = mean_ci(entry["cpu_seconds_per_seed"].values())
-            by_k[k] = entry
+            entry["audit_per_seed"] = {r["seed"]: r["audit"] for r in mine if r["audit"]}
+            by_variant[name] = entry
         differences = {}
-        if 1 in by_k and 2 in by_k:
-            for budget in map(str, BUDGETS):
-                one, two = by_k[1][f"win_rate_{budget}_per_seed"], by_k[2][f"win_rate_{budget}_per_seed"]
-                paired = {s: two[s] - one[s] for s in one if two.get(s) is not None and one[s] is not None}
-                differences[budget] = {"per_seed": paired, "mean_ci": mean_ci(paired.values())}
-            cpu_one, cpu_two = by_k[1]["cpu_seconds_per_seed"], by_k[2]["cpu_seconds_per_seed"]
-            ratios = {s: cpu_two[s] / cpu_one[s] - 1 for s in cpu_one if cpu_one[s] and cpu_two.get(s)}
-            differences["cpu_overhead_k2"] = {"per_seed": ratios, "mean_ci": mean_ci(ratios.values())}
-        table[map_name] = {"by_k": by_k, "k2_minus_k1": differences}
+        for label, minuend, subtrahend in COMPARISONS:
+            if minuend in by_variant and subtrahend in by_variant:
+                differences[label] = _paired(by_variant[minuend], by_variant[subtrahend])
+        table[map_name] = {"by_variant": by_variant, "differences": differences}
     return table
+
+
+def _paired(minuend: dict, subtrahend: dict) -> dict:
+    """Per budget the per-seed differences of two variants (same seed) and their mean, and the CPU ratio - 1."""
+    paired = {}
+    for budget in map(str, BUDGETS):
+        a, b = minuend[f"win_rate_{budget}_per_seed"], subtrahend[f"win_rate_{budget}_per_seed"]
+        per_seed = {s: a[s] - b[s] for s in a if a[s] is not None and b.get(s) is not None}
+        paired[budget] = {"per_seed": per_seed, "mean_ci": mean_ci(per_seed.values())}
+    cpu_a, cpu_b = minuend["cpu_seconds_per_seed"], subtrahend["cpu_seconds_per_seed"]
+    ratios = {s: cpu_a[s] / cpu_b[s] - 1 for s in cpu_a if cpu_a[s] and cpu_b.get(s)}
+    paired["cpu_overhead"] = {"per_seed": ratios, "mean_ci": mean_ci(ratios.values())}
+    return paired
 
 
 def markdown(table: dict, maps: dict, meta: dict) -> str:
     header = (
-        "| map | k | win rate 1M | win rate 2M | win rate 3M | first step at 0.5, per seed | CPU s per run | runs |"
+        "| map | variant | win rate 1M | win rate 2M | win rate 3M | first step at 0.5, per seed | CPU s per run "
+        "| runs |"
     )
     lines = [
         "# SMAX study: K2-MAPPO against MAPPO, four maps, one preset",
@@ -182,24 +220,28 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         header,
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    audits = []
     for map_name, entry in table.items():
-        for k, e in entry["by_k"].items():
+        for name, e in entry["by_variant"].items():
             firsts = ", ".join(
                 "-" if v is None else f"{v / 1e6:.2f}M" for _, v in sorted(e["first_step_win_rate_0.5"].items())
             )
             states = ", ".join(f"s{s}: {st}" for s, st in sorted(e["states"].items()))
             lines.append(
-                f"| {map_name} | {k} | "
+                f"| {map_name} | {name} | "
                 + " | ".join(_fmt(*e[f"win_rate_{b}"]) for b in BUDGETS)
                 + f" | {firsts} | {_fmt(*e['cpu_seconds'], digits=0)} | {states} |"
             )
-        d = entry["k2_minus_k1"]
-        if d:
+            audits += [
+                f"| {map_name} | {seed} | " + " | ".join(f"{figures[n]:.3f}" for n in AUDIT) + " |"
+                for seed, figures in sorted(e["audit_per_seed"].items())
+            ]
+        for label, d in entry["differences"].items():
             per_seed = lambda values: ", ".join(f"{v:+.2f}" for _, v in sorted(values.items()))  # noqa: E731
             cells = [f"{_fmt(*d[str(b)]['mean_ci'])} [{per_seed(d[str(b)]['per_seed'])}]" for b in BUDGETS]
-            overhead = d["cpu_overhead_k2"]["mean_ci"]
+            overhead = d["cpu_overhead"]["mean_ci"]
             overhead_text = "-" if overhead[2] == 0 else f"{100 * overhead[0]:+.0f} % (n={overhead[2]})"
-            lines.append(f"| {map_name} | K2 - K1 | " + " | ".join(cells) + f" | | k=2 CPU {overhead_text} | |")
+            lines.append(f"| {map_name} | {label} | " + " | ".join(cells) + f" | | CPU {overhead_text} | |")
     missing = [m for m in MAPS if m not in table]
     if missing:
         lines += ["", f"Not started yet: {', '.join(missing)}."]
@@ -207,12 +249,29 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         "",
         "Win rate at a budget: the per-update win rate (episodes won / finished in the update) averaged over the "
         "last 8 % of the updates before the budget, then over the seeds that reached it (n), ± the 95 % Student-t "
-        "half-width. K2 - K1: the paired per-seed differences (same seed), their mean ± 95 % half-width, and each "
-        "seed's difference in brackets. First step at 0.5: the first update whose win rate reaches 0.5 (- : none "
-        "yet). CPU s: the run's process CPU time (one core; finished runs only), the k=2 overhead paired per seed. "
+        "half-width. K2 - K1 (and, where momentum runs exist, momentum K2 - K1 and momentum K2 - exact K2): the "
+        "paired per-seed differences (same seed), their mean ± 95 % half-width, and each seed's difference in "
+        "brackets. First step at 0.5: the first update whose win rate reaches 0.5 (- : none yet). CPU s: the "
+        "run's process CPU time (one core; finished runs only); a difference's CPU: the first variant's CPU over "
+        "the second's - 1, paired per seed. "
         "Curves of every run: curves.png; raw per-run metrics.csv, config.json and summary.json under runs/.",
     ]
+    if audits:
+        lines += [
+            "",
+            "Audited momentum runs (k=2 momentum: the exact level-1 step computed beside the prediction), each "
+            "figure the mean over agents, then over the run's updates: gate = clip(cos(u1, u2), 0, 1); cosine = "
+            "cos(u1, exact step); relative error = |gate u1 - exact step| / |exact step|; norm ratio = |gate u1| "
+            "/ |exact step| (docs/algorithm.md).",
+            "",
+            "| map | seed | gate | cosine | relative error | norm ratio |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *audits,
+        ]
     return "\n".join(lines) + "\n"
+
+
+COLORS = {"k=1": "tab:blue", "k=2": "tab:orange", "k=2 momentum": "tab:green"}
 
 
 def plot(maps: dict, path: Path) -> None:
@@ -224,11 +283,11 @@ def plot(maps: dict, path: Path) -> None:
     names = [m for m in MAPS if m in maps] + [m for m in maps if m not in MAPS]
     figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.6), squeeze=False)
     for axis, map_name in zip(axes[0], names):
-        for run in sorted(maps[map_name], key=lambda r: (r["k"], r["seed"])):
+        for run in sorted(maps[map_name], key=lambda r: (r["variant"], r["seed"])):
             steps, wins = run["curve"]
             if len(steps):
-                color = "tab:blue" if run["k"] == 1 else "tab:orange"
-                axis.plot(steps, wins, color=color, alpha=0.75, lw=0.9, label=f"k={run['k']} s{run['seed']}")
+                color = COLORS.get(run["variant"], "tab:gray")
+                axis.plot(steps, wins, color=color, alpha=0.75, lw=0.9, label=f"{run['variant']} s{run['seed']}")
         axis.set_title(map_name)
         axis.set_xlabel("environment steps")
         axis.set_ylim(-0.02, 1.02)

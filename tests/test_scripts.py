@@ -1,6 +1,7 @@
 """The examples and the benchmarks run end to end on small settings and report what they
 promise. Their numbers are not judged here: speed is the benchmark's job, on an idle machine."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -163,3 +164,32 @@ def test_anticipation_benchmark_reports_momentums_floor(tmp_path):
     floor = (seconds["kpg_k1"] + seconds["forward"] + seconds["rule"]) / seconds["kpg_k1"]
     assert case["momentum_k2_floor_over_k1"] == pytest.approx(floor)
     assert "target momentum k=2 / k=1 <= 1.35 at 2 agents" in out
+
+
+def test_smax_study_adds_momentum_runs_beside_the_exact_pairs(monkeypatch, tmp_path):
+    study = _load_script("scripts/smax_study.py", monkeypatch)
+    exact = study.run_configs(tmp_path, maps=["2s3z"], seeds=[0, 1])
+    assert [(c.k, c.seed, c.anticipation, c.anticipation_audit) for c in exact] == [
+        (1, 0, "exact", False),
+        (2, 0, "exact", False),
+        (1, 1, "exact", False),
+        (2, 1, "exact", False),
+    ]
+    momentum = study.run_configs(
+        tmp_path, maps=["3s_vs_5z", "2s3z"], seeds=[0, 1], anticipation="momentum", audit_seeds={0}
+    )
+    assert [(c.env, c.k, c.seed, c.anticipation_audit) for c in momentum] == [
+        ("smax:3s_vs_5z", 2, 0, True),
+        ("smax:3s_vs_5z", 2, 1, False),
+        ("smax:2s3z", 2, 0, True),
+        ("smax:2s3z", 2, 1, False),
+    ]
+    # their own folders beside the exact runs of the same map, and nothing else of the preset changed
+    assert momentum[2].run_dir == tmp_path / "2s3z" / "runs" / "mappo-smax_2s3z-k2-momentum-s0"
+    assert exact[1].run_dir == tmp_path / "2s3z" / "runs" / "mappo-smax_2s3z-k2-s0"
+    assert {
+        f.name for f in dataclasses.fields(exact[1]) if getattr(exact[1], f.name) != getattr(momentum[2], f.name)
+    } == {
+        "anticipation",
+        "anticipation_audit",
+    }

@@ -1,4 +1,4 @@
-"""scripts/smax_study_report.py on a small fake study folder: finished pairs, a run still going."""
+"""scripts/smax_study_report.py on a small fake study folder: finished pairs, a run still going, momentum runs."""
 
 from __future__ import annotations
 
@@ -19,12 +19,28 @@ def _report_module():
     return module
 
 
-def _fake_run(study: Path, map_name: str, k: int, seed: int, wins: list[float], cpu: float | None) -> None:
-    run = study / map_name / "runs" / f"mappo-smax_{map_name}-k{k}-s{seed}"
+def _fake_run(
+    study: Path,
+    map_name: str,
+    k: int,
+    seed: int,
+    wins: list[float],
+    cpu: float | None,
+    anticipation: str = "exact",
+    audit_cosines: list[float] | None = None,
+) -> None:
+    suffix = "" if anticipation == "exact" else f"-{anticipation}"
+    run = study / map_name / "runs" / f"mappo-smax_{map_name}-k{k}{suffix}-s{seed}"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"k": k, "seed": seed, "steps": 3_000_000, "env": f"smax:{map_name}"}))
-    rows = ["env_steps,win_rate,actor_loss"]
-    rows += [f"{(u + 1) * PER_UPDATE},{w},0.1" for u, w in enumerate(wins)]
+    config = {"k": k, "seed": seed, "steps": 3_000_000, "env": f"smax:{map_name}", "anticipation": anticipation}
+    (run / "config.json").write_text(json.dumps(config))
+    # the trainer's audit columns stay empty in the updates without a k=2 step, as metrics.csv writes them
+    audits = audit_cosines or [None] * len(wins)
+    rows = ["env_steps,win_rate,actor_loss,audit_gate,audit_cosine,audit_relative_error,audit_norm_ratio"]
+    rows += [
+        f"{(u + 1) * PER_UPDATE},{w},0.1," + (",,," if c is None else f"0.5,{c},0.4,1.1")
+        for u, (w, c) in enumerate(zip(wins, audits))
+    ]
     (run / "metrics.csv").write_text("\n".join(rows) + "\n")
     if cpu is not None:
         summary = {"cpu_seconds": cpu, "wall_seconds": 2 * cpu, "interrupted": False, "env_steps": 3_000_000}
@@ -46,24 +62,26 @@ def test_report_of_a_partial_study(tmp_path):
     _fake_run(study, "3s_vs_5z", 1, 2, [0.3] * 15, cpu=None)
 
     results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
-    by_k = results["maps"]["3s_vs_5z"]["by_k"]
+    by_k = {int(name[2:]): entry for name, entry in results["maps"]["3s_vs_5z"]["by_variant"].items()}
     assert by_k[2]["win_rate_1000000_per_seed"] == {0: 0.6, 1: 0.4, 2: 0.55}
     assert by_k[2]["win_rate_2000000_per_seed"] == {0: 0.6, 1: 0.7, 2: None}  # seed 2 has not reached 2M
     assert by_k[2]["win_rate_3000000_per_seed"] == {0: pytest.approx(0.9), 1: pytest.approx(0.7), 2: None}
     assert by_k[2]["first_step_win_rate_0.5"] == {0: 100_000, 1: 1_100_000, 2: 100_000}
     assert by_k[1]["first_step_win_rate_0.5"] == {0: None, 1: None, 2: None}
     assert by_k[2]["states"][2].startswith("running")
-    differences = results["maps"]["3s_vs_5z"]["k2_minus_k1"]
+    differences = results["maps"]["3s_vs_5z"]["differences"]["K2 - K1"]
     assert differences["3000000"]["per_seed"] == {0: pytest.approx(0.7), 1: pytest.approx(0.5)}
     mean, half, n = differences["3000000"]["mean_ci"]
     assert (mean, n) == (pytest.approx(0.6), 2) and half == pytest.approx(12.706 * 0.1414213 / 2**0.5, rel=1e-4)
     assert differences["1000000"]["per_seed"] == {0: pytest.approx(0.4), 1: pytest.approx(0.2), 2: pytest.approx(0.25)}
-    assert differences["cpu_overhead_k2"]["per_seed"] == {0: pytest.approx(0.30), 1: pytest.approx(0.26)}
+    assert differences["cpu_overhead"]["per_seed"] == {0: pytest.approx(0.30), 1: pytest.approx(0.26)}
     assert results["commit"] and results["versions_ran"] == [{"jax": "0.6.0", "jaxmarl": "0.0.7", "torch": "2.13.0"}]
 
     table = (out / "results.md").read_text()
-    assert "| 3s_vs_5z | 2 | 0.52 ± " in table and "(n=3)" in table  # 1M: mean of 0.6, 0.4, 0.55
-    assert "+28 % (n=2)" in table and "s2: running or stopped without a summary, 1500000 steps" in table
+    assert "| 3s_vs_5z | k=2 | 0.52 ± " in table and "(n=3)" in table  # 1M: mean of 0.6, 0.4, 0.55
+    assert "| 3s_vs_5z | K2 - K1 | " in table and "CPU +28 % (n=2)" in table
+    assert "k=2 momentum" not in table and "Audited" not in table
+    assert "s2: running or stopped without a summary, 1500000 steps" in table
     assert "Not started yet: 2s3z, 3s5z, 10m_vs_11m." in table
     assert (out / "curves.png").stat().st_size > 0
     copied = out / "runs" / "3s_vs_5z" / "mappo-smax_3s_vs_5z-k2-s2"
@@ -71,6 +89,46 @@ def test_report_of_a_partial_study(tmp_path):
         study / "3s_vs_5z" / "runs" / "mappo-smax_3s_vs_5z-k2-s2" / "metrics.csv"
     ).read_text()
     assert not (copied / "summary.json").exists()
+
+
+def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
+    study, out = tmp_path / "study", tmp_path / "out"
+    for seed in (0, 1):
+        _fake_run(study, "2s3z", 1, seed, [0.2] * 30, cpu=100.0)
+        _fake_run(study, "2s3z", 2, seed, [0.6] * 30, cpu=140.0)
+    # seed 0 audited: no audit in the first two updates (gate 0, no history), then cosines 0.8 and 0.2
+    _fake_run(
+        study, "2s3z", 2, 0, [0.5] * 30, cpu=110.0, anticipation="momentum", audit_cosines=[None] * 2 + [0.8, 0.2] * 14
+    )
+    _fake_run(study, "2s3z", 2, 1, [0.3] * 30, cpu=112.0, anticipation="momentum")
+
+    results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
+    entry = results["maps"]["2s3z"]
+    assert sorted(entry["by_variant"]) == ["k=1", "k=2", "k=2 momentum"]
+    momentum = entry["by_variant"]["k=2 momentum"]
+    assert momentum["win_rate_3000000_per_seed"] == {0: pytest.approx(0.5), 1: pytest.approx(0.3)}
+    assert momentum["audit_per_seed"] == {
+        0: {
+            "audit_gate": pytest.approx(0.5),
+            "audit_cosine": pytest.approx(0.5),
+            "audit_relative_error": pytest.approx(0.4),
+            "audit_norm_ratio": pytest.approx(1.1),
+        }
+    }
+    differences = entry["differences"]
+    assert differences["momentum K2 - K1"]["3000000"]["per_seed"] == {0: pytest.approx(0.3), 1: pytest.approx(0.1)}
+    assert differences["momentum K2 - exact K2"]["3000000"]["per_seed"] == {
+        0: pytest.approx(-0.1),
+        1: pytest.approx(-0.3),
+    }
+    assert differences["momentum K2 - K1"]["cpu_overhead"]["per_seed"] == {
+        0: pytest.approx(0.10),
+        1: pytest.approx(0.12),
+    }
+    table = (out / "results.md").read_text()
+    assert "| 2s3z | k=2 momentum | 0.40 ± " in table and "| 2s3z | momentum K2 - exact K2 | " in table
+    assert "| 2s3z | 0 | 0.500 | 0.500 | 0.400 | 1.100 |" in table
+    assert (out / "runs" / "2s3z" / "mappo-smax_2s3z-k2-momentum-s0" / "metrics.csv").exists()
 
 
 def test_report_refuses_a_folder_that_is_not_a_study(tmp_path):
