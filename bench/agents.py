@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer import CONTENDED_CORES, OtherProcessesCPU, machine_metadata  # noqa: E402
+from optimizer import CONTENDED_CORES, OtherProcessesCPU, judged, machine_metadata  # noqa: E402
 
 import kpg  # noqa: E402
 
@@ -636,17 +636,7 @@ def judge_targets(case: dict) -> list[dict]:
     for target in TARGETS:
         if case["agents"] not in target.agents:
             continue
-        value = case["ratios"][target.ratio]
-        passed = value is not None and (value >= target.limit if target.at_least else value <= target.limit)
-        results.append(
-            {
-                "ratio": target.ratio,
-                "limit": target.limit,
-                "at_least": target.at_least,
-                "value": value,
-                "passed": passed,
-            }
-        )
+        results.append(judged(target, case["ratios"][target.ratio]))
     return results
 
 

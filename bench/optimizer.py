@@ -345,6 +345,12 @@ def ratios(seconds: dict[str, float], gbps: dict[str, float]) -> dict[str, float
     }
 
 
+def judged(target, value: float | None) -> dict:
+    """One target's verdict on a measured ratio (None: not measured, a failure), as the JSON records it."""
+    passed = value is not None and (value >= target.limit if target.at_least else value <= target.limit)
+    return {"ratio": target.ratio, "limit": target.limit, "at_least": target.at_least, "value": value, "passed": passed}
+
+
 def judge_targets(case: dict) -> list[dict]:
     shape = (case["agents"], case["params_per_agent"])
     if shape not in FULL_CASES:
@@ -353,17 +359,7 @@ def judge_targets(case: dict) -> list[dict]:
     for target in TARGETS[case["device"]]:
         if target.case is not None and target.case != shape:
             continue
-        value = case["ratios"][target.ratio]
-        passed = value is not None and (value >= target.limit if target.at_least else value <= target.limit)
-        results.append(
-            {
-                "ratio": target.ratio,
-                "limit": target.limit,
-                "at_least": target.at_least,
-                "value": value,
-                "passed": passed,
-            }
-        )
+        results.append(judged(target, case["ratios"][target.ratio]))
     return results
 
 

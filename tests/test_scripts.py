@@ -193,3 +193,17 @@ def test_smax_study_adds_momentum_runs_beside_the_exact_pairs(monkeypatch, tmp_p
         "anticipation",
         "anticipation_audit",
     }
+
+
+def test_benchmark_targets_pass_on_their_side_of_the_limit_and_fail_unmeasured(monkeypatch):
+    bench = _load_script("bench/optimizer.py", monkeypatch)
+    ratios = {"commit_vs_torch_fused": 3.0, "k2_vs_naive": 4.9, "commit_fraction_of_copy_bandwidth": None}
+    verdicts = bench.judge_targets({"agents": 4096, "params_per_agent": 4096, "device": "cpu", "ratios": ratios})
+    assert [(v["ratio"], v["passed"]) for v in verdicts] == [
+        ("commit_vs_torch_fused", True),  # at least 3.0: the limit itself passes
+        ("k2_vs_naive", False),
+        ("commit_fraction_of_copy_bandwidth", False),  # not measured is not passed
+    ]
+    at_most = bench.Target("k2_over_torch_fused_stacked", 1.8, None, at_least=False)
+    assert bench.judged(at_most, 1.8)["passed"] and not bench.judged(at_most, 1.81)["passed"]
+    assert bench.judge_targets({"agents": 8, "params_per_agent": 64, "device": "cpu", "ratios": ratios}) == []
