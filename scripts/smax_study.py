@@ -103,16 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--audit-seeds", nargs="*", type=int, default=[0], help="momentum: the seeds run with the audit on"
     )
-    parser.add_argument("--workers", type=int, default=len(KS), help="runs at a time; they start and finish as a batch")
+    parser.add_argument("--workers", type=int, default=len(KS), help="runs at a time (default: one pair)")
     args = parser.parse_args(argv)
     maps = args.maps or list(MAPS if args.anticipation == "exact" else MOMENTUM_MAPS)
     args.out.mkdir(parents=True, exist_ok=True)
     configs = run_configs(
         args.out.resolve(), maps, KS, args.seeds, args.steps, args.anticipation, set(args.audit_seeds)
     )
-    # Batches of --workers runs: with the default, a map's k=1 and k=2 runs of one seed side by side, so
-    # that a partial study always holds complete pairs.
-    batches = [configs[i : i + args.workers] for i in range(0, len(configs), args.workers)]
+    # Exact runs go a pair at a time (a map's k=1 and k=2 runs of one seed), so that a partial study
+    # always holds complete pairs; momentum runs have no partner and go one after another.
+    group = len(KS) if args.anticipation == "exact" else len(configs)
+    batches = [configs[i : i + group] for i in range(0, len(configs), group)]
     # spawn: no worker inherits a parent's JAX or torch threads; each run sets its own single-threaded XLA.
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for batch in batches:
