@@ -52,14 +52,41 @@ def mean_ci(values) -> tuple[float, float, int]:
     return float(values.mean()), float(half), len(values)
 
 
-def read_curve(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(env_steps, win_rate) per update; an update in which no episode ended has no win rate (nan)."""
-    steps, wins = [], []
+def read_metrics(metrics: Path) -> list[dict]:
+    """A run's metrics.csv rows, one per update ([] before the first update is written)."""
+    if not metrics.exists():
+        return []
     with open(metrics) as file:
-        for row in csv.DictReader(file):
-            steps.append(float(row["env_steps"]))
-            wins.append(float(row["win_rate"]) if row.get("win_rate") else math.nan)
+        return list(csv.DictReader(file))
+
+
+def read_curve(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(env_steps, win_rate) per update; an update in which no episode ended has no win rate (nan)."""
+    steps = [float(row["env_steps"]) for row in rows]
+    wins = [float(row["win_rate"]) if row.get("win_rate") else math.nan for row in rows]
     return np.asarray(steps), np.asarray(wins)
+
+
+PHASES = ("environment", "critic", "actor")
+WARM_UP = 10  # updates left out of the time figures: the first include JAX's and torch's first compilations
+
+
+def phase_ratios(rows: list[dict]) -> dict | None:
+    """The time an update spends in each phase (metrics.csv's seconds_<phase>, cumulative over the run)
+    in units of its critic time: per phase the median over the updates after the warm-up of the
+    update's phase seconds over its critic seconds, and the same for the whole update ("update").
+    The critic's work is the same in every variant, and an update's phases share its process and the
+    machine's load at that moment, so these ratios compare variants across runs that ran at different
+    loads, where CPU seconds per run do not; the median leaves out updates stretched by a pause
+    (a SIGSTOP, a stop and resume). None: too few updates logged."""
+    seconds = np.asarray([[float(row[f"seconds_{phase}"] or "nan") for phase in PHASES] for row in rows])
+    if len(seconds) < WARM_UP + 2:
+        return None
+    per_update = np.diff(seconds[WARM_UP:], axis=0)
+    per_update = per_update[per_update[:, 1] > 0]
+    critic = per_update[:, 1]
+    ratios = {phase: float(np.median(per_update[:, i] / critic)) for i, phase in enumerate(PHASES)}
+    return ratios | {"update": float(np.median(per_update.sum(axis=1) / critic))}
 
 
 def win_rate_at(steps: np.ndarray, wins: np.ndarray, budget: int, total_steps: int) -> float | None:
@@ -90,11 +117,9 @@ COMPARISONS = (
 AUDIT = ("audit_gate", "audit_cosine", "audit_relative_error", "audit_norm_ratio")
 
 
-def audit_means(metrics: Path) -> dict | None:
+def audit_means(rows: list[dict]) -> dict | None:
     """The audit's per-update figures averaged over the run's updates (None: the run was not audited)."""
-    with open(metrics) as file:
-        rows = list(csv.DictReader(file))
-    if not rows or not any(row.get("audit_cosine") for row in rows):
+    if not any(row.get("audit_cosine") for row in rows):
         return None
     return {name: float(np.mean([float(row[name]) for row in rows if row.get(name)])) for name in AUDIT}
 
@@ -122,11 +147,8 @@ def collect(study: Path) -> dict:
         for run_dir in sorted(p for p in (map_dir / "runs").iterdir() if (p / "config.json").exists()):
             config = json.loads((run_dir / "config.json").read_text())
             state, summary = run_state(run_dir)
-            steps, wins = (
-                read_curve(run_dir / "metrics.csv")
-                if (run_dir / "metrics.csv").exists()
-                else (np.zeros(0), np.zeros(0))
-            )
+            rows = read_metrics(run_dir / "metrics.csv")
+            steps, wins = read_curve(rows)
             runs.append(
                 {
                     "run": run_dir.name,
@@ -145,12 +167,17 @@ def collect(study: Path) -> dict:
                     "cpu_seconds": summary["cpu_seconds"] if state == "finished" else None,
                     "wall_seconds": summary["wall_seconds"] if state == "finished" else None,
                     "versions": (summary or {}).get("versions"),
-                    "audit": audit_means(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else None,
+                    "audit": audit_means(rows),
+                    "phases_in_critic_time": phase_ratios(rows),
                     "curve": (steps, wins),
                 }
             )
         maps[map_dir.name] = runs
     return maps
+
+
+def _percent(mean: float, half: float, n: int) -> str:
+    return "-" if n == 0 else f"{100 * mean:+.0f} % (n={n})"
 
 
 def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
@@ -181,8 +208,14 @@ def summarize(maps: dict) -> dict:
                 entry[f"win_rate_{budget}"] = mean_ci(values.values())
                 entry[f"win_rate_{budget}_per_seed"] = values
             entry["first_step_win_rate_0.5"] = {r["seed"]: r["first_step_win_rate_0.5"] for r in mine}
-            entry["cpu_seconds_per_seed"] = {r["seed"]: r["cpu_seconds"] for r in mine}
+            # An audited run also computes the exact level 1: its cost is exact k=2's, not the variant's.
+            counted = [r for r in mine if r["audit"] is None]
+            entry["cpu_seconds_per_seed"] = {r["seed"]: r["cpu_seconds"] for r in counted}
             entry["cpu_seconds"] = mean_ci(entry["cpu_seconds_per_seed"].values())
+            entry["phases_in_critic_time_per_seed"] = {r["seed"]: r["phases_in_critic_time"] for r in counted}
+            entry["actor_over_critic"] = mean_ci(
+                (p or {}).get("actor") for p in entry["phases_in_critic_time_per_seed"].values()
+            )
             entry["audit_per_seed"] = {r["seed"]: r["audit"] for r in mine if r["audit"]}
             by_variant[name] = entry
         differences = {}
@@ -203,13 +236,16 @@ def _paired(minuend: dict, subtrahend: dict) -> dict:
     cpu_a, cpu_b = minuend["cpu_seconds_per_seed"], subtrahend["cpu_seconds_per_seed"]
     ratios = {s: cpu_a[s] / cpu_b[s] - 1 for s in cpu_a if cpu_a[s] and cpu_b.get(s)}
     paired["cpu_overhead"] = {"per_seed": ratios, "mean_ci": mean_ci(ratios.values())}
+    phases_a, phases_b = minuend["phases_in_critic_time_per_seed"], subtrahend["phases_in_critic_time_per_seed"]
+    ratios = {s: phases_a[s]["update"] / phases_b[s]["update"] - 1 for s in phases_a if phases_a[s] and phases_b.get(s)}
+    paired["update_time_overhead"] = {"per_seed": ratios, "mean_ci": mean_ci(ratios.values())}
     return paired
 
 
 def markdown(table: dict, maps: dict, meta: dict) -> str:
     header = (
         "| map | variant | win rate 1M | win rate 2M | win rate 3M | first step at 0.5, per seed | CPU s per run "
-        "| runs |"
+        "| actor : critic time | runs |"
     )
     lines = [
         "# SMAX study: K2-MAPPO against MAPPO, four maps, one preset",
@@ -218,7 +254,7 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         f"Ran on: {meta['versions_ran']}.",
         "",
         header,
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     audits = []
     for map_name, entry in table.items():
@@ -230,7 +266,7 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
             lines.append(
                 f"| {map_name} | {name} | "
                 + " | ".join(_fmt(*e[f"win_rate_{b}"]) for b in BUDGETS)
-                + f" | {firsts} | {_fmt(*e['cpu_seconds'], digits=0)} | {states} |"
+                + f" | {firsts} | {_fmt(*e['cpu_seconds'], digits=0)} | {_fmt(*e['actor_over_critic'])} | {states} |"
             )
             audits += [
                 f"| {map_name} | {seed} | " + " | ".join(f"{figures[n]:.3f}" for n in AUDIT) + " |"
@@ -239,9 +275,8 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         for label, d in entry["differences"].items():
             per_seed = lambda values: ", ".join(f"{v:+.2f}" for _, v in sorted(values.items()))  # noqa: E731
             cells = [f"{_fmt(*d[str(b)]['mean_ci'])} [{per_seed(d[str(b)]['per_seed'])}]" for b in BUDGETS]
-            overhead = d["cpu_overhead"]["mean_ci"]
-            overhead_text = "-" if overhead[2] == 0 else f"{100 * overhead[0]:+.0f} % (n={overhead[2]})"
-            lines.append(f"| {map_name} | {label} | " + " | ".join(cells) + f" | | CPU {overhead_text} | |")
+            cpu, update = (_percent(*d[key]["mean_ci"]) for key in ("cpu_overhead", "update_time_overhead"))
+            lines.append(f"| {map_name} | {label} | " + " | ".join(cells) + f" | | CPU {cpu} | update {update} | |")
     missing = [m for m in MAPS if m not in table]
     if missing:
         lines += ["", f"Not started yet: {', '.join(missing)}."]
@@ -253,7 +288,14 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         "paired per-seed differences (same seed), their mean ± 95 % half-width, and each seed's difference in "
         "brackets. First step at 0.5: the first update whose win rate reaches 0.5 (- : none yet). CPU s: the "
         "run's process CPU time (one core; finished runs only); a difference's CPU: the first variant's CPU over "
-        "the second's - 1, paired per seed. "
+        "the second's - 1, paired per seed. CPU seconds move with the machine's load (runs ran two to four "
+        "at a time on two cores, at different times). Actor : critic time: per update, the wall-clock seconds "
+        "of the actor update over those of the critic update (metrics.csv's seconds_actor and seconds_critic), "
+        "the median over the run's updates after the first 10; the critic's work is the same in every variant "
+        "and shares the update's load, so this is the actor update's cost free of the load. A difference's "
+        "update: the whole update's time (environment + critic + actor) in critic units, the same median, "
+        "first variant over second - 1, paired per seed. Audited runs (below) also compute the exact level 1 "
+        "and are left out of the CPU and time figures. "
         "Curves of every run: curves.png; raw per-run metrics.csv, config.json and summary.json under runs/.",
     ]
     if audits:

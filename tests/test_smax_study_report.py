@@ -28,7 +28,9 @@ def _fake_run(
     cpu: float | None,
     anticipation: str = "exact",
     audit_cosines: list[float] | None = None,
+    actor_time: float = 1.0,
 ) -> None:
+    """A run folder; its update phases take 0.8 (environment), 1 (critic) and ``actor_time`` seconds."""
     suffix = "" if anticipation == "exact" else f"-{anticipation}"
     run = study / map_name / "runs" / f"mappo-smax_{map_name}-k{k}{suffix}-s{seed}"
     run.mkdir(parents=True)
@@ -36,9 +38,13 @@ def _fake_run(
     (run / "config.json").write_text(json.dumps(config))
     # the trainer's audit columns stay empty in the updates without a k=2 step, as metrics.csv writes them
     audits = audit_cosines or [None] * len(wins)
-    rows = ["env_steps,win_rate,actor_loss,audit_gate,audit_cosine,audit_relative_error,audit_norm_ratio"]
+    rows = [
+        "env_steps,win_rate,actor_loss,seconds_environment,seconds_critic,seconds_actor,"
+        "audit_gate,audit_cosine,audit_relative_error,audit_norm_ratio"
+    ]
     rows += [
-        f"{(u + 1) * PER_UPDATE},{w},0.1," + (",,," if c is None else f"0.5,{c},0.4,1.1")
+        f"{(u + 1) * PER_UPDATE},{w},0.1,{0.8 * (u + 1)},{u + 1},{actor_time * (u + 1)},"
+        + (",,," if c is None else f"0.5,{c},0.4,1.1")
         for u, (w, c) in enumerate(zip(wins, audits))
     ]
     (run / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -80,7 +86,7 @@ def test_report_of_a_partial_study(tmp_path):
     table = (out / "results.md").read_text()
     assert "| 3s_vs_5z | k=2 | 0.52 ± " in table and "(n=3)" in table  # 1M: mean of 0.6, 0.4, 0.55
     assert "| 3s_vs_5z | K2 - K1 | " in table and "CPU +28 % (n=2)" in table
-    assert "k=2 momentum" not in table and "Audited" not in table
+    assert "k=2 momentum" not in table and "| map | seed | gate |" not in table
     assert "s2: running or stopped without a summary, 1500000 steps" in table
     assert "Not started yet: 2s3z, 3s5z, 10m_vs_11m." in table
     assert (out / "curves.png").stat().st_size > 0
@@ -95,18 +101,19 @@ def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
     study, out = tmp_path / "study", tmp_path / "out"
     for seed in (0, 1):
         _fake_run(study, "2s3z", 1, seed, [0.2] * 30, cpu=100.0)
-        _fake_run(study, "2s3z", 2, seed, [0.6] * 30, cpu=140.0)
-    # seed 0 audited: no audit in the first two updates (gate 0, no history), then cosines 0.8 and 0.2
-    _fake_run(
-        study, "2s3z", 2, 0, [0.5] * 30, cpu=110.0, anticipation="momentum", audit_cosines=[None] * 2 + [0.8, 0.2] * 14
-    )
-    _fake_run(study, "2s3z", 2, 1, [0.3] * 30, cpu=112.0, anticipation="momentum")
+        _fake_run(study, "2s3z", 2, seed, [0.6] * 30, cpu=140.0, actor_time=2.0)
+    # seed 0 audited (the exact level 1 too, exact k=2's actor time): no audit in the first two updates (gate 0,
+    # no history), then cosines 0.8 and 0.2
+    audits = [None] * 2 + [0.8, 0.2] * 14
+    _fake_run(study, "2s3z", 2, 0, [0.5] * 30, cpu=110.0, anticipation="momentum", audit_cosines=audits, actor_time=2.0)
+    _fake_run(study, "2s3z", 2, 1, [0.3] * 30, cpu=112.0, anticipation="momentum", actor_time=1.4)
+    _fake_run(study, "2s3z", 2, 2, [0.3] * 10, cpu=None, anticipation="momentum", actor_time=1.4)  # still going
 
     results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
     entry = results["maps"]["2s3z"]
     assert sorted(entry["by_variant"]) == ["k=1", "k=2", "k=2 momentum"]
     momentum = entry["by_variant"]["k=2 momentum"]
-    assert momentum["win_rate_3000000_per_seed"] == {0: pytest.approx(0.5), 1: pytest.approx(0.3)}
+    assert momentum["win_rate_3000000_per_seed"] == {0: pytest.approx(0.5), 1: pytest.approx(0.3), 2: None}
     assert momentum["audit_per_seed"] == {
         0: {
             "audit_gate": pytest.approx(0.5),
@@ -121,12 +128,21 @@ def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
         0: pytest.approx(-0.1),
         1: pytest.approx(-0.3),
     }
-    assert differences["momentum K2 - K1"]["cpu_overhead"]["per_seed"] == {
-        0: pytest.approx(0.10),
-        1: pytest.approx(0.12),
+    # the audited run computes the exact level 1 too: left out of the cost figures
+    assert differences["momentum K2 - K1"]["cpu_overhead"]["per_seed"] == {1: pytest.approx(0.12)}
+    # an update in critic units: k=1 0.8 + 1 + 1 = 2.8, exact k=2 3.8, momentum 3.2; unfinished runs left out
+    assert entry["by_variant"]["k=2"]["actor_over_critic"] == (pytest.approx(2.0), pytest.approx(0.0), 2)
+    assert momentum["phases_in_critic_time_per_seed"][2] is None and 0 not in momentum["cpu_seconds_per_seed"]
+    assert differences["K2 - K1"]["update_time_overhead"]["per_seed"] == {
+        0: pytest.approx(1 / 2.8),
+        1: pytest.approx(1 / 2.8),
+    }
+    assert differences["momentum K2 - exact K2"]["update_time_overhead"]["per_seed"] == {
+        1: pytest.approx(3.2 / 3.8 - 1)
     }
     table = (out / "results.md").read_text()
-    assert "| 2s3z | k=2 momentum | 0.40 ± " in table and "| 2s3z | momentum K2 - exact K2 | " in table
+    assert "| 2s3z | momentum K2 - K1 | " in table and "| CPU +12 % (n=1) | update +14 % (n=1) | |" in table
+    assert "| 2s3z | k=2 momentum | 0.37 ± " in table and "| 2s3z | momentum K2 - exact K2 | " in table
     assert "| 2s3z | 0 | 0.500 | 0.500 | 0.400 | 1.100 |" in table
     assert (out / "runs" / "2s3z" / "mappo-smax_2s3z-k2-momentum-s0" / "metrics.csv").exists()
 
