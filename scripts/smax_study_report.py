@@ -6,8 +6,9 @@ Reads ``<study>/<map>/runs/<run>/`` (metrics.csv, config.json, summary.json) and
   issue 28's runs exist), of the win rate at 1M, 2M and 3M steps (the mean of the per-update win rate
   over the last 8 % of the updates before the budget, then over seeds, with a 95 % Student-t
   interval), the paired per-seed differences K2 - K1 (and momentum K2 - K1, momentum K2 - exact K2),
-  the step at which each seed's per-update win rate first reaches 0.5, CPU seconds per run and the
-  CPU overhead over k=1; for audited momentum runs, the audit's means (gate, cosine, relative error);
+  the step at which each seed's per-update win rate first reaches 0.5, CPU seconds per run, the
+  actor update's time in units of the critic update's (free of the machine's load) and each
+  difference's overhead; for audited momentum runs, the audit's means (gate, cosine, relative error);
 - ``results.json``: the same numbers per seed, the command, the code commit, the versions of torch,
   JAX and JaxMARL that ran (from the runs' summaries) and each run's state;
 - ``curves.png``: every run's curve, one panel per map;
