@@ -7,6 +7,13 @@ episodes restarted).
     nohup nice -n 15 python scripts/benchmarl_kmappo.py --runs /work/studies/benchmarl \\
         --tasks navigation balance --ks 1 2 --seeds 0 1 2 --frames 300000 > /work/studies/benchmarl/log.txt 2>&1 &
 
+``--task-options`` changes the tasks' own options (BenchMARL's ``task.KEY=VALUE`` overrides), and
+``--label`` names that variant in the run folders (``TASK-LABEL_kK_sSEED``), e.g. navigation with 16
+agents and VMAS's own defaults for the rest (BenchMARL's navigation.yaml sets shared_rew False):
+
+    python scripts/benchmarl_kmappo.py --runs /work/studies/benchmarl --tasks navigation \
+        --task-options n_agents=16 shared_rew=true --label 16agents --seeds 0
+
 Each run's BenchMARL CSV logs are under ``RUNS/TASK_kK_sSEED/kmappo_*/``; ``provenance.json`` beside them
 lists, for every start or resumption, the command, the code commit and the package versions that ran it.
 ``scripts/benchmarl_kmappo_report.py`` turns the folder into ``results/benchmarl/``.
@@ -56,11 +63,21 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=300_000)
     parser.add_argument("--checkpoint-frames", type=int, default=60_000, help="a multiple of 6000 frames per batch")
+    parser.add_argument("--task-options", nargs="*", default=[], metavar="KEY=VALUE", help="the task's own options")
+    parser.add_argument("--label", help="names the --task-options variant in the run folders; required with them")
     args = parser.parse_args()
+    if args.task_options and not args.label:
+        parser.error("--task-options changes the task, so its runs need their own folders: give --label NAME")
+    malformed = [option for option in args.task_options if "=" not in option]
+    if malformed:
+        parser.error(f"--task-options takes KEY=VALUE pairs; {malformed} has no '='")
+    if args.label and not args.label.replace("-", "").isalnum():
+        parser.error(f"--label {args.label!r}: use letters, digits and '-' (it becomes part of a folder name)")
     for seed in args.seeds:
         for task in args.tasks:
             for k in args.ks:
-                folder = (args.runs / f"{task}_k{k}_s{seed}").resolve()
+                name = f"{task}-{args.label}" if args.label else task
+                folder = (args.runs / f"{name}_k{k}_s{seed}").resolve()
                 if (folder / "done").exists():
                     continue
                 folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +88,7 @@ def main() -> None:
                     "algorithm=kmappo",
                     f"task=vmas/{task}",
                     f"algorithm.k={k}",
+                    *(f"task.{option}" for option in args.task_options),
                     f"seed={seed}",
                     f"experiment.max_n_frames={args.frames}",
                     f"experiment.checkpoint_interval={args.checkpoint_frames}",

@@ -68,6 +68,7 @@ def read_run(folder: Path) -> dict | None:
     returns = np.asarray(curve["episode_reward_mean"])
     window = max(1, math.ceil(WINDOW * len(returns)))
     provenance = folder / "provenance.json"
+    starts = json.loads(provenance.read_text()) if provenance.exists() else None
     return {
         "run": folder.name,
         "dir": folder,
@@ -79,9 +80,15 @@ def read_run(folder: Path) -> dict | None:
         "iterations": len(iterations),
         "final_return": float(np.nanmean(returns[-window:])),
         "seconds_per_iteration": float(np.nanmedian(curve["iteration_seconds"])),
-        "provenance": json.loads(provenance.read_text()) if provenance.exists() else None,
+        "provenance": starts,
+        "task_options": task_options(starts[-1].get("command", "")) if starts else [],
         "curve": curve,
     }
+
+
+def task_options(command: str) -> list[str]:
+    """The ``task.KEY=VALUE`` overrides of a scripts/benchmarl_kmappo.py run command."""
+    return [argument.removeprefix("task.") for argument in shlex.split(command) if argument.startswith("task.")]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -135,6 +142,10 @@ def markdown(table: dict, runs: list[dict], meta: dict) -> str:
             seeds = ", ".join(f"s{s}: {v:+.3f}" for s, v in d["return_per_seed"].items())
             overhead = ", ".join(f"s{s}: {100 * v:+.0f} %" for s, v in d["iteration_overhead_per_seed"].items())
             lines.append(f"| {task} | K2 - K1 | {seeds} | {_fmt(*d['return'], digits=3)} | {overhead} |")
+    variants = {r["task"]: r["task_options"] for r in runs if r["task_options"]}
+    if variants:
+        described = "; ".join(f"{task}: {', '.join(options)}" for task, options in sorted(variants.items()))
+        lines += ["", f"Task options changed from BenchMARL's task files: {described}."]
     running = [f"{r['run']} ({r['frames']} frames)" for r in runs if not r["finished"]]
     if running:
         lines += ["", f"Not finished (left out of the table): {', '.join(running)}."]

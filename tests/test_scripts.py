@@ -207,3 +207,24 @@ def test_benchmark_targets_pass_on_their_side_of_the_limit_and_fail_unmeasured(m
     at_most = bench.Target("k2_over_torch_fused_stacked", 1.8, None, at_least=False)
     assert bench.judged(at_most, 1.8)["passed"] and not bench.judged(at_most, 1.81)["passed"]
     assert bench.judge_targets({"agents": 8, "params_per_agent": 64, "device": "cpu", "ratios": ratios}) == []
+
+
+def test_benchmarl_kmappo_puts_a_task_variant_in_its_own_folders(monkeypatch, tmp_path):
+    script = _load_script("scripts/benchmarl_kmappo.py", monkeypatch)
+    commands = []
+    monkeypatch.setattr(script, "record_start", lambda folder, command: None)
+    monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
+    arguments = ["--runs", str(tmp_path), "--tasks", "navigation", "--ks", "2", "--seeds", "0"]
+    monkeypatch.setattr(
+        sys, "argv", ["benchmarl_kmappo.py", *arguments, "--task-options", "n_agents=16", "--label", "16agents"]
+    )
+    script.main()
+    (command,) = commands
+    assert "task=vmas/navigation" in command and "task.n_agents=16" in command
+    assert f"experiment.save_folder={tmp_path / 'navigation-16agents_k2_s0'}" in command
+    assert (tmp_path / "navigation-16agents_k2_s0" / "done").exists()
+    # options without a label would write into the unchanged task's folders: refused before any run
+    monkeypatch.setattr(sys, "argv", ["benchmarl_kmappo.py", *arguments, "--task-options", "n_agents=16"])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert len(commands) == 1 and not (tmp_path / "navigation_k2_s0").exists()
