@@ -9,6 +9,9 @@ Reads ``<study>/<map>/runs/<run>/`` (metrics.csv, config.json, summary.json) and
   the step at which each seed's per-update win rate first reaches 0.5, CPU seconds per run, the
   actor update's time in units of the critic update's (free of the machine's load) and each
   difference's overhead; for audited momentum runs, the audit's means (gate, cosine, relative error);
+  and a second table of how each variant trained: the policy's entropy and the clip fraction of its
+  last level (the share of samples whose ratio, joint from level 2, was clipped) at each budget,
+  averaged over the same windows;
 - ``results.json``: the same numbers per seed, the command, the code commit, the versions of torch,
   JAX and JaxMARL that ran (from the runs' summaries) and each run's state;
 - ``curves.png``: every run's curve, one panel per map;
@@ -90,17 +93,37 @@ def phase_ratios(rows: list[dict]) -> dict | None:
     return ratios | {"update": float(np.median(per_update.sum(axis=1) / critic))}
 
 
-def win_rate_at(steps: np.ndarray, wins: np.ndarray, budget: int, total_steps: int) -> float | None:
-    """Mean win rate over the last 8 % of the updates before ``budget``; None if the run has not got
-    there (its next update would not pass the budget yet) or the budget lies beyond its length."""
+def mean_before(steps: np.ndarray, values: np.ndarray, budget: int, total_steps: int) -> float | None:
+    """Mean of a per-update figure over the last 8 % of the updates before ``budget``; None if the run
+    has not got there (its next update would not pass the budget yet) or the budget lies beyond its
+    length."""
     if len(steps) == 0 or budget > total_steps:
         return None
     per_update = steps[0]
     if steps[-1] + per_update <= budget:
         return None
-    before = wins[steps <= budget]
+    before = values[steps <= budget]
     window = max(1, math.ceil(WINDOW * len(before)))
     return float(np.nanmean(before[-window:]))
+
+
+# How a variant trained, beside what it won: metrics.csv's entropy, and the clip fraction of the run's
+# last level (clip_fraction_level<k>: from level 2 the joint ratio's).
+DIAGNOSTICS = ("entropy", "clip_fraction")
+
+
+def diagnostics_at(rows: list[dict], steps: np.ndarray, k: int, total_steps: int) -> dict:
+    """Per diagnostic, per budget the mean over the budget's window (None: not reached or not logged)."""
+    columns = {"entropy": "entropy", "clip_fraction": f"clip_fraction_level{k}"}
+    figures = {}
+    for name, column in columns.items():
+        values = np.asarray([float(row[column]) if row.get(column) else math.nan for row in rows])
+        figures[name] = {
+            str(b): None if np.isnan(values).all() else mean_before(steps, values, b, total_steps)
+            for b in BUDGETS
+            if b <= total_steps
+        }
+    return figures
 
 
 def variant(config: dict) -> str:
@@ -162,8 +185,9 @@ def collect(study: Path) -> dict:
                     "updates_logged": len(steps),
                     "env_steps_logged": int(steps[-1]) if len(steps) else 0,
                     "win_rate_at": {
-                        str(b): win_rate_at(steps, wins, b, config["steps"]) for b in BUDGETS if b <= config["steps"]
+                        str(b): mean_before(steps, wins, b, config["steps"]) for b in BUDGETS if b <= config["steps"]
                     },
+                    "diagnostics_at": diagnostics_at(rows, steps, config["k"], config["steps"]),
                     "first_step_win_rate_0.5": first_passing(steps, wins),
                     "cpu_seconds": summary["cpu_seconds"] if state == "finished" else None,
                     "wall_seconds": summary["wall_seconds"] if state == "finished" else None,
@@ -208,6 +232,10 @@ def summarize(maps: dict) -> dict:
                 values = {r["seed"]: r["win_rate_at"].get(budget) for r in mine}
                 entry[f"win_rate_{budget}"] = mean_ci(values.values())
                 entry[f"win_rate_{budget}_per_seed"] = values
+            for diagnostic in DIAGNOSTICS:
+                for budget in map(str, BUDGETS):
+                    per_seed = [r["diagnostics_at"][diagnostic].get(budget) for r in mine]
+                    entry[f"{diagnostic}_{budget}"] = mean_ci(per_seed)
             entry["first_step_win_rate_0.5"] = {r["seed"]: r["first_step_win_rate_0.5"] for r in mine}
             # An audited run also computes the exact level 1: its cost is exact k=2's, not the variant's.
             counted = [r for r in mine if r["audit"] is None]
@@ -299,6 +327,25 @@ def markdown(table: dict, maps: dict, meta: dict) -> str:
         "and are left out of the CPU and time figures. "
         "Curves of every run: curves.png; raw per-run metrics.csv, config.json and summary.json under runs/.",
     ]
+    lines += [
+        "",
+        "How each variant trained: the policy's entropy and its last level's clip fraction (the share of samples "
+        "whose ratio, from level 2 the joint ratio with the others' anticipated ratios, fell outside the clip "
+        "range and so gave no gradient), each averaged over the same windows as the win rate, then over seeds.",
+        "",
+        "| map | variant | "
+        + " | ".join(f"entropy {b // 1_000_000}M" for b in BUDGETS)
+        + " | "
+        + " | ".join(f"clip fraction {b // 1_000_000}M" for b in BUDGETS)
+        + " |",
+        "| --- | --- | " + " | ".join("---" for _ in range(2 * len(BUDGETS))) + " |",
+    ]
+    for map_name, entry in table.items():
+        for name, e in entry["by_variant"].items():
+            cells = [_fmt(*e[f"entropy_{b}"]) for b in BUDGETS] + [
+                _fmt(*e[f"clip_fraction_{b}"], digits=3) for b in BUDGETS
+            ]
+            lines.append(f"| {map_name} | {name} | " + " | ".join(cells) + " |")
     if audits:
         lines += [
             "",

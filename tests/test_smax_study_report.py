@@ -38,13 +38,14 @@ def _fake_run(
     (run / "config.json").write_text(json.dumps(config))
     # the trainer's audit columns stay empty in the updates without a k=2 step, as metrics.csv writes them
     audits = audit_cosines or [None] * len(wins)
+    # entropy falls from 1 by 0.01 per update; the last level's clip fraction is 0.05 k (level 1's 0.01 at k=2)
     rows = [
-        "env_steps,win_rate,actor_loss,seconds_environment,seconds_critic,seconds_actor,"
-        "audit_gate,audit_cosine,audit_relative_error,audit_norm_ratio"
+        "env_steps,win_rate,actor_loss,entropy,clip_fraction_level1,clip_fraction_level2,seconds_environment,"
+        "seconds_critic,seconds_actor,audit_gate,audit_cosine,audit_relative_error,audit_norm_ratio"
     ]
     rows += [
-        f"{(u + 1) * PER_UPDATE},{w},0.1,{0.8 * (u + 1)},{u + 1},{actor_time * (u + 1)},"
-        + (",,," if c is None else f"0.5,{c},0.4,1.1")
+        f"{(u + 1) * PER_UPDATE},{w},0.1,{1 - 0.01 * u},{0.05 if k == 1 else 0.01},{0.1 if k == 2 else ''},"
+        f"{0.8 * (u + 1)},{u + 1},{actor_time * (u + 1)}," + (",,," if c is None else f"0.5,{c},0.4,1.1")
         for u, (w, c) in enumerate(zip(wins, audits))
     ]
     (run / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -81,6 +82,12 @@ def test_report_of_a_partial_study(tmp_path):
     assert (mean, n) == (pytest.approx(0.6), 2) and half == pytest.approx(12.706 * 0.1414213 / 2**0.5, rel=1e-4)
     assert differences["1000000"]["per_seed"] == {0: pytest.approx(0.4), 1: pytest.approx(0.2), 2: pytest.approx(0.25)}
     assert differences["cpu_overhead"]["per_seed"] == {0: pytest.approx(0.30), 1: pytest.approx(0.26)}
+    # the diagnostics over the same windows: entropy at 1M of update 10 alone, at 3M of updates 28-30; the
+    # clip fraction of each run's last level (k=2: level 2's 0.1, not level 1's 0.01)
+    assert by_k[1]["entropy_1000000"] == (pytest.approx(0.91), pytest.approx(0.0), 3)
+    assert by_k[2]["entropy_3000000"][::2] == (pytest.approx(0.72), 2)
+    assert by_k[2]["clip_fraction_1000000"][::2] == (pytest.approx(0.1), 3)
+    assert by_k[1]["clip_fraction_3000000"][::2] == (pytest.approx(0.05), 2)
     assert results["commit"] and results["versions_ran"] == [{"jax": "0.6.0", "jaxmarl": "0.0.7", "torch": "2.13.0"}]
 
     table = (out / "results.md").read_text()
@@ -89,6 +96,9 @@ def test_report_of_a_partial_study(tmp_path):
     assert "k=2 momentum" not in table and "| map | seed | gate |" not in table
     assert "s2: running or stopped without a summary, 1500000 steps" in table
     assert "Not started yet: 2s3z, 3s5z, 10m_vs_11m." in table
+    assert (
+        "| 3s_vs_5z | k=2 | 0.91 ± 0.00 (n=3) | 0.82 ± 0.00 (n=2) | 0.72 ± 0.00 (n=2) | 0.100 ± 0.000 (n=3) |" in table
+    )
     assert (out / "curves.png").stat().st_size > 0
     copied = out / "runs" / "3s_vs_5z" / "mappo-smax_3s_vs_5z-k2-s2"
     assert (copied / "metrics.csv").read_text() == (
