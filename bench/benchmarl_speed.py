@@ -11,6 +11,7 @@ process, with BenchMARL's default experiment, MLP (256 x 256) and MAPPO settings
    collection seconds per frame x 6000 plus 675 steps, and the frames per second that gives.
 
     python bench/benchmarl_speed.py --json results/benchmarl/bench.json
+    python bench/benchmarl_speed.py --task-options n_agents=16 shared_rew=true   # 16 agents, VMAS's defaults
 
 (Not bench/benchmarl.py: a script of that name would shadow the benchmarl package it imports.)
 """
@@ -28,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from benchmarl.algorithms import MappoConfig
 from benchmarl.environments import VmasTask
 from benchmarl.experiment import Experiment as BenchMARLExperiment
@@ -38,6 +40,24 @@ from kpg.benchmarl import Experiment, KMappoConfig
 
 GROUP = "agents"
 DEFAULT_FRAMES, DEFAULT_STEPS = 6000, 45 * 15  # BenchMARL's on-policy defaults: frames and minibatch steps per batch
+
+
+def task(name: str, options: list[str]):
+    """BenchMARL's VMAS task ``name`` with ``KEY=VALUE`` changes to its own options (values read as YAML)."""
+    chosen = getattr(VmasTask, name.upper()).get_from_yaml()
+    for option in options:
+        key, separator, value = option.partition("=")
+        if not separator or key not in chosen.config:
+            raise SystemExit(
+                f"--task-options {option!r}: give KEY=VALUE, KEY one of vmas/{name}'s options {sorted(chosen.config)}"
+            )
+        default, parsed = chosen.config[key], yaml.safe_load(value)
+        if type(parsed) is not type(default) and not (isinstance(default, float) and type(parsed) is int):
+            raise SystemExit(
+                f"--task-options {option!r}: {key} takes {type(default).__name__} values (default {default!r})"
+            )
+        chosen.config[key] = parsed
+    return chosen
 
 
 def build(variant: str, args, folder: Path):
@@ -59,7 +79,7 @@ def build(variant: str, args, folder: Path):
     else:
         experiment_class, algorithm = Experiment, dataclasses.replace(KMappoConfig.get_from_yaml(), k=int(variant[-1]))
     return experiment_class(
-        task=getattr(VmasTask, args.task.upper()).get_from_yaml(),
+        task=task(args.task, args.task_options),
         algorithm_config=algorithm,
         model_config=MlpConfig.get_from_yaml(),
         seed=0,
@@ -70,6 +90,7 @@ def build(variant: str, args, folder: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="navigation", help="a VMAS task of BenchMARL's (VmasTask name)")
+    parser.add_argument("--task-options", nargs="*", default=[], metavar="KEY=VALUE", help="the task's own options")
     parser.add_argument("--frames", type=int, default=600, help="frames collected (BenchMARL's default batch: 6000)")
     parser.add_argument("--envs", type=int, default=6, help="VMAS copies for the collection")
     parser.add_argument("--steps", type=int, default=10, help="minibatch steps per timed block")
@@ -112,7 +133,8 @@ def main() -> None:
         )
     base = summary["mappo"]
     print(
-        f"\n{args.task}: collection {collection_per_frame * 1e3:.2f} ms per frame ({args.envs} copies); "
+        f"\n{' '.join([args.task, *args.task_options])}: collection {collection_per_frame * 1e3:.2f} ms per frame "
+        f"({args.envs} copies); "
         f"an iteration at BenchMARL's defaults = {DEFAULT_FRAMES} frames + {DEFAULT_STEPS} minibatch steps"
     )
     print(f"{'variant':<10} {'ms/step':>8} {'x mappo':>8} {'iteration s':>12} {'fps':>6} {'x mappo':>8}")

@@ -239,3 +239,20 @@ def test_kmappo_refuses_a_bad_k_and_gradient_value_clipping(tmp_path):
         build(Experiment, kmappo(k=0), tmp_path / "k0")
     with pytest.raises(ValueError, match="clips gradients by norm only"):
         build(Experiment, kmappo(k=2), tmp_path / "value", clip_grad_norm=False)
+
+
+def test_speed_benchmark_changes_a_tasks_options_and_refuses_unknown_or_mistyped_ones(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "benchmarl_speed.py"
+    spec = importlib.util.spec_from_file_location("benchmarl_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    task = bench.task("navigation", ["n_agents=16", "shared_rew=true", "lidar_range=1"])
+    assert (task.config["n_agents"], task.config["shared_rew"], task.config["lidar_range"]) == (16, True, 1)
+    assert VmasTask.NAVIGATION.get_from_yaml().config["n_agents"] == 3  # the task file itself is unchanged
+    with pytest.raises(SystemExit, match="KEY one of vmas/navigation's options"):
+        bench.task("navigation", ["agents=16"])
+    with pytest.raises(SystemExit, match="n_agents takes int values"):
+        bench.task("navigation", ["n_agents=sixteen"])
