@@ -6,6 +6,7 @@ same steps as the run that wrote it. VMAS navigation with 3 agents, 2 copies x 1
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from benchmarl.models import MlpConfig  # noqa: E402
 
 import kpg  # noqa: E402
 from kpg.benchmarl import Experiment, KMappoConfig  # noqa: E402
+
+from helpers import loaded_module  # noqa: E402
 
 # BenchMARL 1.5.2 builds torchrl 0.11's deprecated SyncDataCollector (its name for Collector).
 pytestmark = pytest.mark.filterwarnings("ignore:SyncDataCollector has been deprecated:DeprecationWarning")
@@ -241,18 +244,12 @@ def test_kmappo_refuses_a_bad_k_and_gradient_value_clipping(tmp_path):
         build(Experiment, kmappo(k=2), tmp_path / "value", clip_grad_norm=False)
 
 
-def test_speed_benchmark_changes_a_tasks_options_and_refuses_unknown_or_mistyped_ones(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "bench" / "benchmarl_speed.py"
-    spec = importlib.util.spec_from_file_location("benchmarl_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    task = bench.task("navigation", ["n_agents=16", "shared_rew=true", "lidar_range=1"])
-    assert (task.config["n_agents"], task.config["shared_rew"], task.config["lidar_range"]) == (16, True, 1)
-    assert VmasTask.NAVIGATION.get_from_yaml().config["n_agents"] == 3  # the task file itself is unchanged
-    with pytest.raises(SystemExit, match="KEY one of vmas/navigation's options"):
-        bench.task("navigation", ["agents=16"])
-    with pytest.raises(SystemExit, match="n_agents takes int values"):
-        bench.task("navigation", ["n_agents=sixteen"])
+def test_speed_benchmark_changes_a_tasks_options_and_refuses_unknown_or_mistyped_ones():
+    with loaded_module(Path(__file__).parents[1] / "bench" / "benchmarl_speed.py", "benchmarl_speed") as bench:
+        task = bench.task("navigation", ["n_agents=16", "shared_rew=true", "lidar_range=1"])
+        assert (task.config["n_agents"], task.config["shared_rew"], task.config["lidar_range"]) == (16, True, 1)
+        assert VmasTask.NAVIGATION.get_from_yaml().config["n_agents"] == 3  # the task file itself is unchanged
+        with pytest.raises(SystemExit, match="KEY one of vmas/navigation's options"):
+            bench.task("navigation", ["agents=16"])
+        with pytest.raises(SystemExit, match="n_agents takes int values"):
+            bench.task("navigation", ["n_agents=sixteen"])
