@@ -1,15 +1,17 @@
-"""kpg's MAPPO with configs/vmas_benchmarl.toml against BenchMARL's MAPPO, both at BenchMARL's settings on
-one VMAS task: CPU seconds per iteration (6000 frames collected, 45 passes of 15 minibatches = 675 Adam
-steps of actor and critic), side by side in one run (issue 29: "keep kpg's speed").
+"""kpg's MAPPO against BenchMARL's MAPPO on one VMAS task: CPU seconds per iteration (6000 frames collected,
+then the update), side by side in one run (issue 29: "keep kpg's speed"). Two kpg presets: configs/vmas_benchmarl.toml
+does BenchMARL's update (45 passes of 15 minibatches = 675 Adam steps of 256 x 256 actor and critic), configs/
+vmas_kpg.toml kpg's default one (5 passes of 2 minibatches of 64 x 64 networks).
 
 Each variant is its own process, as users run them: BenchMARL's entry point (``python -m benchmarl.run
-algorithm=mappo task=vmas/TASK``, no evaluation, no checkpoints, no loggers) and ``kpg train`` with the
-preset's [train] table (k=1 and k=2). Every round runs each variant twice, for 1 and for ``--iterations``
-iterations, the variants taking turns; a variant's cost per iteration is the difference of the two
-processes' CPU time (user + system, from ``wait4``) over the extra iterations, so start-up and imports
-drop out. CPU time, because the machines this runs on are often shared: wall-clock counts the time a
-process waits for a core, CPU time mostly does not. Wall-clock is printed beside it. One torch thread
-everywhere (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, the preset's threads = 1).
+algorithm=mappo task=vmas/TASK``, no evaluation, no checkpoints, no loggers) and ``kpg train`` with a
+preset's [train] table (k=1 and k=2). Every round runs each variant twice, for 1 and for more iterations
+(``--iterations``; ten times as many extra iterations for the light preset, whose iteration is short), the
+variants taking turns; a variant's cost per iteration is the difference of the two processes' CPU time (user +
+system, from ``wait4``) over the extra iterations, so start-up and imports drop out. CPU time, because the
+machines this runs on are often shared: wall-clock counts the time a process waits for a core, CPU time mostly
+does not. Wall-clock is printed beside it. One torch thread everywhere (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, the
+presets' threads = 1).
 
     python bench/vmas_mappo_speed.py --json results/vmas_benchmarl/speed.json
 """
@@ -17,6 +19,7 @@ everywhere (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, the preset's threads = 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,8 +37,23 @@ except ModuleNotFoundError:  # Python 3.10: the same reader, kpg[train]'s depend
     import tomli as tomllib
 
 FRAMES_PER_ITERATION = 6000  # base_experiment.yaml on_policy_collected_frames_per_batch
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "vmas_benchmarl.toml"
-VARIANTS = ("benchmarl", "kpg_k1", "kpg_k2")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    preset: str | None  # a file in configs/; None: BenchMARL itself
+    k: int = 1
+    iteration_scale: int = 1  # extra iterations per extra iteration of --iterations
+
+
+VARIANTS = {
+    "benchmarl": Variant(None),
+    "kpg_k1": Variant("vmas_benchmarl.toml", 1),
+    "kpg_k2": Variant("vmas_benchmarl.toml", 2),
+    "kpg_light_k1": Variant("vmas_kpg.toml", 1, iteration_scale=10),
+    "kpg_light_k2": Variant("vmas_kpg.toml", 2, iteration_scale=10),
+}
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -89,6 +107,7 @@ def train_table(path: Path, folder: Path) -> Path:
     """The preset's [train] table as a config file ``kpg train`` reads (the preset also holds kpg
     compare's keys)."""
     table = tomllib.loads(path.read_text())["train"]
+    folder.mkdir(parents=True, exist_ok=True)
     written = folder / "train.json"
     written.write_text(json.dumps(table))
     return written
@@ -109,28 +128,30 @@ def timed_process(command: list[str], folder: Path) -> dict[str, float]:
     return {"cpu": usage.ru_utime + usage.ru_stime, "wall": wall}
 
 
-def command_for(variant: str, task: str, frames: int, folder: Path, preset: Path) -> list[str]:
-    if variant == "benchmarl":
+def command_for(name: str, task: str, frames: int, folder: Path, tables: dict[str, Path]) -> list[str]:
+    variant = VARIANTS[name]
+    if variant.preset is None:
         return benchmarl_command(task, frames, folder)
-    return kpg_command(task, int(variant.removeprefix("kpg_k")), frames, folder, preset)
+    return kpg_command(task, variant.k, frames, folder, tables[variant.preset])
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, list[dict[str, float]]]:
     """Per variant and round: CPU and wall seconds per extra iteration."""
-    preset = train_table(PRESET, workdir)
-    extra = args.iterations - 1
+    presets = {VARIANTS[name].preset for name in args.variants} - {None}
+    tables = {preset: train_table(CONFIGS / preset, workdir / preset) for preset in presets}
     per_iteration: dict[str, list[dict[str, float]]] = {variant: [] for variant in args.variants}
     for round_index in range(args.rounds):
         for variant in args.variants:
+            extra = (args.iterations - 1) * VARIANTS[variant].iteration_scale
             runs = {}
-            for iterations in (1, args.iterations):
+            for iterations in (1, 1 + extra):
                 folder = workdir / f"r{round_index}-{variant}-{iterations}"
-                command = command_for(variant, args.task, iterations * FRAMES_PER_ITERATION, folder, preset)
+                command = command_for(variant, args.task, iterations * FRAMES_PER_ITERATION, folder, tables)
                 runs[iterations] = timed_process(command, folder)
-            cost = {key: (runs[args.iterations][key] - runs[1][key]) / extra for key in ("cpu", "wall")}
+            cost = {key: (runs[1 + extra][key] - runs[1][key]) / extra for key in ("cpu", "wall")}
             per_iteration[variant].append(cost)
             print(
-                f"round {round_index}: {variant:9s} {cost['cpu']:7.1f} CPU s, {cost['wall']:7.1f} wall s per iteration",
+                f"round {round_index}: {variant:13s} {cost['cpu']:7.2f} CPU s, {cost['wall']:7.2f} wall s an iteration",
                 flush=True,
             )
     return per_iteration
@@ -140,13 +161,13 @@ def report(per_iteration: dict[str, list[dict[str, float]]], task: str) -> list[
     baseline_runs = per_iteration.get("benchmarl")
     baseline = statistics.median(run["cpu"] for run in baseline_runs) if baseline_runs else float("nan")
     lines = [
-        f"{task}: seconds per iteration ({FRAMES_PER_ITERATION} frames, 675 minibatch steps), medians over rounds",
-        f"{'variant':10s} {'CPU s':>8s} {'x BenchMARL':>12s} {'wall s':>8s}",
+        f"{task}: seconds per iteration ({FRAMES_PER_ITERATION} frames and an update), medians over rounds",
+        f"{'variant':13s} {'CPU s':>8s} {'x BenchMARL':>12s} {'wall s':>8s}",
     ]
     for variant, runs in per_iteration.items():
         cpu = statistics.median(run["cpu"] for run in runs)
         wall = statistics.median(run["wall"] for run in runs)
-        lines.append(f"{variant:10s} {cpu:8.1f} {cpu / baseline:12.2f} {wall:8.1f}")
+        lines.append(f"{variant:13s} {cpu:8.2f} {cpu / baseline:12.3f} {wall:8.2f}")
     return lines
 
 
@@ -161,7 +182,7 @@ def main() -> None:
     if args.iterations < 2 or args.rounds < 1:
         parser.error("--iterations must be at least 2 and --rounds at least 1")
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PRESET.parent)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONFIGS)
     with tempfile.TemporaryDirectory(prefix="vmas_mappo_speed-") as workdir:
         per_iteration = measure(args, Path(workdir))
     lines = report(per_iteration, args.task)

@@ -113,37 +113,48 @@ def test_agents_benchmark_times_its_methods_in_turn(monkeypatch):
 
 def test_vmas_mappo_speed_takes_an_iterations_cost_from_the_difference_of_two_processes(monkeypatch, tmp_path):
     bench = _load_script("bench/vmas_mappo_speed.py", monkeypatch)
-    start_up, rate = 9.0, {"benchmarl": 30.0, "kpg_k1": 27.0, "kpg_k2": 51.0}
+    start_up = 9.0
+    rate = {"benchmarl": 30.0, "kpg_k1": 27.0, "kpg_k2": 51.0, "kpg_light_k1": 1.2, "kpg_light_k2": 1.5}
     commands = []
 
     def fake_process(command, folder):
         commands.append(command)
-        variant = "benchmarl" if "benchmarl.run" in command else f"kpg_k{command[command.index('--k') + 1]}"
-        frames = (
-            int(next(a for a in command if a.startswith("experiment.max_n_frames=")).split("=")[1])
-            if variant == "benchmarl"
-            else int(command[command.index("--steps") + 1])
-        )
+        if "benchmarl.run" in command:
+            variant = "benchmarl"
+            frames = int(next(a for a in command if a.startswith("experiment.max_n_frames=")).split("=")[1])
+        else:
+            preset = json.loads(Path(command[command.index("--config") + 1]).read_text())
+            light = preset["mappo"] == {"rollout": 100}
+            variant = f"kpg_{'light_' if light else ''}k{command[command.index('--k') + 1]}"
+            frames = int(command[command.index("--steps") + 1])
         cpu = start_up + rate[variant] * frames / bench.FRAMES_PER_ITERATION
         return {"cpu": cpu, "wall": 2 * cpu}
 
     monkeypatch.setattr(bench, "timed_process", fake_process)
     args = bench.argparse.Namespace(task="navigation", variants=list(bench.VARIANTS), iterations=3, rounds=2)
     per_iteration = bench.measure(args, tmp_path)
-    assert len(commands) == 2 * 2 * 3  # rounds x (1 and 3 iterations) x variants
+    assert len(commands) == 2 * 2 * 5  # rounds x (1 and more iterations) x variants
+    frames = [int(c[c.index("--steps") + 1]) for c in commands if "--steps" in c]
+    assert frames[:8] == [6000, 18000] * 2 + [6000, 126000] * 2  # the light preset: 20 extra iterations, not 2
     for variant, runs in per_iteration.items():
         assert [run["cpu"] for run in runs] == pytest.approx([rate[variant]] * 2)
         assert [run["wall"] for run in runs] == pytest.approx([2 * rate[variant]] * 2)
     rows = {line.split()[0]: line.split() for line in bench.report(per_iteration, "navigation")[2:]}
-    assert float(rows["kpg_k2"][2]) == pytest.approx(51.0 / 30.0, abs=0.01)
+    assert float(rows["kpg_k2"][2]) == pytest.approx(51.0 / 30.0, abs=0.001)
+    assert float(rows["kpg_light_k1"][2]) == pytest.approx(1.2 / 30.0, abs=0.001)
 
 
-def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(monkeypatch, tmp_path):
-    """The kpg command the benchmark times parses into the preset's run (45 epochs, 60 copies, ...)."""
+@pytest.mark.parametrize(
+    "preset, epochs, minibatches, hidden",
+    [("vmas_benchmarl.toml", 45, 15, [256, 256]), ("vmas_kpg.toml", 5, 2, [64, 64])],
+)
+def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(monkeypatch, tmp_path, preset, epochs, minibatches, hidden):
+    """The kpg command the benchmark times parses into the preset's run (its update, 60 copies, ...)."""
     from kpg.app import cli
 
     bench = _load_script("bench/vmas_mappo_speed.py", monkeypatch)
-    command = bench.kpg_command("navigation", 2, 12000, tmp_path / "run", bench.train_table(bench.PRESET, tmp_path))
+    table = bench.train_table(bench.CONFIGS / preset, tmp_path / "table")
+    command = bench.kpg_command("navigation", 2, 12000, tmp_path / "run", table)
     assert command[1:4] == ["-m", "kpg", "train"]
     seen = []
     config_class, _ = cli.COMMANDS["train"]
@@ -151,7 +162,8 @@ def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(monkeypatch, tmp_pat
     cli.main(command[3:])
     (config,) = seen
     assert (config.k, config.steps, config.env, config.copies, config.threads) == (2, 12000, "vmas:navigation", 60, 1)
-    assert (config.mappo.epochs, config.mappo.minibatches, config.mappo.rollout) == (45, 15, 100)
+    assert (config.mappo.epochs, config.mappo.minibatches, config.mappo.rollout) == (epochs, minibatches, 100)
+    assert list(config.mappo.hidden) == hidden
     assert config.env_options == {"shared_rew": "false"}
 
 

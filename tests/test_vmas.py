@@ -361,6 +361,23 @@ def test_benchmarl_preset_loads_with_benchmarls_mappo():
     assert not mappo.normalize_advantages and not mappo.normalize_returns and mappo.entropy_coef == 0
 
 
+LIGHT_PRESET = BENCHMARL_PRESET.with_name("vmas_kpg.toml")
+
+
+def test_light_preset_keeps_every_mappo_value_but_the_rollout_at_kpgs_default():
+    """configs/vmas_kpg.toml says it is kpg's defaults on BenchMARL's tasks: only the rollout (60 copies x 100 steps
+    = BenchMARL's 6000 frames per iteration) and the run's own keys differ."""
+    from kpg.app.cli import _from_dict, _read_config_file
+    from kpg.app.compare import CompareConfig
+
+    preset = _from_dict(CompareConfig, _read_config_file(LIGHT_PRESET)).train
+    default = type(preset)()
+    assert dataclasses.replace(preset.mappo, rollout=default.mappo.rollout) == default.mappo
+    assert preset.copies * preset.mappo.rollout == 6000 and (preset.env, preset.agents) == ("vmas:navigation", 3)
+    changed = {f.name for f in dataclasses.fields(preset) if getattr(preset, f.name) != getattr(default, f.name)}
+    assert changed == {"env", "copies", "steps", "eval_episodes", "checkpoint_every", "progress", "mappo"}
+
+
 def _benchmarl_config(relative: str) -> dict:
     yaml = pytest.importorskip("yaml")
     spec = importlib.util.find_spec("benchmarl")
