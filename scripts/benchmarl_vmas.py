@@ -25,7 +25,12 @@ that many frames (BenchMARL's ``episode_reward_mean``, kpg's ``episode_return``:
 the mean return per agent of the episodes that ended in the iteration), with the wall-clock seconds
 each run took to get there, and the paired per-seed difference K2 - K1. A kpg folder whose runs
 have not all finished (no results.json yet) is reported from its runs' metrics.csv, up to the
-frames each run reached.
+frames each run reached. A kpg folder may have run longer than ``--frames`` (the light preset,
+configs/vmas_kpg.toml): its final row is at its own budget and says so.
+
+With ``--speed TASK=SPEED.json`` (bench/vmas_mappo_speed.py's output for TASK) the report adds the
+returns at equal CPU time: at the CPU seconds BenchMARL spends on each ``--at`` frames, the frames
+each finished kpg study collects in as many CPU seconds, and its return there.
 """
 
 from __future__ import annotations
@@ -258,6 +263,75 @@ def checkpoint_lines(args: argparse.Namespace, results: dict) -> list[str]:
     return lines
 
 
+def cpu_per_iteration(folder: Path, k: str, seeds: list[int]) -> float | None:
+    """The median over seeds of a kpg run's CPU seconds per iteration (its summary.json), None until all finished."""
+    summaries = [sorted((folder / "runs").glob(f"*-k{k}-s{seed}/summary.json")) for seed in seeds]
+    if not all(summaries):
+        return None
+    per_run = [json.loads(path[0].read_text()) for path in summaries]
+    return float(np.median([run["cpu_seconds"] / run["updates"] for run in per_run]))
+
+
+def parse_speed(entry: str) -> tuple[str, float]:
+    """``TASK=SPEED.json`` (bench/vmas_mappo_speed.py's --json): BenchMARL's median CPU seconds per iteration."""
+    task, path = entry.split("=", 1)
+    speed = json.loads(Path(path).read_text())
+    return task, float(np.median([run["cpu"] for run in speed["per_iteration"]["benchmarl"]]))
+
+
+def cpu_budget_lines(args: argparse.Namespace, results: dict) -> list[str]:
+    """Returns at the CPU seconds BenchMARL spends on each --at frames (up to --frames): each kpg study gets
+    as many frames as its own runs' CPU per iteration buys in that time."""
+    benchmarl_cpu = dict(parse_speed(entry) for entry in args.speed)
+    budgets = [f for f in args.at if f <= args.frames]
+    lines = [
+        "",
+        "## Returns at equal CPU time",
+        "",
+        "Per second rather than per frame: the CPU seconds BenchMARL's MAPPO spends on "
+        + ", ".join(f"{f:_}".replace("_", " ") for f in budgets)
+        + " frames (its CPU seconds per iteration from bench/vmas_mappo_speed.py, "
+        + ", ".join(f"`{entry.split('=', 1)[1]}`" for entry in args.speed)
+        + "), and the return each implementation has after as many CPU seconds: a kpg study's frames are that time "
+        "over its own runs' CPU seconds per iteration (median of the runs' summary.json) times 6000, its return "
+        "there as in the table above. CPU time, because wall-clock on this shared machine moves with the load.",
+        "",
+        "| task | implementation | CPU s per iteration | "
+        + " | ".join(f"at BenchMARL's {f // 1000}k frames: CPU s, frames, return (95% CI)" for f in budgets)
+        + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in budgets) + " |",
+    ]
+    for task, entry in results["tasks"].items():
+        if task not in benchmarl_cpu:
+            continue
+        per_iteration = benchmarl_cpu[task]
+        candidates = [("BenchMARL MAPPO", None, None, per_iteration)]
+        for study in entry["kpg"]:
+            for k in study["ks"]:
+                cost = cpu_per_iteration(Path(study["results"]), k, args.seeds)
+                if cost is not None:
+                    name = f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {study['label']}"
+                    candidates.append((name, Path(study["results"]), k, cost))
+        for name, folder, k, cost in candidates:
+            cells = []
+            for frames in budgets:
+                seconds = per_iteration * frames / 6000
+                reached = seconds / cost * 6000
+                if folder is None:
+                    runs = [[{"frames": f, "return": r} for f, r in c] for c in entry["benchmarl"]["curves"]]
+                else:
+                    runs = [kpg_run_rows(folder, k, seed) for seed in args.seeds]
+                points = [p for p in (at_frames(run, reached) for run in runs) if p is not None]
+                if len(points) < len(runs):
+                    cells.append(f"{seconds:.0f}, {reached:_.0f}".replace("_", " ") + ", - (runs too short)")
+                    continue
+                mean, halfwidth = mean_and_halfwidth(np.array([p["return"] for p in points]))
+                spread = f" ± {halfwidth:.2f}" if len(points) > 1 else ""
+                cells.append(f"{seconds:.0f}, {reached:_.0f}".replace("_", " ") + f", {mean:.2f}{spread}")
+            lines.append(f"| {task} | {name} | {cost:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> dict:
     results: dict = {
         "command": "python " + shlex.join(sys.argv),
@@ -293,8 +367,11 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
                 entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, "unfinished": True})
                 continue
             kpg_results = json.loads((folder / "results.json").read_text())
-            if kpg_results["train"]["steps"] != args.frames:
-                raise ValueError(f"{folder} ran {kpg_results['train']['steps']} steps, not {args.frames}")
+            steps = kpg_results["train"]["steps"]
+            if steps < args.frames:
+                raise ValueError(f"{folder} ran {steps} steps, fewer than the report's {args.frames}")
+            if steps > args.frames:  # its final row is at its own budget: the label says so
+                label = f"{label}, {steps:_} frames".replace("_", " ")
             ks = sorted(kpg_results["by_k"])
             entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, **kpg_results})
             for k, by_k in sorted(kpg_results["by_k"].items()):
@@ -329,6 +406,8 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
             f"{', '.join(unfinished)}"
         )
     lines += checkpoint_lines(args, results)
+    if args.speed:
+        lines += cpu_budget_lines(args, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
@@ -397,6 +476,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--kpg", nargs="*", default=[], metavar="TASK=DIR[=LABEL]", help="kpg compare results folders, any per task"
+    )
+    parser.add_argument(
+        "--speed",
+        nargs="*",
+        default=[],
+        metavar="TASK=SPEED.json",
+        help="bench/vmas_mappo_speed.py's --json for TASK: adds the returns at equal CPU time",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -240,3 +240,35 @@ def test_benchmarl_kmappo_puts_a_task_variant_in_its_own_folders(monkeypatch, tm
     with pytest.raises(SystemExit):
         script.main()
     assert len(commands) == 1 and not (tmp_path / "navigation_k2_s0").exists()
+
+
+def test_benchmarl_vmas_compares_returns_at_the_cpu_time_benchmarl_spends(monkeypatch, tmp_path):
+    """BenchMARL's 30 000 frames cost 5 x 22 CPU s (its median iteration); a kpg run at 2 CPU s an iteration gets
+    55 iterations (330 000 frames) in that time, and its return is read there."""
+    report = _load_script("scripts/benchmarl_vmas.py", monkeypatch)
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"per_iteration": {"benchmarl": [{"cpu": 18.0}, {"cpu": 22.0}, {"cpu": 30.0}]}}))
+    run = tmp_path / "light" / "runs" / "mappo-vmas_navigation-k1-s0"
+    run.mkdir(parents=True)
+    frames = range(6000, 600_001, 6000)
+    run.joinpath("metrics.csv").write_text(
+        "env_steps,episode_return,wall_seconds\n" + "".join(f"{f},{f / 1e5},{f / 1e3}\n" for f in frames)
+    )
+    run.joinpath("summary.json").write_text(json.dumps({"cpu_seconds": 200.0, "updates": 100}))
+    benchmarl_curve = [[f, f / 1e4] for f in range(6000, 300_001, 6000)]
+    results = {
+        "tasks": {
+            "navigation": {
+                "benchmarl": {"curves": [benchmarl_curve]},
+                "kpg": [{"results": str(tmp_path / "light"), "label": "light", "ks": ["1"]}],
+            }
+        }
+    }
+    args = report.argparse.Namespace(
+        at=[30_000, 100_000, 1_000_000], frames=300_000, seeds=[0], speed=[f"navigation={speed}"]
+    )
+    rows = [line for line in report.cpu_budget_lines(args, results) if line.startswith("| navigation")]
+    assert rows == [
+        "| navigation | BenchMARL MAPPO | 22.00 | 110, 30 000, 2.40 | 367, 100 000, 9.00 |",
+        "| navigation | kpg MAPPO (k=1), light | 2.00 | 110, 330 000, 3.24 | 367, 1 100 000, - (runs too short) |",
+    ]
