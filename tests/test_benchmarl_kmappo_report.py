@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import loaded_module
+
 ROOT = Path(__file__).parents[1]
 
 
-def _report_module(monkeypatch):
+@pytest.fixture
+def report_module(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the report reuses smax_study_report's statistics
-    spec = importlib.util.spec_from_file_location(
-        "benchmarl_kmappo_report", ROOT / "scripts" / "benchmarl_kmappo_report.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with loaded_module(ROOT / "scripts" / "benchmarl_kmappo_report.py", "benchmarl_kmappo_report") as module:
+        yield module
 
 
 def _scalar(folder: Path, name: str, values: list[float]) -> None:
@@ -45,7 +43,7 @@ def _fake_run(
         (folder / "done").touch()
 
 
-def test_report_of_a_partial_study(tmp_path, monkeypatch):
+def test_report_of_a_partial_study(report_module, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     # 20 iterations: the 10 % window is the last 2.
     _fake_run(runs, 1, 0, [0.0] * 18 + [0.5, 0.7], seconds=30.0, done=True)
@@ -58,7 +56,7 @@ def test_report_of_a_partial_study(tmp_path, monkeypatch):
     for k, final in ((1, 0.4), (2, 0.1)):
         _fake_run(runs, k, 0, [final] * 20, seconds=90.0 * k, done=True, task="navigation-16agents", command=many)
 
-    results = _report_module(monkeypatch).report(runs, out)
+    results = report_module.report(runs, out)
     by_k = results["tasks"]["navigation"]["by_k"]
     assert by_k[1]["final_return_per_seed"] == {0: pytest.approx(0.6), 1: pytest.approx(0.2)}
     assert by_k[2]["final_return_per_seed"] == {0: pytest.approx(0.8), 1: pytest.approx(0.1)}  # seed 2 still going
@@ -83,6 +81,6 @@ def test_report_of_a_partial_study(tmp_path, monkeypatch):
     assert (out / "k2_vs_k1.png").stat().st_size > 0
 
 
-def test_report_refuses_a_folder_without_runs(tmp_path, monkeypatch):
+def test_report_refuses_a_folder_without_runs(report_module, tmp_path):
     with pytest.raises(ValueError, match="no run with BenchMARL CSV scalars"):
-        _report_module(monkeypatch).report(tmp_path, tmp_path / "out")
+        report_module.report(tmp_path, tmp_path / "out")

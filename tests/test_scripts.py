@@ -1,14 +1,16 @@
 """The examples and the benchmarks run end to end on small settings and report what they
 promise. Their numbers are not judged here: speed is the benchmark's job, on an idle machine."""
 
+import contextlib
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import loaded_module
 
 ROOT = Path(__file__).parents[1]
 
@@ -47,7 +49,7 @@ def test_benchmark_json_has_every_method_and_ratio(tmp_path):
         assert case["ratios"]["k2_vs_naive"] > 0
 
 
-def test_agents_benchmark_json_has_every_method_and_ratio(tmp_path):
+def test_agents_benchmark_json_has_every_method_and_ratio(load_script, tmp_path):
     path = tmp_path / "agents.json"
     _run("bench/agents.py", "--quick", "--no-memory", "--json", str(path))
     report = json.loads(path.read_text())
@@ -59,13 +61,11 @@ def test_agents_benchmark_json_has_every_method_and_ratio(tmp_path):
         assert case["ratios"]["kpg_k1_fraction_of_matmul_rate"] > 0
 
 
-def _load_script(script: str, monkeypatch):
-    """Imports a script as a module (registered for the test only: dataclasses look their module up)."""
-    spec = importlib.util.spec_from_file_location(Path(script).stem + "_script", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def load_script():
+    """Imports scripts as modules, registered while the test runs (dataclasses look their module up)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda script: stack.enter_context(loaded_module(ROOT / script, Path(script).stem + "_script"))
 
 
 class _FakeClock:
@@ -78,9 +78,9 @@ class _FakeClock:
         return self.now
 
 
-def test_agents_benchmark_times_its_methods_in_turn(monkeypatch):
+def test_agents_benchmark_times_its_methods_in_turn(load_script, monkeypatch):
     """Every round visits every unsettled step: one untimed call, then timed calls for a slice."""
-    bench = _load_script("bench/agents.py", monkeypatch)
+    bench = load_script("bench/agents.py")
     clock = _FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     calls = []
@@ -111,8 +111,10 @@ def test_agents_benchmark_times_its_methods_in_turn(monkeypatch):
     assert timings["a"].median == pytest.approx(0.004) and timings["a"].iqr == pytest.approx(0.0)
 
 
-def test_vmas_mappo_speed_takes_an_iterations_cost_from_the_difference_of_two_processes(monkeypatch, tmp_path):
-    bench = _load_script("bench/vmas_mappo_speed.py", monkeypatch)
+def test_vmas_mappo_speed_takes_an_iterations_cost_from_the_difference_of_two_processes(
+    load_script, monkeypatch, tmp_path
+):
+    bench = load_script("bench/vmas_mappo_speed.py")
     start_up = 9.0
     rate = {"benchmarl": 30.0, "kpg_k1": 27.0, "kpg_k2": 51.0, "kpg_light_k1": 1.2, "kpg_light_k2": 1.5}
     commands = []
@@ -148,11 +150,13 @@ def test_vmas_mappo_speed_takes_an_iterations_cost_from_the_difference_of_two_pr
     "preset, epochs, minibatches, hidden",
     [("vmas_benchmarl.toml", 45, 15, [256, 256]), ("vmas_kpg.toml", 5, 2, [64, 64])],
 )
-def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(monkeypatch, tmp_path, preset, epochs, minibatches, hidden):
+def test_vmas_mappo_speed_runs_kpg_with_the_preset_it_names(
+    load_script, monkeypatch, tmp_path, preset, epochs, minibatches, hidden
+):
     """The kpg command the benchmark times parses into the preset's run (its update, 60 copies, ...)."""
     from kpg.app import cli
 
-    bench = _load_script("bench/vmas_mappo_speed.py", monkeypatch)
+    bench = load_script("bench/vmas_mappo_speed.py")
     table = bench.train_table(bench.CONFIGS / preset, tmp_path / "table")
     command = bench.kpg_command("navigation", 2, 12000, tmp_path / "run", table)
     assert command[1:4] == ["-m", "kpg", "train"]
@@ -178,8 +182,8 @@ def test_anticipation_benchmark_reports_momentums_floor(tmp_path):
     assert "target momentum k=2 / k=1 <= 1.35 at 2 agents" in out
 
 
-def test_smax_study_adds_momentum_runs_beside_the_exact_pairs(monkeypatch, tmp_path):
-    study = _load_script("scripts/smax_study.py", monkeypatch)
+def test_smax_study_adds_momentum_runs_beside_the_exact_pairs(load_script, tmp_path):
+    study = load_script("scripts/smax_study.py")
     exact = study.run_configs(tmp_path, maps=["2s3z"], seeds=[0, 1])
     assert [(c.k, c.seed, c.anticipation, c.anticipation_audit) for c in exact] == [
         (1, 0, "exact", False),
@@ -207,8 +211,8 @@ def test_smax_study_adds_momentum_runs_beside_the_exact_pairs(monkeypatch, tmp_p
     }
 
 
-def test_benchmark_targets_pass_on_their_side_of_the_limit_and_fail_unmeasured(monkeypatch):
-    bench = _load_script("bench/optimizer.py", monkeypatch)
+def test_benchmark_targets_pass_on_their_side_of_the_limit_and_fail_unmeasured(load_script):
+    bench = load_script("bench/optimizer.py")
     ratios = {"commit_vs_torch_fused": 3.0, "k2_vs_naive": 4.9, "commit_fraction_of_copy_bandwidth": None}
     verdicts = bench.judge_targets({"agents": 4096, "params_per_agent": 4096, "device": "cpu", "ratios": ratios})
     assert [(v["ratio"], v["passed"]) for v in verdicts] == [
@@ -221,8 +225,8 @@ def test_benchmark_targets_pass_on_their_side_of_the_limit_and_fail_unmeasured(m
     assert bench.judge_targets({"agents": 8, "params_per_agent": 64, "device": "cpu", "ratios": ratios}) == []
 
 
-def test_benchmarl_kmappo_puts_a_task_variant_in_its_own_folders(monkeypatch, tmp_path):
-    script = _load_script("scripts/benchmarl_kmappo.py", monkeypatch)
+def test_benchmarl_kmappo_puts_a_task_variant_in_its_own_folders(load_script, monkeypatch, tmp_path):
+    script = load_script("scripts/benchmarl_kmappo.py")
     commands = []
     monkeypatch.setattr(script, "record_start", lambda folder, command: None)
     monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
@@ -242,10 +246,10 @@ def test_benchmarl_kmappo_puts_a_task_variant_in_its_own_folders(monkeypatch, tm
     assert len(commands) == 1 and not (tmp_path / "navigation_k2_s0").exists()
 
 
-def test_benchmarl_vmas_compares_returns_at_the_cpu_time_benchmarl_spends(monkeypatch, tmp_path):
+def test_benchmarl_vmas_compares_returns_at_the_cpu_time_benchmarl_spends(load_script, tmp_path):
     """BenchMARL's 30 000 frames cost 5 x 22 CPU s (its median iteration); a kpg run at 2 CPU s an iteration gets
     55 iterations (330 000 frames) in that time, and its return is read there."""
-    report = _load_script("scripts/benchmarl_vmas.py", monkeypatch)
+    report = load_script("scripts/benchmarl_vmas.py")
     speed = tmp_path / "speed.json"
     speed.write_text(json.dumps({"per_iteration": {"benchmarl": [{"cpu": 18.0}, {"cpu": 22.0}, {"cpu": 30.0}]}}))
     run = tmp_path / "light" / "runs" / "mappo-vmas_navigation-k1-s0"

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import loaded_module
+
 ROOT = Path(__file__).parents[1]
 PER_UPDATE = 100_000  # 30 updates to 3M steps
 
 
-def _report_module():
-    spec = importlib.util.spec_from_file_location("smax_study_report", ROOT / "scripts" / "smax_study_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def report_module():
+    with loaded_module(ROOT / "scripts" / "smax_study_report.py", "smax_study_report") as module:
+        yield module
 
 
 def _fake_run(
@@ -55,7 +55,7 @@ def _fake_run(
         (run / "summary.json").write_text(json.dumps(summary))
 
 
-def test_report_of_a_partial_study(tmp_path):
+def test_report_of_a_partial_study(report_module, tmp_path):
     study, out = tmp_path / "study", tmp_path / "out"
     # k=1: 0.2 everywhere. k=2 seed 0: 0.6, but 0.0 at update 27 and 0.9 in the last 3 updates (the 8 % window of
     # 30 updates is 3 updates, of 10 updates 1, of 20 updates 2); seed 1: 0.4 up to 1M, then 0.7.
@@ -68,7 +68,7 @@ def test_report_of_a_partial_study(tmp_path):
     _fake_run(study, "3s_vs_5z", 2, 2, [0.55] * 15, cpu=None)  # still going at 1.5M steps
     _fake_run(study, "3s_vs_5z", 1, 2, [0.3] * 15, cpu=None)
 
-    results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
+    results = report_module.report(study, out, command="python scripts/smax_study_report.py")
     by_k = {int(name[2:]): entry for name, entry in results["maps"]["3s_vs_5z"]["by_variant"].items()}
     assert by_k[2]["win_rate_1000000_per_seed"] == {0: 0.6, 1: 0.4, 2: 0.55}
     assert by_k[2]["win_rate_2000000_per_seed"] == {0: 0.6, 1: 0.7, 2: None}  # seed 2 has not reached 2M
@@ -107,7 +107,7 @@ def test_report_of_a_partial_study(tmp_path):
     assert not (copied / "summary.json").exists()
 
 
-def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
+def test_report_puts_momentum_runs_beside_the_exact_ones(report_module, tmp_path):
     study, out = tmp_path / "study", tmp_path / "out"
     for seed in (0, 1):
         _fake_run(study, "2s3z", 1, seed, [0.2] * 30, cpu=100.0)
@@ -119,7 +119,7 @@ def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
     _fake_run(study, "2s3z", 2, 1, [0.3] * 30, cpu=112.0, anticipation="momentum", actor_time=1.4)
     _fake_run(study, "2s3z", 2, 2, [0.3] * 10, cpu=None, anticipation="momentum", actor_time=1.4)  # still going
 
-    results = _report_module().report(study, out, command="python scripts/smax_study_report.py")
+    results = report_module.report(study, out, command="python scripts/smax_study_report.py")
     entry = results["maps"]["2s3z"]
     assert sorted(entry["by_variant"]) == ["k=1", "k=2", "k=2 momentum"]
     momentum = entry["by_variant"]["k=2 momentum"]
@@ -157,8 +157,8 @@ def test_report_puts_momentum_runs_beside_the_exact_ones(tmp_path):
     assert (out / "runs" / "2s3z" / "mappo-smax_2s3z-k2-momentum-s0" / "metrics.csv").exists()
 
 
-def test_report_refuses_a_folder_that_is_not_a_study(tmp_path):
-    report = _report_module().report
+def test_report_refuses_a_folder_that_is_not_a_study(report_module, tmp_path):
+    report = report_module.report
     with pytest.raises(FileNotFoundError, match="no study folder"):
         report(tmp_path / "missing", tmp_path / "out")
     with pytest.raises(ValueError, match="holds no <map>/runs/"):
