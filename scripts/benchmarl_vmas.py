@@ -187,6 +187,14 @@ def kpg_run_rows(folder: Path, k: str, seed: int) -> list[dict[str, float]]:
     return rows
 
 
+def final_episode_return(rows: list[dict[str, float]], frames: int) -> float | None:
+    """A kpg run's final return as BenchMARL's is taken: its per-iteration return averaged over the iterations
+    in the last FINAL_FRACTION of ``frames`` (None for a run without metrics.csv or short of ``frames``)."""
+    if not rows or rows[-1]["frames"] < frames:
+        return None
+    return float(np.mean([row["return"] for row in rows if row["frames"] > frames * (1 - FINAL_FRACTION)]))
+
+
 def at_frames(rows: list[dict[str, float]], frames: int) -> dict[str, float] | None:
     """The return at ``frames``: the mean of the WINDOW iterations ending at or before it, and the
     wall-clock seconds of the last of them (None when the run has not got there)."""
@@ -375,7 +383,19 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
             ks = sorted(kpg_results["by_k"])
             entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, **kpg_results})
             for k, by_k in sorted(kpg_results["by_k"].items()):
-                rows.append((f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {label}", by_k))
+                name = f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {label}"
+                finals = [final_episode_return(kpg_run_rows(folder, k, seed), steps) for seed in args.seeds]
+                if all(final is not None for final in finals):
+                    mean, halfwidth = mean_and_halfwidth(np.array(finals))
+                    by_k = {
+                        **by_k,
+                        "final_return": mean,
+                        "final_return_ci95": halfwidth,
+                        "final_return_per_seed": finals,
+                    }
+                else:  # no metrics.csv kept: kpg compare's final return, which lags a rising curve
+                    name += " †"
+                rows.append((name, by_k))
         for name, row in rows:
             eval_return = f"{row['eval_return']:.2f}" if row.get("eval_return") is not None else "-"
             wall = f"{row['wall_seconds']:.0f}" if row.get("wall_seconds") is not None else "-"
@@ -387,11 +407,14 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
         results["tasks"][task] = entry
     lines += [
         "",
-        "Final return: the mean episode return per agent, averaged over the last 10 % of the frames, then over "
-        "seeds (95 % Student-t interval). BenchMARL: its per-iteration `collection/agents/reward/"
-        "episode_reward_mean` (the episodes that ended in each 6000-frame iteration); kpg: the mean of the last "
-        "20 episodes, as `kpg compare` reports it. Greedy eval return: BenchMARL's last deterministic evaluation "
-        "(10 episodes), kpg's 20 greedy episodes after training. kpg commands: ",
+        "Final return: the mean episode return per agent of each iteration, averaged over the iterations in the "
+        "last 10 % of the frames, then over seeds (95 % Student-t interval). BenchMARL: its per-iteration "
+        "`collection/agents/reward/episode_reward_mean` (the episodes that ended in each 6000-frame iteration); "
+        "kpg: its runs' per-iteration `episode_return` in metrics.csv, the same quantity. † (folders that kept no "
+        "metrics.csv): `kpg compare`'s final return instead, the last 10 % of its recent return, which averages "
+        "the last 20 iterations' returns (40 % of a 300 000-frame run) and so lags a rising curve. Greedy eval "
+        "return: BenchMARL's last deterministic evaluation (10 episodes), kpg's 20 greedy episodes after "
+        "training. kpg commands: ",
     ]
     kpg_commands = [
         study["command"] for entry in results["tasks"].values() for study in entry["kpg"] if "command" in study
@@ -416,6 +439,8 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
 
 
 def plot(args: argparse.Namespace, results: dict) -> None:
+    """curves.png: the return against frames per task; with --speed, a second row against CPU seconds, to
+    BenchMARL's CPU time for --frames (each implementation's CPU seconds per iteration as in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,29 +448,62 @@ def plot(args: argparse.Namespace, results: dict) -> None:
 
     from kpg.app.compare import CURVE_POINTS
 
-    figure, axes = plt.subplots(1, len(args.tasks), figsize=(6 * len(args.tasks), 4), squeeze=False)
+    benchmarl_cpu = dict(parse_speed(entry) for entry in args.speed)
+    rows = 2 if benchmarl_cpu else 1
+    figure, axes = plt.subplots(rows, len(args.tasks), figsize=(6 * len(args.tasks), 4 * rows), squeeze=False)
     grid = np.linspace(args.frames / CURVE_POINTS, args.frames, CURVE_POINTS)
-    for axis, task in zip(axes[0], args.tasks):
+    for column, task in enumerate(args.tasks):
         entry = results["tasks"][task]
-        curves = {
-            "BenchMARL MAPPO": np.stack([np.interp(grid, *np.array(curve).T) for curve in entry["benchmarl"]["curves"]])
-        }
-        for study in entry["kpg"]:
-            for k in study["ks"]:
-                # Runs shorter than the budget (unfinished) are drawn only as far as they got.
-                folders = sorted((Path(study["results"]) / "runs").glob(f"*-k{k}-s*/metrics.csv"))
-                if folders:
-                    curves[f"kpg k={k}, {study['label']}"] = np.stack([_partial_curve(f.parent, grid) for f in folders])
-        for name, curve in curves.items():
-            mean, halfwidth = mean_and_halfwidth(curve) if len(curve) > 1 else (curve[0], np.zeros_like(curve[0]))
-            axis.plot(grid, mean, label=name)
-            axis.fill_between(grid, mean - halfwidth, mean + halfwidth, alpha=0.2)
+        axis = axes[0][column]
+        for name, curve in _curves_at_frames(entry, args.seeds, lambda cost: grid).items():
+            _draw(axis, grid, curve, name)
         axis.set_title(f"vmas:{task}")
         axis.set_xlabel("environment steps (frames)")
         axis.set_ylabel("episode return per agent")
-        axis.legend()
+        axis.legend(fontsize="small")
+        if task not in benchmarl_cpu:
+            continue
+        seconds = np.linspace(0.0, benchmarl_cpu[task] * args.frames / 6000, CURVE_POINTS + 1)[1:]
+        axis = axes[1][column]
+        costs = {"BenchMARL MAPPO": benchmarl_cpu[task]}
+        for name, curve in _curves_at_frames(entry, args.seeds, lambda cost: seconds / cost * 6000, costs).items():
+            _draw(axis, seconds, curve, name)
+        axis.set_xlabel("CPU seconds (CPU seconds per iteration x iterations)")
+        axis.set_ylabel("episode return per agent")
+        axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(args.out / "curves.png", dpi=120)
+
+
+def _curves_at_frames(entry: dict, seeds: list[int], frames_at, costs: dict[str, float] | None = None) -> dict:
+    """Each implementation's per-seed curves at ``frames_at(its CPU seconds per iteration)`` frames, NaN beyond
+    the frames a run reached. With ``costs`` (BenchMARL's) only the kpg studies whose runs all finished, whose
+    CPU seconds per iteration are known, are drawn."""
+    curves = {}
+    benchmarl_frames = frames_at(costs["BenchMARL MAPPO"] if costs else None)
+    curves["BenchMARL MAPPO"] = np.stack(
+        [
+            np.where(benchmarl_frames <= curve[-1][0], np.interp(benchmarl_frames, *np.array(curve).T), np.nan)
+            for curve in entry["benchmarl"]["curves"]
+        ]
+    )
+    for study in entry["kpg"]:
+        for k in study["ks"]:
+            cost = cpu_per_iteration(Path(study["results"]), k, seeds) if costs else None
+            if costs and cost is None:
+                continue
+            # Runs shorter than the budget (unfinished) are drawn only as far as they got.
+            folders = sorted((Path(study["results"]) / "runs").glob(f"*-k{k}-s*/metrics.csv"))
+            if folders:
+                frames = frames_at(cost)
+                curves[f"kpg k={k}, {study['label']}"] = np.stack([_partial_curve(f.parent, frames) for f in folders])
+    return curves
+
+
+def _draw(axis, x: np.ndarray, curve: np.ndarray, name: str) -> None:
+    mean, halfwidth = mean_and_halfwidth(curve) if len(curve) > 1 else (curve[0], np.zeros_like(curve[0]))
+    axis.plot(x, mean, label=name)
+    axis.fill_between(x, mean - halfwidth, mean + halfwidth, alpha=0.2)
 
 
 def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:

@@ -276,3 +276,12 @@ def test_benchmarl_vmas_compares_returns_at_the_cpu_time_benchmarl_spends(load_s
         "| navigation | BenchMARL MAPPO | 22.00 | 110, 30 000, 2.40 | 367, 100 000, 9.00 |",
         "| navigation | kpg MAPPO (k=1), light | 2.00 | 110, 330 000, 3.24 | 367, 1 100 000, - (runs too short) |",
     ]
+
+
+def test_benchmarl_vmas_takes_kpgs_final_return_as_benchmarls(load_script):
+    """The per-iteration return over the iterations in the last 10 % of the frames (not kpg compare's recent
+    return, which averages 20 iterations); None for a run short of the frames."""
+    report = load_script("scripts/benchmarl_vmas.py")
+    rows = [{"frames": float(f), "return": f / 1e5} for f in range(6000, 300_001, 6000)]
+    assert report.final_episode_return(rows, 300_000) == pytest.approx((2.76 + 2.82 + 2.88 + 2.94 + 3.0) / 5)
+    assert report.final_episode_return(rows[:-1], 300_000) is None and report.final_episode_return([], 1) is None

@@ -30,7 +30,7 @@ CURVE_POINTS = 50
 FINAL_FRACTION = 0.1  # the final return averages the recent return over the last 10 % of steps
 # --metric: the metrics.csv column of the curves, its name in the table, the plot's axis label
 CURVE_METRICS = {
-    "return": ("recent_return", "return", "episode return (last 20 episodes)"),
+    "return": ("recent_return", "return", "episode return (mean of the last 20 iterations')"),
     "win_rate": ("win_rate", "win rate", "win rate (episodes won / finished, per update)"),
 }
 
@@ -233,8 +233,9 @@ def _markdown(results: dict, base_k: int | str) -> str:
         )
     lines += [
         "",
-        "Final return: the mean episode return of the last 20 episodes (final win rate: the win rate per "
-        "update), averaged over the last 10 % of the run, then over seeds. Wall-clock and CPU time (of the run's "
+        "Final return: the recent return (the mean of the last 20 iterations' episode returns, each the mean "
+        "over the episodes that ended in its iteration; final win rate: the win rate per update), averaged over "
+        "the last 10 % of the run, then over seeds. Wall-clock and CPU time (of the run's "
         "process: its cost whatever else shares the cores) "
         "per run, from start to the end of training, evaluation excluded; the phase split is wall-clock.",
     ]

@@ -40,7 +40,7 @@ class MissingCheckpointError(Refusal, FileNotFoundError):
     """--resume without a checkpoint to resume from."""
 
 
-RECENT_EPISODES = 20  # the recent return averages the last this many episodes
+RECENT_ITERATIONS = 20  # the recent return averages the last this many iterations' episode returns
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RunTotals:
     wall_before: float = 0.0
     cpu_before: float = 0.0
     seconds: dict[str, float] = field(default_factory=lambda: {"environment": 0.0, "critic": 0.0, "actor": 0.0})
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
     # This process's start; CPU time of this process measures a run's cost even when other jobs share the cores.
     started: float = field(default_factory=time.perf_counter)
     cpu_started: float = field(default_factory=time.process_time)
@@ -65,7 +65,7 @@ class RunTotals:
             state["wall_seconds"],
             state.get("cpu_seconds", 0.0),
             state["seconds"],
-            deque(state["recent"], maxlen=RECENT_EPISODES),
+            deque(state["recent"], maxlen=RECENT_ITERATIONS),
         )
 
     def restart_clocks(self) -> None:
