@@ -507,12 +507,13 @@ def _draw(axis, x: np.ndarray, curve: np.ndarray, name: str) -> None:
 
 
 def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
-    """kpg compare's curve of a run (recent_return), NaN beyond the frames the run reached."""
+    """A run's per-iteration return (episode_return: BenchMARL's curves' quantity, not kpg compare's lagging
+    recent_return) at ``grid`` frames, NaN beyond the frames the run reached."""
     from kpg.app.compare import _curve
 
     with open(run_dir / "metrics.csv") as file:
         reached = max((float(row["env_steps"]) for row in csv.DictReader(file)), default=0.0)
-    curve = _curve(run_dir, grid) if reached else np.full_like(grid, np.nan)
+    curve = _curve(run_dir, grid, column="episode_return") if reached else np.full_like(grid, np.nan)
     return np.where(grid <= reached, curve, np.nan)
 
 
