@@ -384,7 +384,7 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
             entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, **kpg_results})
             for k, by_k in sorted(kpg_results["by_k"].items()):
                 name = f"kpg {'MAPPO (k=1)' if k == '1' else f'K{k}-MAPPO'}, {label}"
-                finals = [final_episode_return(kpg_run_rows(folder, k, seed), steps) for seed in args.seeds]
+                finals = [final_episode_return(kpg_run_rows(folder, k, seed), steps) for seed in by_k["seeds"]]
                 if all(final is not None for final in finals):
                     mean, halfwidth = mean_and_halfwidth(np.array(finals))
                     by_k = {
