@@ -398,7 +398,7 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
             if steps < args.frames:
                 raise ValueError(f"{folder} ran {steps} steps, fewer than the report's {args.frames}")
             if steps > args.frames:  # its final row is at its own budget: the label says so
-                label = f"{label}, {steps:_} frames".replace("_", " ")
+                label = f"{label}, " + f"{steps:_} frames".replace("_", " ")
             ks = sorted(kpg_results["by_k"])
             entry["kpg"].append({"results": str(folder), "label": label, "ks": ks, **kpg_results})
             for k, by_k in sorted(kpg_results["by_k"].items()):
@@ -459,7 +459,8 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
 
 def plot(args: argparse.Namespace, results: dict) -> None:
     """curves.png: the return against frames per task; with --speed, a second row against CPU seconds, to
-    BenchMARL's CPU time for --frames (each implementation's CPU seconds per iteration as in the table)."""
+    BenchMARL's CPU time for --frames (each implementation's CPU seconds per iteration as in the table). One
+    colour per implementation in every panel, and one legend under them (the labels are long)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,29 +469,40 @@ def plot(args: argparse.Namespace, results: dict) -> None:
     from kpg.app.compare import CURVE_POINTS
 
     benchmarl_cpu = dict(parse_speed(entry) for entry in args.speed)
-    rows = 2 if benchmarl_cpu else 1
-    figure, axes = plt.subplots(rows, len(args.tasks), figsize=(6 * len(args.tasks), 4 * rows), squeeze=False)
+    panels = []  # (row, column, x, curves by implementation)
     grid = np.linspace(args.frames / CURVE_POINTS, args.frames, CURVE_POINTS)
     for column, task in enumerate(args.tasks):
         entry = results["tasks"][task]
-        axis = axes[0][column]
-        for name, curve in _curves_at_frames(entry, args.seeds, lambda cost: grid).items():
-            _draw(axis, grid, curve, name)
-        axis.set_title(f"vmas:{task}")
-        axis.set_xlabel("environment steps (frames)")
+        panels.append((0, column, grid, _curves_at_frames(entry, args.seeds, lambda cost: grid)))
+        if task in benchmarl_cpu:
+            seconds = np.linspace(0.0, benchmarl_cpu[task] * args.frames / 6000, CURVE_POINTS + 1)[1:]
+            costs = {"BenchMARL MAPPO": benchmarl_cpu[task]}
+            panels.append(
+                (1, column, seconds, _curves_at_frames(entry, args.seeds, lambda c: seconds / c * 6000, costs))
+            )
+    names = list(dict.fromkeys(name for *_, curves in panels for name in curves))
+    colors = dict(zip(names, plt.get_cmap("tab10").colors * (1 + len(names) // 10)))
+    rows = 1 + any(row == 1 for row, *_ in panels)
+    legend_inches = 0.25 * len(names) + 0.3
+    figure, axes = plt.subplots(
+        rows, len(args.tasks), figsize=(6 * len(args.tasks), 4 * rows + legend_inches), squeeze=False
+    )
+    for row, column, x, curves in panels:
+        axis = axes[row][column]
+        for name, curve in curves.items():
+            mean, halfwidth = mean_and_halfwidth(curve) if len(curve) > 1 else (curve[0], np.zeros_like(curve[0]))
+            axis.plot(x, mean, color=colors[name], label=name)
+            axis.fill_between(x, mean - halfwidth, mean + halfwidth, color=colors[name], alpha=0.2)
+        axis.set_title(f"vmas:{args.tasks[column]}")
+        axis.set_xlabel("environment steps (frames)" if row == 0 else "CPU seconds (per iteration x iterations)")
         axis.set_ylabel("episode return per agent")
-        axis.legend(fontsize="small")
-        if task not in benchmarl_cpu:
-            continue
-        seconds = np.linspace(0.0, benchmarl_cpu[task] * args.frames / 6000, CURVE_POINTS + 1)[1:]
-        axis = axes[1][column]
-        costs = {"BenchMARL MAPPO": benchmarl_cpu[task]}
-        for name, curve in _curves_at_frames(entry, args.seeds, lambda cost: seconds / cost * 6000, costs).items():
-            _draw(axis, seconds, curve, name)
-        axis.set_xlabel("CPU seconds (CPU seconds per iteration x iterations)")
-        axis.set_ylabel("episode return per agent")
-        axis.legend(fontsize="small")
-    figure.tight_layout()
+    for row in range(rows):
+        for column in range(len(args.tasks)):
+            if not axes[row][column].has_data():
+                axes[row][column].set_axis_off()
+    handles = [plt.Line2D([], [], color=colors[name]) for name in names]
+    figure.legend(handles, names, loc="lower center", fontsize="small", frameon=False)
+    figure.tight_layout(rect=(0, legend_inches / (4 * rows + legend_inches), 1, 1))
     figure.savefig(args.out / "curves.png", dpi=120)
 
 
@@ -517,12 +529,6 @@ def _curves_at_frames(entry: dict, seeds: list[int], frames_at, costs: dict[str,
                 frames = frames_at(cost)
                 curves[f"kpg k={k}, {study['label']}"] = np.stack([_partial_curve(f.parent, frames) for f in folders])
     return curves
-
-
-def _draw(axis, x: np.ndarray, curve: np.ndarray, name: str) -> None:
-    mean, halfwidth = mean_and_halfwidth(curve) if len(curve) > 1 else (curve[0], np.zeros_like(curve[0]))
-    axis.plot(x, mean, label=name)
-    axis.fill_between(x, mean - halfwidth, mean + halfwidth, alpha=0.2)
 
 
 def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
