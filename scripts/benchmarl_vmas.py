@@ -430,8 +430,9 @@ def report(args: argparse.Namespace, folders: dict[tuple[str, int], Path]) -> di
         "last 10 % of the frames, then over seeds (95 % Student-t interval). BenchMARL: its per-iteration "
         "`collection/agents/reward/episode_reward_mean` (the episodes that ended in each 6000-frame iteration); "
         "kpg: its runs' per-iteration `episode_return` in metrics.csv, the same quantity. † (folders that kept no "
-        "metrics.csv): `kpg compare`'s final return instead, the last 10 % of its recent return, which averages "
-        "the last 20 iterations' returns (40 % of a 300 000-frame run) and so lags a rising curve. Greedy eval "
+        "metrics.csv): the final return `kpg compare` wrote when they were made, before 2026-12-08: the last 10 % "
+        "of its recent return, which averages the last 20 iterations' returns (40 % of a 300 000-frame run) and "
+        "so lags a rising curve. Greedy eval "
         "return: BenchMARL's last deterministic evaluation (10 episodes), kpg's 20 greedy episodes after "
         "training. kpg commands: ",
     ]
@@ -532,8 +533,8 @@ def _curves_at_frames(entry: dict, seeds: list[int], frames_at, costs: dict[str,
 
 
 def _partial_curve(run_dir: Path, grid: np.ndarray) -> np.ndarray:
-    """A run's per-iteration return (episode_return: BenchMARL's curves' quantity, not kpg compare's lagging
-    recent_return) at ``grid`` frames, NaN beyond the frames the run reached."""
+    """A run's per-iteration return (episode_return: BenchMARL's curves' quantity, not the lagging recent_return)
+    at ``grid`` frames, NaN beyond the frames the run reached."""
     from kpg.app.compare import _curve
 
     with open(run_dir / "metrics.csv") as file:

@@ -326,6 +326,27 @@ def test_compare_writes_table_plot_and_json(tmp_path):
     assert again["by_k"][1]["final_return"] == results["by_k"][1]["final_return"]
 
 
+def test_compare_takes_the_final_return_from_each_iterations_return(tmp_path):
+    """The final return is the per-iteration episode_return over the last 10 % of the run, not the recent return
+    (a mean of the last 20 iterations, which lags a rising curve: here it stays at 0 while the return climbs)."""
+    config = CompareConfig(
+        ks=(1,), seeds=(0,), workers=1, out=tmp_path / "cmp", train=small_config(tmp_path, steps=1000)
+    )
+    run_dir = dataclasses.replace(config.train, k=1, seed=0, logdir=config.out / "runs").run_dir
+    run_dir.mkdir(parents=True)
+    rows = [{"env_steps": s, "episode_return": s / 100, "recent_return": 0.0} for s in range(100, 1001, 100)]
+    with open(run_dir / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"seed": 0, "agents": 3, "env_steps": 1000, "interrupted": False, "eval_return": None}
+    summary |= {"wall_seconds": 1.0, "cpu_seconds": 1.0, "seconds": {}, "actor_level_seconds": [1.0]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    results = compare(config)
+    # The curve's last 5 of 50 points, at 920 ... 1000 steps: 9.2 ... 10.0
+    assert results["by_k"][1]["final_return"] == pytest.approx(9.6)
+
+
 def test_confidence_halfwidth_by_hand():
     mean, halfwidth = mean_and_halfwidth(np.array([1.0, 2.0, 3.0]))
     assert mean == 2.0 and halfwidth == pytest.approx(4.303 * 1.0 / math.sqrt(3))
