@@ -27,7 +27,7 @@ from kpg.app.train import TrainConfig, train
 from kpg.options import require, require_ranges
 
 CURVE_POINTS = 50
-FINAL_FRACTION = 0.1  # the final return averages the curve over the last 10 % of steps
+FINAL_FRACTION = 0.1  # the final return averages the rows logged in the last 10 % of steps
 # --metric: the metrics.csv column of the curves, its name in the table, the plot's axis label. Each iteration's
 # own return, not recent_return: that one averages the last 20 iterations and so lags a rising curve, most of all
 # the one that rises later, which would bias K2 - K1.
@@ -98,14 +98,27 @@ def mean_and_halfwidth(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, n
     return mean, _t_quantile_95(n) * values.std(axis=axis, ddof=1) / math.sqrt(n)
 
 
-def _curve(run_dir: Path, grid: np.ndarray, column: str) -> np.ndarray:
-    steps, returns = [], []
+def _logged(run_dir: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and values of ``column`` in the rows of a run's metrics.csv that have it."""
+    steps, values = [], []
     with open(run_dir / "metrics.csv") as file:
         for row in csv.DictReader(file):
             if row.get(column):
                 steps.append(float(row["env_steps"]))
-                returns.append(float(row[column]))
-    return np.interp(grid, steps, returns)
+                values.append(float(row[column]))
+    return np.array(steps), np.array(values)
+
+
+def _curve(run_dir: Path, grid: np.ndarray, column: str) -> np.ndarray:
+    return np.interp(grid, *_logged(run_dir, column))
+
+
+def _final(run_dir: Path, steps: int, column: str) -> float:
+    """The mean of ``column`` over every logged row in the last FINAL_FRACTION of ``steps``; its last logged value
+    where no row there has it (short runs whose episodes outlast an update)."""
+    logged, values = _logged(run_dir, column)
+    window = values[logged > steps * (1 - FINAL_FRACTION)]
+    return float(window.mean() if window.size else values[-1])
 
 
 def compare(config: CompareConfig) -> dict:
@@ -136,7 +149,6 @@ def compare(config: CompareConfig) -> dict:
     else:
         summaries = [_run(run) for run in runs]
     grid = np.linspace(config.train.steps / CURVE_POINTS, config.train.steps, CURVE_POINTS)
-    final_from = int(CURVE_POINTS * (1 - FINAL_FRACTION))
     results = {
         "command": "kpg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         if sys.argv[1:2] == ["compare"]
@@ -153,7 +165,8 @@ def compare(config: CompareConfig) -> dict:
         mine = [(run, s) for run, s in zip(runs, summaries) if (run.k, run.anticipation) == (k, anticipation)]
         curve = np.stack([_curve(run.run_dir, grid, CURVE_METRICS[config.metric][0]) for run, _ in mine])
         curves[label] = curve
-        final, final_ci = mean_and_halfwidth(curve[:, final_from:].mean(axis=1))
+        finals = np.array([_final(run.run_dir, config.train.steps, CURVE_METRICS[config.metric][0]) for run, _ in mine])
+        final, final_ci = mean_and_halfwidth(finals)
         evals = [s["eval_return"] for _, s in mine if s.get("eval_return") is not None]
         wall, wall_ci = mean_and_halfwidth(np.array([s["wall_seconds"] for _, s in mine]))
         cpu, cpu_ci = mean_and_halfwidth(np.array([s.get("cpu_seconds", np.nan) for _, s in mine]))
@@ -172,7 +185,7 @@ def compare(config: CompareConfig) -> dict:
             "seeds": [s["seed"] for _, s in mine],
             "final_return": float(final),
             "final_return_ci95": float(final_ci),
-            "final_return_per_seed": [float(v) for v in curve[:, final_from:].mean(axis=1)],
+            "final_return_per_seed": finals.tolist(),
             "eval_return": float(np.mean(evals)) if evals else None,
             "wall_seconds": float(wall),
             "wall_seconds_ci95": float(wall_ci),
