@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kpg.app.compare import FINAL_FRACTION, mean_and_halfwidth
+from kpg.app.compare import final_mean, mean_and_halfwidth
 
 RETURN_FILE = "collection_agents_reward_episode_reward_mean.csv"
 EVAL_RETURN_FILE = "eval_agents_reward_episode_reward_mean.csv"
@@ -130,11 +130,11 @@ def benchmarl_summary(folder: Path, frames: int) -> dict:
     iterations = sorted(set(returns) & set(totals))
     if not iterations or totals[iterations[-1]] < frames:
         raise RuntimeError(f"{folder}: BenchMARL logged fewer than {frames} frames; rerun to finish it")
-    last = [returns[i] for i in iterations if totals[i] > frames * (1 - FINAL_FRACTION)]
+    final = final_mean(np.array([totals[i] for i in iterations]), np.array([returns[i] for i in iterations]), frames)
     evaluations = scalar(folder, EVAL_RETURN_FILE)
     times = scalar(folder, "timers_total_time.csv")
     return {
-        "final_return": float(np.mean(last)),
+        "final_return": final,
         "eval_return": evaluations[max(evaluations)] if evaluations else None,
         "wall_seconds": times[max(times)] if times else None,
         "curve": [[totals[i], returns[i]] for i in iterations],
@@ -198,10 +198,10 @@ def first_reaching(rows: list[dict[str, float]], target: float) -> float | None:
 
 def final_episode_return(rows: list[dict[str, float]], frames: int) -> float | None:
     """A kpg run's final return as BenchMARL's is taken: its per-iteration return averaged over the iterations
-    in the last FINAL_FRACTION of ``frames`` (None for a run without metrics.csv or short of ``frames``)."""
+    in the last 10 % of ``frames`` (compare's final_mean; None for a run without metrics.csv or short of ``frames``)."""
     if not rows or rows[-1]["frames"] < frames:
         return None
-    return float(np.mean([row["return"] for row in rows if row["frames"] > frames * (1 - FINAL_FRACTION)]))
+    return final_mean(np.array([row["frames"] for row in rows]), np.array([row["return"] for row in rows]), frames)
 
 
 def at_frames(rows: list[dict[str, float]], frames: int) -> dict[str, float] | None:
@@ -342,13 +342,14 @@ def cpu_budget_lines(args: argparse.Namespace, results: dict) -> list[str]:
             for frames in budgets:
                 seconds = per_iteration * frames / 6000
                 reached = seconds / cost * 6000
+                budget = f"{seconds:.0f}, {reached:_.0f}".replace("_", " ")
                 points = [p for p in (at_frames(run, reached) for run in runs) if p is not None]
                 if len(points) < len(runs):
-                    cells.append(f"{seconds:.0f}, {reached:_.0f}".replace("_", " ") + ", - (runs too short)")
+                    cells.append(f"{budget}, - (runs too short)")
                     continue
                 mean, halfwidth = mean_and_halfwidth(np.array([p["return"] for p in points]))
                 spread = f" ± {halfwidth:.2f}" if len(points) > 1 else ""
-                cells.append(f"{seconds:.0f}, {reached:_.0f}".replace("_", " ") + f", {mean:.2f}{spread}")
+                cells.append(f"{budget}, {mean:.2f}{spread}")
             target = TARGET_FRACTION * entry["benchmarl"]["final_return"]
             firsts = [first_reaching(run, target) for run in runs]
             reached_target = [frames / 6000 * cost for frames in firsts if frames is not None]
@@ -477,10 +478,8 @@ def plot(args: argparse.Namespace, results: dict) -> None:
         panels.append((0, column, grid, _curves_at_frames(entry, args.seeds, lambda cost: grid)))
         if task in benchmarl_cpu:
             seconds = np.linspace(0.0, benchmarl_cpu[task] * args.frames / 6000, CURVE_POINTS + 1)[1:]
-            costs = {"BenchMARL MAPPO": benchmarl_cpu[task]}
-            panels.append(
-                (1, column, seconds, _curves_at_frames(entry, args.seeds, lambda c: seconds / c * 6000, costs))
-            )
+            curves = _curves_at_frames(entry, args.seeds, lambda c: seconds / c * 6000, benchmarl_cpu[task])
+            panels.append((1, column, seconds, curves))
     names = list(dict.fromkeys(name for *_, curves in panels for name in curves))
     colors = dict(zip(names, plt.get_cmap("tab10").colors * (1 + len(names) // 10)))
     rows = 1 + any(row == 1 for row, *_ in panels)
@@ -507,12 +506,12 @@ def plot(args: argparse.Namespace, results: dict) -> None:
     figure.savefig(args.out / "curves.png", dpi=120)
 
 
-def _curves_at_frames(entry: dict, seeds: list[int], frames_at, costs: dict[str, float] | None = None) -> dict:
+def _curves_at_frames(entry: dict, seeds: list[int], frames_at, benchmarl_cost: float | None = None) -> dict:
     """Each implementation's per-seed curves at ``frames_at(its CPU seconds per iteration)`` frames, NaN beyond
-    the frames a run reached. With ``costs`` (BenchMARL's) only the kpg studies whose runs all finished, whose
-    CPU seconds per iteration are known, are drawn."""
+    the frames a run reached. With ``benchmarl_cost`` (BenchMARL's CPU seconds per iteration) only the kpg studies
+    whose runs all finished, whose CPU seconds per iteration are known, are drawn."""
     curves = {}
-    benchmarl_frames = frames_at(costs["BenchMARL MAPPO"] if costs else None)
+    benchmarl_frames = frames_at(benchmarl_cost)
     curves["BenchMARL MAPPO"] = np.stack(
         [
             np.where(benchmarl_frames <= curve[-1][0], np.interp(benchmarl_frames, *np.array(curve).T), np.nan)
@@ -521,8 +520,8 @@ def _curves_at_frames(entry: dict, seeds: list[int], frames_at, costs: dict[str,
     )
     for study in entry["kpg"]:
         for k in study["ks"]:
-            cost = cpu_per_iteration(Path(study["results"]), k, seeds) if costs else None
-            if costs and cost is None:
+            cost = cpu_per_iteration(Path(study["results"]), k, seeds) if benchmarl_cost else None
+            if benchmarl_cost and cost is None:
                 continue
             # Runs shorter than the budget (unfinished) are drawn only as far as they got.
             folders = sorted((Path(study["results"]) / "runs").glob(f"*-k{k}-s*/metrics.csv"))

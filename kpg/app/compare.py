@@ -113,12 +113,15 @@ def _curve(run_dir: Path, grid: np.ndarray, column: str) -> np.ndarray:
     return np.interp(grid, *_logged(run_dir, column))
 
 
-def _final(run_dir: Path, steps: int, column: str) -> float:
-    """The mean of ``column`` over every logged row in the last FINAL_FRACTION of ``steps``; its last logged value
-    where no row there has it (short runs whose episodes outlast an update)."""
-    logged, values = _logged(run_dir, column)
+def final_mean(logged: np.ndarray, values: np.ndarray, steps: int) -> float:
+    """The mean of the ``values`` logged (at ``logged`` steps) in the last FINAL_FRACTION of ``steps``; the last
+    value where none is logged there (short runs whose episodes outlast an update)."""
     window = values[logged > steps * (1 - FINAL_FRACTION)]
     return float(window.mean() if window.size else values[-1])
+
+
+def _final(run_dir: Path, steps: int, column: str) -> float:
+    return final_mean(*_logged(run_dir, column), steps)
 
 
 def compare(config: CompareConfig) -> dict:
